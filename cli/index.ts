@@ -1,0 +1,1 @@
+export { main, runCli } from './main.ts';

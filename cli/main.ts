@@ -1,0 +1,254 @@
+import { parseArgs } from 'node:util';
+import { connect } from '@nats-io/transport-node';
+import { jetstreamManager } from '@nats-io/jetstream';
+import { collectGarbage, Executor } from '../executor/index.ts';
+import { Orchestrator, PlanError } from '../orchestrator/index.ts';
+import { consoleLogger, ensureTopology, shmRoot, silentLogger, type RunView, type StepState } from '../schemas/index.ts';
+import { loadPipeline, PipelineLoadError, QuiverClient, startLocalCluster, type LocalCluster } from '../sdk/index.ts';
+import { formatBytes, formatDuration, previewTable, stepDuration, summaryTable } from './format.ts';
+
+const USAGE = `Usage: quiver <command> [options]
+
+Commands:
+  run FILE [--json] [--params key=value]... [--keep]
+                 Run a pipeline and show each step's state and logs live.
+                 Without QUIVER_NATS_URL, a private nats-server, orchestrator and
+                 executor are started for the run and stopped after it.
+  orchestrator   Run the orchestrator daemon against QUIVER_NATS_URL.
+  executor [--concurrency N] [--host-id ID]
+                 Run an executor daemon against QUIVER_NATS_URL.
+  gc             Remove shared memory and step processes of runs that are no longer alive.
+
+Environment:
+  QUIVER_NATS_URL   an existing NATS with JetStream (default: embedded private server)
+  QUIVER_HOME       local state (default: <quiver>/.quiver)
+  QUIVER_HOST_ID    this host's id (default: the hostname)
+`;
+
+/** A command-line mistake: reported with the usage, exit code 2. */
+class UsageError extends Error {
+  override readonly name = 'UsageError';
+  readonly code = 'ERR_USAGE';
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  switch (command) {
+    case 'run':
+      return runCommand(rest);
+    case 'orchestrator':
+      return orchestratorCommand();
+    case 'executor':
+      return executorCommand(rest);
+    case 'gc':
+      return gcCommand();
+    case undefined:
+    case '-h':
+    case '--help':
+    case 'help':
+      process.stdout.write(USAGE);
+      return command === undefined ? 2 : 0;
+    default:
+      throw new UsageError(`unknown command "${command}"`);
+  }
+}
+
+function parseParams(values: string[]): Record<string, string> {
+  const params: Record<string, string> = {};
+  for (const v of values) {
+    const eq = v.indexOf('=');
+    if (eq <= 0) throw new UsageError(`--params takes key=value, got "${v}"`);
+    params[v.slice(0, eq)] = v.slice(eq + 1);
+  }
+  return params;
+}
+
+async function runCommand(args: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args,
+    allowPositionals: true,
+    options: {
+      json: { type: 'boolean', default: false },
+      keep: { type: 'boolean', default: false },
+      params: { type: 'string', multiple: true, default: [] },
+    },
+  });
+  const file = positionals[0];
+  if (!file || positionals.length > 1) throw new UsageError('run takes one pipeline file');
+  const params = parseParams(values.params ?? []);
+  // With --json, stdout carries only the final JSON object; the live view goes to stderr.
+  const out = values.json ? process.stderr : process.stdout;
+  const say = (line: string) => out.write(line + '\n');
+
+  const loaded = await loadPipeline(file);
+  const natsUrl = process.env.QUIVER_NATS_URL;
+  let cluster: LocalCluster | null = null;
+  let client: QuiverClient;
+  if (natsUrl) {
+    client = await QuiverClient.connect({ natsUrl });
+  } else {
+    cluster = await startLocalCluster({ logger: process.env.QUIVER_DEBUG ? consoleLogger('quiver') : silentLogger });
+    client = cluster.client;
+  }
+  try {
+    const handle = await client.run(loaded, { params, keep: values.keep ?? false });
+    say(`run ${handle.id}: ${loaded.plan.pipeline} (${loaded.plan.steps.length} steps)${cluster ? ' on an embedded NATS' : ` on ${natsUrl}`}`);
+    let interrupted = 0;
+    const onSigint = () => {
+      interrupted++;
+      if (interrupted === 1) {
+        say('cancelling the run (Ctrl-C again to leave now)…');
+        void handle.cancel('interrupted from the terminal');
+      } else process.exit(130);
+    };
+    process.on('SIGINT', onSigint);
+
+    const width = Math.max(...loaded.plan.steps.map((s) => s.name.length));
+    const lastState = new Map<string, StepState>();
+    for await (const event of handle.events()) {
+      if (event.type === 'log') {
+        say(`${event.log.step.padEnd(width)} │ ${event.log.line}`);
+        continue;
+      }
+      for (const step of event.view.steps) {
+        if (lastState.get(step.name) === step.state) continue;
+        lastState.set(step.name, step.state);
+        if (step.state === 'waiting') continue;
+        let detail = '';
+        if (step.state === 'succeeded') detail = `${(step.rows ?? 0).toLocaleString('en-US')} rows, ${formatBytes(step.bytes)}, ${formatDuration(stepDuration(step))}`;
+        if (step.state === 'running') detail = `on ${step.hostId}${step.attempt > 1 ? ` (attempt ${step.attempt})` : ''}`;
+        say(`${step.name.padEnd(width)} ● ${step.state}${detail ? `  ${detail}` : ''}`);
+        if (step.state === 'failed' && step.error) say(indent(step.error.stack ?? `${step.error.name}: ${step.error.message}`, `${' '.repeat(width)} │ `));
+      }
+    }
+    const view = await handle.result();
+    process.off('SIGINT', onSigint);
+
+    say('');
+    say(summaryTable(view));
+    if (view.state === 'succeeded') previewOutputs(client, view, say);
+    say(`\nrun ${view.state}${view.finishedAt ? ` in ${formatDuration(view.finishedAt - view.submittedAt)}` : ''}`);
+    if (values.json) process.stdout.write(JSON.stringify(jsonResult(view)) + '\n');
+    if (!values.keep) await handle.release();
+    else if (cluster) say('note: --keep has no effect on the embedded NATS, which stops with this command');
+    return view.state === 'succeeded' ? 0 : 1;
+  } finally {
+    if (cluster) await cluster.stop();
+    else await client.close();
+  }
+}
+
+function previewOutputs(client: QuiverClient, view: RunView, say: (line: string) => void): void {
+  for (const name of view.outputs) {
+    const step = view.steps.find((s) => s.name === name);
+    if (!step?.output) continue;
+    say(`\n${name}:`);
+    try {
+      const { table } = client.openOutput(step.output);
+      say(previewTable(table));
+    } catch (error) {
+      say(`(not readable from this host: it lives on ${step.output.hostId}; ${(error as Error).message})`);
+    }
+  }
+}
+
+/** The contract for scripts: one JSON object, stable field names. */
+function jsonResult(view: RunView) {
+  return {
+    runId: view.runId,
+    state: view.state,
+    steps: view.steps.map((s) => ({
+      name: s.name,
+      state: s.state,
+      rows: s.rows,
+      bytes: s.bytes,
+      transport: s.transport,
+      copiedBytes: s.copiedBytes,
+      durationMs: stepDuration(s),
+      ...(s.error ? { error: s.error } : {}),
+    })),
+  };
+}
+
+function indent(text: string, prefix: string): string {
+  return text
+    .split('\n')
+    .map((l) => prefix + l)
+    .join('\n');
+}
+
+function requireNatsUrl(command: string): string {
+  const url = process.env.QUIVER_NATS_URL;
+  if (!url) throw new UsageError(`${command} needs QUIVER_NATS_URL: the NATS (with JetStream) it serves, e.g. nats://127.0.0.1:4222`);
+  return url;
+}
+
+async function untilSignal(): Promise<NodeJS.Signals> {
+  return new Promise((resolve) => {
+    process.once('SIGINT', () => resolve('SIGINT'));
+    process.once('SIGTERM', () => resolve('SIGTERM'));
+  });
+}
+
+async function orchestratorCommand(): Promise<number> {
+  const nc = await connect({ servers: requireNatsUrl('quiver orchestrator'), name: 'quiver-orchestrator' });
+  const orchestrator = await Orchestrator.start(nc, { topology: topologyFromEnv() });
+  console.error(`orchestrator running against ${nc.getServer()}`);
+  await untilSignal();
+  await orchestrator.stop();
+  await nc.close();
+  return 0;
+}
+
+async function executorCommand(args: string[]): Promise<number> {
+  const { values } = parseArgs({ args, options: { concurrency: { type: 'string' }, 'host-id': { type: 'string' } } });
+  const concurrency = values.concurrency === undefined ? undefined : Number(values.concurrency);
+  if (concurrency !== undefined && (!Number.isInteger(concurrency) || concurrency < 1)) {
+    throw new UsageError(`--concurrency takes a whole number ≥ 1, got "${values.concurrency}"`);
+  }
+  const nc = await connect({ servers: requireNatsUrl('quiver executor'), name: 'quiver-executor' });
+  const executor = await Executor.start(nc, {
+    topology: topologyFromEnv(),
+    ...(concurrency ? { concurrency } : {}),
+    ...(values['host-id'] ? { hostId: values['host-id'] } : {}),
+  });
+  await untilSignal();
+  await executor.stop();
+  await nc.close();
+  return 0;
+}
+
+async function gcCommand(): Promise<number> {
+  const nc = await connect({ servers: requireNatsUrl('quiver gc') });
+  const topology = await ensureTopology(nc, await jetstreamManager(nc), topologyFromEnv());
+  const removed = await collectGarbage({ topology, shmDir: `${shmRoot()}/${topology.clusterId}`, logger: consoleLogger('gc') });
+  console.log(`removed ${removed.segments} segment(s) and ${removed.processes} process(es)`);
+  await nc.close();
+  return 0;
+}
+
+/** Test and operations knob: how long a silent executor keeps a step before another takes it. */
+function topologyFromEnv() {
+  const ackWaitMs = Number(process.env.QUIVER_ACK_WAIT_MS);
+  return Number.isFinite(ackWaitMs) && ackWaitMs > 0 ? { ackWaitMs } : {};
+}
+
+export async function runCli(argv: string[]): Promise<void> {
+  try {
+    process.exitCode = await main(argv);
+  } catch (error) {
+    if (error instanceof UsageError) {
+      process.stderr.write(`quiver: ${error.message}\n\n${USAGE}`);
+      process.exitCode = 2;
+    } else if (error instanceof PlanError || error instanceof PipelineLoadError) {
+      process.stderr.write(`quiver: ${error.message}\n`);
+      process.exitCode = 2;
+    } else if ((error as { code?: string }).code === 'ERR_PARSE_ARGS_UNKNOWN_OPTION') {
+      process.stderr.write(`quiver: ${(error as Error).message}\n\n${USAGE}`);
+      process.exitCode = 2;
+    } else {
+      process.stderr.write(`quiver: ${(error as Error).stack ?? error}\n`);
+      process.exitCode = 1;
+    }
+  }
+}

@@ -1,0 +1,400 @@
+import { fork, type ChildProcess } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { existsSync, mkdirSync, renameSync, writeFileSync } from 'node:fs';
+import { hostname, availableParallelism } from 'node:os';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import { jetstream, jetstreamManager, type Consumer, type JetStreamClient, type JsMsg } from '@nats-io/jetstream';
+import type { NatsConnection, Subscription } from '@nats-io/transport-node';
+import { ulid } from 'ulid';
+import {
+  consoleLogger,
+  consumers,
+  decode,
+  encode,
+  ensureTopology,
+  logLine,
+  runKill,
+  segmentRelease,
+  shmRoot,
+  stepFailed,
+  stepReady,
+  stepStarted,
+  stepSucceeded,
+  streams,
+  subjects,
+  bundleDir,
+  type Logger,
+  type StepCompletion,
+  type StepError,
+  type StepReady,
+  type Topology,
+  type TopologyOptions,
+} from '../schemas/index.ts';
+import { releaseSegments } from '../shm/index.ts';
+import { buildRunner } from './build-runner.ts';
+import { collectGarbage } from './gc.ts';
+import { STEP_PROCESS_MARKER, type RunnerJob, type RunnerReply } from './protocol.ts';
+
+/** Options for {@link Executor.start}. */
+export interface ExecutorOptions {
+  /** This host's id: steps whose parents live here read them from shared memory. @default QUIVER_HOST_ID, else the hostname */
+  hostId?: string;
+  /** Steps run at once by this executor. @default QUIVER_CONCURRENCY, else the number of cores */
+  concurrency?: number;
+  topology?: TopologyOptions;
+  /** @default console, prefixed "executor" */
+  logger?: Logger;
+  /** Parent folder of the cluster's shared-memory folder. @default QUIVER_SHM_ROOT, else /dev/shm/quiver */
+  shmRoot?: string;
+  /** Largest shared-memory segment; larger outputs span several. @default Node's largest ArrayBuffer */
+  maxSegmentBytes?: number;
+  /** Bytes of released segments kept for reuse. @default 2 GiB */
+  poolMaxBytes?: number;
+  /** How often to collect segments and processes of dead runs. @default 60_000 */
+  gcIntervalMs?: number;
+}
+
+interface RunningStep {
+  child: ChildProcess;
+  killedBecause: string | null;
+}
+
+const TERMINAL_SIGNALS = new Set(['SIGSEGV', 'SIGBUS']);
+
+/**
+ * Claims ready steps from the work queue under its capacity and runs each in a fresh process,
+ * which maps its inputs from shared memory and writes its output there. Publishes completion
+ * events carrying only descriptors, and acks a step only after its completion is published.
+ */
+export class Executor {
+  readonly executorId: string;
+  private stopped = false;
+  private readonly loops: Promise<void>[] = [];
+  private readonly running = new Map<string, Set<RunningStep>>();
+  private readonly subscriptions: Subscription[] = [];
+  private readonly knownCode = new Set<string>();
+  private gcTimer: NodeJS.Timeout | null = null;
+
+  private constructor(
+    private readonly nc: NatsConnection,
+    private readonly js: JetStreamClient,
+    private readonly topology: Topology,
+    private readonly consumer: Consumer,
+    private readonly runnerPath: string,
+    readonly hostId: string,
+    readonly shmDir: string,
+    private readonly options: ExecutorOptions,
+    private readonly logger: Logger,
+  ) {
+    this.executorId = `${hostId}.${process.pid}.${ulid().slice(-6).toLowerCase()}`;
+  }
+
+  static async start(nc: NatsConnection, options: ExecutorOptions = {}): Promise<Executor> {
+    const logger = options.logger ?? consoleLogger('executor');
+    const jsm = await jetstreamManager(nc);
+    const topology = await ensureTopology(nc, jsm, options.topology);
+    const hostId = sanitizeHostId(options.hostId ?? process.env.QUIVER_HOST_ID ?? hostname());
+    const shmDir = join(options.shmRoot ?? shmRoot(), topology.clusterId);
+    const runnerPath = await buildRunner(bundleDir('build'));
+    const js = jetstream(nc);
+    const consumer = await js.consumers.get(streams.work, consumers.executors);
+    const executor = new Executor(nc, js, topology, consumer, runnerPath, hostId, shmDir, options, logger);
+    await executor.collectGarbage();
+    executor.listen();
+    const concurrency = options.concurrency ?? (Number(process.env.QUIVER_CONCURRENCY) || availableParallelism());
+    for (let i = 0; i < concurrency; i++) executor.loops.push(executor.pullLoop());
+    const gcIntervalMs = options.gcIntervalMs ?? 60_000;
+    executor.gcTimer = setInterval(() => void executor.collectGarbage(), gcIntervalMs).unref();
+    logger.info(`${executor.executorId} ready: ${concurrency} concurrent steps, shared memory in ${shmDir}`);
+    return executor;
+  }
+
+  /** Stops pulling; steps still running are killed and left unacked, so JetStream hands them to another executor. */
+  async stop(): Promise<void> {
+    this.stopped = true;
+    if (this.gcTimer) clearInterval(this.gcTimer);
+    for (const sub of this.subscriptions) sub.unsubscribe();
+    for (const steps of this.running.values()) for (const s of steps) this.kill(s, 'the executor is stopping');
+    await Promise.all(this.loops);
+  }
+
+  /** Removes segments and step processes of runs that are no longer alive. */
+  async collectGarbage(): Promise<{ segments: number; processes: number }> {
+    try {
+      return await collectGarbage({ topology: this.topology, shmDir: this.shmDir, logger: this.logger });
+    } catch (error) {
+      this.logger.warn(`garbage collection failed: ${(error as Error).message}`);
+      return { segments: 0, processes: 0 };
+    }
+  }
+
+  private listen(): void {
+    const release = this.nc.subscribe(subjects.segmentRelease(this.hostId), {
+      queue: `shm.${this.hostId}`,
+      callback: (error, msg) => {
+        if (error) return;
+        try {
+          const message = decode(segmentRelease, msg.subject, msg.data);
+          releaseSegments(message.segments, this.shmOptions());
+        } catch (e) {
+          this.logger.warn((e as Error).message);
+        }
+      },
+    });
+    const kill = this.nc.subscribe(subjects.runKill, {
+      callback: (error, msg) => {
+        if (error) return;
+        try {
+          const { runId } = decode(runKill, msg.subject, msg.data);
+          for (const s of this.running.get(runId) ?? []) this.kill(s, 'the run was cancelled');
+        } catch (e) {
+          this.logger.warn((e as Error).message);
+        }
+      },
+    });
+    this.subscriptions.push(release, kill);
+  }
+
+  private shmOptions() {
+    return {
+      dir: this.shmDir,
+      ...(this.options.poolMaxBytes !== undefined ? { poolMaxBytes: this.options.poolMaxBytes } : {}),
+    };
+  }
+
+  private async pullLoop(): Promise<void> {
+    while (!this.stopped) {
+      let msg: JsMsg | null;
+      try {
+        msg = await this.consumer.next({ expires: 2000 });
+      } catch (error) {
+        if (this.stopped || this.nc.isClosed()) return;
+        this.logger.warn(`pulling ready steps failed: ${(error as Error).message}`);
+        await new Promise((r) => setTimeout(r, 500));
+        continue;
+      }
+      if (!msg) continue;
+      if (this.stopped) {
+        msg.nak();
+        return;
+      }
+      await this.handle(msg);
+    }
+  }
+
+  /** Never throws: a bad message is rejected with its reason. */
+  private async handle(msg: JsMsg): Promise<void> {
+    let ready: StepReady;
+    try {
+      ready = decode(stepReady, msg.subject, msg.data);
+    } catch (error) {
+      this.logger.warn((error as Error).message);
+      msg.term((error as Error).message.slice(0, 200));
+      return;
+    }
+    try {
+      await this.process(ready, msg);
+    } catch (error) {
+      this.logger.error(`step ${ready.step} of run ${ready.runId}: ${(error as Error).stack ?? error}`);
+      if (!this.stopped) msg.nak(1000);
+    }
+  }
+
+  private async process(ready: StepReady, msg: JsMsg): Promise<void> {
+    const key = `${ready.runId}.${ready.step}`;
+    // Redelivery after a crash must not run a finished step again: re-announce its completion instead.
+    const finished = await this.topology.steps.get(key);
+    if (finished?.string()) {
+      await this.publishCompletion(JSON.parse(finished.string()) as StepCompletion, false);
+      msg.ack();
+      return;
+    }
+    const run = await this.topology.runs.get(ready.runId);
+    if (run && (run.json<{ view: { state: string } }>().view.state !== 'running')) {
+      msg.ack();
+      return;
+    }
+    const attempt = msg.info.deliveryCount;
+    const claim = JSON.stringify({ executorId: this.executorId, attempt });
+    try {
+      await this.topology.claims.create(key, claim);
+    } catch {
+      if (attempt === 1) {
+        // A second ready message for a step already claimed (a resumed orchestrator re-sent it).
+        msg.ack();
+        return;
+      }
+      // Redelivered: the executor that held it stopped acking (it died). Take it over.
+      await this.topology.claims.put(key, claim);
+    }
+    const startedAt = Date.now();
+    if (attempt >= this.topology.maxDeliver) {
+      await this.fail(ready, msg, attempt, startedAt, {
+        name: 'StepAbandoned',
+        code: 'ERR_STEP_ABANDONED',
+        message: `step "${ready.step}" was handed out ${attempt} times and never finished: the executors running it kept dying`,
+      });
+      return;
+    }
+    await this.js.publish(
+      subjects.stepStarted,
+      encode(stepStarted, { type: 'step.started', runId: ready.runId, step: ready.step, attempt, executorId: this.executorId, hostId: this.hostId, at: startedAt }),
+      { msgID: `${key}.started.${attempt}` },
+    );
+    const heartbeat = setInterval(() => msg.working(), Math.max(200, Math.floor(this.topology.ackWaitMs / 3)));
+    try {
+      const codePath = await this.ensureCode(ready.codeHash);
+      const reply = await this.runStep(ready, attempt, codePath);
+      if (this.stopped) {
+        // Killed by our own stop: not the step's fault. Another executor gets it.
+        msg.nak();
+        return;
+      }
+      if (reply.type === 'error') {
+        await this.fail(ready, msg, attempt, startedAt, reply.error);
+        return;
+      }
+      const completion = stepSucceeded.parse({
+        type: 'step.succeeded',
+        runId: ready.runId,
+        step: ready.step,
+        attempt,
+        executorId: this.executorId,
+        output: {
+          kind: 'shm',
+          hostId: this.hostId,
+          segments: reply.segments,
+          byteSize: reply.byteSize,
+          rows: reply.rows,
+          schema: reply.schema,
+        },
+        transport: ready.inputs.length > 0 ? 'shm' : null,
+        inputCopiedBytes: reply.inputCopiedBytes,
+        outputCopiedBytes: reply.outputCopiedBytes,
+        startedAt,
+        at: Date.now(),
+      });
+      await this.publishCompletion(completion, true);
+      msg.ack();
+    } finally {
+      clearInterval(heartbeat);
+    }
+  }
+
+  private async fail(ready: StepReady, msg: JsMsg, attempt: number, startedAt: number, error: StepError): Promise<void> {
+    const completion = stepFailed.parse({
+      type: 'step.failed',
+      runId: ready.runId,
+      step: ready.step,
+      attempt,
+      executorId: this.executorId,
+      error,
+      startedAt,
+      at: Date.now(),
+    });
+    await this.publishCompletion(completion, true);
+    msg.ack();
+  }
+
+  /** Recorded first, so a redelivery finds it; published with a fixed id, so JetStream drops repeats. */
+  private async publishCompletion(completion: StepCompletion, record: boolean): Promise<void> {
+    const key = `${completion.runId}.${completion.step}`;
+    if (record) await this.topology.steps.put(key, JSON.stringify(completion));
+    if (completion.type === 'step.succeeded') {
+      await this.js.publish(subjects.stepSucceeded, encode(stepSucceeded, completion), { msgID: `${key}.done` });
+    } else {
+      await this.js.publish(subjects.stepFailed, encode(stepFailed, completion), { msgID: `${key}.done` });
+    }
+  }
+
+  /** Fetches the pipeline bundle once per host; content-addressed, so a cached file is never stale. */
+  private async ensureCode(codeHash: string): Promise<string> {
+    const dir = bundleDir('code');
+    const path = join(dir, `${codeHash}.mjs`);
+    if (this.knownCode.has(codeHash) || existsSync(path)) {
+      this.knownCode.add(codeHash);
+      return path;
+    }
+    const blob = await this.topology.code.getBlob(codeHash);
+    if (!blob) throw new Error(`pipeline code ${codeHash} is not in the ${'quiver-code'} object store`);
+    const actual = createHash('sha256').update(blob).digest('hex');
+    if (actual !== codeHash) throw new Error(`pipeline code ${codeHash} in the object store hashes to ${actual}: refusing to run it`);
+    mkdirSync(dir, { recursive: true });
+    const tmp = `${path}.${process.pid}.${ulid()}.tmp`;
+    writeFileSync(tmp, blob);
+    renameSync(tmp, path);
+    this.knownCode.add(codeHash);
+    return path;
+  }
+
+  private runStep(ready: StepReady, attempt: number, codePath: string): Promise<RunnerReply> {
+    const job: RunnerJob = {
+      codePath,
+      runId: ready.runId,
+      step: ready.step,
+      params: ready.params,
+      inputs: ready.inputs.map((i) => ({ param: i.param, descriptor: i.descriptor, ...(i.columns ? { columns: i.columns } : {}) })),
+      shmDir: this.shmDir,
+      outputIdPrefix: `${ready.runId}.${ready.step}.${attempt}`,
+      ...(this.options.maxSegmentBytes ? { maxSegmentBytes: this.options.maxSegmentBytes } : {}),
+      ...(this.options.poolMaxBytes !== undefined ? { poolMaxBytes: this.options.poolMaxBytes } : {}),
+    };
+    const child = fork(this.runnerPath, [STEP_PROCESS_MARKER, this.topology.clusterId, ready.runId, ready.step], {
+      stdio: ['ignore', 'pipe', 'pipe', 'ipc'],
+      env: { ...process.env, QUIVER_EXECUTOR_PID: String(process.pid) },
+      serialization: 'json',
+    });
+    const running: RunningStep = { child, killedBecause: null };
+    const set = this.running.get(ready.runId) ?? new Set();
+    set.add(running);
+    this.running.set(ready.runId, set);
+
+    const forward = (stream: 'stdout' | 'stderr', source: NodeJS.ReadableStream | null) => {
+      if (!source) return Promise.resolve();
+      const lines = createInterface({ input: source, crlfDelay: Infinity });
+      lines.on('line', (line) => {
+        this.nc.publish(subjects.log(ready.runId), encode(logLine, { runId: ready.runId, step: ready.step, stream, line, at: Date.now() }));
+      });
+      return new Promise<void>((resolve) => lines.once('close', resolve));
+    };
+    const drained = Promise.all([forward('stdout', child.stdout), forward('stderr', child.stderr)]);
+
+    return new Promise<RunnerReply>((resolve) => {
+      let reply: RunnerReply | null = null;
+      child.on('message', (m: RunnerReply) => {
+        reply ??= m;
+      });
+      child.once('error', (error) => {
+        reply ??= { type: 'error', error: { name: 'SpawnError', code: 'ERR_STEP_SPAWN', message: `could not start the step process: ${error.message}` } };
+      });
+      child.once('exit', (code, signal) => {
+        // Every log line is published before the completion, so the terminal shows them in order.
+        void drained.then(() => {
+          set.delete(running);
+          if (set.size === 0) this.running.delete(ready.runId);
+          if (running.killedBecause) {
+            resolve({ type: 'error', error: { name: 'StepKilled', code: 'ERR_STEP_KILLED', message: `step "${ready.step}" was killed: ${running.killedBecause}` } });
+          } else if (reply) {
+            resolve(reply);
+          } else {
+            const how = signal ? `was killed by ${signal}` : `exited with code ${code}`;
+            const hint = signal && TERMINAL_SIGNALS.has(signal) ? ' (input tables are read-only shared memory: writing into their buffers is not allowed)' : '';
+            resolve({ type: 'error', error: { name: 'StepProcessDied', code: 'ERR_STEP_PROCESS', message: `the process of step "${ready.step}" ${how} before returning a table${hint}` } });
+          }
+        });
+      });
+      child.send(job);
+    });
+  }
+
+  private kill(step: RunningStep, why: string): void {
+    step.killedBecause ??= why;
+    step.child.kill('SIGKILL');
+  }
+}
+
+function sanitizeHostId(raw: string): string {
+  const cleaned = raw.replace(/[^A-Za-z0-9._-]/g, '-').slice(0, 128);
+  return cleaned || 'host';
+}

@@ -1,0 +1,3 @@
+export { Executor } from './executor.ts';
+export type { ExecutorOptions } from './executor.ts';
+export { collectGarbage, stepProcesses } from './gc.ts';

@@ -1,0 +1,30 @@
+import type { FieldSummary, StepError, TableDescriptor } from '../schemas/index.ts';
+
+/** The marker in a step process's command line: `quiver-step <clusterId> <runId> <step>`. gc looks for it. */
+export const STEP_PROCESS_MARKER = 'quiver-step';
+
+/** What the executor sends a fresh step process: everything it needs, no data. */
+export interface RunnerJob {
+  codePath: string;
+  runId: string;
+  step: string;
+  params: Record<string, string>;
+  inputs: { param: string; columns?: string[]; descriptor: TableDescriptor }[];
+  shmDir: string;
+  outputIdPrefix: string;
+  maxSegmentBytes?: number;
+  poolMaxBytes?: number;
+}
+
+/** What a step process answers once, before it exits. */
+export type RunnerReply =
+  | {
+      type: 'result';
+      segments: { id: string; byteSize: number }[];
+      byteSize: number;
+      rows: number;
+      schema: FieldSummary[];
+      inputCopiedBytes: number;
+      outputCopiedBytes: number;
+    }
+  | { type: 'error'; error: StepError };

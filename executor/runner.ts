@@ -1,0 +1,119 @@
+/**
+ * The entry point of a step process: one step, then exit. Bundled by the executor (esbuild) so a
+ * step starts with plain `node`, no TypeScript loader on the hot path.
+ */
+import { Table } from 'apache-arrow';
+import { isViewOf, parentPid, readTableFromShm, setParentDeathSignal, writeTableToShm } from '../shm/index.ts';
+import type { RunnerJob, RunnerReply } from './protocol.ts';
+
+const expectedParent = Number(process.env.QUIVER_EXECUTOR_PID);
+// Die with the executor, even when it is SIGKILLed: no orphaned step keeps running.
+setParentDeathSignal('SIGKILL');
+if (expectedParent && parentPid() !== expectedParent) process.exit(70);
+
+function reply(message: RunnerReply): Promise<void> {
+  return new Promise((resolve) => {
+    if (!process.send) return resolve();
+    process.send(message, undefined, {}, () => resolve());
+  });
+}
+
+function serializeError(error: unknown): RunnerReply & { type: 'error' } {
+  if (error instanceof Error) {
+    const code = (error as { code?: unknown }).code;
+    return {
+      type: 'error',
+      error: {
+        name: error.name,
+        message: error.message,
+        ...(error.stack ? { stack: error.stack } : {}),
+        ...(typeof code === 'string' ? { code } : {}),
+      },
+    };
+  }
+  return { type: 'error', error: { name: 'NonErrorThrown', message: `the step threw a non-Error value: ${describeValue(error)}` } };
+}
+
+function describeValue(value: unknown): string {
+  if (value === null) return 'null';
+  if (value === undefined) return 'undefined';
+  if (Array.isArray(value)) return `an array of length ${value.length}`;
+  if (typeof value === 'object') return `an object (${value.constructor?.name ?? 'Object'}) with keys [${Object.keys(value).slice(0, 5).join(', ')}]`;
+  if (typeof value === 'function') return 'a function';
+  return `${typeof value} ${String(value).slice(0, 80)}`;
+}
+
+async function runJob(job: RunnerJob): Promise<RunnerReply> {
+  const mod = (await import(job.codePath)) as { default?: { steps?: Record<string, { fn?: unknown }> } };
+  const fn = mod.default?.steps?.[job.step]?.fn;
+  if (typeof fn !== 'function') {
+    return { type: 'error', error: { name: 'StepNotFound', code: 'ERR_STEP_NOT_FOUND', message: `the pipeline code has no step "${job.step}"` } };
+  }
+
+  const mappings: ArrayBuffer[] = [];
+  const inputs: Record<string, Table> = {};
+  let inputCopiedBytes = 0;
+  for (const input of job.inputs) {
+    const opened = readTableFromShm(input.descriptor.segments, { dir: job.shmDir });
+    mappings.push(...opened.mappings);
+    const have = opened.table.schema.fields.map((f) => f.name);
+    const missing = (input.columns ?? []).filter((c) => !have.includes(c));
+    if (missing.length > 0) {
+      return {
+        type: 'error',
+        error: {
+          name: 'UnknownColumnError',
+          code: 'ERR_UNKNOWN_COLUMN',
+          message: `input "${input.param}" of step "${job.step}" asks for column(s) ${missing.join(', ')}, which its parent did not produce; its columns are: ${have.join(', ')}`,
+        },
+      };
+    }
+    // A projection picks columns; their buffers stay where they are.
+    const table = input.columns ? opened.table.select(input.columns) : opened.table;
+    // Counted, not assumed: an input that is not a view of the mapping was copied somewhere.
+    if (!isViewOf(table, opened.mappings)) inputCopiedBytes += input.descriptor.byteSize;
+    inputs[input.param] = table;
+  }
+
+  const context = {
+    runId: job.runId,
+    step: job.step,
+    params: Object.freeze({ ...job.params }),
+    log: (...args: unknown[]) => console.log(...args),
+    isZeroCopy: (table: Table) => isViewOf(table, mappings),
+  };
+  const result: unknown = await (fn as (i: unknown, c: unknown) => unknown)(Object.freeze(inputs), context);
+  if (!(result instanceof Table)) {
+    return {
+      type: 'error',
+      error: {
+        name: 'StepResultError',
+        code: 'ERR_STEP_RESULT',
+        message: `step "${job.step}" returned ${describeValue(result)}; a step must return an Arrow Table (apache-arrow's Table, e.g. from tableFromArrays)`,
+      },
+    };
+  }
+  const written = writeTableToShm(result, {
+    dir: job.shmDir,
+    idPrefix: job.outputIdPrefix,
+    ...(job.maxSegmentBytes ? { maxSegmentBytes: job.maxSegmentBytes } : {}),
+    ...(job.poolMaxBytes !== undefined ? { poolMaxBytes: job.poolMaxBytes } : {}),
+  });
+  return {
+    type: 'result',
+    segments: written.segments,
+    byteSize: written.byteSize,
+    rows: written.rows,
+    schema: result.schema.fields.map((f) => ({ name: f.name, type: String(f.type), nullable: f.nullable })),
+    inputCopiedBytes,
+    outputCopiedBytes: written.copiedBytes,
+  };
+}
+
+process.once('message', (job: RunnerJob) => {
+  runJob(job)
+    .catch(serializeError)
+    .then(reply)
+    .then(() => process.exit(0), () => process.exit(1));
+});
+process.on('disconnect', () => process.exit(71));

@@ -1,0 +1,11 @@
+/** Trouble starting or reaching the services Quiver runs on. */
+export class QuiverInfraError extends Error {
+  override readonly name = 'QuiverInfraError';
+  constructor(
+    readonly code: 'ERR_NATS_SERVER_START' | 'ERR_NATS_CONNECT',
+    message: string,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+  }
+}

@@ -1,0 +1,149 @@
+import { NAME_PATTERN, type Plan, type PlanStep } from '../schemas/index.ts';
+
+/** Why a pipeline cannot run. Found before anything runs; names the step at fault. */
+export class PlanError extends Error {
+  override readonly name = 'PlanError';
+  constructor(
+    readonly code:
+      | 'ERR_PLAN_NOT_A_PIPELINE'
+      | 'ERR_PLAN_BAD_NAME'
+      | 'ERR_PLAN_DUPLICATE_STEP'
+      | 'ERR_PLAN_NOT_A_FUNCTION'
+      | 'ERR_PLAN_UNKNOWN_INPUT'
+      | 'ERR_PLAN_BAD_INPUT'
+      | 'ERR_PLAN_CYCLE'
+      | 'ERR_PLAN_EMPTY',
+    message: string,
+    readonly step?: string,
+  ) {
+    super(message);
+  }
+}
+
+/** The shape a pipeline definition has once loaded (see sdk `pipeline()`); checked, not trusted. */
+export interface PipelineShape {
+  kind?: unknown;
+  name?: unknown;
+  steps?: unknown;
+}
+
+/**
+ * Builds the logical plan: the steps and their inputs in a topological order. Rejects a bad
+ * pipeline with a {@link PlanError} naming the step: bad names, a step that is not a function,
+ * an input naming no step, a cycle.
+ *
+ * `declaredNames` lets a loader report two steps with one name that an object literal would
+ * have silently merged.
+ */
+export function planPipeline(definition: unknown, declaredNames?: readonly string[]): Plan {
+  const def = definition as PipelineShape | null;
+  if (!def || typeof def !== 'object' || def.kind !== 'quiver.pipeline') {
+    throw new PlanError(
+      'ERR_PLAN_NOT_A_PIPELINE',
+      'the pipeline file must `export default pipeline(name, { ...steps })` (imported from quiver); its default export is ' +
+        describe(definition),
+    );
+  }
+  if (typeof def.name !== 'string' || !NAME_PATTERN.test(def.name)) {
+    throw new PlanError('ERR_PLAN_BAD_NAME', `pipeline name ${JSON.stringify(def.name)} must be an identifier (letters, digits, _)`);
+  }
+  if (declaredNames) {
+    const seen = new Set<string>();
+    for (const n of declaredNames) {
+      if (seen.has(n)) throw new PlanError('ERR_PLAN_DUPLICATE_STEP', `two steps are named "${n}": step names must be unique`, n);
+      seen.add(n);
+    }
+  }
+  const steps = (def.steps ?? {}) as Record<string, unknown>;
+  if (typeof steps !== 'object' || Object.keys(steps).length === 0) {
+    throw new PlanError('ERR_PLAN_EMPTY', `pipeline "${def.name}" has no steps`);
+  }
+  const planSteps = new Map<string, PlanStep>();
+  for (const [stepName, raw] of Object.entries(steps)) {
+    if (!NAME_PATTERN.test(stepName)) {
+      throw new PlanError('ERR_PLAN_BAD_NAME', `step name "${stepName}" must be an identifier (a letter or _, then letters, digits or _; at most 64)`, stepName);
+    }
+    const stepDef = raw as { kind?: unknown; fn?: unknown; inputs?: unknown } | null;
+    const fn = stepDef && typeof stepDef === 'object' && stepDef.kind === 'quiver.step' ? stepDef.fn : raw;
+    if (typeof fn !== 'function') {
+      throw new PlanError(
+        'ERR_PLAN_NOT_A_FUNCTION',
+        `step "${stepName}" is not a function: got ${describe(fn)}. Declare it with step((inputs, ctx) => table)`,
+        stepName,
+      );
+    }
+    const inputs: PlanStep['inputs'] = [];
+    const rawInputs = (stepDef as { inputs?: unknown }).inputs ?? {};
+    for (const [param, ref] of Object.entries(rawInputs as Record<string, unknown>)) {
+      const r = ref as { step?: unknown; columns?: unknown } | null;
+      if (!r || typeof r !== 'object' || typeof r.step !== 'string') {
+        throw new PlanError('ERR_PLAN_BAD_INPUT', `input "${param}" of step "${stepName}" must name a step (a string or input('step')); got ${describe(ref)}`, stepName);
+      }
+      if (!NAME_PATTERN.test(param)) {
+        throw new PlanError('ERR_PLAN_BAD_INPUT', `input name "${param}" of step "${stepName}" must be an identifier`, stepName);
+      }
+      if (r.columns !== undefined && (!Array.isArray(r.columns) || r.columns.length === 0 || !r.columns.every((c) => typeof c === 'string'))) {
+        throw new PlanError('ERR_PLAN_BAD_INPUT', `columns of input "${param}" of step "${stepName}" must be a non-empty list of column names`, stepName);
+      }
+      inputs.push(r.columns ? { param, step: r.step, columns: r.columns as string[] } : { param, step: r.step });
+    }
+    planSteps.set(stepName, { name: stepName, inputs });
+  }
+  for (const s of planSteps.values()) {
+    for (const i of s.inputs) {
+      if (!planSteps.has(i.step)) {
+        throw new PlanError(
+          'ERR_PLAN_UNKNOWN_INPUT',
+          `input "${i.param}" of step "${s.name}" names step "${i.step}", which does not exist; the steps are: ${[...planSteps.keys()].join(', ')}`,
+          s.name,
+        );
+      }
+    }
+  }
+  return { pipeline: def.name, steps: topologicalOrder(planSteps) };
+}
+
+/** Kahn's algorithm, keeping declaration order among ready steps so plans are stable. */
+function topologicalOrder(steps: Map<string, PlanStep>): PlanStep[] {
+  const remainingParents = new Map<string, number>();
+  const children = new Map<string, string[]>();
+  for (const s of steps.values()) {
+    const parents = new Set(s.inputs.map((i) => i.step));
+    remainingParents.set(s.name, parents.size);
+    for (const p of parents) children.set(p, [...(children.get(p) ?? []), s.name]);
+  }
+  const order: PlanStep[] = [];
+  const queue = [...steps.keys()].filter((n) => remainingParents.get(n) === 0);
+  while (queue.length > 0) {
+    const next = queue.shift()!;
+    order.push(steps.get(next)!);
+    for (const c of children.get(next) ?? []) {
+      const left = remainingParents.get(c)! - 1;
+      remainingParents.set(c, left);
+      if (left === 0) queue.push(c);
+    }
+  }
+  if (order.length < steps.size) {
+    const inCycle = [...steps.keys()].filter((n) => !order.some((s) => s.name === n));
+    throw new PlanError('ERR_PLAN_CYCLE', `steps ${inCycle.map((n) => `"${n}"`).join(', ')} form a cycle through their inputs`, inCycle[0]);
+  }
+  return order;
+}
+
+/** The steps whose outputs are the run's result: those no other step reads. */
+export function outputSteps(plan: Plan): string[] {
+  const read = new Set(plan.steps.flatMap((s) => s.inputs.map((i) => i.step)));
+  return plan.steps.filter((s) => !read.has(s.name)).map((s) => s.name);
+}
+
+export function childrenOf(plan: Plan, step: string): string[] {
+  return plan.steps.filter((s) => s.inputs.some((i) => i.step === step)).map((s) => s.name);
+}
+
+function describe(value: unknown): string {
+  if (value === null) return 'null';
+  if (value === undefined) return 'undefined';
+  if (typeof value === 'function') return 'a function';
+  if (typeof value === 'object') return `an object with keys [${Object.keys(value).slice(0, 5).join(', ')}]`;
+  return `${typeof value} ${JSON.stringify(value)}`;
+}

@@ -1,0 +1,211 @@
+import { and, assign, or, setup, stateIn, type SnapshotFrom } from 'xstate';
+import type {
+  Plan,
+  RunState,
+  StepFailed,
+  StepStarted,
+  StepState,
+  StepSucceeded,
+  StepView,
+  TableDescriptor,
+} from '../schemas/index.ts';
+
+/** What the machine remembers of a step beyond its state: facts reported by executors. */
+export interface StepFacts {
+  attempt: number;
+  executorId: string | null;
+  hostId: string | null;
+  startedAt: number | null;
+  finishedAt: number | null;
+  output: TableDescriptor | null;
+  copiedBytes: number | null;
+  transport: StepView['transport'];
+  error: StepFailed['error'] | null;
+}
+
+export interface RunContext {
+  runId: string;
+  steps: Record<string, StepFacts>;
+  cancelReason: string | null;
+}
+
+export type RunEvent =
+  | StepStarted
+  | StepSucceeded
+  | StepFailed
+  | { type: 'run.cancel'; runId: string; reason: string };
+
+const emptyFacts = (): StepFacts => ({
+  attempt: 0,
+  executorId: null,
+  hostId: null,
+  startedAt: null,
+  finishedAt: null,
+  output: null,
+  copiedBytes: null,
+  transport: null,
+  error: null,
+});
+
+const inStep = (step: string, state: StepState) => stateIn({ steps: { [step]: state } });
+/** Built guards are generic over any machine; this one's typing cannot express the dynamic regions. */
+const loose = (guard: unknown) => guard as never;
+const SETTLED: StepState[] = ['succeeded', 'failed', 'skipped', 'cancelled'];
+
+/**
+ * One machine per run, built from its plan: a parallel region per step
+ * (waiting → ready → running → succeeded | failed, or skipped / cancelled), and the run's own
+ * states around them. Times come in on events, never from a clock inside the machine, so a
+ * persisted snapshot replays the same way anywhere.
+ */
+export function createRunMachine(plan: Plan) {
+  const forStep = (step: string) => ({ event }: { event: RunEvent }) => 'step' in event && event.step === step;
+
+  const stepRegion = (step: Plan['steps'][number]) => {
+    const parents = [...new Set(step.inputs.map((i) => i.step))];
+    const parentsSucceeded = parents.length === 0 ? () => true : and(parents.map((p) => inStep(p, 'succeeded')));
+    const aParentWillNeverSucceed =
+      parents.length === 0
+        ? () => false
+        : or(parents.flatMap((p) => [inStep(p, 'failed'), inStep(p, 'skipped'), inStep(p, 'cancelled')]));
+
+    const started = {
+      guard: forStep(step.name),
+      target: 'running',
+      actions: assign(({ context, event }: { context: RunContext; event: RunEvent }) => {
+        const e = event as StepStarted;
+        return patch(context, step.name, {
+          attempt: e.attempt,
+          executorId: e.executorId,
+          hostId: e.hostId,
+          startedAt: e.at,
+        });
+      }),
+    };
+    const succeeded = {
+      guard: forStep(step.name),
+      target: 'succeeded',
+      actions: assign(({ context, event }: { context: RunContext; event: RunEvent }) => {
+        const e = event as StepSucceeded;
+        return patch(context, step.name, {
+          attempt: e.attempt,
+          executorId: e.executorId,
+          hostId: e.output.hostId,
+          startedAt: e.startedAt,
+          finishedAt: e.at,
+          output: e.output,
+          copiedBytes: e.inputCopiedBytes + e.outputCopiedBytes,
+          transport: e.transport,
+        });
+      }),
+    };
+    const failed = {
+      guard: forStep(step.name),
+      target: 'failed',
+      actions: assign(({ context, event }: { context: RunContext; event: RunEvent }) => {
+        const e = event as StepFailed;
+        return patch(context, step.name, {
+          attempt: e.attempt,
+          executorId: e.executorId,
+          startedAt: e.startedAt ?? context.steps[step.name]?.startedAt ?? null,
+          finishedAt: e.at,
+          error: e.error,
+        });
+      }),
+    };
+    return {
+      initial: 'waiting',
+      states: {
+        waiting: {
+          always: [
+            { guard: aParentWillNeverSucceed, target: 'skipped' },
+            { guard: parentsSucceeded, target: 'ready' },
+          ],
+          on: { 'run.cancel': 'cancelled' },
+        },
+        ready: {
+          on: {
+            'step.started': started,
+            // A completion may overtake its start event (they travel separately).
+            'step.succeeded': succeeded,
+            'step.failed': failed,
+            'run.cancel': 'cancelled',
+          },
+        },
+        running: {
+          on: {
+            // A redelivered step starts again on another executor: a new attempt.
+            'step.started': { ...started, target: undefined },
+            'step.succeeded': succeeded,
+            'step.failed': failed,
+            'run.cancel': 'cancelled',
+          },
+        },
+        succeeded: { type: 'final' as const },
+        failed: { type: 'final' as const },
+        skipped: { type: 'final' as const },
+        cancelled: { type: 'final' as const },
+      },
+    };
+  };
+
+  const stepNames = plan.steps.map((s) => s.name);
+  const allSettled = and(stepNames.map((n) => or(SETTLED.map((state) => inStep(n, state)))));
+  return setup({
+    types: {
+      context: {} as RunContext,
+      events: {} as RunEvent,
+      input: {} as { runId: string },
+    },
+  }).createMachine({
+    id: 'run',
+    context: ({ input }) => ({
+      runId: input.runId,
+      steps: Object.fromEntries(stepNames.map((n) => [n, emptyFacts()])),
+      cancelReason: null,
+    }),
+    // Steps and run side by side, so a finished run's snapshot still says how each step ended.
+    type: 'parallel',
+    states: {
+      steps: {
+        type: 'parallel',
+        states: Object.fromEntries(plan.steps.map((s) => [s.name, stepRegion(s)])) as never,
+      },
+      run: {
+        initial: 'running',
+        states: {
+          running: {
+            on: {
+              'run.cancel': { actions: assign({ cancelReason: ({ event }) => (event as { reason: string }).reason }) },
+            },
+            always: [
+              { guard: loose(and([allSettled, and(stepNames.map((n) => inStep(n, 'succeeded')))])), target: 'succeeded' },
+              { guard: loose(and([allSettled, or(stepNames.map((n) => inStep(n, 'cancelled')))])), target: 'cancelled' },
+              { guard: loose(allSettled), target: 'failed' },
+            ],
+          },
+          succeeded: { type: 'final' },
+          failed: { type: 'final' },
+          cancelled: { type: 'final' },
+        },
+      },
+    },
+  });
+}
+
+export type RunMachine = ReturnType<typeof createRunMachine>;
+export type RunSnapshot = SnapshotFrom<RunMachine>;
+
+function patch(context: RunContext, step: string, facts: Partial<StepFacts>): Partial<RunContext> {
+  return { steps: { ...context.steps, [step]: { ...(context.steps[step] ?? emptyFacts()), ...facts } } };
+}
+
+/** The run's state, read off the snapshot. */
+export function runStateOf(snapshot: RunSnapshot): RunState {
+  return (snapshot.value as unknown as { run: RunState }).run;
+}
+
+/** Each step's state, read off the snapshot. */
+export function stepStatesOf(snapshot: RunSnapshot): Record<string, StepState> {
+  return (snapshot.value as unknown as { steps: Record<string, StepState> }).steps;
+}

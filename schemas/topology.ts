@@ -1,0 +1,150 @@
+import { AckPolicy, DeliverPolicy, RetentionPolicy, type JetStreamManager } from '@nats-io/jetstream';
+import { Kvm, type KV } from '@nats-io/kv';
+import { Objm, type ObjectStore } from '@nats-io/obj';
+import type { NatsConnection } from '@nats-io/transport-node';
+import { ulid } from 'ulid';
+
+/** Subjects, streams and buckets: the names every Quiver process agrees on. */
+export const subjects = {
+  runSubmit: 'quiver.run.submit',
+  runCancel: 'quiver.run.cancel',
+  runRelease: 'quiver.run.release',
+  stepStarted: 'quiver.step.started',
+  stepSucceeded: 'quiver.step.succeeded',
+  stepFailed: 'quiver.step.failed',
+  stepReady: 'quiver.work.ready',
+  /** Live log lines of one run (core NATS: real time, not persisted). */
+  log: (runId: string) => `quiver.log.${runId}`,
+  logAll: 'quiver.log.>',
+  /** The run's view after every transition (core NATS). */
+  status: (runId: string) => `quiver.status.${runId}`,
+  statusAll: 'quiver.status.>',
+  /** Segments no step needs any more, for the executors of one host. */
+  segmentRelease: (hostId: string) => `quiver.shm.release.${hostId}`,
+  /** Kill the step processes of a cancelled run, on every host. */
+  runKill: 'quiver.run.kill',
+} as const;
+
+export const streams = {
+  control: 'QUIVER_CONTROL',
+  work: 'QUIVER_WORK',
+} as const;
+export const consumers = { orchestrator: 'orchestrator', executors: 'executors' } as const;
+export const buckets = {
+  runs: 'quiver-runs',
+  steps: 'quiver-steps',
+  claims: 'quiver-claims',
+  meta: 'quiver-meta',
+  code: 'quiver-code',
+} as const;
+
+/** Options shared by every process that sets up the topology. */
+export interface TopologyOptions {
+  /**
+   * How long a claimed step may go without an in-progress ack before JetStream hands it to
+   * another executor. Executors ack in progress every third of this while a step runs.
+   * @default 30_000
+   */
+  ackWaitMs?: number;
+  /** Deliveries of one ready step before it is given up as failed. @default 5 */
+  maxDeliver?: number;
+}
+
+export const DEFAULT_ACK_WAIT_MS = 30_000;
+export const DEFAULT_MAX_DELIVER = 5;
+
+export interface Topology {
+  runs: KV;
+  steps: KV;
+  claims: KV;
+  meta: KV;
+  code: ObjectStore;
+  /** A random id made once per cluster: it namespaces shared memory so clusters never touch each other's segments. */
+  clusterId: string;
+  ackWaitMs: number;
+  maxDeliver: number;
+}
+
+const ms = (n: number) => n * 1_000_000;
+
+/**
+ * Creates the streams, consumers and buckets when missing and returns handles to them. Safe to
+ * call from every process at start-up: existing ones are kept as they are.
+ */
+export async function ensureTopology(nc: NatsConnection, jsm: JetStreamManager, options: TopologyOptions = {}): Promise<Topology> {
+  const wantedAckWaitMs = options.ackWaitMs ?? DEFAULT_ACK_WAIT_MS;
+  const wantedMaxDeliver = options.maxDeliver ?? DEFAULT_MAX_DELIVER;
+  await ensureStream(jsm, {
+    name: streams.control,
+    subjects: ['quiver.run.submit', 'quiver.run.cancel', 'quiver.run.release', 'quiver.step.*'],
+    retention: RetentionPolicy.Limits,
+    max_age: ms(7 * 24 * 3600 * 1000),
+    duplicate_window: ms(120_000),
+  });
+  await ensureStream(jsm, {
+    name: streams.work,
+    subjects: ['quiver.work.>'],
+    retention: RetentionPolicy.Workqueue,
+    duplicate_window: ms(120_000),
+  });
+  await ensureConsumer(jsm, streams.control, {
+    durable_name: consumers.orchestrator,
+    ack_policy: AckPolicy.Explicit,
+    deliver_policy: DeliverPolicy.All,
+    ack_wait: ms(30_000),
+    max_ack_pending: 1000,
+  });
+  await ensureConsumer(jsm, streams.work, {
+    durable_name: consumers.executors,
+    ack_policy: AckPolicy.Explicit,
+    ack_wait: ms(wantedAckWaitMs),
+    max_deliver: wantedMaxDeliver,
+    max_ack_pending: 10_000,
+  });
+  // The consumer that exists is the truth: whoever created it first chose these.
+  const work = await jsm.consumers.info(streams.work, consumers.executors);
+  const ackWaitMs = Math.round(work.config.ack_wait! / 1_000_000);
+  const maxDeliver = work.config.max_deliver ?? wantedMaxDeliver;
+  const kvm = new Kvm(nc);
+  const [runs, steps, claims, meta] = await Promise.all([
+    kvm.create(buckets.runs, { history: 1 }),
+    kvm.create(buckets.steps, { history: 1, ttl: 7 * 24 * 3600 * 1000 }),
+    kvm.create(buckets.claims, { history: 1, ttl: 7 * 24 * 3600 * 1000 }),
+    kvm.create(buckets.meta, { history: 1 }),
+  ]);
+  const code = await new Objm(nc).create(buckets.code);
+  const clusterId = await ensureClusterId(meta);
+  return { runs, steps, claims, meta, code, clusterId, ackWaitMs, maxDeliver };
+}
+
+async function ensureClusterId(meta: KV): Promise<string> {
+  try {
+    await meta.create('cluster.id', ulid().toLowerCase());
+  } catch {
+    // Another process made it first: theirs is the one.
+  }
+  const entry = await meta.get('cluster.id');
+  const id = entry?.string();
+  if (!id) throw new Error('the cluster id in the quiver-meta bucket is missing after creating it');
+  return id;
+}
+
+async function ensureStream(jsm: JetStreamManager, config: Parameters<JetStreamManager['streams']['add']>[0]): Promise<void> {
+  try {
+    await jsm.streams.info(config.name!);
+  } catch {
+    await jsm.streams.add(config);
+  }
+}
+
+async function ensureConsumer(
+  jsm: JetStreamManager,
+  stream: string,
+  config: Parameters<JetStreamManager['consumers']['add']>[1],
+): Promise<void> {
+  try {
+    await jsm.consumers.info(stream, config.durable_name!);
+  } catch {
+    await jsm.consumers.add(stream, config);
+  }
+}

@@ -1,0 +1,91 @@
+import type { Table } from 'apache-arrow';
+
+/** What a step function receives besides its input tables. */
+export interface StepContext {
+  readonly runId: string;
+  /** This step's name. */
+  readonly step: string;
+  /** `--params key=value` of the run, as strings. */
+  readonly params: Readonly<Record<string, string>>;
+  /** Logs a line to the user's terminal, live (same as console.log inside a step). */
+  log(...args: unknown[]): void;
+  /**
+   * True when every buffer of `table` is a view into shared memory that Quiver mapped for this
+   * step: the table reached the step without being copied.
+   */
+  isZeroCopy(table: Table): boolean;
+}
+
+/** A step: a function from named input tables to one table. */
+export type StepFunction<I extends string = string> = (
+  inputs: Readonly<Record<I, Table>>,
+  context: StepContext,
+) => Table | Promise<Table>;
+
+/** An input of a step: a parent step's output, optionally narrowed to some columns. */
+export interface InputRef {
+  readonly step: string;
+  /** Only these columns are handed to the step (a projection; nothing is copied). */
+  readonly columns?: readonly string[];
+}
+
+export interface StepOptions {
+  /** Free text shown in `quiver run` output and plans. */
+  readonly description?: string;
+}
+
+/** A step as declared in a pipeline file. The name is its key in the pipeline. */
+export interface StepDefinition {
+  readonly kind: 'quiver.step';
+  readonly inputs: Readonly<Record<string, InputRef>>;
+  readonly fn: StepFunction;
+  readonly options: StepOptions;
+}
+
+export interface PipelineDefinition {
+  readonly kind: 'quiver.pipeline';
+  readonly name: string;
+  readonly steps: Readonly<Record<string, StepDefinition>>;
+}
+
+/**
+ * Declares the input of a step: the output of the step named `step`.
+ * @example input('transactions', { columns: ['id', 'usd', 'country'] })
+ */
+export function input(step: string, options: { columns?: readonly string[] } = {}): InputRef {
+  return options.columns ? { step, columns: [...options.columns] } : { step };
+}
+
+/**
+ * Declares a step. Its inputs map the names the function receives to parent steps; a plain
+ * string names a parent step and takes all its columns. The DAG follows from these inputs.
+ *
+ * @example
+ * step(() => tableFromArrays({ x: [1, 2, 3] }))
+ * step({ data: 'transactions' }, ({ data }) => data)
+ */
+export function step(fn: StepFunction<never>): StepDefinition;
+export function step<I extends string>(
+  inputs: Readonly<Record<I, string | InputRef>>,
+  fn: StepFunction<I>,
+  options?: StepOptions,
+): StepDefinition;
+export function step(a: unknown, b?: unknown, c?: unknown): StepDefinition {
+  const [rawInputs, fn, options] = typeof a === 'function' ? [{}, a, b] : [a, b, c];
+  const inputs: Record<string, InputRef> = {};
+  if (rawInputs !== null && typeof rawInputs === 'object') {
+    for (const [param, ref] of Object.entries(rawInputs as Record<string, unknown>)) {
+      // Kept as given when malformed: the planner reports it with the step's name.
+      inputs[param] = typeof ref === 'string' ? { step: ref } : (ref as InputRef);
+    }
+  }
+  return { kind: 'quiver.step', inputs, fn: fn as StepFunction, options: (options ?? {}) as StepOptions };
+}
+
+/**
+ * Declares a pipeline: its steps, each under the name of the table it produces.
+ * Export it as the default export of the pipeline file.
+ */
+export function pipeline(name: string, steps: Record<string, StepDefinition>): PipelineDefinition {
+  return { kind: 'quiver.pipeline', name, steps };
+}

@@ -1,0 +1,99 @@
+import { createHash } from 'node:crypto';
+import { existsSync, mkdirSync, renameSync, writeFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { build, type Plugin } from 'esbuild';
+import { PlanError, planPipeline } from '../orchestrator/index.ts';
+import { bundleDir, type Plan } from '../schemas/index.ts';
+
+/** A pipeline file, bundled and planned: what a run request needs, without data. */
+export interface LoadedPipeline {
+  plan: Plan;
+  /** The bundle (ESM) executors run; apache-arrow stays external. */
+  code: Uint8Array;
+  /** sha256 of the bundle: its name in the code object store. */
+  codeHash: string;
+  /** Where the bundle was written on this host. */
+  codePath: string;
+}
+
+/** The pipeline file could not be bundled or imported. */
+export class PipelineLoadError extends Error {
+  override readonly name = 'PipelineLoadError';
+  readonly code = 'ERR_PIPELINE_LOAD';
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+  }
+}
+
+const SDK_INDEX = fileURLToPath(new URL('./index.ts', import.meta.url));
+const SDK_DEFINE = fileURLToPath(new URL('./define.ts', import.meta.url));
+
+/** Steps only need the definitions: the client, NATS and esbuild stay out of the bundle. */
+const definitionsOnly: Plugin = {
+  name: 'quiver-sdk-definitions',
+  setup(b) {
+    b.onResolve({ filter: /^quiver$/ }, () => ({ path: SDK_DEFINE }));
+    b.onResolve({ filter: /sdk[\\/]index(\.ts|\.js)?$/ }, async (args) => {
+      const resolved = resolve(args.resolveDir, args.path.endsWith('.ts') ? args.path : args.path.replace(/\.js$/, '') + '.ts');
+      return resolved === SDK_INDEX ? { path: SDK_DEFINE } : undefined;
+    });
+  },
+};
+
+/**
+ * Bundles a pipeline file (esbuild), stores the bundle content-addressed in the package,
+ * imports it and builds its logical plan. Throws {@link PlanError} for a bad plan and
+ * {@link PipelineLoadError} for a file that does not build or load.
+ */
+export async function loadPipeline(file: string): Promise<LoadedPipeline> {
+  const entry = resolve(file);
+  if (!existsSync(entry)) throw new PipelineLoadError(`pipeline file ${file} does not exist`);
+  let result;
+  try {
+    result = await build({
+      entryPoints: [entry],
+      bundle: true,
+      platform: 'node',
+      format: 'esm',
+      target: 'node20',
+      write: false,
+      external: ['apache-arrow'],
+      plugins: [definitionsOnly],
+      logLevel: 'silent',
+      sourcemap: 'inline',
+      sourcesContent: false,
+    });
+  } catch (error) {
+    const errors = (error as { errors?: { text: string; location?: { file: string; line: number } | null }[] }).errors ?? [];
+    const detail = errors.map((e) => (e.location ? `${e.location.file}:${e.location.line}: ${e.text}` : e.text)).join('; ');
+    throw new PipelineLoadError(`could not bundle ${file}: ${detail || (error as Error).message}`, { cause: error });
+  }
+  for (const warning of result.warnings) {
+    const duplicate = /^Duplicate key "([^"]+)" in object literal/.exec(warning.text);
+    if (duplicate) {
+      throw new PlanError(
+        'ERR_PLAN_DUPLICATE_STEP',
+        `two steps are named "${duplicate[1]}" (${warning.location?.file}:${warning.location?.line}): step names must be unique`,
+        duplicate[1],
+      );
+    }
+  }
+  const code = result.outputFiles[0]!.contents;
+  const codeHash = createHash('sha256').update(code).digest('hex');
+  const dir = bundleDir('code');
+  const codePath = join(dir, `${codeHash}.mjs`);
+  if (!existsSync(codePath)) {
+    mkdirSync(dir, { recursive: true });
+    const tmp = `${codePath}.${process.pid}.tmp`;
+    writeFileSync(tmp, code);
+    renameSync(tmp, codePath);
+  }
+  let mod: { default?: unknown };
+  try {
+    mod = (await import(pathToFileURL(codePath).href)) as { default?: unknown };
+  } catch (error) {
+    throw new PipelineLoadError(`could not load ${file}: ${(error as Error).message}`, { cause: error });
+  }
+  return { plan: planPipeline(mod.default), code, codeHash, codePath };
+}

@@ -1,0 +1,68 @@
+import { join } from 'node:path';
+import { rmSync } from 'node:fs';
+import { connect, type NatsConnection } from '@nats-io/transport-node';
+import { ulid } from 'ulid';
+import { Executor, type ExecutorOptions } from '../executor/index.ts';
+import { startNatsServer, type NatsServer } from '../infra/index.ts';
+import { Orchestrator } from '../orchestrator/index.ts';
+import { quiverHome, silentLogger, type Logger, type TopologyOptions } from '../schemas/index.ts';
+import { drainPool, removeDir } from '../shm/index.ts';
+import { QuiverClient } from './client.ts';
+
+/** Options for {@link startLocalCluster}. */
+export interface LocalClusterOptions {
+  /** Quiver home: the private server's storage goes under `<home>/embedded/`. @default QUIVER_HOME, else <package>/.quiver */
+  home?: string;
+  topology?: TopologyOptions;
+  executor?: Omit<ExecutorOptions, 'topology' | 'logger'>;
+  /** Daemon messages. @default silent */
+  logger?: Logger;
+}
+
+/** A private nats-server with an orchestrator and an executor in this process: the embedded default. */
+export interface LocalCluster {
+  readonly server: NatsServer;
+  readonly client: QuiverClient;
+  readonly orchestrator: Orchestrator;
+  readonly executor: Executor;
+  /** Stops everything and removes the server's storage and this cluster's shared memory. */
+  stop(): Promise<void>;
+}
+
+export async function startLocalCluster(options: LocalClusterOptions = {}): Promise<LocalCluster> {
+  const home = options.home ?? quiverHome();
+  const dir = join(home, 'embedded', ulid());
+  const server = await startNatsServer({ dir });
+  const logger = options.logger ?? silentLogger;
+  const connections: NatsConnection[] = [];
+  const open = async () => {
+    const nc = await connect({ servers: server.url });
+    connections.push(nc);
+    return nc;
+  };
+  try {
+    const topology = options.topology ?? {};
+    const orchestrator = await Orchestrator.start(await open(), { topology, logger });
+    const executor = await Executor.start(await open(), { ...options.executor, topology, logger });
+    const client = await QuiverClient.connect({ nc: await open(), topology });
+    return {
+      server,
+      client,
+      orchestrator,
+      executor,
+      stop: async () => {
+        await executor.stop();
+        await orchestrator.stop();
+        await Promise.all(connections.map((c) => c.close()));
+        drainPool({ dir: executor.shmDir });
+        removeDir(executor.shmDir);
+        await server.stop();
+      },
+    };
+  } catch (error) {
+    await Promise.all(connections.map((c) => c.close().catch(() => {})));
+    await server.stop();
+    rmSync(dir, { recursive: true, force: true });
+    throw error;
+  }
+}

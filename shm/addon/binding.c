@@ -1,0 +1,490 @@
+/*
+ * Thin N-API binding over shm_core.c. Checks every argument, turns core
+ * failures into errors with a stable `code` ('ERR_SHM_ARG',
+ * 'ERR_SHM_TOO_LARGE', or the errno name such as 'EEXIST'), and hands
+ * mappings to JavaScript as external ArrayBuffers that munmap when collected
+ * or when unmap() is called.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <node_api.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "shm_core.h"
+
+#define MAX_ARGS 4
+#define MSG_SIZE (PATH_MAX + 512)
+
+/* Node 20 on 64-bit: buffer.constants.MAX_LENGTH. shm/native.ts replaces it
+ * with the running Node's value through setMaxByteLength(). */
+static uint64_t max_byte_length = (uint64_t)1 << 32;
+
+/* Live mappings, so unmap() can find the record behind an ArrayBuffer. The
+ * lock matters when worker threads each load the addon. */
+typedef struct record {
+  qshm_mapping mapping;
+  int unmapped;
+  struct record *prev, *next;
+} record;
+
+static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
+static record *registry = NULL;
+
+static void registry_add(record *r) {
+  pthread_mutex_lock(&registry_lock);
+  r->prev = NULL;
+  r->next = registry;
+  if (registry) registry->prev = r;
+  registry = r;
+  pthread_mutex_unlock(&registry_lock);
+}
+
+static void registry_remove(record *r) {
+  pthread_mutex_lock(&registry_lock);
+  if (r->prev) r->prev->next = r->next;
+  else registry = r->next;
+  if (r->next) r->next->prev = r->prev;
+  pthread_mutex_unlock(&registry_lock);
+}
+
+/* Compares pointers only, so it is safe to ask about a freed record. */
+static bool registry_contains(const record *r) {
+  bool found = false;
+  pthread_mutex_lock(&registry_lock);
+  for (record *it = registry; it; it = it->next) {
+    if (it == r) {
+      found = true;
+      break;
+    }
+  }
+  pthread_mutex_unlock(&registry_lock);
+  return found;
+}
+
+static record *registry_find_live(void *addr) {
+  record *found = NULL;
+  pthread_mutex_lock(&registry_lock);
+  for (record *r = registry; r; r = r->next) {
+    if (!r->unmapped && r->mapping.addr == addr) {
+      found = r;
+      break;
+    }
+  }
+  pthread_mutex_unlock(&registry_lock);
+  return found;
+}
+
+/* ---- errors ------------------------------------------------------------ */
+
+static void throw_with(napi_env env, const char *code, const char *message, int err, const char *syscall,
+                       const char *path) {
+  napi_value code_v, msg_v, error;
+  if (napi_create_string_utf8(env, code, NAPI_AUTO_LENGTH, &code_v) != napi_ok) return;
+  if (napi_create_string_utf8(env, message, NAPI_AUTO_LENGTH, &msg_v) != napi_ok) return;
+  if (napi_create_error(env, code_v, msg_v, &error) != napi_ok) return;
+  if (err != 0) {
+    napi_value v;
+    napi_create_int32(env, err, &v);
+    napi_set_named_property(env, error, "errno", v);
+  }
+  if (syscall) {
+    napi_value v;
+    napi_create_string_utf8(env, syscall, NAPI_AUTO_LENGTH, &v);
+    napi_set_named_property(env, error, "syscall", v);
+  }
+  if (path) {
+    napi_value v;
+    napi_create_string_utf8(env, path, NAPI_AUTO_LENGTH, &v);
+    napi_set_named_property(env, error, "path", v);
+  }
+  napi_throw(env, error);
+}
+
+static void throw_arg(napi_env env, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void throw_arg(napi_env env, const char *fmt, ...) {
+  char msg[MSG_SIZE];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  va_end(ap);
+  throw_with(env, "ERR_SHM_ARG", msg, 0, NULL, NULL);
+}
+
+static const char *hint_for(int err, const char *syscall) {
+  switch (err) {
+    case EEXIST:
+      return "a segment with this name already exists: choose another id, or release the existing segment first";
+    case ENOENT:
+      if (strcmp(syscall, "renameat2") == 0) return "the source file is gone (another process may have claimed it)";
+      return "no such file: the segment was never written, was already released, or its cluster directory was "
+             "removed (for create, make sure the directory exists)";
+    case ENOSPC:
+      return "the shared-memory filesystem is full: release segments, drain the segment pool, or enlarge it "
+             "(e.g. mount -o remount,size=... /dev/shm)";
+    case EACCES:
+    case EPERM:
+    case EROFS:
+      return "check the owner and mode of the file and of its directory";
+    case EMFILE:
+    case ENFILE:
+      return "too many open files: raise the file descriptor limit";
+    case ENOMEM:
+      return "the kernel could not map it: out of memory or address space (check ulimit -v and vm.max_map_count)";
+    case ENAMETOOLONG:
+      return "shorten the directory path or the segment id";
+    case EINVAL:
+      if (strcmp(syscall, "fstat") == 0) return "the path is not a regular file";
+      return "invalid argument for this file";
+    default:
+      return "see the errno for details";
+  }
+}
+
+static void throw_status(napi_env env, const char *fn, qshm_status status, const char *path) {
+  const char *name = qshm_errno_name(status.err);
+  char code[32];
+  if (name) snprintf(code, sizeof code, "%s", name);
+  else snprintf(code, sizeof code, "ERRNO_%d", status.err);
+  char msg[MSG_SIZE];
+  snprintf(msg, sizeof msg, "quiver shm %s: %s(\"%s\") failed: %s (%s); %s", fn, status.syscall, path,
+           strerror(status.err), code, hint_for(status.err, status.syscall));
+  throw_with(env, code, msg, status.err, status.syscall, path);
+}
+
+static void throw_too_large(napi_env env, const char *fn, const char *what, uint64_t size, const char *path) {
+  char msg[MSG_SIZE];
+  snprintf(msg, sizeof msg,
+           "quiver shm %s: %s of %llu bytes%s%s%s exceeds the largest ArrayBuffer this Node.js allows (%llu bytes, "
+           "buffer.constants.MAX_LENGTH); split the data over several segments",
+           fn, what, (unsigned long long)size, path ? " (\"" : "", path ? path : "", path ? "\")" : "",
+           (unsigned long long)max_byte_length);
+  throw_with(env, "ERR_SHM_TOO_LARGE", msg, 0, NULL, path);
+}
+
+/* ---- argument checks ----------------------------------------------------- */
+
+static const char *type_name(napi_valuetype t) {
+  switch (t) {
+    case napi_undefined: return "undefined";
+    case napi_null: return "null";
+    case napi_boolean: return "boolean";
+    case napi_number: return "number";
+    case napi_string: return "string";
+    case napi_symbol: return "symbol";
+    case napi_object: return "object";
+    case napi_function: return "function";
+    case napi_external: return "external";
+    case napi_bigint: return "bigint";
+  }
+  return "unknown";
+}
+
+static bool get_args(napi_env env, napi_callback_info info, const char *signature, size_t expected,
+                     napi_value *argv) {
+  size_t argc = MAX_ARGS;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return false;
+  if (argc != expected) {
+    throw_arg(env, "quiver shm %s expects %zu argument(s), got %zu", signature, expected, argc);
+    return false;
+  }
+  return true;
+}
+
+static bool get_path(napi_env env, napi_value v, const char *fn, char *buf) {
+  napi_valuetype t;
+  if (napi_typeof(env, v, &t) != napi_ok) return false;
+  if (t != napi_string) {
+    throw_arg(env, "quiver shm %s: path must be a string, got %s", fn, type_name(t));
+    return false;
+  }
+  size_t len = 0;
+  if (napi_get_value_string_utf8(env, v, NULL, 0, &len) != napi_ok) return false;
+  if (len == 0) {
+    throw_arg(env, "quiver shm %s: path must not be empty", fn);
+    return false;
+  }
+  if (len >= PATH_MAX) {
+    throw_arg(env, "quiver shm %s: path is %zu bytes, the limit is %d", fn, len, PATH_MAX - 1);
+    return false;
+  }
+  size_t copied = 0;
+  if (napi_get_value_string_utf8(env, v, buf, PATH_MAX, &copied) != napi_ok) return false;
+  if (strlen(buf) != copied) {
+    throw_arg(env, "quiver shm %s: path must not contain NUL characters", fn);
+    return false;
+  }
+  return true;
+}
+
+static bool get_integer(napi_env env, napi_value v, const char *fn, const char *name, double *out) {
+  napi_valuetype t;
+  if (napi_typeof(env, v, &t) != napi_ok) return false;
+  if (t != napi_number) {
+    throw_arg(env, "quiver shm %s: %s must be a number, got %s", fn, name, type_name(t));
+    return false;
+  }
+  double d;
+  if (napi_get_value_double(env, v, &d) != napi_ok) return false;
+  if (!isfinite(d) || d != floor(d)) {
+    throw_arg(env, "quiver shm %s: %s must be an integer, got %g", fn, name, d);
+    return false;
+  }
+  *out = d;
+  return true;
+}
+
+static bool get_byte_size(napi_env env, napi_value v, const char *fn, uint64_t *out) {
+  double d;
+  if (!get_integer(env, v, fn, "byteSize", &d)) return false;
+  if (d < 0) {
+    throw_arg(env, "quiver shm %s: byteSize must be >= 0, got %g", fn, d);
+    return false;
+  }
+  if (d > 9007199254740991.0 || (uint64_t)d > max_byte_length) {
+    throw_too_large(env, fn, "byteSize", (uint64_t)d, NULL);
+    return false;
+  }
+  *out = (uint64_t)d;
+  return true;
+}
+
+static bool get_bool(napi_env env, napi_value v, const char *fn, const char *name, bool *out) {
+  napi_valuetype t;
+  if (napi_typeof(env, v, &t) != napi_ok) return false;
+  if (t != napi_boolean) {
+    throw_arg(env, "quiver shm %s: %s must be a boolean, got %s", fn, name, type_name(t));
+    return false;
+  }
+  return napi_get_value_bool(env, v, out) == napi_ok;
+}
+
+/* ---- mappings as ArrayBuffers ------------------------------------------- */
+
+static void finalize_mapping(napi_env env, void *data, void *hint) {
+  record *r = hint;
+  registry_remove(r);
+  if (!r->unmapped) qshm_unmap(&r->mapping);
+  free(r);
+}
+
+static napi_value wrap_mapping(napi_env env, const char *fn, qshm_mapping mapping, const char *path) {
+  napi_value result;
+  if (mapping.len == 0) {
+    void *unused;
+    if (napi_create_arraybuffer(env, 0, &unused, &result) != napi_ok) return NULL;
+    return result;
+  }
+  record *r = calloc(1, sizeof *r);
+  if (!r) {
+    qshm_unmap(&mapping);
+    napi_throw_error(env, "ENOMEM", "quiver shm: out of memory");
+    return NULL;
+  }
+  r->mapping = mapping;
+  registry_add(r);
+  napi_status s = napi_create_external_arraybuffer(env, mapping.addr, mapping.len, finalize_mapping, r, &result);
+  if (s != napi_ok) {
+    /* Node runs the finalizer synchronously on some failures (e.g. a length
+     * over buffer.constants.MAX_LENGTH); clean up only if it did not. */
+    if (registry_contains(r)) {
+      registry_remove(r);
+      qshm_unmap(&r->mapping);
+      free(r);
+    }
+    bool pending = false;
+    napi_is_exception_pending(env, &pending);
+    if (pending) {
+      napi_value ignored;
+      napi_get_and_clear_last_exception(env, &ignored);
+    }
+    if ((uint64_t)mapping.len > max_byte_length) {
+      throw_too_large(env, fn, "a mapping", mapping.len, path);
+    } else {
+      char msg[MSG_SIZE];
+      snprintf(msg, sizeof msg,
+               "quiver shm %s: Node.js refused an external ArrayBuffer for \"%s\" (napi status %d); this Node.js "
+               "build may not allow external buffers (V8 sandbox)",
+               fn, path, (int)s);
+      throw_with(env, "ERR_SHM_EXTERNAL", msg, 0, NULL, path);
+    }
+    return NULL;
+  }
+  return result;
+}
+
+/* ---- exported functions --------------------------------------------------- */
+
+static napi_value js_create(napi_env env, napi_callback_info info) {
+  napi_value argv[MAX_ARGS];
+  char path[PATH_MAX];
+  uint64_t size;
+  bool populate;
+  if (!get_args(env, info, "create(path, byteSize, populate)", 3, argv)) return NULL;
+  if (!get_path(env, argv[0], "create", path)) return NULL;
+  if (!get_byte_size(env, argv[1], "create", &size)) return NULL;
+  if (!get_bool(env, argv[2], "create", "populate", &populate)) return NULL;
+  qshm_mapping mapping;
+  qshm_status s = qshm_create(path, size, populate, &mapping);
+  if (s.err) {
+    throw_status(env, "create", s, path);
+    return NULL;
+  }
+  napi_value result = wrap_mapping(env, "create", mapping, path);
+  if (!result) unlink(path);
+  return result;
+}
+
+static napi_value js_open_writable(napi_env env, napi_callback_info info) {
+  napi_value argv[MAX_ARGS];
+  char path[PATH_MAX];
+  uint64_t size;
+  bool populate;
+  if (!get_args(env, info, "openWritable(path, byteSize, populate)", 3, argv)) return NULL;
+  if (!get_path(env, argv[0], "openWritable", path)) return NULL;
+  if (!get_byte_size(env, argv[1], "openWritable", &size)) return NULL;
+  if (!get_bool(env, argv[2], "openWritable", "populate", &populate)) return NULL;
+  qshm_mapping mapping;
+  qshm_status s = qshm_open_writable(path, size, populate, &mapping);
+  if (s.err) {
+    throw_status(env, "openWritable", s, path);
+    return NULL;
+  }
+  return wrap_mapping(env, "openWritable", mapping, path);
+}
+
+static napi_value js_open_read_only(napi_env env, napi_callback_info info) {
+  napi_value argv[MAX_ARGS];
+  char path[PATH_MAX];
+  if (!get_args(env, info, "openReadOnly(path)", 1, argv)) return NULL;
+  if (!get_path(env, argv[0], "openReadOnly", path)) return NULL;
+  qshm_mapping mapping;
+  qshm_status s = qshm_open_readonly(path, max_byte_length, &mapping);
+  if (s.err == EFBIG) {
+    throw_too_large(env, "openReadOnly", "a file", mapping.len, path);
+    return NULL;
+  }
+  if (s.err) {
+    throw_status(env, "openReadOnly", s, path);
+    return NULL;
+  }
+  return wrap_mapping(env, "openReadOnly", mapping, path);
+}
+
+static napi_value js_unmap(napi_env env, napi_callback_info info) {
+  napi_value argv[MAX_ARGS];
+  napi_value result;
+  if (!get_args(env, info, "unmap(mapping)", 1, argv)) return NULL;
+  bool is_ab = false;
+  if (napi_is_arraybuffer(env, argv[0], &is_ab) != napi_ok) return NULL;
+  if (!is_ab) {
+    throw_arg(env, "quiver shm unmap: mapping must be an ArrayBuffer returned by create, openWritable or openReadOnly");
+    return NULL;
+  }
+  void *data = NULL;
+  size_t len = 0;
+  if (napi_get_arraybuffer_info(env, argv[0], &data, &len) != napi_ok) return NULL;
+  /* Empty (or already detached) buffers own no mapping. */
+  record *r = len == 0 ? NULL : registry_find_live(data);
+  if (len == 0) {
+    napi_get_boolean(env, false, &result);
+    return result;
+  }
+  if (!r || r->mapping.len != len) {
+    throw_arg(env, "quiver shm unmap: this ArrayBuffer is not a mapping made by quiver shm");
+    return NULL;
+  }
+  /* Detach first: afterwards JavaScript sees a zero-length buffer instead of
+   * faulting on unmapped memory. */
+  if (napi_detach_arraybuffer(env, argv[0]) != napi_ok) {
+    throw_with(env, "ERR_SHM_DETACH", "quiver shm unmap: the ArrayBuffer could not be detached; it stays mapped", 0,
+               NULL, NULL);
+    return NULL;
+  }
+  pthread_mutex_lock(&registry_lock);
+  r->unmapped = 1;
+  pthread_mutex_unlock(&registry_lock);
+  qshm_status s = qshm_unmap(&r->mapping);
+  if (s.err) {
+    throw_status(env, "unmap", s, "(mapping)");
+    return NULL;
+  }
+  napi_get_boolean(env, true, &result);
+  return result;
+}
+
+static napi_value js_rename_no_replace(napi_env env, napi_callback_info info) {
+  napi_value argv[MAX_ARGS];
+  char from[PATH_MAX], to[PATH_MAX];
+  if (!get_args(env, info, "renameNoReplace(from, to)", 2, argv)) return NULL;
+  if (!get_path(env, argv[0], "renameNoReplace", from)) return NULL;
+  if (!get_path(env, argv[1], "renameNoReplace", to)) return NULL;
+  qshm_status s = qshm_rename_noreplace(from, to);
+  if (s.err) {
+    /* Name the path the errno is about. */
+    throw_status(env, "renameNoReplace", s, s.err == EEXIST ? to : from);
+    return NULL;
+  }
+  return NULL;
+}
+
+static napi_value js_set_parent_death_signal(napi_env env, napi_callback_info info) {
+  napi_value argv[MAX_ARGS];
+  double d;
+  if (!get_args(env, info, "setParentDeathSignal(signal)", 1, argv)) return NULL;
+  if (!get_integer(env, argv[0], "setParentDeathSignal", "signal", &d)) return NULL;
+  if (d < 0 || d > SIGRTMAX) {
+    throw_arg(env, "quiver shm setParentDeathSignal: signal must be between 0 and %d, got %g", SIGRTMAX, d);
+    return NULL;
+  }
+  qshm_status s = qshm_set_parent_death_signal((int)d);
+  if (s.err) {
+    throw_status(env, "setParentDeathSignal", s, "(process)");
+    return NULL;
+  }
+  return NULL;
+}
+
+static napi_value js_parent_pid(napi_env env, napi_callback_info info) {
+  napi_value argv[MAX_ARGS];
+  napi_value result;
+  if (!get_args(env, info, "parentPid()", 0, argv)) return NULL;
+  napi_create_int32(env, qshm_parent_pid(), &result);
+  return result;
+}
+
+static napi_value js_set_max_byte_length(napi_env env, napi_callback_info info) {
+  napi_value argv[MAX_ARGS];
+  double d;
+  if (!get_args(env, info, "setMaxByteLength(byteLength)", 1, argv)) return NULL;
+  if (!get_integer(env, argv[0], "setMaxByteLength", "byteLength", &d)) return NULL;
+  if (d < 0 || d > 9007199254740991.0) {
+    throw_arg(env, "quiver shm setMaxByteLength: byteLength must be between 0 and 2^53-1, got %g", d);
+    return NULL;
+  }
+  max_byte_length = (uint64_t)d;
+  return NULL;
+}
+
+static napi_value init(napi_env env, napi_value exports) {
+  napi_property_descriptor props[] = {
+      {"create", NULL, js_create, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"openWritable", NULL, js_open_writable, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"openReadOnly", NULL, js_open_read_only, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"unmap", NULL, js_unmap, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"renameNoReplace", NULL, js_rename_no_replace, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"setParentDeathSignal", NULL, js_set_parent_death_signal, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"parentPid", NULL, js_parent_pid, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"setMaxByteLength", NULL, js_set_max_byte_length, NULL, NULL, NULL, napi_enumerable, NULL},
+  };
+  if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok) return NULL;
+  return exports;
+}
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, init)

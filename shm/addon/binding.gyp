@@ -1,0 +1,10 @@
+{
+  "targets": [
+    {
+      "target_name": "quiver_shm",
+      "sources": ["shm_core.c", "binding.c"],
+      "defines": ["NAPI_VERSION=8", "_GNU_SOURCE"],
+      "cflags_c": ["-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    }
+  ]
+}

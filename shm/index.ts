@@ -1,0 +1,165 @@
+/**
+ * Quiver shared memory: Arrow tables handed between processes through POSIX
+ * shared memory without copying. The only module other folders import.
+ *
+ * A table is written once into one or more segments (files under a cluster
+ * directory such as `/dev/shm/quiver/<clusterId>`), each a complete Arrow IPC
+ * stream; a reader in any process maps them read-only and gets a Table whose
+ * columns are views of the mappings. See ARCHITECTURE.md.
+ */
+import { constants as osConstants } from 'node:os';
+import type { Table } from 'apache-arrow';
+import { type ReadResult, type WriteResult, isViewOf as isViewOfImpl, readTable, unmapAll, writeTable } from './arrow.ts';
+import { ShmArgumentError } from './errors.ts';
+import { native } from './native.ts';
+import { type ShmOptions, checkDir, describe, resolveOptions } from './options.ts';
+import { listPool, poolBytes } from './pool.ts';
+import {
+  type SegmentInfo,
+  type SegmentRef,
+  drainPool as drainPoolImpl,
+  listSegmentFiles,
+  releaseSegmentIds,
+  removeSegmentDir,
+  segmentIds,
+} from './segments.ts';
+
+export type { ReadResult, WriteResult } from './arrow.ts';
+export {
+  ShmAddonError,
+  ShmArgumentError,
+  ShmCorruptSegmentError,
+  ShmError,
+  ShmNoSpaceError,
+  ShmSegmentExistsError,
+  ShmSegmentNotFoundError,
+  ShmSystemError,
+  ShmTooLargeError,
+} from './errors.ts';
+export { DEFAULT_MAX_SEGMENT_BYTES, DEFAULT_POOL_MAX_BYTES, type ShmOptions } from './options.ts';
+export type { SegmentInfo, SegmentRef } from './segments.ts';
+
+/** Options of {@link writeTableToShm}. */
+export interface WriteTableOptions extends ShmOptions {
+  /** Segments are named `${idPrefix}-0`, `${idPrefix}-1`, ...; characters [A-Za-z0-9._-]. */
+  idPrefix: string;
+}
+
+/** Options of {@link readTableFromShm}. */
+export interface ReadTableOptions {
+  /** Directory the segments were written to. */
+  dir: string;
+}
+
+/**
+ * Writes `table` into new segments `${idPrefix}-<n>`, each a complete Arrow
+ * IPC stream of at most `maxSegmentBytes`, reusing pooled files when it can.
+ * Exactly one copy: column buffers straight into the mapped segment. On
+ * failure, the segments this call made are removed.
+ * @throws ShmSegmentExistsError if a segment with one of these ids exists.
+ * @throws ShmTooLargeError if a single row cannot fit in `maxSegmentBytes`.
+ * @throws ShmNoSpaceError if the shared-memory filesystem is full.
+ */
+export function writeTableToShm(table: Table, opts: WriteTableOptions): WriteResult {
+  const resolved = resolveOptions(opts, 'writeTableToShm');
+  return writeTable(table, resolved, opts.idPrefix, 'writeTableToShm');
+}
+
+/**
+ * Maps `segments` read-only and opens them as one Table without copying.
+ * The table is valid while the segments exist and are not reused: release
+ * them only when every reader is done. Writing into its buffers kills the
+ * process with SIGSEGV.
+ * @throws ShmSegmentNotFoundError if a segment does not exist.
+ * @throws ShmCorruptSegmentError if a segment is not the stream its ref describes.
+ */
+export function readTableFromShm(
+  segments: readonly SegmentRef[],
+  opts: ReadTableOptions,
+): ReadResult {
+  const dir = checkDir(opts?.dir, 'readTableFromShm');
+  return readTable(segments, dir, 'readTableFromShm');
+}
+
+/**
+ * True when every non-empty buffer of every column of `table` (values,
+ * offsets, validity, type ids, children, dictionaries) is a view into one of
+ * `mappings`, i.e. nothing was copied.
+ */
+export function isViewOf(table: Table, mappings: readonly ArrayBuffer[]): boolean {
+  return isViewOfImpl(table, mappings);
+}
+
+/**
+ * Unmaps mappings from {@link readTableFromShm} now instead of at garbage
+ * collection. Tables over them must not be used afterwards: their buffers
+ * become empty (detached), which never crashes but reads as missing data.
+ */
+export function unmapSegments(mappings: readonly ArrayBuffer[]): void {
+  if (!Array.isArray(mappings)) throw new ShmArgumentError(`unmapSegments: mappings must be an array, got ${describe(mappings)}`);
+  unmapAll(mappings);
+}
+
+/**
+ * Releases segments: each moves to the pool while the pool stays within
+ * `poolMaxBytes`, else is unlinked. Missing segments are skipped, so
+ * releasing twice is harmless.
+ */
+export function releaseSegments(segments: readonly (string | SegmentRef)[], opts: ShmOptions): void {
+  const resolved = resolveOptions(opts, 'releaseSegments');
+  releaseSegmentIds(segmentIds(segments, 'releaseSegments'), resolved);
+}
+
+/** Segment files in `dir` (the pool excluded), sorted by id; empty if `dir` does not exist. */
+export function listSegments(dir: string): SegmentInfo[] {
+  return listSegmentFiles(dir);
+}
+
+/** Files and bytes waiting in the pool of `dir`. */
+export function poolUsage(dir: string): { segments: number; byteSize: number } {
+  const files = listPool(checkDir(dir, 'poolUsage'));
+  return { segments: files.length, byteSize: poolBytes(files) };
+}
+
+/** Unlinks every pooled segment of `opts.dir`. */
+export function drainPool(opts: Pick<ShmOptions, 'dir'>): void {
+  drainPoolImpl(opts?.dir);
+}
+
+/** Removes the cluster directory: every segment and the pool. Missing is fine. */
+export function removeDir(dir: string): void {
+  removeSegmentDir(dir);
+}
+
+/** Options of {@link setParentDeathSignal}. */
+export interface ParentDeathOptions {
+  /**
+   * Pid the parent had when it spawned us (e.g. passed in an environment
+   * variable). If our parent is already someone else, it died before the
+   * signal was armed, and the signal is sent to ourselves at once.
+   */
+  expectedParentPid?: number;
+}
+
+/**
+ * Asks the kernel to send `signal` to this process when its parent dies
+ * (prctl PR_SET_PDEATHSIG), so a step process dies with its executor.
+ * Linux delivers it when the parent *thread* that spawned us exits: spawn
+ * step processes from the executor's main thread. `0` disarms it.
+ */
+export function setParentDeathSignal(signal: NodeJS.Signals | number, options: ParentDeathOptions = {}): void {
+  const number = typeof signal === 'string' ? (osConstants.signals as Record<string, number>)[signal] : signal;
+  if (number === undefined) {
+    throw new ShmArgumentError(`setParentDeathSignal: unknown signal ${describe(signal)}; use a name like 'SIGKILL' or a number`);
+  }
+  native.setParentDeathSignal(number);
+  const expected = options.expectedParentPid;
+  if (expected !== undefined && number !== 0 && native.parentPid() !== expected) {
+    process.kill(process.pid, number);
+  }
+}
+
+/** getppid(): pid of the parent process (1 or a subreaper once the parent died). */
+export function parentPid(): number {
+  return native.parentPid();
+}

@@ -1,0 +1,79 @@
+/**
+ * The native boundary, declared in one place. The addon (addon/binding.c) is
+ * loaded on first use, so importing `shm/` never fails on a machine where it
+ * has not been built; every call translates addon errors into ShmError
+ * subclasses (errors.ts).
+ */
+import { constants as bufferConstants } from 'node:buffer';
+import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
+import { ShmAddonError, fromNativeError } from './errors.ts';
+
+/** Functions exported by `quiver_shm.node`. All sizes are byte counts. */
+export interface NativeShm {
+  /** Creates `path` exclusively (0600), reserves `byteSize` bytes and maps them read-write. */
+  create(path: string, byteSize: number, populate: boolean): ArrayBuffer;
+  /** Opens an existing `path`, grows it to `byteSize` if smaller, maps `byteSize` bytes read-write. */
+  openWritable(path: string, byteSize: number, populate: boolean): ArrayBuffer;
+  /** Maps the whole of `path` read-only (PROT_READ): writes through it fault with SIGSEGV. */
+  openReadOnly(path: string): ArrayBuffer;
+  /** Detaches `mapping` (it becomes zero-length) and munmaps it now. False if it was already empty. */
+  unmap(mapping: ArrayBuffer): boolean;
+  /** rename(2) that fails with EEXIST instead of replacing `to`. */
+  renameNoReplace(from: string, to: string): void;
+  /** prctl(PR_SET_PDEATHSIG, signal); 0 clears it. */
+  setParentDeathSignal(signal: number): void;
+  /** getppid(). */
+  parentPid(): number;
+  /** Largest mapping the addon will hand to JavaScript. */
+  setMaxByteLength(byteLength: number): void;
+}
+
+/** Largest ArrayBuffer this Node.js allows (4 GiB on Node 20). */
+export const MAX_MAPPING_BYTES: number = bufferConstants.MAX_LENGTH;
+
+const ADDON_PATH = fileURLToPath(new URL('./addon/build/Release/quiver_shm.node', import.meta.url));
+
+let loaded: NativeShm | null = null;
+
+function addon(): NativeShm {
+  if (loaded !== null) return loaded;
+  let module: NativeShm;
+  try {
+    module = createRequire(import.meta.url)(ADDON_PATH) as NativeShm;
+  } catch (cause) {
+    throw new ShmAddonError(
+      `quiver shm: cannot load the native addon at ${ADDON_PATH}; build it with \`npm run build:addon\``,
+      { path: ADDON_PATH, cause },
+    );
+  }
+  module.setMaxByteLength(MAX_MAPPING_BYTES);
+  loaded = module;
+  return module;
+}
+
+function call<T>(fn: (m: NativeShm) => T): T {
+  const m = addon();
+  try {
+    return fn(m);
+  } catch (e) {
+    throw fromNativeError(e);
+  }
+}
+
+/** The addon with errors translated to ShmError subclasses. */
+export const native: NativeShm = {
+  create: (path, byteSize, populate) => call((m) => m.create(path, byteSize, populate)),
+  openWritable: (path, byteSize, populate) => call((m) => m.openWritable(path, byteSize, populate)),
+  openReadOnly: (path) => call((m) => m.openReadOnly(path)),
+  unmap: (mapping) => call((m) => m.unmap(mapping)),
+  renameNoReplace: (from, to) => call((m) => m.renameNoReplace(from, to)),
+  setParentDeathSignal: (signal) => call((m) => m.setParentDeathSignal(signal)),
+  parentPid: () => call((m) => m.parentPid()),
+  setMaxByteLength: (byteLength) => call((m) => m.setMaxByteLength(byteLength)),
+};
+
+/** The addon exactly as loaded, errors untranslated; for tests of the binding itself. */
+export function rawAddon(): NativeShm {
+  return addon();
+}

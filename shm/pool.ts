@@ -1,0 +1,114 @@
+/**
+ * Pool of released segments in `<dir>/pool/`, shared by every process using
+ * `<dir>` with no coordinator. Faulting in fresh tmpfs pages is the dominant
+ * cost of writing a segment, so released files are kept and rewritten.
+ *
+ * A pooled file is named `<byteSize>.<random>`. Claiming one is a rename
+ * without replace (renameat2 RENAME_NOREPLACE) to the new segment's path:
+ * exactly one process can win it, losers get ENOENT and try the next. The cap
+ * is soft: releases racing each other may overshoot it by one segment each.
+ */
+import { randomBytes } from 'node:crypto';
+import { mkdirSync, readdirSync, unlinkSync } from 'node:fs';
+import { join } from 'node:path';
+import { ShmSegmentExistsError, errorCode, fromFsError } from './errors.ts';
+import { native } from './native.ts';
+import { POOL_DIR_NAME } from './options.ts';
+
+const POOLED_NAME = /^(\d+)\.[0-9a-f]+$/;
+
+/** A file waiting in the pool. */
+export interface PooledFile {
+  name: string;
+  byteSize: number;
+}
+
+export function poolDir(dir: string): string {
+  return join(dir, POOL_DIR_NAME);
+}
+
+export function listPool(dir: string): PooledFile[] {
+  let names: string[];
+  try {
+    names = readdirSync(poolDir(dir));
+  } catch (e) {
+    if (errorCode(e) === 'ENOENT') return [];
+    throw fromFsError(e, `quiver shm: cannot list the segment pool ${poolDir(dir)}`);
+  }
+  const files: PooledFile[] = [];
+  for (const name of names) {
+    const match = POOLED_NAME.exec(name);
+    if (match?.[1] !== undefined) files.push({ name, byteSize: Number(match[1]) });
+  }
+  return files;
+}
+
+/** Bytes held by the pool right now. */
+export function poolBytes(files: readonly PooledFile[]): number {
+  return files.reduce((sum, f) => sum + f.byteSize, 0);
+}
+
+/**
+ * Moves a pooled file of at least `byteSize` and at most twice that (the
+ * smallest that fits) to `target`. Returns false when none could be claimed.
+ * @throws ShmSegmentExistsError when `target` already exists.
+ */
+export function claimPooled(dir: string, target: string, byteSize: number): boolean {
+  const candidates = listPool(dir)
+    .filter((f) => f.byteSize >= byteSize && f.byteSize <= 2 * byteSize)
+    .sort((a, b) => a.byteSize - b.byteSize);
+  for (const file of candidates) {
+    try {
+      native.renameNoReplace(join(poolDir(dir), file.name), target);
+      return true;
+    } catch (e) {
+      // Another process claimed this one first.
+      if (errorCode(e) === 'ENOENT') continue;
+      if (e instanceof ShmSegmentExistsError) {
+        throw new ShmSegmentExistsError(
+          `quiver shm: segment ${target} already exists; choose another id (or idPrefix), or release the existing segment first`,
+          { path: target, cause: e },
+        );
+      }
+      throw e;
+    }
+  }
+  return false;
+}
+
+/** Moves the segment at `path` (of `byteSize` bytes) into the pool. False if it was already gone. */
+export function addToPool(dir: string, path: string, byteSize: number): boolean {
+  const pool = poolDir(dir);
+  try {
+    mkdirSync(pool, { recursive: true, mode: 0o700 });
+  } catch (e) {
+    throw fromFsError(e, `quiver shm: cannot create the segment pool ${pool}`);
+  }
+  for (;;) {
+    const name = `${byteSize}.${randomBytes(8).toString('hex')}`;
+    try {
+      native.renameNoReplace(path, join(pool, name));
+      return true;
+    } catch (e) {
+      const code = errorCode(e);
+      if (code === 'ENOENT') return false;
+      // A random name collided; draw another.
+      if (code === 'EEXIST') continue;
+      throw e;
+    }
+  }
+}
+
+/** Unlinks every pooled file. */
+export function drainPoolDir(dir: string): void {
+  for (const file of listPool(dir)) {
+    const path = join(poolDir(dir), file.name);
+    try {
+      unlinkSync(path);
+    } catch (e) {
+      // Claimed or drained by another process meanwhile.
+      if (errorCode(e) === 'ENOENT') continue;
+      throw fromFsError(e, `quiver shm: cannot remove pooled segment ${path}`);
+    }
+  }
+}

@@ -1,0 +1,96 @@
+import assert from 'node:assert/strict';
+import { describe, it } from 'node:test';
+import { createActor } from 'xstate';
+import { createRunMachine, runStateOf, stepStatesOf } from '../orchestrator/index.ts';
+import type { Plan, TableDescriptor } from '../schemas/index.ts';
+
+const runId = '01JD0000000000000000000000';
+const diamond: Plan = {
+  pipeline: 'diamond',
+  steps: [
+    { name: 'a', inputs: [] },
+    { name: 'b', inputs: [{ param: 'x', step: 'a' }] },
+    { name: 'c', inputs: [{ param: 'x', step: 'a' }] },
+    { name: 'd', inputs: [{ param: 'x', step: 'b' }, { param: 'y', step: 'c' }] },
+  ],
+};
+const output = (rows: number): TableDescriptor => ({ kind: 'shm', hostId: 'h', segments: [{ id: `${runId}.x.1-0`, byteSize: 64 }], byteSize: 64, rows, schema: [] });
+const started = (step: string, at = 1) => ({ type: 'step.started' as const, runId, step, attempt: 1, executorId: 'e', hostId: 'h', at });
+const succeeded = (step: string, at = 2) => ({
+  type: 'step.succeeded' as const,
+  runId,
+  step,
+  attempt: 1,
+  executorId: 'e',
+  output: output(3),
+  transport: 'shm' as const,
+  inputCopiedBytes: 0,
+  outputCopiedBytes: 64,
+  startedAt: 1,
+  at,
+});
+const failed = (step: string) => ({ type: 'step.failed' as const, runId, step, attempt: 1, executorId: 'e', error: { name: 'Error', message: 'boom' }, at: 3 });
+
+describe('run machine', () => {
+  it('makes children ready only when all their parents succeeded', () => {
+    const actor = createActor(createRunMachine(diamond), { input: { runId } }).start();
+    assert.deepEqual(stepStatesOf(actor.getSnapshot()), { a: 'ready', b: 'waiting', c: 'waiting', d: 'waiting' });
+    actor.send(started('a'));
+    assert.equal(stepStatesOf(actor.getSnapshot()).a, 'running');
+    actor.send(succeeded('a'));
+    assert.deepEqual(stepStatesOf(actor.getSnapshot()), { a: 'succeeded', b: 'ready', c: 'ready', d: 'waiting' });
+    actor.send(succeeded('b'));
+    assert.equal(stepStatesOf(actor.getSnapshot()).d, 'waiting');
+    actor.send(succeeded('c'));
+    assert.equal(stepStatesOf(actor.getSnapshot()).d, 'ready');
+    actor.send(succeeded('d'));
+    assert.equal(runStateOf(actor.getSnapshot()), 'succeeded');
+    assert.equal(actor.getSnapshot().context.steps.d!.copiedBytes, 64);
+  });
+
+  it('skips the descendants of a failed step and fails the run once everything settled', () => {
+    const actor = createActor(createRunMachine(diamond), { input: { runId } }).start();
+    actor.send(succeeded('a'));
+    actor.send(failed('b'));
+    assert.equal(stepStatesOf(actor.getSnapshot()).d, 'skipped');
+    // c is still running: the run is not over yet.
+    assert.equal(runStateOf(actor.getSnapshot()), 'running');
+    actor.send(succeeded('c'));
+    assert.equal(runStateOf(actor.getSnapshot()), 'failed');
+    assert.equal(actor.getSnapshot().context.steps.b!.error!.message, 'boom');
+  });
+
+  it('ignores repeated and stray events', () => {
+    const actor = createActor(createRunMachine(diamond), { input: { runId } }).start();
+    actor.send(succeeded('b')); // b is waiting: not for it yet
+    assert.equal(stepStatesOf(actor.getSnapshot()).b, 'waiting');
+    actor.send(succeeded('a'));
+    actor.send(failed('a')); // a redelivered completion cannot undo success
+    assert.equal(stepStatesOf(actor.getSnapshot()).a, 'succeeded');
+  });
+
+  it('cancels every unfinished step', () => {
+    const actor = createActor(createRunMachine(diamond), { input: { runId } }).start();
+    actor.send(succeeded('a'));
+    actor.send(started('b'));
+    actor.send({ type: 'run.cancel', runId, reason: 'user' });
+    assert.deepEqual(stepStatesOf(actor.getSnapshot()), { a: 'succeeded', b: 'cancelled', c: 'cancelled', d: 'cancelled' });
+    assert.equal(runStateOf(actor.getSnapshot()), 'cancelled');
+    assert.equal(actor.getSnapshot().context.cancelReason, 'user');
+  });
+
+  it('resumes from a persisted snapshot as if it had never stopped', () => {
+    const machine = createRunMachine(diamond);
+    const first = createActor(machine, { input: { runId } }).start();
+    first.send(succeeded('a'));
+    first.send(started('b'));
+    const persisted = JSON.parse(JSON.stringify(first.getPersistedSnapshot()));
+    first.stop();
+    const resumed = createActor(createRunMachine(diamond), { snapshot: persisted, input: { runId } }).start();
+    assert.deepEqual(stepStatesOf(resumed.getSnapshot()), { a: 'succeeded', b: 'running', c: 'ready', d: 'waiting' });
+    resumed.send(succeeded('b'));
+    resumed.send(succeeded('c'));
+    resumed.send(succeeded('d'));
+    assert.equal(runStateOf(resumed.getSnapshot()), 'succeeded');
+  });
+});
