@@ -1,11 +1,9 @@
-import { fixture, runFile, withCluster, stepOf } from './test/helpers.ts';
-import { consoleLogger } from './schemas/index.ts';
+import { fixture, runFile, withCluster } from './test/helpers.ts';
 await withCluster(async (cluster, home) => {
-  for (const f of ['zero-copy.ts', 'failing.ts', 'not-a-table.ts']) {
+  for (let i = 0; i < 3; i++) {
     const t0 = Date.now();
-    const r = await runFile(cluster, home, fixture(f), { release: false });
-    console.log(f, r.view.state, Date.now() - t0, 'ms', JSON.stringify(r.view.steps.map(s => [s.name, s.state, s.rows, s.bytes, s.copiedBytes, s.error?.message])), r.logs);
-    const out = r.view.steps.find(s => s.name === 'child')?.output;
-    if (out) console.log(cluster.client.openOutput(out).table.toString());
+    const r = await runFile(cluster, home, fixture('chain.tmp.ts'));
+    console.log(r.view.state, Date.now() - t0, 'ms', r.view.steps.map(s => `${s.name}:${(s.finishedAt! - s.startedAt!)}`).join(' '),
+      'gaps', r.view.steps.slice(1).map((s, j) => s.startedAt! - r.view.steps[j]!.finishedAt!).join(' '));
   }
-}, { logger: consoleLogger('dbg') });
+});

@@ -65,13 +65,17 @@ export function stepProcesses(clusterId: string): { pid: number; runId: string; 
     if (!/^\d+$/.test(entry)) continue;
     let argv: string[];
     try {
-      argv = readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0');
+      // A step process rewrites its title (spaces) once it has a job; until then its argv has placeholders.
+      argv = readFileSync(`/proc/${entry}/cmdline`, 'utf8').split(/[\0 ]+/);
     } catch {
       continue;
     }
     const at = argv.indexOf(STEP_PROCESS_MARKER);
     if (at < 0 || argv[at + 1] !== clusterId) continue;
-    found.push({ pid: Number(entry), runId: argv[at + 2] ?? '', step: argv[at + 3] ?? '' });
+    const runId = argv[at + 2] ?? '';
+    // A spare (no job yet) belongs to a live executor and dies with it.
+    if (/^-+$/.test(runId)) continue;
+    found.push({ pid: Number(entry), runId, step: argv[at + 3] ?? '' });
   }
   return found;
 }

@@ -4,7 +4,7 @@
  */
 import { Table } from 'apache-arrow';
 import { isViewOf, parentPid, readTableFromShm, setParentDeathSignal, writeTableToShm } from '../shm/index.ts';
-import type { RunnerJob, RunnerReply } from './protocol.ts';
+import { STEP_PROCESS_MARKER, type RunnerJob, type RunnerReply } from './protocol.ts';
 
 const expectedParent = Number(process.env.QUIVER_EXECUTOR_PID);
 // Die with the executor, even when it is SIGKILLed: no orphaned step keeps running.
@@ -111,6 +111,9 @@ async function runJob(job: RunnerJob): Promise<RunnerReply> {
 }
 
 process.once('message', (job: RunnerJob) => {
+  // gc finds step processes of dead runs by this title (`quiver-step <cluster> <run> <step>`).
+  const cluster = process.argv[process.argv.indexOf(STEP_PROCESS_MARKER) + 1];
+  process.title = `${STEP_PROCESS_MARKER} ${cluster} ${job.runId} ${job.step}`;
   runJob(job)
     .catch(serializeError)
     .then(reply)

@@ -26,7 +26,7 @@ import {
 } from 'apache-arrow';
 import { ShmArgumentError, ShmCorruptSegmentError, ShmError, ShmTooLargeError } from './errors.ts';
 import { native } from './native.ts';
-import { type ResolvedShmOptions, checkId } from './options.ts';
+import { type ResolvedShmOptions, checkId, describe } from './options.ts';
 import { type SegmentRef, acquireSegment, ensureDir, segmentPath, unlinkIfPresent } from './segments.ts';
 
 /** Continuation marker (0xFFFFFFFF) and a zero length: the end-of-stream the writer appends on close. */
@@ -153,6 +153,9 @@ export interface WriteResult {
 export function writeTable(table: Table, opts: ResolvedShmOptions, idPrefix: string, where: string): WriteResult {
   if (!(table instanceof Table)) {
     throw new ShmArgumentError(`${where}: table must be an apache-arrow Table (from this process's apache-arrow module)`);
+  }
+  if (typeof idPrefix !== 'string' || idPrefix.length === 0) {
+    throw new ShmArgumentError(`${where}: idPrefix must be a non-empty string of [A-Za-z0-9._-], got ${describe(idPrefix)}`);
   }
   checkId(`${idPrefix}-0`, where, 'idPrefix + "-<n>"');
   const plans = planSegments(table, opts.maxSegmentBytes, where);

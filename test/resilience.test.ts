@@ -109,9 +109,11 @@ describe('daemons against an existing NATS', () => {
     const pid = Number(running.executorId!.split('.').at(-2));
     const victim = executors.find((e) => e.pid === pid);
     assert.ok(victim, `executor ${running.executorId} is one of ours`);
+    const [orphan] = stepProcesses(client.topology.clusterId).filter((p) => p.runId === handle.id && p.step === 'slow');
+    assert.ok(orphan, 'the slow step runs in a process of its own');
     victim.kill('SIGKILL');
     // Its step process dies with it (parent-death signal), not left running.
-    await waitFor('the orphaned step process to die', () => !stepProcesses(client.topology.clusterId).some((p) => p.runId === handle.id && p.step === 'slow' && countMarks(file).slow === 1));
+    await waitFor('the orphaned step process to die', () => !existsSync(`/proc/${orphan.pid}`));
 
     const view = await handle.result();
     assert.equal(view.state, 'succeeded', JSON.stringify(view.steps.map((s) => [s.name, s.state, s.error?.message])));

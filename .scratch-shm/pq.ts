@@ -1,0 +1,11 @@
+import { readParquet, writeParquet, Table as WasmTable, WriterPropertiesBuilder, Compression } from 'parquet-wasm';
+import { tableToIPC, tableFromIPC } from 'apache-arrow';
+import { generateTransactions } from '../examples/transactions/data.ts';
+const t = generateTransactions(1_000_000);
+let s = performance.now();
+const props = new WriterPropertiesBuilder().setCompression(Compression.SNAPPY).setMaxRowGroupSize(1_000_000).build();
+const bytes = writeParquet(WasmTable.fromIPCStream(tableToIPC(t, 'stream')), props);
+console.log('write', performance.now() - s, bytes.length);
+s = performance.now();
+const back = tableFromIPC(readParquet(bytes, { batchSize: 1_000_000 }).intoIPCStream());
+console.log('read', performance.now() - s, back.numRows, back.batches.length, back.schema.fields.map(f => `${f.name}:${f.type}`));

@@ -1,0 +1,292 @@
+/**
+ * Handoff benchmark: how long a fresh child process takes to get its
+ * parent's table, by three routes side by side:
+ *
+ *   shm      map the parent's shared-memory segments and open them as a Table (Quiver's route)
+ *   ipc      read an Arrow IPC file from disk and open it
+ *   parquet  read a Parquet file (snappy, 1M-row row groups) with parquet-wasm, batchSize 1M
+ *
+ * Each measurement runs in a new child process. Modules are imported before
+ * the clock starts; the child reports the time to a usable Table and the time
+ * to then sum the `usd` column (checked against the parent's sum, so the data
+ * is real). Files are read from a warm page cache, which favours ipc and parquet.
+ * Also reports the parent's write side: writeTableToShm into fresh segments vs
+ * into segments reused from the pool.
+ *
+ * Run: npm run bench:handoff [-- --rows 1000000,10000000 --reps 5]
+ */
+import { spawn } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { type Table, tableFromIPC, tableToIPC } from 'apache-arrow';
+import { Compression, Table as WasmTable, WriterPropertiesBuilder, readParquet, writeParquet } from 'parquet-wasm';
+import { generateTransactions } from '../examples/transactions/data.ts';
+import {
+  type SegmentRef,
+  drainPool,
+  readTableFromShm,
+  releaseSegments,
+  removeDir,
+  writeTableToShm,
+} from '../shm/index.ts';
+
+const BENCH_FILE = fileURLToPath(import.meta.url);
+const CHILD_FLAG = '--child';
+const PARQUET_BATCH_ROWS = 1_000_000;
+/** Big enough that every released segment of the bench is pooled. */
+const BENCH_POOL_MAX_BYTES = 16 * 1024 ** 3;
+
+type Route = 'shm' | 'ipc' | 'parquet';
+const ROUTES: readonly Route[] = ['shm', 'ipc', 'parquet'];
+const ROUTE_LABEL: Record<Route, string> = {
+  shm: 'shm (Quiver)',
+  ipc: 'Arrow IPC file',
+  parquet: 'Parquet (parquet-wasm)',
+};
+
+interface ChildJob {
+  route: Route;
+  /** shm: segment directory; ipc, parquet: file path. */
+  location: string;
+  segments: SegmentRef[];
+}
+
+interface ChildReport {
+  tableSeconds: number;
+  sumSeconds: number;
+  rows: number;
+  sum: number;
+}
+
+function sumUsd(table: Table): number {
+  let sum = 0;
+  for (const data of table.getChild('usd')?.data ?? []) {
+    const values = data.values as Float64Array;
+    for (let i = data.offset, end = data.offset + data.length; i < end; i++) sum += values[i] as number;
+  }
+  return sum;
+}
+
+/** In the child: get the table by one route, then sum a column. Prints one JSON line. */
+function runChild(job: ChildJob): void {
+  const start = performance.now();
+  let table: Table;
+  switch (job.route) {
+    case 'shm':
+      table = readTableFromShm(job.segments, { dir: job.location }).table;
+      break;
+    case 'ipc':
+      table = tableFromIPC(readFileSync(job.location));
+      break;
+    case 'parquet':
+      table = tableFromIPC(readParquet(readFileSync(job.location), { batchSize: PARQUET_BATCH_ROWS }).intoIPCStream());
+      break;
+  }
+  const opened = performance.now();
+  const sum = sumUsd(table);
+  const summed = performance.now();
+  const report: ChildReport = {
+    tableSeconds: (opened - start) / 1000,
+    sumSeconds: (summed - start) / 1000,
+    rows: table.numRows,
+    sum,
+  };
+  console.log(JSON.stringify(report));
+}
+
+function spawnChild(job: ChildJob): Promise<ChildReport> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, ['--import', 'tsx', BENCH_FILE, CHILD_FLAG, JSON.stringify(job)], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    child.on('error', reject);
+    child.on('close', (code, signal) => {
+      if (code !== 0) {
+        reject(new Error(`${job.route} child failed (code ${code}, signal ${signal}): ${stderr.trim()}`));
+        return;
+      }
+      resolve(JSON.parse(stdout.trim().split('\n').pop() ?? '') as ChildReport);
+    });
+  });
+}
+
+function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = Math.floor(sorted.length / 2);
+  return sorted.length % 2 === 1 ? (sorted[mid] as number) : ((sorted[mid - 1] as number) + (sorted[mid] as number)) / 2;
+}
+
+function seconds(fn: () => void): number {
+  const start = performance.now();
+  fn();
+  return (performance.now() - start) / 1000;
+}
+
+function parseArgs(argv: string[]): { rows: number[]; reps: number } {
+  let rows = [1_000_000, 10_000_000];
+  let reps = 5;
+  for (let i = 0; i < argv.length; i++) {
+    const value = argv[i + 1];
+    if (argv[i] === '--rows' && value !== undefined) {
+      rows = value.split(',').map((s) => Number(s.replaceAll('_', '')));
+      i++;
+    } else if (argv[i] === '--reps' && value !== undefined) {
+      reps = Number(value);
+      i++;
+    } else {
+      throw new Error(`unknown argument ${argv[i]}; usage: bench/handoff.ts [--rows 1000000,10000000] [--reps 5]`);
+    }
+  }
+  if (!rows.every((n) => Number.isSafeInteger(n) && n > 0) || !Number.isSafeInteger(reps) || reps < 1) {
+    throw new Error('--rows takes positive integers separated by commas, --reps a positive integer');
+  }
+  return { rows, reps };
+}
+
+function pad(cells: string[], widths: number[]): string {
+  return cells.map((c, i) => (i === 0 ? c.padEnd(widths[i] as number) : c.padStart(widths[i] as number))).join('  ');
+}
+
+function printTable(header: string[], rows: string[][]): void {
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
+  console.log(pad(header, widths));
+  console.log(widths.map((w) => '-'.repeat(w)).join('  '));
+  for (const row of rows) console.log(pad(row, widths));
+}
+
+const fmtSeconds = (s: number) => s.toFixed(s < 0.01 ? 5 : s < 1 ? 4 : 3);
+const fmtRatio = (r: number) => `${r >= 100 ? r.toFixed(0) : r.toFixed(1)}x`;
+const fmtRows = (n: number) => n.toLocaleString('en-US');
+const fmtMiB = (bytes: number) => `${(bytes / 1024 ** 2).toFixed(1)} MiB`;
+
+async function main(): Promise<void> {
+  const { rows: sizes, reps } = parseArgs(process.argv.slice(2));
+  const shmDir = `/dev/shm/quiver-bench-${process.pid}`;
+  const fileDir = mkdtempSync(join(tmpdir(), 'quiver-bench-'));
+  const shmOpts = { dir: shmDir, poolMaxBytes: BENCH_POOL_MAX_BYTES };
+  const readRows: string[][] = [];
+  const writeRows: string[][] = [];
+  console.log(`Handoff benchmark: ${reps} repetitions per cell, medians; files in ${fileDir} (warm page cache), segments in ${shmDir}\n`);
+  try {
+    for (const rows of sizes) {
+      process.stdout.write(`${fmtRows(rows)} rows: generating...`);
+      const table = generateTransactions(rows);
+      const expectedSum = sumUsd(table);
+
+      process.stdout.write(' writing...');
+      let ipcBytes = 0;
+      let parquetBytes = 0;
+      const ipcPath = join(fileDir, `transactions-${rows}.arrow`);
+      const parquetPath = join(fileDir, `transactions-${rows}.parquet`);
+      const ipcWrite = seconds(() => {
+        const bytes = tableToIPC(table, 'file');
+        ipcBytes = bytes.byteLength;
+        writeFileSync(ipcPath, bytes);
+      });
+      const parquetWrite = seconds(() => {
+        const props = new WriterPropertiesBuilder()
+          .setCompression(Compression.SNAPPY)
+          .setMaxRowGroupSize(PARQUET_BATCH_ROWS)
+          .build();
+        const bytes = writeParquet(WasmTable.fromIPCStream(tableToIPC(table, 'stream')), props);
+        parquetBytes = bytes.byteLength;
+        writeFileSync(parquetPath, bytes);
+      });
+
+      // Write side of shm: fresh segments (empty pool) vs segments reused from the pool.
+      const fresh: number[] = [];
+      const pooled: number[] = [];
+      let shmBytes = 0;
+      let previous: SegmentRef[] = [];
+      for (let rep = 0; rep < reps; rep++) {
+        releaseSegments(previous, { dir: shmDir, poolMaxBytes: 0 });
+        drainPool(shmOpts);
+        let written = writeTableToShm(table, { ...shmOpts, idPrefix: `fresh-${rows}-${rep}` });
+        fresh.push(seconds(() => undefined) + 0);
+        releaseSegments(written.segments, { dir: shmDir, poolMaxBytes: 0 });
+        drainPool(shmOpts);
+        fresh[rep] = seconds(() => {
+          written = writeTableToShm(table, { ...shmOpts, idPrefix: `fresh2-${rows}-${rep}` });
+        });
+        if (written.reusedSegments !== 0) throw new Error('a fresh write reused pooled segments');
+        releaseSegments(written.segments, shmOpts);
+        pooled.push(
+          seconds(() => {
+            written = writeTableToShm(table, { ...shmOpts, idPrefix: `pooled-${rows}-${rep}` });
+          }),
+        );
+        if (written.reusedSegments !== written.segments.length) throw new Error('a pooled write created fresh segments');
+        shmBytes = written.byteSize;
+        previous = written.segments;
+      }
+      const handoff = previous;
+      // The parent can read its own segments back (sanity check before timing children).
+      if (sumUsd(readTableFromShm(handoff, { dir: shmDir }).table) !== expectedSum) throw new Error('shm round trip differs');
+
+      writeRows.push([
+        fmtRows(rows),
+        fmtMiB(shmBytes),
+        fmtSeconds(median(fresh)),
+        fmtSeconds(median(pooled)),
+        fmtRatio(median(fresh) / median(pooled)),
+        `${fmtSeconds(ipcWrite)} (${fmtMiB(ipcBytes)})`,
+        `${fmtSeconds(parquetWrite)} (${fmtMiB(parquetBytes)})`,
+      ]);
+
+      process.stdout.write(' reading in children...');
+      const results = new Map<Route, ChildReport[]>(ROUTES.map((r) => [r, []]));
+      // Interleave routes so drift (thermal, page cache) hits all of them alike.
+      for (let rep = 0; rep < reps; rep++) {
+        for (const route of ROUTES) {
+          const location = route === 'shm' ? shmDir : route === 'ipc' ? ipcPath : parquetPath;
+          const report = await spawnChild({ route, location, segments: route === 'shm' ? handoff : [] });
+          if (report.rows !== rows || report.sum !== expectedSum) {
+            throw new Error(`${route} child saw ${report.rows} rows summing to ${report.sum}; expected ${rows} and ${expectedSum}`);
+          }
+          results.get(route)?.push(report);
+        }
+      }
+      const shmTable = median((results.get('shm') ?? []).map((r) => r.tableSeconds));
+      const shmSum = median((results.get('shm') ?? []).map((r) => r.sumSeconds));
+      for (const route of ROUTES) {
+        const reports = results.get(route) ?? [];
+        const table = median(reports.map((r) => r.tableSeconds));
+        const sum = median(reports.map((r) => r.sumSeconds));
+        readRows.push([
+          fmtRows(rows),
+          ROUTE_LABEL[route],
+          fmtSeconds(table),
+          fmtRatio(table / shmTable),
+          fmtSeconds(sum),
+          fmtRatio(sum / shmSum),
+        ]);
+      }
+      releaseSegments(handoff, { dir: shmDir, poolMaxBytes: 0 });
+      drainPool(shmOpts);
+      process.stdout.write(' done\n');
+    }
+  } finally {
+    removeDir(shmDir);
+    rmSync(fileDir, { recursive: true, force: true });
+  }
+
+  console.log('\nRead side: time in a fresh child process to get a usable arrow Table, then also to sum `usd`');
+  printTable(['rows', 'route', 'table (s)', 'vs shm', 'table + sum (s)', 'vs shm'], readRows);
+  console.log('\nWrite side (parent): writeTableToShm into fresh segments vs segments reused from the pool');
+  printTable(
+    ['rows', 'IPC bytes', 'shm fresh (s)', 'shm pooled (s)', 'pool speedup', 'IPC file write (s)', 'Parquet write (s)'],
+    writeRows,
+  );
+}
+
+if (process.argv[2] === CHILD_FLAG) {
+  runChild(JSON.parse(process.argv[3] ?? '{}') as ChildJob);
+} else {
+  await main();
+}
