@@ -26,6 +26,7 @@ import { generateTransactions } from '../examples/transactions/data.ts';
 import {
   type SegmentRef,
   drainPool,
+  parentPid,
   readTableFromShm,
   releaseSegments,
   removeDir,
@@ -35,6 +36,8 @@ import {
 const BENCH_FILE = fileURLToPath(import.meta.url);
 const CHILD_FLAG = '--child';
 const PARQUET_BATCH_ROWS = 1_000_000;
+/** Pause in the child between imports and the clock, the same for every route. */
+const CHILD_SETTLE_MS = 200;
 /** Big enough that every released segment of the bench is pooled. */
 const BENCH_POOL_MAX_BYTES = 16 * 1024 ** 3;
 
@@ -122,10 +125,10 @@ function median(values: number[]): number {
   return sorted.length % 2 === 1 ? (sorted[mid] as number) : ((sorted[mid - 1] as number) + (sorted[mid] as number)) / 2;
 }
 
-function seconds(fn: () => void): number {
+function timed<T>(fn: () => T): { value: T; seconds: number } {
   const start = performance.now();
-  fn();
-  return (performance.now() - start) / 1000;
+  const value = fn();
+  return { value, seconds: (performance.now() - start) / 1000 };
 }
 
 function parseArgs(argv: string[]): { rows: number[]; reps: number } {
@@ -184,12 +187,12 @@ async function main(): Promise<void> {
       let parquetBytes = 0;
       const ipcPath = join(fileDir, `transactions-${rows}.arrow`);
       const parquetPath = join(fileDir, `transactions-${rows}.parquet`);
-      const ipcWrite = seconds(() => {
+      const ipcWrite = timed(() => {
         const bytes = tableToIPC(table, 'file');
         ipcBytes = bytes.byteLength;
         writeFileSync(ipcPath, bytes);
-      });
-      const parquetWrite = seconds(() => {
+      }).seconds;
+      const parquetWrite = timed(() => {
         const props = new WriterPropertiesBuilder()
           .setCompression(Compression.SNAPPY)
           .setMaxRowGroupSize(PARQUET_BATCH_ROWS)
@@ -197,7 +200,7 @@ async function main(): Promise<void> {
         const bytes = writeParquet(WasmTable.fromIPCStream(tableToIPC(table, 'stream')), props);
         parquetBytes = bytes.byteLength;
         writeFileSync(parquetPath, bytes);
-      });
+      }).seconds;
 
       // Write side of shm: fresh segments (empty pool) vs segments reused from the pool.
       const fresh: number[] = [];
@@ -207,23 +210,15 @@ async function main(): Promise<void> {
       for (let rep = 0; rep < reps; rep++) {
         releaseSegments(previous, { dir: shmDir, poolMaxBytes: 0 });
         drainPool(shmOpts);
-        let written = writeTableToShm(table, { ...shmOpts, idPrefix: `fresh-${rows}-${rep}` });
-        fresh.push(seconds(() => undefined) + 0);
-        releaseSegments(written.segments, { dir: shmDir, poolMaxBytes: 0 });
-        drainPool(shmOpts);
-        fresh[rep] = seconds(() => {
-          written = writeTableToShm(table, { ...shmOpts, idPrefix: `fresh2-${rows}-${rep}` });
-        });
-        if (written.reusedSegments !== 0) throw new Error('a fresh write reused pooled segments');
-        releaseSegments(written.segments, shmOpts);
-        pooled.push(
-          seconds(() => {
-            written = writeTableToShm(table, { ...shmOpts, idPrefix: `pooled-${rows}-${rep}` });
-          }),
-        );
-        if (written.reusedSegments !== written.segments.length) throw new Error('a pooled write created fresh segments');
-        shmBytes = written.byteSize;
-        previous = written.segments;
+        const first = timed(() => writeTableToShm(table, { ...shmOpts, idPrefix: `fresh-${rows}-${rep}` }));
+        if (first.value.reusedSegments !== 0) throw new Error('a fresh write reused pooled segments');
+        fresh.push(first.seconds);
+        releaseSegments(first.value.segments, shmOpts);
+        const again = timed(() => writeTableToShm(table, { ...shmOpts, idPrefix: `pooled-${rows}-${rep}` }));
+        if (again.value.reusedSegments !== again.value.segments.length) throw new Error('a pooled write created fresh segments');
+        pooled.push(again.seconds);
+        shmBytes = again.value.byteSize;
+        previous = again.value.segments;
       }
       const handoff = previous;
       // The parent can read its own segments back (sanity check before timing children).
@@ -286,6 +281,9 @@ async function main(): Promise<void> {
 }
 
 if (process.argv[2] === CHILD_FLAG) {
+  // Load the addon like the other imports, then let startup's background work (compilation, GC) settle.
+  parentPid();
+  await new Promise((resolve) => setTimeout(resolve, CHILD_SETTLE_MS));
   runChild(JSON.parse(process.argv[3] ?? '{}') as ChildJob);
 } else {
   await main();

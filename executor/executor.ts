@@ -31,7 +31,7 @@ import {
   type Topology,
   type TopologyOptions,
 } from '../schemas/index.ts';
-import { releaseSegments } from '../shm/index.ts';
+import { drainPool, releaseSegments } from '../shm/index.ts';
 import { buildRunner } from './build-runner.ts';
 import { collectGarbage } from './gc.ts';
 import { STEP_PROCESS_MARKER, type RunnerJob, type RunnerReply } from './protocol.ts';
@@ -115,7 +115,11 @@ export class Executor {
     return executor;
   }
 
-  /** Stops pulling; steps still running are killed and left unacked, so JetStream hands them to another executor. */
+  /**
+   * Stops pulling; steps still running are killed and left unacked, so JetStream hands them to
+   * another executor. The pool of released segments is emptied: a stopped executor leaves no
+   * idle shared memory behind (a live one on the same host only loses its reuse).
+   */
   async stop(): Promise<void> {
     this.stopped = true;
     if (this.gcTimer) clearInterval(this.gcTimer);
@@ -123,6 +127,7 @@ export class Executor {
     for (const steps of this.running.values()) for (const s of steps) this.kill(s, 'the executor is stopping');
     for (const spare of this.spares.splice(0)) spare.kill('SIGKILL');
     await Promise.all(this.loops);
+    drainPool({ dir: this.shmDir });
   }
 
   /** Removes segments and step processes of runs that are no longer alive. */

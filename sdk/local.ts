@@ -6,7 +6,7 @@ import { Executor, type ExecutorOptions } from '../executor/index.ts';
 import { startNatsServer, type NatsServer } from '../infra/index.ts';
 import { Orchestrator } from '../orchestrator/index.ts';
 import { quiverHome, silentLogger, type Logger, type TopologyOptions } from '../schemas/index.ts';
-import { drainPool, removeDir } from '../shm/index.ts';
+import { removeDir } from '../shm/index.ts';
 import { QuiverClient } from './client.ts';
 
 /** Options for {@link startLocalCluster}. */
@@ -54,7 +54,6 @@ export async function startLocalCluster(options: LocalClusterOptions = {}): Prom
         await executor.stop();
         await orchestrator.stop();
         await Promise.all(connections.map((c) => c.close()));
-        drainPool({ dir: executor.shmDir });
         removeDir(executor.shmDir);
         await server.stop();
       },

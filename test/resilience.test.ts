@@ -74,6 +74,7 @@ describe('daemons against an existing NATS', () => {
     assert.equal(orchestrator.exitCode, null);
     assert.equal(executor.exitCode, null);
     await handle.release();
+    await waitFor('every segment of the run to be released', () => listSegments(shmDir()).length === 0);
   });
 
   it('resumes a run after the orchestrator is killed mid-step, running no step twice', async () => {
@@ -122,5 +123,6 @@ describe('daemons against an existing NATS', () => {
     assert.notEqual(slow.executorId, running.executorId);
     assert.equal(countMarks(file).slow, 2);
     await handle.release();
+    await waitFor('every segment of the run to be released', () => listSegments(shmDir()).length === 0);
   });
 });

@@ -1,0 +1,12 @@
+import { RecordBatchReader, Table } from 'apache-arrow';
+import { native } from '../shm/native.ts';
+const segs = JSON.parse(process.argv[2]);
+native.parentPid();
+let s = performance.now();
+const t = (l: string) => { const n = performance.now(); console.log(l, (n - s).toFixed(2)); s = n; };
+const ab = native.openReadOnly('/dev/shm/qrd/' + segs[0].id); t('map');
+const bytes = new Uint8Array(ab, 0, segs[0].byteSize);
+const reader = RecordBatchReader.from(bytes); t('from');
+reader.open(); t('open');
+const batches = reader.readAll(); t('readAll ' + batches.length);
+const table = new Table(reader.schema, batches); t('table');
