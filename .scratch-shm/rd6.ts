@@ -1,0 +1,12 @@
+import { native } from '../shm/native.ts';
+import { RecordBatchReader, Table } from 'apache-arrow';
+native.parentPid();
+await new Promise((r) => setTimeout(r, 200));
+const segs = JSON.parse(process.argv[2]);
+let s = performance.now(); const out: string[] = [];
+const t = (l: string) => { const n = performance.now(); out.push(`${l} ${(n - s).toFixed(2)}`); s = n; };
+const ab = native.openReadOnly('/dev/shm/qrd/' + segs[0].id); t('map');
+const reader = RecordBatchReader.from(new Uint8Array(ab, 0, segs[0].byteSize)); reader.open(); t('open');
+const batches = reader.readAll(); t('readAll');
+new Table(reader.schema, batches); t('table');
+console.log(out.join('  '));

@@ -1,0 +1,94 @@
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { existsSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, it } from 'node:test';
+import { tableFromArrays } from 'apache-arrow';
+import { jetstream } from '@nats-io/jetstream';
+import { ulid } from 'ulid';
+import { stepProcesses } from '../executor/index.ts';
+import { encode, stepReady, subjects } from '../schemas/index.ts';
+import { loadPipeline } from '../sdk/index.ts';
+import { listSegments, writeTableToShm } from '../shm/index.ts';
+import { EUROPEAN_COUNTRIES, generateTransactions } from '../examples/transactions/data.ts';
+import { fixture, repoRoot, runFile, stepOf, waitFor, withCluster } from './helpers.ts';
+
+describe('run lifecycle', () => {
+  it('cancels a run mid-step: the step process is killed, the rest cancelled, nothing left in shared memory', async () => {
+    await withCluster(async (cluster, home) => {
+      const marks = join(home, 'cancel.marks');
+      const loaded = await loadPipeline(fixture('slow.ts'));
+      const handle = await cluster.client.run(loaded, { params: { sleepMs: '30000', marks } });
+      await waitFor('the slow step to start', () => existsSync(marks) && readFileSync(marks, 'utf8').includes('slow'));
+      const [process] = stepProcesses(cluster.client.topology.clusterId).filter((p) => p.runId === handle.id);
+      assert.ok(process, 'the slow step has a process');
+      await handle.cancel('the user changed their mind');
+      const view = await handle.result();
+      assert.equal(view.state, 'cancelled');
+      assert.deepEqual(
+        view.steps.map((s) => [s.name, s.state]),
+        [
+          ['first', 'succeeded'],
+          ['slow', 'cancelled'],
+          ['last', 'cancelled'],
+        ],
+      );
+      await waitFor('the step process to be killed', () => !existsSync(`/proc/${process.pid}`));
+      await handle.release();
+      await waitFor('the run segments to be released', () => listSegments(cluster.executor.shmDir).length === 0);
+    });
+  });
+
+  it('splits an output larger than the segment limit across segments and reads it back whole', async () => {
+    await withCluster(
+      async (cluster, home) => {
+        const rows = 100_000;
+        const { view } = await runFile(cluster, home, `${repoRoot}/examples/transactions/pipeline.ts`, { params: { rows: String(rows) }, release: false });
+        assert.equal(view.state, 'succeeded');
+        const transactions = stepOf(view, 'transactions');
+        assert.ok(transactions.output!.segments.length >= 2, `${transactions.output!.segments.length} segment(s)`);
+        assert.ok(transactions.output!.segments.every((s) => s.byteSize <= 1 << 20));
+        const european = new Set(EUROPEAN_COUNTRIES);
+        const expected = [...generateTransactions(rows)].filter((r) => european.has(String(r.country))).length;
+        assert.equal(stepOf(view, 'euro_selection').rows, expected);
+        await cluster.client.release(view.runId);
+      },
+      { executor: { maxSegmentBytes: 1 << 20 } },
+    );
+  });
+
+  it('does not run a finished step again when its ready message comes back', async () => {
+    await withCluster(async (cluster, home) => {
+      const marks = join(home, 'redelivery.marks');
+      const { view } = await runFile(cluster, home, fixture('slow.ts'), { params: { sleepMs: '10', marks } });
+      assert.equal(view.state, 'succeeded');
+      const first = stepOf(view, 'first');
+      // As if the orchestrator re-sent it after the duplicate window: a new message id.
+      const js = jetstream(cluster.client.nc);
+      const loaded = await loadPipeline(fixture('slow.ts'));
+      await js.publish(
+        subjects.stepReady,
+        encode(stepReady, { type: 'step.ready', runId: view.runId, step: 'first', pipeline: 'slow', codeHash: loaded.codeHash, params: { marks }, inputs: [] }),
+        { msgID: ulid() },
+      );
+      await waitFor('the work queue to drain', async () => (await (await js.consumers.get('QUIVER_WORK', 'executors')).info()).num_pending === 0 || null);
+      await new Promise((r) => setTimeout(r, 500));
+      assert.deepEqual(readFileSync(marks, 'utf8').split('\n').filter(Boolean), ['first', 'slow', 'last']);
+      assert.deepEqual((await cluster.client.getRun(view.runId))?.steps.find((s) => s.name === 'first')?.output, first.output);
+    });
+  });
+
+  it('collects segments and step processes of runs no orchestrator knows', async () => {
+    await withCluster(async (cluster) => {
+      const deadRun = ulid();
+      const { segments } = writeTableToShm(tableFromArrays({ v: Int32Array.of(1, 2, 3) }), { dir: cluster.executor.shmDir, idPrefix: `${deadRun}.orphan.1` });
+      const stray = spawn(process.execPath, ['-e', 'setTimeout(() => {}, 60000)', 'quiver-step', cluster.client.topology.clusterId, deadRun, 'orphan'], { stdio: 'ignore' });
+      await waitFor('the stray process to show up', () => stepProcesses(cluster.client.topology.clusterId).some((p) => p.pid === stray.pid));
+      const exited = new Promise((r) => stray.once('exit', (_code, signal) => r(signal)));
+      const removed = await cluster.executor.collectGarbage();
+      assert.deepEqual(removed, { segments: segments.length, processes: 1 });
+      assert.equal(await exited, 'SIGKILL');
+      assert.deepEqual(listSegments(cluster.executor.shmDir), []);
+    });
+  });
+});
