@@ -6,7 +6,7 @@
  *
  * Run it with `npx quiver run examples/transactions/pipeline.ts --params rows=1000000`.
  */
-import { Table, Utf8, makeVector, tableFromArrays, vectorFromArray } from 'apache-arrow';
+import { Float64, Int32, RecordBatch, Table, makeData, tableFromArrays, type Data, type Dictionary, type Utf8 } from 'apache-arrow';
 import { input, pipeline, step } from '../../sdk/index.ts';
 import { EUROPEAN_COUNTRIES, generateTransactions } from './data.ts';
 
@@ -20,44 +20,62 @@ export default pipeline('transactions', {
     return table;
   }),
 
-  // Keeps European transactions; asks its parent only for the columns it needs.
+  // Keeps European transactions; asks its parent only for the columns it needs. Works on the
+  // column buffers directly (they are views of shared memory), which is what makes it fast.
   euro_selection: step({ data: input('transactions', { columns: ['id', 'usd', 'country'] }) }, ({ data }) => {
     const european = new Set<string>(EUROPEAN_COUNTRIES);
-    const ids: number[] = [];
-    const usd: number[] = [];
-    const country: string[] = [];
+    const batches: RecordBatch[] = [];
     for (const batch of data.batches) {
-      const idColumn = batch.getChild('id')!;
-      const usdColumn = batch.getChild('usd')!;
-      const countryColumn = batch.getChild('country')!;
-      for (let i = 0; i < batch.numRows; i++) {
-        const c = countryColumn.get(i) as string | null;
-        if (c === null || !european.has(c)) continue;
-        ids.push(Number(idColumn.get(i)));
-        usd.push(usdColumn.get(i) as number);
-        country.push(c);
+      const id = batch.getChild('id')!.data[0]!.values as Int32Array;
+      const usd = batch.getChild('usd')!.data[0]!.values as Float64Array;
+      const country = batch.getChild('country')!.data[0]! as Data<Dictionary<Utf8, Int32>>;
+      const dictionary = country.dictionary!;
+      // Decide once per dictionary entry, then compare integers per row.
+      const keep = Uint8Array.from({ length: dictionary.length }, (_, i) => Number(european.has(dictionary.get(i)!)));
+      const codes = country.values;
+      let kept = 0;
+      for (let i = 0; i < batch.numRows; i++) kept += keep[codes[i]!]!;
+      const keptId = new Int32Array(kept);
+      const keptUsd = new Float64Array(kept);
+      const keptCodes = new Int32Array(kept);
+      for (let i = 0, j = 0; i < batch.numRows; i++) {
+        if (!keep[codes[i]!]) continue;
+        keptId[j] = id[i]!;
+        keptUsd[j] = usd[i]!;
+        keptCodes[j++] = codes[i]!;
       }
+      batches.push(
+        new RecordBatch({
+          id: makeData({ type: new Int32(), data: keptId }),
+          usd: makeData({ type: new Float64(), data: keptUsd }),
+          country: makeData({ type: country.type, data: keptCodes, dictionary }),
+        }),
+      );
     }
-    console.log(`kept ${ids.length.toLocaleString('en-US')} of ${data.numRows.toLocaleString('en-US')} rows`);
-    return new Table({
-      id: makeVector(Int32Array.from(ids)),
-      usd: makeVector(Float64Array.from(usd)),
-      country: vectorFromArray(country, new Utf8()),
-    });
+    const table = new Table(batches);
+    console.log(`kept ${table.numRows.toLocaleString('en-US')} of ${data.numRows.toLocaleString('en-US')} rows`);
+    return table;
   }),
 
   // Sums usd by country.
   usd_by_country: step({ data: 'euro_selection' }, ({ data }) => {
     const totals = new Map<string, { usd: number; count: number }>();
     for (const batch of data.batches) {
-      const usdColumn = batch.getChild('usd')!;
-      const countryColumn = batch.getChild('country')!;
+      const usd = batch.getChild('usd')!.data[0]!.values as Float64Array;
+      const country = batch.getChild('country')!.data[0]! as Data<Dictionary<Utf8, Int32>>;
+      const sums = new Float64Array(country.dictionary!.length);
+      const counts = new Int32Array(country.dictionary!.length);
       for (let i = 0; i < batch.numRows; i++) {
-        const c = countryColumn.get(i) as string;
-        const t = totals.get(c) ?? { usd: 0, count: 0 };
-        t.usd += usdColumn.get(i) as number;
-        t.count += 1;
-        totals.set(c, t);
+        sums[country.values[i]!]! += usd[i]!;
+        counts[country.values[i]!]!++;
+      }
+      for (let code = 0; code < sums.length; code++) {
+        if (counts[code] === 0) continue;
+        const name = country.dictionary!.get(code)!;
+        const t = totals.get(name) ?? { usd: 0, count: 0 };
+        t.usd += sums[code]!;
+        t.count += counts[code]!;
+        totals.set(name, t);
       }
     }
     const countries = [...totals.keys()].sort();
