@@ -4,7 +4,7 @@
  */
 import { lstatSync, mkdirSync, readdirSync, rmSync, statSync, unlinkSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { ShmArgumentError, ShmSegmentNotFoundError, errorCode, fromFsError } from './errors.ts';
+import { ShmArgumentError, errorCode, fromFsError } from './errors.ts';
 import { native } from './native.ts';
 import { type ResolvedShmOptions, checkDir, checkId, POOL_DIR_NAME } from './options.ts';
 import { addToPool, claimPooled, drainPoolDir, listPool, poolBytes } from './pool.ts';
@@ -141,11 +141,4 @@ export function segmentIds(segments: readonly (string | SegmentRef)[], where: st
     throw new ShmArgumentError(`${where}: segments must be an array of ids or SegmentRefs`);
   }
   return segments.map((s) => checkId(typeof s === 'string' ? s : (s as SegmentRef | null)?.id, where));
-}
-
-export function notFound(path: string, cause: unknown): ShmSegmentNotFoundError {
-  return new ShmSegmentNotFoundError(
-    `quiver shm: segment ${path} does not exist: it was never written, was already released, or its cluster directory was removed`,
-    { path, cause },
-  );
 }

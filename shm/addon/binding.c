@@ -269,8 +269,6 @@ static bool get_bool(napi_env env, napi_value v, const char *fn, const char *nam
 
 static void finalize_mapping(napi_env env, void *data, void *hint) {
   record *r = hint;
-  int64_t ignored;
-  napi_adjust_external_memory(env, (int64_t)r->mapping.len, &ignored);
   registry_remove(r);
   if (!r->unmapped) qshm_unmap(&r->mapping);
   free(r);
@@ -291,18 +289,14 @@ static napi_value wrap_mapping(napi_env env, const char *fn, qshm_mapping mappin
   }
   r->mapping = mapping;
   registry_add(r);
-  /* V8 counts an external ArrayBuffer's length as memory this process
-   * allocated, and a few hundred MB of it start a full garbage collection
-   * right away. A shared mapping is not private memory (tmpfs owns the
-   * pages), so offset the count now and restore it in the finalizer. */
-  int64_t ignored;
-  napi_adjust_external_memory(env, -(int64_t)mapping.len, &ignored);
+  /* V8 counts the length as external memory; over 64 MB above its low-water
+   * mark that starts incremental marking (a few ms, proportional to the JS
+   * heap, not to the mapping). N-API offers no uncounted external buffer. */
   napi_status s = napi_create_external_arraybuffer(env, mapping.addr, mapping.len, finalize_mapping, r, &result);
   if (s != napi_ok) {
     /* Node runs the finalizer synchronously on some failures (e.g. a length
      * over buffer.constants.MAX_LENGTH); clean up only if it did not. */
     if (registry_contains(r)) {
-      napi_adjust_external_memory(env, (int64_t)mapping.len, &ignored);
       registry_remove(r);
       qshm_unmap(&r->mapping);
       free(r);
