@@ -107,6 +107,11 @@ async function runCommand(args: string[]): Promise<number> {
     const lastState = new Map<string, StepState>();
     for await (const event of handle.events()) {
       if (event.type === 'log') {
+        // A step's first lines can overtake the status saying it runs: they travel separately.
+        if (!['running', 'succeeded', 'failed'].includes(lastState.get(event.log.step) ?? '')) {
+          lastState.set(event.log.step, 'running');
+          say(`${event.log.step.padEnd(width)} ● running`);
+        }
         say(`${event.log.step.padEnd(width)} │ ${event.log.line}`);
         continue;
       }

@@ -1,6 +1,6 @@
 import { fork, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, renameSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { hostname, availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -32,7 +32,7 @@ import {
   type TopologyOptions,
 } from '../schemas/index.ts';
 import { drainPool, releaseSegments } from '../shm/index.ts';
-import { buildRunner } from './build-runner.ts';
+import { buildRunner, type RunnerBuild } from './build-runner.ts';
 import { collectGarbage } from './gc.ts';
 import { STEP_PROCESS_MARKER, type RunnerJob, type RunnerReply } from './protocol.ts';
 
@@ -76,7 +76,7 @@ export class Executor {
   private readonly loops: Promise<void>[] = [];
   private readonly running = new Map<string, Set<RunningStep>>();
   private readonly subscriptions: Subscription[] = [];
-  private readonly knownCode = new Set<string>();
+  private readonly linkedCode = new Map<string, string>();
   private gcTimer: NodeJS.Timeout | null = null;
   private readonly spares: ChildProcess[] = [];
 
@@ -85,7 +85,7 @@ export class Executor {
     private readonly js: JetStreamClient,
     private readonly topology: Topology,
     private readonly consumer: Consumer,
-    private readonly runnerPath: string,
+    private readonly runner: RunnerBuild,
     readonly hostId: string,
     readonly shmDir: string,
     private readonly options: ExecutorOptions,
@@ -100,10 +100,10 @@ export class Executor {
     const topology = await ensureTopology(nc, jsm, options.topology);
     const hostId = sanitizeHostId(options.hostId ?? process.env.QUIVER_HOST_ID ?? hostname());
     const shmDir = join(options.shmRoot ?? shmRoot(), topology.clusterId);
-    const runnerPath = await buildRunner(bundleDir('build'));
+    const runner = await buildRunner(bundleDir('build'));
     const js = jetstream(nc);
     const consumer = await js.consumers.get(streams.work, consumers.executors);
-    const executor = new Executor(nc, js, topology, consumer, runnerPath, hostId, shmDir, options, logger);
+    const executor = new Executor(nc, js, topology, consumer, runner, hostId, shmDir, options, logger);
     await executor.collectGarbage();
     executor.listen();
     const concurrency = options.concurrency ?? (Number(process.env.QUIVER_CONCURRENCY) || availableParallelism());
@@ -319,23 +319,26 @@ export class Executor {
     }
   }
 
-  /** Fetches the pipeline bundle once per host; content-addressed, so a cached file is never stale. */
+  /**
+   * Fetches the pipeline bundle once per host (content-addressed, so a cached file is never stale)
+   * and links it against the runner's Arrow.
+   */
   private async ensureCode(codeHash: string): Promise<string> {
-    const dir = bundleDir('code');
-    const path = join(dir, `${codeHash}.mjs`);
-    if (this.knownCode.has(codeHash) || existsSync(path)) {
-      this.knownCode.add(codeHash);
-      return path;
+    const known = this.linkedCode.get(codeHash);
+    if (known) return known;
+    const path = join(bundleDir('build'), `code-${codeHash.slice(0, 32)}-${this.runner.linkKey}.mjs`);
+    if (!existsSync(path)) {
+      const local = join(bundleDir('code'), `${codeHash}.mjs`);
+      const blob = existsSync(local) ? readFileSync(local) : await this.topology.code.getBlob(codeHash);
+      if (!blob) throw new Error(`pipeline code ${codeHash} is not in the quiver-code object store`);
+      const actual = createHash('sha256').update(blob).digest('hex');
+      if (actual !== codeHash) throw new Error(`pipeline code ${codeHash} hashes to ${actual}: refusing to run it`);
+      const linked = await this.runner.linkCode(blob, path);
+      const tmp = `${path}.${process.pid}.${ulid()}.tmp`;
+      writeFileSync(tmp, linked);
+      renameSync(tmp, path);
     }
-    const blob = await this.topology.code.getBlob(codeHash);
-    if (!blob) throw new Error(`pipeline code ${codeHash} is not in the ${'quiver-code'} object store`);
-    const actual = createHash('sha256').update(blob).digest('hex');
-    if (actual !== codeHash) throw new Error(`pipeline code ${codeHash} in the object store hashes to ${actual}: refusing to run it`);
-    mkdirSync(dir, { recursive: true });
-    const tmp = `${path}.${process.pid}.${ulid()}.tmp`;
-    writeFileSync(tmp, blob);
-    renameSync(tmp, path);
-    this.knownCode.add(codeHash);
+    this.linkedCode.set(codeHash, path);
     return path;
   }
 
@@ -420,10 +423,11 @@ export class Executor {
 
   private spawnRunner(): ChildProcess {
     // The placeholders leave room for the runner to write its run and step into its title, where gc finds them.
-    return fork(this.runnerPath, [STEP_PROCESS_MARKER, this.topology.clusterId, '-'.repeat(26), '-'.repeat(64)], {
+    return fork(this.runner.runnerPath, [STEP_PROCESS_MARKER, this.topology.clusterId, '-'.repeat(26), '-'.repeat(64)], {
       stdio: ['ignore', 'pipe', 'pipe', 'ipc'],
       // Not the executor's flags: a TypeScript loader or test runner would triple the start-up time.
-      execArgv: [],
+      // Source maps point step stack traces at the user's own files.
+      execArgv: ['--enable-source-maps'],
       env: { ...process.env, QUIVER_EXECUTOR_PID: String(process.pid) },
       serialization: 'json',
     });

@@ -61,8 +61,9 @@ export async function loadPipeline(file: string): Promise<LoadedPipeline> {
       external: ['apache-arrow'],
       plugins: [definitionsOnly],
       logLevel: 'silent',
-      sourcemap: 'inline',
+      sourcemap: 'external',
       sourcesContent: false,
+      outfile: join(bundleDir('code'), 'pipeline.mjs'),
     });
   } catch (error) {
     const errors = (error as { errors?: { text: string; location?: { file: string; line: number } | null }[] }).errors ?? [];
@@ -79,7 +80,7 @@ export async function loadPipeline(file: string): Promise<LoadedPipeline> {
       );
     }
   }
-  const code = result.outputFiles[0]!.contents;
+  const code = withPortableSourceMap(result.outputFiles);
   const codeHash = createHash('sha256').update(code).digest('hex');
   const dir = bundleDir('code');
   const codePath = join(dir, `${codeHash}.mjs`);
@@ -96,4 +97,21 @@ export async function loadPipeline(file: string): Promise<LoadedPipeline> {
     throw new PipelineLoadError(`could not load ${file}: ${(error as Error).message}`, { cause: error });
   }
   return { plan: planPipeline(mod.default), code, codeHash, codePath };
+}
+
+/**
+ * Inlines the source map with absolute file URLs as sources: the bundle is stored, linked and run
+ * elsewhere, and step stack traces must still name the user's own files and lines.
+ */
+function withPortableSourceMap(files: { path: string; contents: Uint8Array; text: string }[]): Uint8Array {
+  const js = files.find((f) => f.path.endsWith('.mjs'))!;
+  const map = files.find((f) => f.path.endsWith('.map'));
+  if (!map) return js.contents;
+  const parsed = JSON.parse(map.text) as { sources: string[]; sourceRoot?: string };
+  const base = pathToFileURL(map.path).href;
+  parsed.sources = parsed.sources.map((source) => new URL(source, base).href);
+  delete parsed.sourceRoot;
+  const body = js.text.replace(/\n\/\/# sourceMappingURL=.*\n?$/, '\n');
+  const inline = Buffer.from(JSON.stringify(parsed)).toString('base64');
+  return new TextEncoder().encode(`${body}//# sourceMappingURL=data:application/json;base64,${inline}\n`);
 }

@@ -108,7 +108,8 @@ describe('a pipeline end to end on one host', () => {
       const broken = stepOf(view, 'broken');
       assert.equal(broken.state, 'failed');
       assert.equal(broken.error?.message, 'the sensor file is corrupt at line 42');
-      assert.match(broken.error?.stack ?? '', /explode/);
+      // Source-mapped: the stack names the user's own file and line, not the bundle.
+      assert.match(broken.error?.stack ?? '', /at explode \(.*test\/fixtures\/failing\.ts:6:\d+\)/);
       assert.equal(stepOf(view, 'after_broken').state, 'skipped');
       assert.equal(stepOf(view, 'sibling').state, 'succeeded');
       assert.ok(logs.some((l) => l.step === 'broken' && l.line === 'about to fail on 3 rows'));
