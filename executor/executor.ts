@@ -1,6 +1,6 @@
 import { fork, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, renameSync, rmdirSync, writeFileSync } from 'node:fs';
 import { hostname, availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -128,6 +128,8 @@ export class Executor {
     for (const spare of this.spares.splice(0)) spare.kill('SIGKILL');
     await Promise.all(this.loops);
     drainPool({ dir: this.shmDir });
+    removeEmptyDir(join(this.shmDir, 'pool'));
+    removeEmptyDir(this.shmDir);
   }
 
   /** Removes segments and step processes of runs that are no longer alive. */
@@ -436,6 +438,16 @@ export class Executor {
   private kill(step: RunningStep, why: string): void {
     step.killedBecause ??= why;
     step.child.kill('SIGKILL');
+  }
+}
+
+/** rmdir, not rm -r: another executor of the host may be writing here, and then the folder stays. */
+function removeEmptyDir(dir: string): void {
+  try {
+    rmdirSync(dir);
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    if (code !== 'ENOTEMPTY' && code !== 'ENOENT' && code !== 'EEXIST') throw error;
   }
 }
 

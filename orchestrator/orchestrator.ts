@@ -34,6 +34,8 @@ export interface OrchestratorOptions {
   now?: () => number;
 }
 
+const SETTLED = new Set(['succeeded', 'failed', 'skipped', 'cancelled']);
+
 /** What the orchestrator keeps per run in the `quiver-runs` bucket, rewritten on every transition. */
 interface RunRecord {
   submit: RunSubmit;
@@ -157,13 +159,14 @@ export class Orchestrator {
     const plan = run.submit.plan;
     const states = stepStatesOf(snapshot);
 
+    const outputs = outputSteps(plan);
     const toRelease = new Map<string, string[]>();
     for (const step of plan.steps) {
       const output = snapshot.context.steps[step.name]?.output;
       if (!output || states[step.name] !== 'succeeded') continue;
-      const isRunOutput = outputSteps(plan).includes(step.name);
-      const noLongerNeeded = childrenOf(plan, step.name).every((c) => ['succeeded', 'failed', 'skipped', 'cancelled'].includes(states[c]!));
-      if (isRunOutput || !noLongerNeeded) continue;
+      // A segment may go once no child can still map it; run outputs wait for the client.
+      const noLongerNeeded = childrenOf(plan, step.name).every((c) => SETTLED.has(states[c]!));
+      if (outputs.includes(step.name) || !noLongerNeeded) continue;
       for (const segment of output.segments) {
         if (run.released.has(segment.id)) continue;
         run.released.add(segment.id);

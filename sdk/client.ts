@@ -147,7 +147,10 @@ export class QuiverClient {
     return runView.parse(entry.json<{ view: unknown }>().view);
   }
 
-  /** Maps a step output from this host's shared memory, without copying it. */
+  /**
+   * Maps a step output from this host's shared memory, without copying it. The table is valid
+   * until the run is released: released segments are reused for later outputs.
+   */
   openOutput(descriptor: TableDescriptor): OpenedTable {
     return readTableFromShm(descriptor.segments, { dir: `${shmRoot()}/${this.topology.clusterId}` });
   }

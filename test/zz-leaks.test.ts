@@ -13,10 +13,11 @@ it('leaves no Quiver segment in shared memory and no step process behind', () =>
       const walk = (dir: string): void => {
         for (const entry of readdirSync(dir, { withFileTypes: true })) {
           const path = join(dir, entry.name);
+          leftovers.push(path);
           if (entry.isDirectory()) walk(path);
-          else leftovers.push(path);
         }
       };
+      leftovers.push(join(TEST_SHM_ROOT, cluster));
       walk(join(TEST_SHM_ROOT, cluster));
     }
   }
