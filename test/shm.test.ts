@@ -59,6 +59,7 @@ import {
   unmapSegments,
   writeTableToShm,
 } from '../shm/index.ts';
+import { mulberry32 } from '../examples/transactions/data.ts';
 
 const repoRoot = fileURLToPath(new URL('..', import.meta.url));
 const SHM_URL = new URL('../shm/index.ts', import.meta.url).href;
@@ -118,17 +119,8 @@ function runNode(code: string, env: Record<string, string> = {}, timeoutMs = 30_
   });
 }
 
-/** Seeded PRNG (mulberry32), so failures reproduce. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** Seeded PRNG, so failures reproduce. */
+const prng = mulberry32;
 
 /** A table with one column per interesting type, nulls everywhere, `batches` record batches. */
 function manyTypesTable(rows: number, batches: number, seed = 7): Table {

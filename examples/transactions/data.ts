@@ -65,7 +65,7 @@ export const TRANSACTIONS_SCHEMA = new Schema([
 ]);
 
 /** mulberry32: small, fast, good enough for test data, same sequence everywhere. */
-function mulberry32(seed: number): () => number {
+export function mulberry32(seed: number): () => number {
   let a = seed >>> 0;
   return () => {
     a = (a + 0x6d2b79f5) >>> 0;

@@ -78,21 +78,35 @@ qshm_status qshm_create(const char *path, uint64_t byte_size, bool populate, qsh
   return status;
 }
 
+/* Opens `path`, which must be a regular file; on failure nothing is left open. */
+static qshm_status open_regular(const char *path, int flags, int *fd_out, struct stat *st) {
+  int fd = open(path, flags | O_CLOEXEC);
+  if (fd < 0) return fail("open");
+  qshm_status status = QSHM_OK;
+  if (fstat(fd, st) != 0) {
+    status = fail("fstat");
+  } else if (!S_ISREG(st->st_mode)) {
+    errno = EINVAL;
+    status = fail("fstat");
+  }
+  if (status.err != 0) {
+    close_keep_errno(fd);
+    return status;
+  }
+  *fd_out = fd;
+  return status;
+}
+
 qshm_status qshm_open_writable(const char *path, uint64_t byte_size, bool populate, qshm_mapping *out) {
   if (!fits_off_t(byte_size)) {
     errno = EFBIG;
     return fail("open");
   }
-  int fd = open(path, O_RDWR | O_CLOEXEC);
-  if (fd < 0) return fail("open");
+  int fd = -1;
   struct stat st;
-  qshm_status status = QSHM_OK;
-  if (fstat(fd, &st) != 0) {
-    status = fail("fstat");
-  } else if (!S_ISREG(st.st_mode)) {
-    errno = EINVAL;
-    status = fail("fstat");
-  } else if ((uint64_t)st.st_size < byte_size) {
+  qshm_status status = open_regular(path, O_RDWR, &fd, &st);
+  if (status.err != 0) return status;
+  if ((uint64_t)st.st_size < byte_size) {
     status = reserve(fd, (uint64_t)st.st_size, byte_size - (uint64_t)st.st_size);
   }
   if (status.err == 0) status = map_fd(fd, byte_size, PROT_READ | PROT_WRITE, populate, out);
@@ -103,16 +117,11 @@ qshm_status qshm_open_writable(const char *path, uint64_t byte_size, bool popula
 qshm_status qshm_open_readonly(const char *path, uint64_t max_size, qshm_mapping *out) {
   out->addr = NULL;
   out->len = 0;
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return fail("open");
+  int fd = -1;
   struct stat st;
-  qshm_status status = QSHM_OK;
-  if (fstat(fd, &st) != 0) {
-    status = fail("fstat");
-  } else if (!S_ISREG(st.st_mode)) {
-    errno = EINVAL;
-    status = fail("fstat");
-  } else if ((uint64_t)st.st_size > max_size) {
+  qshm_status status = open_regular(path, O_RDONLY, &fd, &st);
+  if (status.err != 0) return status;
+  if ((uint64_t)st.st_size > max_size) {
     out->len = (size_t)st.st_size;
     errno = EFBIG;
     status = fail("fstat");
