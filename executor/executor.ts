@@ -257,7 +257,14 @@ export class Executor {
     );
     const heartbeat = setInterval(() => msg.working(), Math.max(200, Math.floor(this.topology.ackWaitMs / 3)));
     try {
-      const codePath = await this.ensureCode(ready.codeHash);
+      let codePath: string;
+      try {
+        codePath = await this.ensureCode(ready.codeHash);
+      } catch (error) {
+        // Missing or corrupt code will not heal by redelivery: fail the step, saying why.
+        await this.fail(ready, msg, attempt, startedAt, { name: 'PipelineCodeError', code: 'ERR_PIPELINE_CODE', message: (error as Error).message });
+        return;
+      }
       const reply = await this.runStep(ready, attempt, codePath);
       if (this.stopped) {
         // Killed by our own stop: not the step's fault. Another executor gets it.

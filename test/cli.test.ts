@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import { after, describe, it } from 'node:test';
-import { fixture, runCli, tempHome } from './helpers.ts';
+import { fixture, quiverBin, repoRoot, runCli, tempHome } from './helpers.ts';
 
 const home = tempHome();
 after(() => home.remove());
@@ -66,5 +67,31 @@ describe('quiver run', () => {
     const { code, stderr } = await runCli(['run', 'examples/transactions/pipeline.ts', '--params', 'rows'], { env });
     assert.equal(code, 2);
     assert.match(stderr, /--params takes key=value, got "rows"/);
+  });
+});
+
+describe('quiver run, interrupted', () => {
+  it('cancels the run on Ctrl-C and exits 1 with the steps cancelled', async () => {
+    const child = spawn(process.execPath, [quiverBin, 'run', fixture('slow.ts'), '--json', '--params', 'sleepMs=60000'], {
+      cwd: repoRoot,
+      env: { ...process.env, ...env },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
+    child.stderr.setEncoding('utf8').on('data', (d: string) => {
+      stderr += d;
+      if (d.includes('slow step started')) child.kill('SIGINT');
+    });
+    const code = await new Promise<number | null>((resolve) => child.once('exit', resolve));
+    assert.equal(code, 1, stderr);
+    const result = JSON.parse(stdout) as { state: string; steps: { name: string; state: string }[] };
+    assert.equal(result.state, 'cancelled');
+    assert.deepEqual(
+      result.steps.map((s) => s.state),
+      ['succeeded', 'cancelled', 'cancelled'],
+    );
+    assert.match(stderr, /cancelling the run/);
   });
 });

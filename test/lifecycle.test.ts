@@ -92,3 +92,19 @@ describe('run lifecycle', () => {
     });
   });
 });
+
+describe('bad work', () => {
+  it('fails a step whose stored pipeline code is corrupt, saying so, instead of retrying it', async () => {
+    await withCluster(async (cluster) => {
+      const loaded = await loadPipeline(fixture('slow.ts'));
+      // Code that does not hash to its name (as after corruption in the object store).
+      const handle = await cluster.client.run({ ...loaded, codeHash: 'f'.repeat(64), code: new Uint8Array([1, 2, 3]) }, {});
+      const view = await handle.result();
+      assert.equal(view.state, 'failed');
+      const first = stepOf(view, 'first');
+      assert.equal(first.error?.code, 'ERR_PIPELINE_CODE');
+      assert.match(first.error?.message ?? '', /hashes to [0-9a-f]{64}: refusing to run it/);
+      assert.equal(stepOf(view, 'slow').state, 'skipped');
+    });
+  });
+});

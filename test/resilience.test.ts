@@ -8,8 +8,9 @@ import { stepProcesses } from '../executor/index.ts';
 import { startNatsServer, type NatsServer } from '../infra/index.ts';
 import { subjects } from '../schemas/index.ts';
 import { loadPipeline, QuiverClient } from '../sdk/index.ts';
-import { listSegments } from '../shm/index.ts';
-import { fixture, startDaemon, stopProcess, TEST_SHM_ROOT, tempHome, waitFor } from './helpers.ts';
+import { tableFromArrays } from 'apache-arrow';
+import { listSegments, removeDir, writeTableToShm } from '../shm/index.ts';
+import { fixture, runCli, startDaemon, stopProcess, TEST_SHM_ROOT, tempHome, waitFor } from './helpers.ts';
 
 const ACK_WAIT_MS = 2000;
 
@@ -75,6 +76,16 @@ describe('daemons against an existing NATS', () => {
     assert.equal(executor.exitCode, null);
     await handle.release();
     await waitFor('every segment of the run to be released', () => listSegments(shmDir()).length === 0);
+  });
+
+  it('quiver gc removes what dead runs left, against the same NATS', async () => {
+    const deadRun = '01JD0000000000000000000001';
+    writeTableToShm(tableFromArrays({ v: Int32Array.of(1) }), { dir: shmDir(), idPrefix: `${deadRun}.gone.1` });
+    const { code, stdout } = await runCli(['gc'], { env: { ...env, QUIVER_NATS_URL: server.url } });
+    assert.equal(code, 0);
+    assert.match(stdout, /removed 1 segment\(s\) and 0 process\(es\)/);
+    assert.deepEqual(listSegments(shmDir()), []);
+    removeDir(shmDir());
   });
 
   it('resumes a run after the orchestrator is killed mid-step, running no step twice', async () => {
