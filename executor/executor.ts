@@ -9,7 +9,9 @@ import type { NatsConnection, Subscription } from '@nats-io/transport-node';
 import { ulid } from 'ulid';
 import {
   consoleLogger,
+  buckets,
   consumers,
+  controlMessage,
   decode,
   encode,
   ensureTopology,
@@ -219,7 +221,9 @@ export class Executor {
     // Redelivery after a crash must not run a finished step again: re-announce its completion instead.
     const finished = await this.topology.steps.get(key);
     if (finished?.string()) {
-      await this.publishCompletion(JSON.parse(finished.string()) as StepCompletion, false);
+      const completion = decode(controlMessage, `${buckets.steps}/${key}`, finished.value);
+      if (completion.type !== 'step.succeeded' && completion.type !== 'step.failed') throw new Error(`${buckets.steps}/${key} holds a ${completion.type}`);
+      await this.publishCompletion(completion, false);
       msg.ack();
       return;
     }
@@ -232,7 +236,9 @@ export class Executor {
     const claim = JSON.stringify({ executorId: this.executorId, attempt });
     try {
       await this.topology.claims.create(key, claim);
-    } catch {
+    } catch (error) {
+      // Only "already claimed" is an answer; any other trouble is retried by redelivery.
+      if (!(await this.topology.claims.get(key))?.string()) throw error;
       if (attempt === 1) {
         // A second ready message for a step already claimed (a resumed orchestrator re-sent it).
         msg.ack();
