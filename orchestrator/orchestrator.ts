@@ -16,7 +16,6 @@ import {
   subjects,
   type ControlMessage,
   type Logger,
-  type Plan,
   type RunSubmit,
   type RunView,
   type Topology,
@@ -311,4 +310,3 @@ export class Orchestrator {
   }
 }
 
-export type { Plan };

@@ -1,5 +1,4 @@
 import { join } from 'node:path';
-import { rmSync } from 'node:fs';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import { ulid } from 'ulid';
 import { Executor, type ExecutorOptions } from '../executor/index.ts';
@@ -60,8 +59,8 @@ export async function startLocalCluster(options: LocalClusterOptions = {}): Prom
     };
   } catch (error) {
     await Promise.all(connections.map((c) => c.close().catch(() => {})));
+    // Stopping the server also removes its storage.
     await server.stop();
-    rmSync(dir, { recursive: true, force: true });
     throw error;
   }
 }
