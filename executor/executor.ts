@@ -281,7 +281,7 @@ export class Executor {
         await this.fail(ready, msg, attempt, startedAt, reply.error);
         return;
       }
-      const completion = stepSucceeded.parse({
+      const completion: StepCompletion = {
         type: 'step.succeeded',
         runId: ready.runId,
         step: ready.step,
@@ -300,7 +300,7 @@ export class Executor {
         outputCopiedBytes: reply.outputCopiedBytes,
         startedAt,
         at: Date.now(),
-      });
+      };
       await this.publishCompletion(completion, true);
       msg.ack();
     } finally {
@@ -309,7 +309,7 @@ export class Executor {
   }
 
   private async fail(ready: StepReady, msg: JsMsg, attempt: number, startedAt: number, error: StepError): Promise<void> {
-    const completion = stepFailed.parse({
+    const completion: StepCompletion = {
       type: 'step.failed',
       runId: ready.runId,
       step: ready.step,
@@ -318,7 +318,7 @@ export class Executor {
       error,
       startedAt,
       at: Date.now(),
-    });
+    };
     await this.publishCompletion(completion, true);
     msg.ack();
   }
@@ -326,12 +326,13 @@ export class Executor {
   /** Recorded first, so a redelivery finds it; published with a fixed id, so JetStream drops repeats. */
   private async publishCompletion(completion: StepCompletion, record: boolean): Promise<void> {
     const key = `${completion.runId}.${completion.step}`;
-    if (record) await this.topology.steps.put(key, JSON.stringify(completion));
-    if (completion.type === 'step.succeeded') {
-      await this.js.publish(subjects.stepSucceeded, encode(stepSucceeded, completion), { msgID: `${key}.done` });
-    } else {
-      await this.js.publish(subjects.stepFailed, encode(stepFailed, completion), { msgID: `${key}.done` });
-    }
+    // Validated once, before anything is recorded: a malformed completion is never kept or sent.
+    const [subject, data] =
+      completion.type === 'step.succeeded'
+        ? [subjects.stepSucceeded, encode(stepSucceeded, completion)]
+        : [subjects.stepFailed, encode(stepFailed, completion)];
+    if (record) await this.topology.steps.put(key, data);
+    await this.js.publish(subject, data, { msgID: `${key}.done` });
   }
 
   /**

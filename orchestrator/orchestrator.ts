@@ -17,6 +17,7 @@ import {
   type ControlMessage,
   type Logger,
   type RunSubmit,
+  type StepReady,
   type RunView,
   type Topology,
   type TopologyOptions,
@@ -33,6 +34,10 @@ export interface OrchestratorOptions {
   now?: () => number;
 }
 
+function addTo(byHost: Map<string, string[]>, hostId: string, segment: string): void {
+  byHost.set(hostId, [...(byHost.get(hostId) ?? []), segment]);
+}
+
 const SETTLED = new Set(['succeeded', 'failed', 'skipped', 'cancelled']);
 
 /** What the orchestrator keeps per run in the `quiver-runs` bucket, rewritten on every transition. */
@@ -46,7 +51,6 @@ interface RunRecord {
 
 interface LiveRun {
   submit: RunSubmit;
-  machine: RunMachine;
   actor: Actor<RunMachine>;
   released: Set<string>;
   /** Steps whose ready message this process has sent (re-sent after a restart: JetStream dedupes). */
@@ -120,19 +124,7 @@ export class Orchestrator {
   private async apply(message: ControlMessage): Promise<void> {
     if (message.type === 'run.submit') {
       if (this.runs.has(message.runId) || (await this.topology.runs.get(message.runId))) return;
-      const machine = createRunMachine(message.plan);
-      const actor = createActor(machine, { input: { runId: message.runId } });
-      const run: LiveRun = {
-        submit: message,
-        machine,
-        actor,
-        released: new Set(),
-        dispatched: new Set(),
-        finishedAt: null,
-        outputsReleased: false,
-      };
-      actor.start();
-      this.runs.set(message.runId, run);
+      const run = this.track(message, createActor(createRunMachine(message.plan), { input: { runId: message.runId } }), []);
       this.logger.info(`run ${message.runId} of ${message.plan.pipeline} submitted by ${message.submittedBy}`);
       await this.afterTransition(run);
       return;
@@ -169,7 +161,7 @@ export class Orchestrator {
       for (const segment of output.segments) {
         if (run.released.has(segment.id)) continue;
         run.released.add(segment.id);
-        toRelease.set(output.hostId, [...(toRelease.get(output.hostId) ?? []), segment.id]);
+        addTo(toRelease, output.hostId, segment.id);
       }
     }
 
@@ -183,9 +175,7 @@ export class Orchestrator {
         run.dispatched.add(step.name);
       }
     }
-    for (const [hostId, segments] of toRelease) {
-      this.nc.publish(subjects.segmentRelease(hostId), encode(segmentRelease, { type: 'segments.release', hostId, segments }));
-    }
+    this.publishReleases(toRelease);
     if (state === 'cancelled') {
       this.nc.publish(subjects.runKill, encode(runKill, { type: 'run.kill', runId: run.submit.runId }));
     }
@@ -198,6 +188,19 @@ export class Orchestrator {
     }
   }
 
+  private track(submit: RunSubmit, actor: Actor<RunMachine>, released: string[]): LiveRun {
+    const run: LiveRun = { submit, actor, released: new Set(released), dispatched: new Set(), finishedAt: null, outputsReleased: false };
+    actor.start();
+    this.runs.set(submit.runId, run);
+    return run;
+  }
+
+  private publishReleases(byHost: Map<string, string[]>): void {
+    for (const [hostId, segments] of byHost) {
+      this.nc.publish(subjects.segmentRelease(hostId), encode(segmentRelease, { type: 'segments.release', hostId, segments }));
+    }
+  }
+
   private async dispatch(run: LiveRun, step: string, snapshot: RunSnapshot): Promise<void> {
     const planStep = run.submit.plan.steps.find((s) => s.name === step)!;
     const inputs = planStep.inputs.map((i) => {
@@ -205,7 +208,7 @@ export class Orchestrator {
       if (!descriptor) throw new Error(`step ${step} is ready but parent ${i.step} has no output`);
       return { ...i, descriptor };
     });
-    const message = stepReady.parse({
+    const message: StepReady = {
       type: 'step.ready',
       runId: run.submit.runId,
       step,
@@ -213,7 +216,7 @@ export class Orchestrator {
       codeHash: run.submit.codeHash,
       params: run.submit.params,
       inputs,
-    });
+    };
     await this.js.publish(subjects.stepReady, encode(stepReady, message), { msgID: `${run.submit.runId}.${step}.ready` });
   }
 
@@ -229,20 +232,18 @@ export class Orchestrator {
     const record = entry.json<RunRecord>();
     if (record.view.outputsReleased) return;
     record.view.outputsReleased = true;
+    const byHost = new Map<string, string[]>();
     if (!record.submit.keep) {
-      const byHost = new Map<string, string[]>();
       for (const step of record.view.steps) {
         if (!step.output || !record.view.outputs.includes(step.name)) continue;
         for (const s of step.output.segments) {
           record.released.push(s.id);
-          byHost.set(step.output.hostId, [...(byHost.get(step.output.hostId) ?? []), s.id]);
+          addTo(byHost, step.output.hostId, s.id);
         }
-      }
-      for (const [hostId, segments] of byHost) {
-        this.nc.publish(subjects.segmentRelease(hostId), encode(segmentRelease, { type: 'segments.release', hostId, segments }));
       }
     }
     await this.topology.runs.put(runId, JSON.stringify(record));
+    this.publishReleases(byHost);
   }
 
   private viewOf(run: LiveRun, snapshot: RunSnapshot): RunView {
@@ -291,19 +292,8 @@ export class Orchestrator {
         continue;
       }
       if (record.view.state !== 'running') continue;
-      const machine = createRunMachine(record.submit.plan);
-      const actor = createActor(machine, { snapshot: record.snapshot as never, input: { runId: key } });
-      actor.start();
-      const run: LiveRun = {
-        submit: record.submit,
-        machine,
-        actor,
-        released: new Set(record.released),
-        dispatched: new Set(),
-        finishedAt: null,
-        outputsReleased: false,
-      };
-      this.runs.set(key, run);
+      const actor = createActor(createRunMachine(record.submit.plan), { snapshot: record.snapshot as never, input: { runId: key } });
+      const run = this.track(record.submit, actor, record.released);
       this.logger.info(`resumed run ${key} of ${record.submit.plan.pipeline}`);
       await this.afterTransition(run);
     }
