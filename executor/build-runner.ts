@@ -35,7 +35,7 @@ export interface RunnerBuild {
 
 /**
  * Builds the step process's code into plain ESM, so it starts with `node` alone: apache-arrow as
- * one file (its ~~160 modules cost ~80 ms more to load one by one), and the runner importing it.
+ * one file (its ~160 modules cost ~80 ms more to load one by one), and the runner importing it.
  * Files are named by their hash, so concurrent executors write the same files and never see a
  * half-written one.
  */
