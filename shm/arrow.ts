@@ -150,10 +150,28 @@ export interface WriteResult {
   reusedSegments: number;
 }
 
-export function writeTable(table: Table, opts: ResolvedShmOptions, idPrefix: string, where: string): WriteResult {
+/** Writes one planned stream at the start of `mapping`, which must hold at least `plan.byteSize` bytes. */
+export function writeStream(schema: Schema, plan: SegmentPlan, mapping: ArrayBuffer, path: string, where: string): void {
+  const { writer, sink } = startStream(schema, new Uint8Array(mapping, 0, plan.byteSize));
+  for (const batch of plan.batches) writeBatch(writer, sink, batch, where);
+  writer.close();
+  if (sink.position !== plan.byteSize) {
+    throw new ShmError(`quiver shm: internal error: segment ${path} got ${sink.position} bytes, planned ${plan.byteSize}`, {
+      code: 'ERR_SHM_INTERNAL',
+      path,
+    });
+  }
+}
+
+export function checkTable(table: unknown, where: string): Table {
   if (!(table instanceof Table)) {
     throw new ShmArgumentError(`${where}: table must be an apache-arrow Table (from this process's apache-arrow module)`);
   }
+  return table;
+}
+
+export function writeTable(table: Table, opts: ResolvedShmOptions, idPrefix: string, where: string): WriteResult {
+  checkTable(table, where);
   if (typeof idPrefix !== 'string' || idPrefix.length === 0) {
     throw new ShmArgumentError(`${where}: idPrefix must be a non-empty string of [A-Za-z0-9._-], got ${describe(idPrefix)}`);
   }
@@ -170,15 +188,7 @@ export function writeTable(table: Table, opts: ResolvedShmOptions, idPrefix: str
       written.push(segment.path);
       if (segment.reused) reusedSegments += 1;
       try {
-        const { writer, sink } = startStream(table.schema, new Uint8Array(segment.mapping, 0, plan.byteSize));
-        for (const batch of plan.batches) writeBatch(writer, sink, batch, where);
-        writer.close();
-        if (sink.position !== plan.byteSize) {
-          throw new ShmError(
-            `quiver shm: internal error: segment ${segment.path} got ${sink.position} bytes, planned ${plan.byteSize}`,
-            { code: 'ERR_SHM_INTERNAL', path: segment.path },
-          );
-        }
+        writeStream(table.schema, plan, segment.mapping, segment.path, where);
       } finally {
         native.unmap(segment.mapping);
       }
@@ -209,6 +219,18 @@ function checkRef(ref: unknown, where: string): SegmentRef {
 }
 
 export function readTable(refs: readonly SegmentRef[], dir: string, where: string): ReadResult {
+  return readStreams(refs, where, (ref) => {
+    const path = segmentPath(dir, ref.id);
+    return { path, mapping: native.openReadOnly(path) };
+  });
+}
+
+/** Opens each ref with `open` (a read-only mapping whose first `byteSize` bytes are its stream) and reads them as one table. */
+export function readStreams(
+  refs: readonly SegmentRef[],
+  where: string,
+  open: (ref: SegmentRef) => { path: string; mapping: ArrayBuffer },
+): ReadResult {
   if (!Array.isArray(refs) || refs.length === 0) {
     throw new ShmArgumentError(`${where}: segments must be a non-empty array of SegmentRefs (as returned by writeTableToShm)`);
   }
@@ -218,8 +240,7 @@ export function readTable(refs: readonly SegmentRef[], dir: string, where: strin
   let schema: Schema | null = null;
   try {
     for (const ref of checked) {
-      const path = segmentPath(dir, ref.id);
-      const mapping = native.openReadOnly(path);
+      const { path, mapping } = open(ref);
       mappings.push(mapping);
       if (mapping.byteLength < ref.byteSize) {
         throw new ShmCorruptSegmentError(

@@ -38,6 +38,19 @@ export {
 } from './errors.ts';
 export { DEFAULT_MAX_SEGMENT_BYTES, DEFAULT_POOL_MAX_BYTES, type ShmOptions } from './options.ts';
 export type { SegmentInfo, SegmentRef } from './segments.ts';
+export {
+  type OutputOptions,
+  RegionBroker,
+  type RegionRef,
+  type RegionWriteOptions,
+  isRegionRef,
+  readInput,
+  readTableFromRegions,
+  regionsAvailable,
+  releaseRegions,
+  writeOutput,
+  writeTableToRegions,
+} from './region.ts';
 
 /** Options of {@link writeTableToShm}. */
 export interface WriteTableOptions extends ShmOptions {

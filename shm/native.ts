@@ -27,7 +27,29 @@ export interface NativeShm {
   parentPid(): number;
   /** Largest mapping the addon will hand to JavaScript. */
   setMaxByteLength(byteLength: number): void;
+  /** True when /dev/quiver (kmod/) can be opened. */
+  regionAvailable(): boolean;
+  /** Page-aligned private anonymous memory, read-write, `byteSize` rounded up to pages. */
+  allocAnonymous(byteSize: number): ArrayBuffer;
+  /** De-anonymizes a whole mapping from allocAnonymous: a new region fd (close-on-exec) and the region's id. */
+  shareRegion(mapping: ArrayBuffer): { fd: number; id: number };
+  /** Maps a region fd read-only (its whole length). */
+  mapRegion(fd: number): ArrayBuffer;
+  /** Serves region fds on the unix socket `socketPath` from a thread of its own. */
+  regionBrokerStart(socketPath: string): RegionBrokerHandle;
+  /** Stops the broker, closing every fd it holds; a second stop does nothing. */
+  regionBrokerStop(broker: RegionBrokerHandle): void;
+  regionBrokerCount(broker: RegionBrokerHandle): number;
+  /** Hands a copy of `fd` to the broker under `name` (EEXIST if taken). */
+  regionPut(socketPath: string, name: string, fd: number): void;
+  /** A new fd for `name` from the broker (ENOENT if unknown). */
+  regionGet(socketPath: string, name: string): number;
+  /** The broker closes its fd for `name`; unknown names are fine. */
+  regionDrop(socketPath: string, name: string): void;
 }
+
+/** Opaque handle of a running region broker. */
+export type RegionBrokerHandle = { readonly __regionBroker: unique symbol };
 
 /** Largest ArrayBuffer this Node.js allows (4 GiB on Node 20). */
 export const MAX_MAPPING_BYTES: number = bufferConstants.MAX_LENGTH;
@@ -71,6 +93,16 @@ export const native: NativeShm = {
   setParentDeathSignal: (signal) => call((m) => m.setParentDeathSignal(signal)),
   parentPid: () => call((m) => m.parentPid()),
   setMaxByteLength: (byteLength) => call((m) => m.setMaxByteLength(byteLength)),
+  regionAvailable: () => call((m) => m.regionAvailable()),
+  allocAnonymous: (byteSize) => call((m) => m.allocAnonymous(byteSize)),
+  shareRegion: (mapping) => call((m) => m.shareRegion(mapping)),
+  mapRegion: (fd) => call((m) => m.mapRegion(fd)),
+  regionBrokerStart: (socketPath) => call((m) => m.regionBrokerStart(socketPath)),
+  regionBrokerStop: (broker) => call((m) => m.regionBrokerStop(broker)),
+  regionBrokerCount: (broker) => call((m) => m.regionBrokerCount(broker)),
+  regionPut: (socketPath, name, fd) => call((m) => m.regionPut(socketPath, name, fd)),
+  regionGet: (socketPath, name) => call((m) => m.regionGet(socketPath, name)),
+  regionDrop: (socketPath, name) => call((m) => m.regionDrop(socketPath, name)),
 };
 
 /** The addon exactly as loaded, errors untranslated; for tests of the binding itself. */

@@ -81,9 +81,9 @@ if [ -f "$here/node-region.ts" ] && [ -f "$repo/shm/addon/build/Release/quiver_s
     mkdir -p "$root$(dirname "$lib")"
     cp -L "$lib" "$root$lib"
   done
-  mkdir -p "$root/quiver/shm/addon/build/Release"
-  cp "$repo/shm/addon/build/Release/quiver_shm.node" "$root/quiver/shm/addon/build/Release/"
-  # One self-contained file: shm/, apache-arrow and the test; the addon is loaded from ./shm/addon beside it.
+  mkdir -p "$root/quiver/addon/build/Release"
+  cp "$repo/shm/addon/build/Release/quiver_shm.node" "$root/quiver/addon/build/Release/"
+  # One self-contained file: shm/, apache-arrow and the test; the addon is loaded from ./addon beside it.
   "$repo/node_modules/.bin/esbuild" "$here/node-region.ts" --bundle --platform=node --format=esm --target=node20 \
     --outfile="$root/quiver/node-region.mjs" --log-level=warning \
     --banner:js="import { createRequire as __cr } from 'node:module'; const require = __cr(import.meta.url);" \

@@ -17,6 +17,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "region_core.h"
 #include "shm_core.h"
 
 #define MAX_ARGS 4
@@ -475,6 +476,195 @@ static napi_value js_set_max_byte_length(napi_env env, napi_callback_info info) 
   return NULL;
 }
 
+/* ---- regions (kmod/) ------------------------------------------------------ */
+
+static bool get_fd(napi_env env, napi_value v, const char *fn, int *out) {
+  double d;
+  if (!get_integer(env, v, fn, "fd", &d)) return false;
+  if (d < 0 || d > INT_MAX) {
+    throw_arg(env, "quiver shm %s: fd must be a file descriptor (>= 0), got %g", fn, d);
+    return false;
+  }
+  *out = (int)d;
+  return true;
+}
+
+static bool get_name(napi_env env, napi_value v, const char *fn, char *buf) {
+  if (!get_path(env, v, fn, buf)) return false;
+  if (strlen(buf) > QREGION_NAME_MAX) {
+    throw_arg(env, "quiver shm %s: name is longer than %d bytes", fn, QREGION_NAME_MAX);
+    return false;
+  }
+  return true;
+}
+
+static napi_value js_region_available(napi_env env, napi_callback_info info) {
+  napi_value argv[MAX_ARGS], result;
+  if (!get_args(env, info, "regionAvailable()", 0, argv)) return NULL;
+  napi_get_boolean(env, qregion_available(), &result);
+  return result;
+}
+
+static napi_value js_alloc_anonymous(napi_env env, napi_callback_info info) {
+  napi_value argv[MAX_ARGS];
+  uint64_t size;
+  if (!get_args(env, info, "allocAnonymous(byteSize)", 1, argv)) return NULL;
+  if (!get_byte_size(env, argv[0], "allocAnonymous", &size)) return NULL;
+  qshm_mapping mapping;
+  qshm_status s = qregion_alloc(size, &mapping);
+  if (s.err) {
+    throw_status(env, "allocAnonymous", s, "(anonymous memory)");
+    return NULL;
+  }
+  return wrap_mapping(env, "allocAnonymous", mapping, "(anonymous memory)");
+}
+
+static napi_value js_share_region(napi_env env, napi_callback_info info) {
+  napi_value argv[MAX_ARGS];
+  if (!get_args(env, info, "shareRegion(mapping)", 1, argv)) return NULL;
+  bool is_ab = false;
+  void *data = NULL;
+  size_t len = 0;
+  if (napi_is_arraybuffer(env, argv[0], &is_ab) != napi_ok) return NULL;
+  if (is_ab && napi_get_arraybuffer_info(env, argv[0], &data, &len) != napi_ok) return NULL;
+  record *r = is_ab && len > 0 ? registry_find_live(data) : NULL;
+  if (!r || r->mapping.len != len) {
+    throw_arg(env, "quiver shm shareRegion: mapping must be a live ArrayBuffer returned by allocAnonymous");
+    return NULL;
+  }
+  int fd;
+  uint64_t id;
+  qshm_status s = qregion_share(data, len, &fd, &id);
+  if (s.err) {
+    throw_status(env, "shareRegion", s, "/dev/quiver");
+    return NULL;
+  }
+  napi_value result, fd_v, id_v;
+  napi_create_object(env, &result);
+  napi_create_int32(env, fd, &fd_v);
+  napi_create_double(env, (double)id, &id_v);
+  napi_set_named_property(env, result, "fd", fd_v);
+  napi_set_named_property(env, result, "id", id_v);
+  return result;
+}
+
+static napi_value js_map_region(napi_env env, napi_callback_info info) {
+  napi_value argv[MAX_ARGS];
+  int fd;
+  if (!get_args(env, info, "mapRegion(fd)", 1, argv)) return NULL;
+  if (!get_fd(env, argv[0], "mapRegion", &fd)) return NULL;
+  qshm_mapping mapping;
+  qshm_status s = qregion_map(fd, max_byte_length, &mapping);
+  if (s.err == EFBIG) {
+    throw_too_large(env, "mapRegion", "a region", mapping.len, NULL);
+    return NULL;
+  }
+  if (s.err) {
+    throw_status(env, "mapRegion", s, "(region fd)");
+    return NULL;
+  }
+  return wrap_mapping(env, "mapRegion", mapping, "(region fd)");
+}
+
+static void finalize_broker(napi_env env, void *data, void *hint) {
+  qregion_broker **slot = data;
+  if (*slot) qregion_broker_stop(*slot);
+  free(slot);
+}
+
+static qregion_broker **get_broker(napi_env env, napi_value v, const char *fn) {
+  napi_valuetype t;
+  void *data = NULL;
+  if (napi_typeof(env, v, &t) != napi_ok) return NULL;
+  if (t != napi_external || napi_get_value_external(env, v, &data) != napi_ok || !data) {
+    throw_arg(env, "quiver shm %s: broker must be the handle returned by regionBrokerStart", fn);
+    return NULL;
+  }
+  return data;
+}
+
+static napi_value js_region_broker_start(napi_env env, napi_callback_info info) {
+  napi_value argv[MAX_ARGS], result;
+  char path[PATH_MAX];
+  if (!get_args(env, info, "regionBrokerStart(socketPath)", 1, argv)) return NULL;
+  if (!get_path(env, argv[0], "regionBrokerStart", path)) return NULL;
+  qregion_broker **slot = calloc(1, sizeof *slot);
+  if (!slot) {
+    napi_throw_error(env, "ENOMEM", "quiver shm: out of memory");
+    return NULL;
+  }
+  qshm_status s = qregion_broker_start(path, slot);
+  if (s.err) {
+    free(slot);
+    throw_status(env, "regionBrokerStart", s, path);
+    return NULL;
+  }
+  if (napi_create_external(env, slot, finalize_broker, NULL, &result) != napi_ok) {
+    qregion_broker_stop(*slot);
+    free(slot);
+    return NULL;
+  }
+  return result;
+}
+
+static napi_value js_region_broker_stop(napi_env env, napi_callback_info info) {
+  napi_value argv[MAX_ARGS];
+  if (!get_args(env, info, "regionBrokerStop(broker)", 1, argv)) return NULL;
+  qregion_broker **slot = get_broker(env, argv[0], "regionBrokerStop");
+  if (slot && *slot) {
+    qregion_broker_stop(*slot);
+    *slot = NULL;
+  }
+  return NULL;
+}
+
+static napi_value js_region_broker_count(napi_env env, napi_callback_info info) {
+  napi_value argv[MAX_ARGS], result;
+  if (!get_args(env, info, "regionBrokerCount(broker)", 1, argv)) return NULL;
+  qregion_broker **slot = get_broker(env, argv[0], "regionBrokerCount");
+  if (!slot) return NULL;
+  napi_create_int32(env, *slot ? qregion_broker_count(*slot) : 0, &result);
+  return result;
+}
+
+static napi_value js_region_put(napi_env env, napi_callback_info info) {
+  napi_value argv[MAX_ARGS];
+  char path[PATH_MAX], name[PATH_MAX];
+  int fd;
+  if (!get_args(env, info, "regionPut(socketPath, name, fd)", 3, argv)) return NULL;
+  if (!get_path(env, argv[0], "regionPut", path) || !get_name(env, argv[1], "regionPut", name) ||
+      !get_fd(env, argv[2], "regionPut", &fd))
+    return NULL;
+  qshm_status s = qregion_put(path, name, fd);
+  if (s.err) throw_status(env, "regionPut", s, name);
+  return NULL;
+}
+
+static napi_value js_region_get(napi_env env, napi_callback_info info) {
+  napi_value argv[MAX_ARGS], result;
+  char path[PATH_MAX], name[PATH_MAX];
+  if (!get_args(env, info, "regionGet(socketPath, name)", 2, argv)) return NULL;
+  if (!get_path(env, argv[0], "regionGet", path) || !get_name(env, argv[1], "regionGet", name)) return NULL;
+  int fd;
+  qshm_status s = qregion_get(path, name, &fd);
+  if (s.err) {
+    throw_status(env, "regionGet", s, name);
+    return NULL;
+  }
+  napi_create_int32(env, fd, &result);
+  return result;
+}
+
+static napi_value js_region_drop(napi_env env, napi_callback_info info) {
+  napi_value argv[MAX_ARGS];
+  char path[PATH_MAX], name[PATH_MAX];
+  if (!get_args(env, info, "regionDrop(socketPath, name)", 2, argv)) return NULL;
+  if (!get_path(env, argv[0], "regionDrop", path) || !get_name(env, argv[1], "regionDrop", name)) return NULL;
+  qshm_status s = qregion_drop(path, name);
+  if (s.err) throw_status(env, "regionDrop", s, name);
+  return NULL;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"create", NULL, js_create, NULL, NULL, NULL, napi_enumerable, NULL},
@@ -485,6 +675,16 @@ static napi_value init(napi_env env, napi_value exports) {
       {"setParentDeathSignal", NULL, js_set_parent_death_signal, NULL, NULL, NULL, napi_enumerable, NULL},
       {"parentPid", NULL, js_parent_pid, NULL, NULL, NULL, napi_enumerable, NULL},
       {"setMaxByteLength", NULL, js_set_max_byte_length, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"regionAvailable", NULL, js_region_available, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"allocAnonymous", NULL, js_alloc_anonymous, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"shareRegion", NULL, js_share_region, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"mapRegion", NULL, js_map_region, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"regionBrokerStart", NULL, js_region_broker_start, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"regionBrokerStop", NULL, js_region_broker_stop, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"regionBrokerCount", NULL, js_region_broker_count, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"regionPut", NULL, js_region_put, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"regionGet", NULL, js_region_get, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"regionDrop", NULL, js_region_drop, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok) return NULL;
   return exports;
