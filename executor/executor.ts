@@ -33,7 +33,7 @@ import {
   type Topology,
   type TopologyOptions,
 } from '../schemas/index.ts';
-import { drainPool, releaseSegments } from '../shm/index.ts';
+import { RegionBroker, drainPool, regionsAvailable, releaseRegionIds, releaseSegments } from '../shm/index.ts';
 import { buildRunner, type RunnerBuild } from './build-runner.ts';
 import { collectGarbage } from './gc.ts';
 import { STEP_PROCESS_MARKER, type RunnerJob, type RunnerReply } from './protocol.ts';
@@ -80,6 +80,8 @@ export class Executor {
   private readonly subscriptions: Subscription[] = [];
   private readonly linkedCode = new Map<string, string>();
   private gcTimer: NodeJS.Timeout | null = null;
+  /** Holds the fds of the regions this host's steps wrote, when the quiver module is loaded (kmod/). */
+  private regionBroker: RegionBroker | null = null;
   private readonly spares: ChildProcess[] = [];
 
   private constructor(
@@ -107,6 +109,7 @@ export class Executor {
     const consumer = await js.consumers.get(streams.work, consumers.executors);
     const executor = new Executor(nc, js, topology, consumer, runner, hostId, shmDir, options, logger);
     await executor.collectGarbage();
+    if (regionsAvailable()) executor.regionBroker = RegionBroker.inDir(shmDir);
     executor.listen();
     const concurrency = options.concurrency ?? (Number(process.env.QUIVER_CONCURRENCY) || availableParallelism());
     for (let i = 0; i < concurrency; i++) executor.loops.push(executor.pullLoop());
@@ -129,6 +132,8 @@ export class Executor {
     for (const steps of this.running.values()) for (const s of steps) this.kill(s, 'the executor is stopping');
     for (const spare of this.spares.splice(0)) spare.kill('SIGKILL');
     await Promise.all(this.loops);
+    // Its regions go once their last reader unmaps them.
+    this.regionBroker?.stop();
     drainPool({ dir: this.shmDir });
     removeEmptyDir(join(this.shmDir, 'pool'));
     removeEmptyDir(this.shmDir);
@@ -152,6 +157,7 @@ export class Executor {
         try {
           const message = decode(segmentRelease, msg.subject, msg.data);
           releaseSegments(message.segments, this.shmOptions());
+          if (this.regionBroker) releaseRegionIds(message.segments, { dir: this.shmDir });
         } catch (e) {
           this.logger.warn((e as Error).message);
         }
@@ -367,6 +373,7 @@ export class Executor {
       inputs: ready.inputs.map((i) => ({ param: i.param, descriptor: i.descriptor, ...(i.columns ? { columns: i.columns } : {}) })),
       shmDir: this.shmDir,
       outputIdPrefix: `${ready.runId}.${ready.step}.${attempt}`,
+      ...(this.regionBroker ? { regionBroker: this.regionBroker.socketPath } : {}),
       ...(this.options.maxSegmentBytes ? { maxSegmentBytes: this.options.maxSegmentBytes } : {}),
       ...(this.options.poolMaxBytes !== undefined ? { poolMaxBytes: this.options.poolMaxBytes } : {}),
     };

@@ -12,6 +12,8 @@ export interface RunnerJob {
   inputs: { param: string; columns?: string[]; descriptor: TableDescriptor }[];
   shmDir: string;
   outputIdPrefix: string;
+  /** Unix socket of the executor's region broker, set when the quiver module (kmod/) is loaded: outputs then go to regions. */
+  regionBroker?: string;
   maxSegmentBytes?: number;
   poolMaxBytes?: number;
 }
@@ -20,7 +22,7 @@ export interface RunnerJob {
 export type RunnerReply =
   | {
       type: 'result';
-      segments: { id: string; byteSize: number }[];
+      segments: TableDescriptor['segments'];
       byteSize: number;
       rows: number;
       schema: FieldSummary[];

@@ -3,7 +3,7 @@
  * step starts with plain `node`, no TypeScript loader on the hot path.
  */
 import { Table } from 'apache-arrow';
-import { isViewOf, parentPid, readTableFromShm, setParentDeathSignal, writeTableToShm } from '../shm/index.ts';
+import { isViewOf, parentPid, readInput, setParentDeathSignal, writeOutput } from '../shm/index.ts';
 import { STEP_PROCESS_MARKER, type RunnerJob, type RunnerReply } from './protocol.ts';
 
 const expectedParent = Number(process.env.QUIVER_EXECUTOR_PID);
@@ -54,7 +54,7 @@ async function runJob(job: RunnerJob): Promise<RunnerReply> {
   const inputs: Record<string, Table> = {};
   let inputCopiedBytes = 0;
   for (const input of job.inputs) {
-    const opened = readTableFromShm(input.descriptor.segments, { dir: job.shmDir });
+    const opened = readInput(input.descriptor.segments, { dir: job.shmDir });
     mappings.push(...opened.mappings);
     const have = opened.table.schema.fields.map((f) => f.name);
     const missing = (input.columns ?? []).filter((c) => !have.includes(c));
@@ -93,9 +93,11 @@ async function runJob(job: RunnerJob): Promise<RunnerReply> {
       },
     };
   }
-  const written = writeTableToShm(result, {
+  // Regions when the executor has a broker (the quiver module is loaded), else files: one copy.
+  const written = writeOutput(result, {
     dir: job.shmDir,
     idPrefix: job.outputIdPrefix,
+    ...(job.regionBroker ? { broker: job.regionBroker } : {}),
     ...(job.maxSegmentBytes ? { maxSegmentBytes: job.maxSegmentBytes } : {}),
     ...(job.poolMaxBytes !== undefined ? { poolMaxBytes: job.poolMaxBytes } : {}),
   });

@@ -21,6 +21,10 @@ export type FieldSummary = z.infer<typeof fieldSchema>;
 export const segmentRef = z.object({
   id: z.string().regex(/^[A-Za-z0-9._-]{1,200}$/),
   byteSize: nonNegativeInt,
+  /** Absent or 'file': a file in the cluster's shm directory. 'region': pages pinned by the quiver module (kmod/), reached through `broker`. */
+  kind: z.enum(['file', 'region']).optional(),
+  /** For a region: the absolute path of the unix socket of the broker holding its fd. */
+  broker: z.string().min(1).max(1024).optional(),
 });
 
 /** Where a table lives: only this travels between processes, never the data. */

@@ -19,7 +19,7 @@ import {
   type Topology,
   type TopologyOptions,
 } from '../schemas/index.ts';
-import { readTableFromShm } from '../shm/index.ts';
+import { readInput } from '../shm/index.ts';
 import type { LoadedPipeline } from './load.ts';
 
 /** Options for {@link QuiverClient.connect}. */
@@ -152,7 +152,7 @@ export class QuiverClient {
    * until the run is released: released segments are reused for later outputs.
    */
   openOutput(descriptor: TableDescriptor): OpenedTable {
-    return readTableFromShm(descriptor.segments, { dir: `${shmRoot()}/${this.topology.clusterId}` });
+    return readInput(descriptor.segments, { dir: `${shmRoot()}/${this.topology.clusterId}` });
   }
 
   /** The run ends when its KV record says so: status messages may be missed, the record is not. */

@@ -239,8 +239,9 @@ export function readStreams(
   const batches: RecordBatch[] = [];
   let schema: Schema | null = null;
   try {
-    for (const ref of checked) {
-      const { path, mapping } = open(ref);
+    for (const [index, ref] of checked.entries()) {
+      // The opener gets the ref as given: it may carry more than { id, byteSize } (a region's broker).
+      const { path, mapping } = open(refs[index] as SegmentRef);
       mappings.push(mapping);
       if (mapping.byteLength < ref.byteSize) {
         throw new ShmCorruptSegmentError(

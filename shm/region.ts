@@ -11,17 +11,28 @@
  * the broker drops it and every reader has unmapped it.
  */
 import { closeSync } from 'node:fs';
-import { isAbsolute } from 'node:path';
+import { readdirSync } from 'node:fs';
+import { isAbsolute, join } from 'node:path';
 import type { Table } from 'apache-arrow';
 import { type ReadResult, type WriteResult, checkTable, planSegments, readStreams, readTable, writeStream, writeTable } from './arrow.ts';
-import { ShmArgumentError } from './errors.ts';
+import { ShmArgumentError, errorCode, fromFsError } from './errors.ts';
 import { type RegionBrokerHandle, native } from './native.ts';
 import { DEFAULT_MAX_SEGMENT_BYTES, type ShmOptions, checkDir, checkId, describe, resolveOptions } from './options.ts';
-import type { SegmentRef } from './segments.ts';
+import { type SegmentRef, ensureDir, releaseSegmentIds, segmentIds, unlinkIfPresent } from './segments.ts';
 
-/** A stream held in a region; `id` is its name in the broker. Segment refs without `kind` name files. */
+/** A stream held in a region: `id` is its name in the broker listening on `broker`. Segment refs without `kind` name files. */
 export interface RegionRef extends SegmentRef {
   kind: 'region';
+  /** Absolute path of the broker's unix socket (regions, like segment files, are local to one host). */
+  broker: string;
+}
+
+/** Broker sockets in a segment directory are named like this; they are sockets, so listSegments skips them. */
+const BROKER_SOCKET = /^regions\.[0-9]+\.sock$/;
+
+/** Where the broker of process `pid` listens in segment directory `dir`. */
+export function regionBrokerPath(dir: string, pid: number = process.pid): string {
+  return join(checkDir(dir, 'regionBrokerPath'), `regions.${pid}.sock`);
 }
 
 /** Options of {@link writeTableToRegions}. */
@@ -62,6 +73,14 @@ export class RegionBroker {
     return this.handle === null ? 0 : native.regionBrokerCount(this.handle);
   }
 
+  /** Starts the broker of this process in segment directory `dir` (created if needed), replacing a stale socket of a dead process with our pid. */
+  static inDir(dir: string): RegionBroker {
+    ensureDir(dir);
+    const path = regionBrokerPath(dir);
+    unlinkIfPresent(path);
+    return new RegionBroker(path);
+  }
+
   /** Closes every fd held (regions then go once their readers unmap) and removes the socket. */
   stop(): void {
     if (this.handle !== null) native.regionBrokerStop(this.handle);
@@ -97,20 +116,20 @@ export function writeTableToRegions(table: Table, opts: RegionWriteOptions): Wri
       } finally {
         native.unmap(memory);
       }
-      segments.push({ kind: 'region', id, byteSize: plan.byteSize });
+      segments.push({ kind: 'region', id, byteSize: plan.byteSize, broker });
     });
   } catch (e) {
-    releaseRegions(segments, { broker });
+    releaseRegions(segments);
     throw e;
   }
   const byteSize = segments.reduce((sum, s) => sum + s.byteSize, 0);
   return { segments, byteSize, rows: table.numRows, copiedBytes: 0, reusedSegments: 0 };
 }
 
-/** Maps regions read-only through the broker and opens them as one Table without copying. */
-export function readTableFromRegions(refs: readonly SegmentRef[], opts: { broker: string }): ReadResult {
-  const broker = checkSocket(opts?.broker, 'readTableFromRegions');
+/** Maps regions read-only through their brokers and opens them as one Table without copying. */
+export function readTableFromRegions(refs: readonly RegionRef[]): ReadResult {
   return readStreams(refs, 'readTableFromRegions', (ref) => {
+    const broker = checkSocket((ref as Partial<RegionRef>).broker, 'readTableFromRegions');
     const fd = native.regionGet(broker, ref.id);
     try {
       return { path: `region ${ref.id}`, mapping: native.mapRegion(fd) };
@@ -120,10 +139,36 @@ export function readTableFromRegions(refs: readonly SegmentRef[], opts: { broker
   });
 }
 
-/** The broker closes its fds for these regions; missing ones are skipped. */
-export function releaseRegions(refs: readonly (string | SegmentRef)[], opts: { broker: string }): void {
-  const broker = checkSocket(opts?.broker, 'releaseRegions');
-  for (const ref of refs) native.regionDrop(broker, checkId(typeof ref === 'string' ? ref : ref?.id, 'releaseRegions'));
+/** Each region's broker closes its fd for it (the pages go once no reader maps them); unknown ones are skipped. */
+export function releaseRegions(refs: readonly RegionRef[]): void {
+  for (const ref of refs) {
+    native.regionDrop(checkSocket(ref?.broker, 'releaseRegions'), checkId(ref.id, 'releaseRegions'));
+  }
+}
+
+/**
+ * Drops regions known only by id (as in a release message) from every broker
+ * in `dir`; a broker whose process died is skipped (its regions went with it).
+ */
+export function releaseRegionIds(ids: readonly string[], opts: { dir: string }): void {
+  const dir = checkDir(opts?.dir, 'releaseRegionIds');
+  let sockets: string[];
+  try {
+    sockets = readdirSync(dir).filter((name) => BROKER_SOCKET.test(name));
+  } catch (e) {
+    if (errorCode(e) === 'ENOENT') return;
+    throw fromFsError(e, `quiver shm: cannot list ${dir}`);
+  }
+  for (const socket of sockets) {
+    for (const id of ids) {
+      try {
+        native.regionDrop(join(dir, socket), checkId(id, 'releaseRegionIds'));
+      } catch (e) {
+        if (errorCode(e) === 'ECONNREFUSED' || errorCode(e) === 'ENOENT') break;
+        throw e;
+      }
+    }
+  }
 }
 
 /** True for a ref that names a region rather than a file. */
@@ -138,23 +183,39 @@ export interface OutputOptions extends ShmOptions {
   broker?: string;
 }
 
+/** Region errors after which writing the output as files still works. */
+const REGION_FULL = new Set(['ENOMEM', 'ENOSPC']);
+
 /**
  * Writes a step's output the cheapest way available: regions (no copy into
  * shared memory, `copiedBytes` 0) when a broker is given and the module is
  * loaded, else segment files (one copy). `segments` say which kind they are.
  */
 export function writeOutput(table: Table, opts: OutputOptions): WriteResult {
-  if (opts?.broker !== undefined && regionsAvailable()) {
-    return writeTableToRegions(table, { broker: opts.broker, idPrefix: opts.idPrefix, maxSegmentBytes: opts.maxSegmentBytes });
+  const resolved = resolveOptions(opts, 'writeOutput');
+  if (opts.broker !== undefined && regionsAvailable()) {
+    try {
+      return writeTableToRegions(table, { broker: opts.broker, idPrefix: opts.idPrefix, maxSegmentBytes: resolved.maxSegmentBytes });
+    } catch (e) {
+      // Over RLIMIT_MEMLOCK (ENOMEM) or the module's cap (ENOSPC), the one-copy path still works.
+      if (!REGION_FULL.has(errorCode(e) ?? '')) throw e;
+    }
   }
-  return writeTable(table, resolveOptions(opts, 'writeOutput'), opts.idPrefix, 'writeOutput');
+  return writeTable(table, resolved, opts.idPrefix, 'writeOutput');
 }
 
+
 /** Reads what {@link writeOutput} wrote, whichever kind its segments are (all of one kind). */
-export function readInput(refs: readonly SegmentRef[], opts: { dir: string; broker?: string }): ReadResult {
-  const regions = Array.isArray(refs) ? refs.filter((r) => isRegionRef(r)).length : 0;
-  if (regions === 0) return readTable(refs, checkDir(opts?.dir, 'readInput'), 'readInput');
-  if (regions !== refs.length) throw new ShmArgumentError('readInput: a table is either all regions or all files, got both');
-  if (opts.broker === undefined) throw new ShmArgumentError('readInput: these segments are regions; pass the broker socket');
-  return readTableFromRegions(refs, { broker: opts.broker });
+export function readInput(refs: readonly SegmentRef[], opts: { dir: string }): ReadResult {
+  const regions = Array.isArray(refs) ? refs.filter((r) => isRegionRef(r)) : [];
+  if (regions.length === 0) return readTable(refs, checkDir(opts?.dir, 'readInput'), 'readInput');
+  if (regions.length !== refs.length) throw new ShmArgumentError('readInput: a table is either all regions or all files, got both');
+  return readTableFromRegions(regions);
+}
+
+/** Releases what {@link writeOutput} wrote: files to the pool, regions back to their brokers. */
+export function releaseOutput(refs: readonly SegmentRef[], opts: ShmOptions): void {
+  const regions = refs.filter((r) => isRegionRef(r));
+  releaseRegions(regions);
+  releaseSegmentIds(segmentIds(refs.filter((r) => !isRegionRef(r)), 'releaseOutput'), resolveOptions(opts, 'releaseOutput'));
 }

@@ -17,6 +17,8 @@ import {
   ShmError,
   isRegionRef,
   isViewOf,
+  regionBrokerPath,
+  releaseRegionIds,
   listSegments,
   readInput,
   regionsAvailable,
@@ -58,7 +60,7 @@ test('writeOutput without the module takes the file path: one copy, file segment
     assert.equal(written.copiedBytes, written.byteSize);
     assert.ok(written.segments.every((s) => !isRegionRef(s)));
     assert.deepEqual(listSegments(dir).map((s) => s.id), ['out-0']);
-    const { table: read, mappings } = readInput(written.segments, { dir, broker: broker.socketPath });
+    const { table: read, mappings } = readInput(written.segments, { dir });
     assert.ok(isViewOf(read, mappings));
     assert.deepEqual([...read.getChild('x')!], [...table.getChild('x')!]);
     releaseSegments(written.segments, { dir, poolMaxBytes: 0 });
@@ -69,10 +71,34 @@ test('writeOutput without the module takes the file path: one copy, file segment
 
 test('readInput refuses a mix of regions and files, and regions without a broker', () => {
   const dir = join(TEST_SHM_ROOT, 'unused');
-  assert.throws(() => readInput([{ id: 'a-0', byteSize: 64 }, { kind: 'region', id: 'b-0', byteSize: 64 } as never], { dir }), {
-    code: 'ERR_SHM_ARG',
-  });
-  assert.throws(() => readInput([{ kind: 'region', id: 'b-0', byteSize: 64 } as never], { dir }), { code: 'ERR_SHM_ARG' });
+  const region = { kind: 'region', id: 'b-0', byteSize: 64, broker: '/nonexistent/regions.1.sock' } as const;
+  assert.throws(() => readInput([{ id: 'a-0', byteSize: 64 }, region], { dir }), { code: 'ERR_SHM_ARG' });
+  assert.throws(() => readInput([{ ...region, broker: undefined } as never], { dir }), { code: 'ERR_SHM_ARG' });
+  assert.throws(() => readInput([region], { dir }), { code: 'ENOENT' });
+});
+
+test('releaseRegionIds drops ids from every broker in a directory and skips dead ones', (t) => {
+  const dir = tempDir(t);
+  const broker = RegionBroker.inDir(dir);
+  t.after(() => broker.stop());
+  assert.equal(broker.socketPath, regionBrokerPath(dir));
+  // A socket left by a dead process: nobody listens.
+  const dead = new RegionBroker(regionBrokerPath(dir, 999_999_999));
+  const deadPath = dead.socketPath;
+  dead.stop();
+  writeFileSync(deadPath + '.tmp', '');
+  const addon = rawAddon();
+  const fd = openSync(deadPath + '.tmp', 'r');
+  try {
+    addon.regionPut(broker.socketPath, 'run.step.1-0', fd);
+    addon.regionPut(broker.socketPath, 'run.step.1-1', fd);
+  } finally {
+    closeSync(fd);
+  }
+  assert.equal(broker.size, 2);
+  releaseRegionIds(['run.step.1-0', 'run.step.1-1', 'unknown-0'], { dir });
+  assert.equal(broker.size, 0);
+  releaseRegionIds(['x-0'], { dir: join(dir, 'missing') });
 });
 
 test('writeTableToRegions without the module fails with ENOENT and leaves the broker empty', { skip: deviceLoaded && 'the module is loaded here' }, (t) => {

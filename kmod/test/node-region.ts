@@ -7,7 +7,7 @@
  * Prints "ok - node: ..." / "not ok - node: ..." lines for the harness.
  */
 import { type ChildProcess, fork, spawnSync } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { type Table, tableFromArrays } from 'apache-arrow';
 import {
   RegionBroker,
@@ -15,8 +15,7 @@ import {
   isViewOf,
   readInput,
   regionsAvailable,
-  releaseRegions,
-  releaseSegments,
+  releaseOutput,
   writeOutput,
 } from '../../shm/index.ts';
 
@@ -63,7 +62,7 @@ function produce(): void {
 }
 
 function consume(segments: SegmentRef[]): void {
-  const { table, mappings } = readInput(segments, { dir: DIR, broker: BROKER });
+  const { table, mappings } = readInput(segments, { dir: DIR });
   const mismatch = sameTable(makeTable(ROWS), table);
   console.log(JSON.stringify({ mismatch, viewOf: isViewOf(table, mappings), rows: table.numRows }));
 }
@@ -88,9 +87,20 @@ function roundTrip(): void {
     const read = JSON.parse(consumed.out) as { mismatch: string | null; viewOf: boolean; rows: number };
     if (read.mismatch !== null) return fail(`tables differ: ${read.mismatch}`);
     if (!read.viewOf) return fail('the consumer copied a column');
-    releaseRegions(written.segments, { broker: BROKER });
+    releaseOutput(written.segments, { dir: DIR });
     if (broker.size !== 0) return fail(`broker still holds ${broker.size} regions`);
     if (pinnedBytes() !== 0) return fail(`${pinnedBytes()} bytes still pinned after release`);
+    // Over the module's cap the output still gets written: as files, with the one copy.
+    const cap = readFileSync('/sys/module/quiver/parameters/max_pinned_bytes', 'utf8');
+    writeFileSync('/sys/module/quiver/parameters/max_pinned_bytes', '4096');
+    try {
+      const fallback = writeOutput(makeTable(1000), { dir: DIR, broker: BROKER, idPrefix: 'node-full' });
+      if (fallback.segments.some((s) => (s as { kind?: string }).kind === 'region')) return fail('a region over the cap');
+      if (fallback.copiedBytes !== fallback.byteSize) return fail('the fallback did not report its copy');
+      releaseOutput(fallback.segments, { dir: DIR, poolMaxBytes: 0 });
+    } finally {
+      writeFileSync('/sys/module/quiver/parameters/max_pinned_bytes', cap.trim());
+    }
     console.log(
       `ok - node: a ${read.rows}-row table written by one process is read by another from ${written.segments.length} regions (${written.byteSize} bytes), 0 bytes copied, equal`,
     );
@@ -110,7 +120,7 @@ function shmemKiB(): number {
 function benchChild(): void {
   process.on('message', (m: { segments: SegmentRef[] } | 'exit') => {
     if (m === 'exit') process.exit(0);
-    const { table } = readInput(m.segments, { dir: DIR, broker: BROKER });
+    const { table } = readInput(m.segments, { dir: DIR });
     let sum = 0;
     for (const data of table.getChild('x')!.data) {
       const values = data.values as Float64Array;
@@ -148,8 +158,7 @@ async function bench(mib: number): Promise<void> {
       const ms = performance.now() - t0;
       const shmem = (shmemKiB() - shmem0) * 1024;
       if (sum !== expected) throw new Error(`bench: the child read other values (${kind})`);
-      if (kind === 'region') releaseRegions(written.segments, { broker: BROKER });
-      else releaseSegments(written.segments, { dir: DIR, poolMaxBytes: 0 });
+      releaseOutput(written.segments, { dir: DIR, poolMaxBytes: 0 });
       const best = results[kind];
       // The child unmaps earlier rounds' tables whenever it collects garbage, so only the first round's growth is clean.
       if (best === undefined) results[kind] = { ms, copied: written.copiedBytes, shmem };
