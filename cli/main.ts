@@ -1,19 +1,58 @@
+import { existsSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { connect } from '@nats-io/transport-node';
 import { jetstreamManager } from '@nats-io/jetstream';
 import { collectGarbage, Executor } from '../executor/index.ts';
 import { Orchestrator, PlanError } from '../orchestrator/index.ts';
-import { consoleLogger, ensureTopology, shmRoot, silentLogger, type RunView, type StepState } from '../schemas/index.ts';
-import { loadPipeline, PipelineLoadError, QuiverClient, startLocalCluster, type LocalCluster } from '../sdk/index.ts';
+import { consoleLogger, ensureTopology, NAME_PATTERN, shmRoot, silentLogger, type RunView, type StepState } from '../schemas/index.ts';
+import {
+  InvalidEventError,
+  loadPipeline,
+  NotDeployedError,
+  PipelineLoadError,
+  QuiverClient,
+  startLocalCluster,
+  TriggerError,
+  type LocalCluster,
+} from '../sdk/index.ts';
+import {
+  deployCommand,
+  eventsCommand,
+  findCluster,
+  NoClusterError,
+  pipelinesCommand,
+  publishCommand,
+  runsCommand,
+  undeployCommand,
+  upCommand,
+  UsageError,
+} from './cluster.ts';
 import { formatBytes, formatDuration, previewTable, stepDuration, summaryTable } from './format.ts';
 
 const USAGE = `Usage: quiver <command> [options]
 
 Commands:
-  run FILE [--json] [--params key=value]... [--keep]
-                 Run a pipeline and show each step's state and logs live.
-                 Without QUIVER_NATS_URL, a private nats-server, orchestrator and
-                 executor are started for the run and stopped after it.
+  run FILE|NAME [--json] [--params key=value]... [--keep]
+                 Run a pipeline file (or a deployed pipeline by name) and show each
+                 step's state and logs live. With no cluster (QUIVER_NATS_URL or
+                 \`quiver up\`), a private nats-server, orchestrator and executor are
+                 started for the run and stopped after it.
+  up [--concurrency N]
+                 Start a local cluster that keeps its state (deployments, runs,
+                 events) under QUIVER_HOME/cluster; the commands below find it.
+  deploy FILE    Deploy a pipeline with the triggers its file declares (a new
+                 version when the code or triggers changed).
+  pipelines [--json]
+                 List deployed pipelines: versions, triggers, next fire times.
+  undeploy NAME  Turn a deployed pipeline's triggers and schedule off.
+  publish SUBJECT JSON [--id ID]
+                 Publish an event; pipelines whose trigger matches start a run.
+                 A second event with the same id is dropped.
+  events dead [--json] [--limit N]
+                 Events that started nothing, with the reason.
+  runs [--pipeline NAME] [--limit N] [--json]
+                 List runs, newest first: trigger, state, duration.
+  runs show ID   One run's step table and errors.
   orchestrator   Run the orchestrator daemon against QUIVER_NATS_URL.
   executor [--concurrency N] [--host-id ID]
                  Run an executor daemon against QUIVER_NATS_URL.
@@ -23,13 +62,9 @@ Environment:
   QUIVER_NATS_URL   an existing NATS with JetStream (default: embedded private server)
   QUIVER_HOME       local state (default: <quiver>/.quiver)
   QUIVER_HOST_ID    this host's id (default: the hostname)
+  QUIVER_LEASE_TTL_MS  how long a silent leading orchestrator keeps the lead (default 5000)
 `;
 
-/** A command-line mistake: reported with the usage, exit code 2. */
-class UsageError extends Error {
-  override readonly name = 'UsageError';
-  readonly code = 'ERR_USAGE';
-}
 
 export async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
@@ -42,6 +77,20 @@ export async function main(argv: string[]): Promise<number> {
       return executorCommand(rest);
     case 'gc':
       return gcCommand();
+    case 'up':
+      return upCommand(rest, untilSignal);
+    case 'deploy':
+      return deployCommand(rest);
+    case 'undeploy':
+      return undeployCommand(rest);
+    case 'pipelines':
+      return pipelinesCommand(rest);
+    case 'publish':
+      return publishCommand(rest);
+    case 'events':
+      return eventsCommand(rest);
+    case 'runs':
+      return runsCommand(rest);
     case undefined:
     case '-h':
     case '--help':
@@ -74,25 +123,31 @@ async function runCommand(args: string[]): Promise<number> {
     },
   });
   const file = positionals[0];
-  if (!file || positionals.length > 1) throw new UsageError('run takes one pipeline file');
+  if (!file || positionals.length > 1) throw new UsageError('run takes one pipeline file, or the name of a deployed pipeline');
   const params = parseParams(values.params ?? []);
   // With --json, stdout carries only the final JSON object; the live view goes to stderr.
   const out = values.json ? process.stderr : process.stdout;
   const say = (line: string) => out.write(line + '\n');
 
-  const loaded = await loadPipeline(file);
-  const natsUrl = process.env.QUIVER_NATS_URL;
+  const byName = !existsSync(file) && NAME_PATTERN.test(file);
+  const found = await findCluster();
+  if (byName && !found) {
+    throw new NoClusterError(`"${file}" is no file; to run a deployed pipeline by name, start a cluster with \`quiver up\` or set QUIVER_NATS_URL`);
+  }
+  const loaded = byName ? null : await loadPipeline(file);
+  const natsUrl = found?.url;
   let cluster: LocalCluster | null = null;
   let client: QuiverClient;
-  if (natsUrl) {
-    client = await QuiverClient.connect({ natsUrl });
+  if (found) {
+    client = await QuiverClient.connect({ nc: found.nc, ownConnection: true });
   } else {
     cluster = await startLocalCluster({ logger: process.env.QUIVER_DEBUG ? consoleLogger('quiver') : silentLogger });
     client = cluster.client;
   }
   try {
-    const handle = await client.run(loaded, { params, keep: values.keep ?? false });
-    say(`run ${handle.id}: ${loaded.plan.pipeline} (${loaded.plan.steps.length} steps)${cluster ? ' on an embedded NATS' : ` on ${natsUrl}`}`);
+    const handle = await client.run(loaded ?? file, { params, keep: values.keep ?? false });
+    const plan = loaded?.plan ?? (await client.getDeployment(file))!.plan;
+    say(`run ${handle.id}: ${plan.pipeline} (${plan.steps.length} steps)${cluster ? ' on an embedded NATS' : ` on ${natsUrl}`}`);
     let interrupted = 0;
     const onSigint = () => {
       interrupted++;
@@ -103,7 +158,7 @@ async function runCommand(args: string[]): Promise<number> {
     };
     process.on('SIGINT', onSigint);
 
-    const width = Math.max(...loaded.plan.steps.map((s) => s.name.length));
+    const width = Math.max(...plan.steps.map((s) => s.name.length));
     const lastState = new Map<string, StepState>();
     for await (const event of handle.events()) {
       if (event.type === 'log') {
@@ -197,8 +252,12 @@ async function untilSignal(): Promise<NodeJS.Signals> {
 
 async function orchestratorCommand(): Promise<number> {
   const nc = await connect({ servers: requireNatsUrl('quiver orchestrator'), name: 'quiver-orchestrator' });
-  const orchestrator = await Orchestrator.start(nc, { topology: topologyFromEnv() });
-  console.error(`orchestrator running against ${nc.getServer()}`);
+  const leaseTtlMs = Number(process.env.QUIVER_LEASE_TTL_MS);
+  const orchestrator = await Orchestrator.start(nc, {
+    topology: topologyFromEnv(),
+    ...(Number.isFinite(leaseTtlMs) && leaseTtlMs > 0 ? { lease: { ttlMs: leaseTtlMs } } : {}),
+  });
+  console.error(`orchestrator running against ${nc.getServer()} (${orchestrator.isLeader ? 'leading' : 'standing by for the leader'})`);
   await untilSignal();
   await orchestrator.stop();
   await nc.close();
@@ -245,7 +304,14 @@ export async function runCli(argv: string[]): Promise<void> {
     if (error instanceof UsageError) {
       process.stderr.write(`quiver: ${error.message}\n\n${USAGE}`);
       process.exitCode = 2;
-    } else if (error instanceof PlanError || error instanceof PipelineLoadError) {
+    } else if (
+      error instanceof PlanError ||
+      error instanceof PipelineLoadError ||
+      error instanceof TriggerError ||
+      error instanceof NoClusterError ||
+      error instanceof NotDeployedError ||
+      error instanceof InvalidEventError
+    ) {
       process.stderr.write(`quiver: ${error.message}\n`);
       process.exitCode = 2;
     } else if ((error as { code?: string }).code === 'ERR_PARSE_ARGS_UNKNOWN_OPTION') {

@@ -370,6 +370,7 @@ export class Executor {
       runId: ready.runId,
       step: ready.step,
       params: ready.params,
+      event: ready.event ?? null,
       inputs: ready.inputs.map((i) => ({ param: i.param, descriptor: i.descriptor, ...(i.columns ? { columns: i.columns } : {}) })),
       shmDir: this.shmDir,
       outputIdPrefix: `${ready.runId}.${ready.step}.${attempt}`,

@@ -1,4 +1,4 @@
-import type { FieldSummary, StepError, TableDescriptor } from '../schemas/index.ts';
+import type { FieldSummary, RunEventPayload, StepError, TableDescriptor } from '../schemas/index.ts';
 
 /** The marker in a step process's command line: `quiver-step <clusterId> <runId> <step>`. gc looks for it. */
 export const STEP_PROCESS_MARKER = 'quiver-step';
@@ -9,6 +9,7 @@ export interface RunnerJob {
   runId: string;
   step: string;
   params: Record<string, string>;
+  event: RunEventPayload | null;
   inputs: { param: string; columns?: string[]; descriptor: TableDescriptor }[];
   shmDir: string;
   outputIdPrefix: string;

@@ -79,6 +79,7 @@ async function runJob(job: RunnerJob): Promise<RunnerReply> {
     runId: job.runId,
     step: job.step,
     params: Object.freeze({ ...job.params }),
+    event: job.event ? Object.freeze({ ...job.event }) : null,
     log: (...args: unknown[]) => console.log(...args),
     isZeroCopy: (table: Table) => isViewOf(table, mappings),
   };

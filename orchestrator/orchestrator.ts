@@ -1,20 +1,26 @@
+import { hostname } from 'node:os';
 import { jetstream, jetstreamManager, type ConsumerMessages, type JetStreamClient, type JsMsg } from '@nats-io/jetstream';
+import { KvWatchInclude, type KvEntry } from '@nats-io/kv';
 import type { NatsConnection } from '@nats-io/transport-node';
 import { createActor, type Actor } from 'xstate';
 import {
   consumers,
   consoleLogger,
   controlMessage,
+  deadEvent,
   decode,
+  deployment as deploymentSchema,
   encode,
   ensureTopology,
   runKill,
+  runSubmit as runSubmitSchema,
   runView,
   segmentRelease,
   stepReady,
   streams,
   subjects,
   type ControlMessage,
+  type Deployment,
   type Logger,
   type RunSubmit,
   type StepReady,
@@ -22,17 +28,32 @@ import {
   type Topology,
   type TopologyOptions,
 } from '../schemas/index.ts';
+import { deterministicUlid, Lease } from './lease.ts';
 import { childrenOf, outputSteps } from './plan.ts';
 import { createRunMachine, runStateOf, stepStatesOf, type RunMachine, type RunSnapshot } from './run-machine.ts';
+import { Scheduler } from './scheduler.ts';
+import { schemaViolation, subjectMatches } from './triggers.ts';
 
 /** Options for {@link Orchestrator.start}. */
 export interface OrchestratorOptions {
   topology?: TopologyOptions;
   /** @default console, prefixed "orchestrator" */
   logger?: Logger;
-  /** The clock for run start and finish times. @default Date.now */
+  /** The clock for run start and finish times, leases and schedules. @default Date.now */
   now?: () => number;
+  /**
+   * One orchestrator leads at a time; others stand by and take over when its lease lapses.
+   * @default { ttlMs: 5_000 }
+   */
+  lease?: { ttlMs?: number };
+  /** A tick this late is still on time (not subject to catchUp). @default twice the lease ttl */
+  scheduleGraceMs?: number;
+  /** Shown in the lease and logs. @default `<hostname>:<pid>` */
+  id?: string;
 }
+
+export const DEFAULT_LEASE_TTL_MS = 5_000;
+const LEADER_LEASE = 'orchestrator';
 
 function addTo(byHost: Map<string, string[]>, hostId: string, segment: string): void {
   byHost.set(hostId, [...(byHost.get(hostId) ?? []), segment]);
@@ -43,10 +64,18 @@ const SETTLED = new Set(['succeeded', 'failed', 'skipped', 'cancelled']);
 /** What the orchestrator keeps per run in the `quiver-runs` bucket, rewritten on every transition. */
 interface RunRecord {
   submit: RunSubmit;
+  /** The machine's persisted snapshot; null while the run waits in its pipeline's queue. */
   snapshot: unknown;
   view: RunView;
   /** Segments already handed back to their hosts. */
   released: string[];
+  /** The submission's control stream sequence: queued runs start in this order. */
+  sequence?: number;
+}
+
+interface QueuedRun {
+  submit: RunSubmit;
+  sequence: number;
 }
 
 interface LiveRun {
@@ -55,6 +84,7 @@ interface LiveRun {
   released: Set<string>;
   /** Steps whose ready message this process has sent (re-sent after a restart: JetStream dedupes). */
   dispatched: Set<string>;
+  startedAt: number;
   finishedAt: number | null;
   outputsReleased: boolean;
 }
@@ -66,8 +96,14 @@ interface LiveRun {
  */
 export class Orchestrator {
   private readonly runs = new Map<string, LiveRun>();
-  private messages: ConsumerMessages | null = null;
-  private loop: Promise<void> | null = null;
+  /** Per pipeline, runs waiting for a free place, oldest first. */
+  private readonly queues = new Map<string, QueuedRun[]>();
+  private readonly deployments = new Map<string, Deployment>();
+  private readonly consuming: { messages: ConsumerMessages; loop: Promise<void> }[] = [];
+  private deploymentWatch: { stop(): void } | null = null;
+  private readonly scheduler: Scheduler;
+  private readonly lease: Lease;
+  private leaderSince: number | null = null;
 
   private constructor(
     private readonly nc: NatsConnection,
@@ -75,29 +111,114 @@ export class Orchestrator {
     private readonly topology: Topology,
     private readonly logger: Logger,
     private readonly now: () => number,
-  ) {}
+    options: OrchestratorOptions,
+  ) {
+    const ttlMs = options.lease?.ttlMs ?? DEFAULT_LEASE_TTL_MS;
+    this.scheduler = new Scheduler({
+      kv: topology.schedules,
+      logger,
+      now,
+      graceMs: options.scheduleGraceMs ?? 2 * ttlMs,
+      submit: (deployment, tick) => this.submitScheduled(deployment, tick),
+    });
+    this.lease = new Lease(topology.leases, LEADER_LEASE, {
+      holder: options.id ?? `${hostname()}:${process.pid}`,
+      ttlMs,
+      logger,
+      now,
+      onAcquired: () => this.lead(),
+      onLost: () => this.standBy(),
+    });
+  }
 
+  /**
+   * Starts an orchestrator. It leads at once when no other does (it has resumed every unfinished
+   * run when this resolves); otherwise it stands by and takes over when the leader's lease lapses.
+   */
   static async start(nc: NatsConnection, options: OrchestratorOptions = {}): Promise<Orchestrator> {
     const jsm = await jetstreamManager(nc);
     const topology = await ensureTopology(nc, jsm, options.topology);
-    const orchestrator = new Orchestrator(nc, jetstream(nc), topology, options.logger ?? consoleLogger('orchestrator'), options.now ?? Date.now);
-    await orchestrator.resume();
-    const consumer = await orchestrator.js.consumers.get(streams.control, consumers.orchestrator);
-    orchestrator.messages = await consumer.consume({ max_messages: 256 });
-    orchestrator.loop = orchestrator.consumeLoop(orchestrator.messages);
+    const orchestrator = new Orchestrator(nc, jetstream(nc), topology, options.logger ?? consoleLogger('orchestrator'), options.now ?? Date.now, options);
+    await orchestrator.lease.start();
     return orchestrator;
   }
 
-  async stop(): Promise<void> {
-    await this.messages?.close();
-    await this.loop;
-    for (const run of this.runs.values()) run.actor.stop();
-    this.runs.clear();
+  get isLeader(): boolean {
+    return this.lease.isLeader;
   }
 
-  private async consumeLoop(messages: ConsumerMessages): Promise<void> {
+  /** The scheduler, for tests that drive it with an injected clock. */
+  get schedules(): Scheduler {
+    return this.scheduler;
+  }
+
+  async stop(): Promise<void> {
+    await this.lease.stop();
+  }
+
+  private async lead(): Promise<void> {
+    this.leaderSince = this.now();
+    await this.resume();
+    await this.watchDeployments();
+    const control = await this.js.consumers.get(streams.control, consumers.orchestrator);
+    const controlMessages = await control.consume({ max_messages: 64 });
+    this.consuming.push({ messages: controlMessages, loop: this.consumeLoop(controlMessages, (m) => this.handle(m)) });
+    const events = await this.js.consumers.get(streams.events, consumers.triggers);
+    const eventMessages = await events.consume({ max_messages: 64 });
+    this.consuming.push({ messages: eventMessages, loop: this.consumeLoop(eventMessages, (m) => this.handleEvent(m)) });
+    this.scheduler.start();
+  }
+
+  /** Lets go of everything a leader holds; the KV records stay for the next leader. */
+  private async standBy(): Promise<void> {
+    this.leaderSince = null;
+    await this.scheduler.stop();
+    this.deploymentWatch?.stop();
+    this.deploymentWatch = null;
+    const consuming = this.consuming.splice(0);
+    await Promise.all(consuming.map((c) => c.messages.close()));
+    await Promise.all(consuming.map((c) => c.loop));
+    for (const run of this.runs.values()) run.actor.stop();
+    this.runs.clear();
+    this.queues.clear();
+    this.deployments.clear();
+  }
+
+  private async consumeLoop(messages: ConsumerMessages, handle: (msg: JsMsg) => Promise<void>): Promise<void> {
     for await (const msg of messages) {
-      await this.handle(msg);
+      await handle(msg);
+    }
+  }
+
+  /** Keeps the deployed pipelines in memory for triggers and the scheduler. */
+  private async watchDeployments(): Promise<void> {
+    // Watching before reading the current ones: nothing deployed in between is missed.
+    const watch = await this.topology.pipelines.watch({ key: '*', include: KvWatchInclude.UpdatesOnly });
+    this.deploymentWatch = watch;
+    void (async () => {
+      for await (const entry of watch) this.applyDeployment(entry);
+    })();
+    // Only current versions: their keys are the bare names.
+    for await (const key of await this.topology.pipelines.keys('*')) {
+      const entry = await this.topology.pipelines.get(key);
+      if (entry) this.applyDeployment(entry);
+    }
+  }
+
+  private applyDeployment(entry: KvEntry): void {
+    if (entry.operation !== 'PUT') {
+      this.deployments.delete(entry.key);
+      this.scheduler.remove(entry.key);
+      return;
+    }
+    try {
+      const d = deploymentSchema.parse(entry.json());
+      // The watch and the initial read may deliver one deployment twice, in either order.
+      if ((this.deployments.get(d.name)?.version ?? 0) > d.version) return;
+      this.deployments.set(d.name, d);
+      this.scheduler.set(d);
+    } catch (error) {
+      this.logger.warn(`deployment ${entry.key} is malformed; ignoring it: ${(error as Error).message}`);
     }
   }
 
@@ -112,7 +233,7 @@ export class Orchestrator {
       return;
     }
     try {
-      await this.apply(message);
+      await this.apply(message, msg.seq);
       msg.ack();
     } catch (error) {
       this.logger.error(`could not apply ${message.type} of run ${message.runId}: ${(error as Error).stack ?? error}`);
@@ -121,17 +242,20 @@ export class Orchestrator {
     }
   }
 
-  private async apply(message: ControlMessage): Promise<void> {
+  private async apply(message: ControlMessage, sequence: number): Promise<void> {
     if (message.type === 'run.submit') {
-      if (this.runs.has(message.runId) || (await this.topology.runs.get(message.runId))) return;
-      const run = this.track(message, createActor(createRunMachine(message.plan), { input: { runId: message.runId } }), []);
+      if (this.runs.has(message.runId) || this.queuedRun(message.runId) || (await this.topology.runs.get(message.runId))) return;
       this.logger.info(`run ${message.runId} of ${message.plan.pipeline} submitted by ${message.submittedBy}`);
-      await this.afterTransition(run);
+      await this.admit(message, sequence);
       return;
     }
     const run = this.runs.get(message.runId);
     if (message.type === 'run.release') {
       await this.releaseOutputs(message.runId, run);
+      return;
+    }
+    if (message.type === 'run.cancel' && !run) {
+      await this.cancelQueued(message.runId, message.reason);
       return;
     }
     if (!run) {
@@ -185,14 +309,206 @@ export class Orchestrator {
       run.actor.stop();
       this.runs.delete(run.submit.runId);
       if (run.outputsReleased) await this.releaseOutputs(run.submit.runId, undefined);
+      await this.startQueued(run.submit.plan.pipeline);
     }
   }
 
-  private track(submit: RunSubmit, actor: Actor<RunMachine>, released: string[]): LiveRun {
-    const run: LiveRun = { submit, actor, released: new Set(released), dispatched: new Set(), finishedAt: null, outputsReleased: false };
+  private track(submit: RunSubmit, actor: Actor<RunMachine>, released: string[], startedAt: number): LiveRun {
+    const run: LiveRun = {
+      submit,
+      actor,
+      released: new Set(released),
+      dispatched: new Set(),
+      startedAt,
+      finishedAt: null,
+      // Nobody waits to read the outputs of a run an event or a schedule started.
+      outputsReleased: (submit.trigger?.kind ?? 'user') !== 'user',
+    };
     actor.start();
     this.runs.set(submit.runId, run);
     return run;
+  }
+
+  private queuedRun(runId: string): QueuedRun | undefined {
+    for (const queue of this.queues.values()) {
+      const found = queue.find((q) => q.submit.runId === runId);
+      if (found) return found;
+    }
+    return undefined;
+  }
+
+  /** Starts the run now, queues it behind others, or (overlap: skip) drops its tick. */
+  private async admit(submit: RunSubmit, sequence: number): Promise<void> {
+    const pipeline = submit.plan.pipeline;
+    if (submit.trigger?.kind === 'schedule' && submit.admission?.overlap === 'skip' && this.scheduledRunGoing(pipeline)) {
+      this.logger.info(`tick ${new Date(submit.trigger.tick).toISOString()} of ${pipeline} skipped: the previous scheduled run still goes (overlap: skip)`);
+      return;
+    }
+    const queue = this.queues.get(pipeline) ?? [];
+    if (queue.length > 0 || !this.hasRoomFor(submit)) {
+      queue.push({ submit, sequence });
+      this.queues.set(pipeline, queue);
+      const view = this.queuedView(submit, 'queued', null);
+      await this.topology.runs.put(submit.runId, JSON.stringify({ submit, snapshot: null, view, released: [], sequence } satisfies RunRecord));
+      this.nc.publish(subjects.status(submit.runId), encode(runView, view));
+      return;
+    }
+    await this.startRun(submit);
+  }
+
+  private scheduledRunGoing(pipeline: string): boolean {
+    const scheduled = (s: RunSubmit) => s.plan.pipeline === pipeline && s.trigger?.kind === 'schedule';
+    return [...this.runs.values()].some((r) => scheduled(r.submit)) || (this.queues.get(pipeline) ?? []).some((q) => scheduled(q.submit));
+  }
+
+  private hasRoomFor(submit: RunSubmit): boolean {
+    const pipeline = submit.plan.pipeline;
+    const going = [...this.runs.values()].filter((r) => r.submit.plan.pipeline === pipeline);
+    const max = submit.admission?.maxConcurrentRuns;
+    if (max && going.length >= max) return false;
+    if (submit.trigger?.kind === 'schedule' && submit.admission?.overlap === 'queue') {
+      return !going.some((r) => r.submit.trigger?.kind === 'schedule');
+    }
+    return true;
+  }
+
+  private async startRun(submit: RunSubmit): Promise<void> {
+    const run = this.track(submit, createActor(createRunMachine(submit.plan), { input: { runId: submit.runId } }), [], this.now());
+    await this.afterTransition(run);
+  }
+
+  /** Starts queued runs of the pipeline, in order, while there is room. */
+  private async startQueued(pipeline: string): Promise<void> {
+    const queue = this.queues.get(pipeline);
+    while (queue && queue.length > 0 && this.hasRoomFor(queue[0]!.submit)) {
+      const next = queue.shift()!;
+      await this.startRun(next.submit);
+    }
+    if (queue?.length === 0) this.queues.delete(pipeline);
+  }
+
+  private async cancelQueued(runId: string, reason: string): Promise<void> {
+    for (const [pipeline, queue] of this.queues) {
+      const index = queue.findIndex((q) => q.submit.runId === runId);
+      if (index < 0) continue;
+      const [{ submit, sequence }] = queue.splice(index, 1) as [QueuedRun];
+      if (queue.length === 0) this.queues.delete(pipeline);
+      const view = this.queuedView(submit, 'cancelled', this.now());
+      this.logger.info(`queued run ${runId} cancelled: ${reason}`);
+      await this.topology.runs.put(runId, JSON.stringify({ submit, snapshot: null, view, released: [], sequence } satisfies RunRecord));
+      this.nc.publish(subjects.status(runId), encode(runView, view));
+      return;
+    }
+  }
+
+  private queuedView(submit: RunSubmit, state: 'queued' | 'cancelled', finishedAt: number | null): RunView {
+    return {
+      runId: submit.runId,
+      pipeline: submit.plan.pipeline,
+      state,
+      submittedAt: submit.submittedAt,
+      startedAt: null,
+      finishedAt,
+      keep: submit.keep,
+      outputsReleased: false,
+      trigger: submit.trigger ?? { kind: 'user', by: submit.submittedBy },
+      version: submit.version ?? null,
+      outputs: outputSteps(submit.plan),
+      steps: submit.plan.steps.map((s) => ({
+        name: s.name,
+        state: state === 'queued' ? 'waiting' : 'cancelled',
+        attempt: 0,
+        executorId: null,
+        hostId: null,
+        startedAt: null,
+        finishedAt: null,
+        rows: null,
+        bytes: null,
+        transport: null,
+        copiedBytes: null,
+        output: null,
+        error: null,
+      })),
+    };
+  }
+
+  /** Starts one run per deployed pipeline whose trigger matches the event; never throws. */
+  private async handleEvent(msg: JsMsg): Promise<void> {
+    const subject = msg.subject.slice(subjects.eventsPrefix.length);
+    const eventId = msg.headers?.get('Nats-Msg-Id') || `seq-${msg.seq}`;
+    try {
+      const matching = [...this.deployments.values()].flatMap((d) => {
+        const trigger = d.events.find((t) => subjectMatches(t.subject, subject));
+        return trigger ? [{ deployment: d, trigger }] : [];
+      });
+      if (matching.length === 0) {
+        msg.ack();
+        return;
+      }
+      const text = new TextDecoder().decode(msg.data);
+      let payload: unknown;
+      try {
+        payload = text === '' ? null : JSON.parse(text);
+      } catch (error) {
+        await this.deadLetter(subject, eventId, null, `the payload is not JSON: ${(error as Error).message}`, text);
+        msg.ack();
+        return;
+      }
+      const publishedAt = Math.floor(msg.info.timestampNanos / 1_000_000);
+      for (const { deployment, trigger } of matching) {
+        const violation = trigger.schema ? schemaViolation(trigger.schema, payload) : null;
+        if (violation) {
+          await this.deadLetter(subject, eventId, deployment.name, `fails the event schema of pipeline ${deployment.name}: ${violation}`, text);
+          continue;
+        }
+        const runId = deterministicUlid(publishedAt, `event:${eventId}:${deployment.name}`);
+        await this.submitDeployed(deployment, runId, { kind: 'event', subject, eventId, sequence: msg.seq }, `event ${subject}`, {
+          subject,
+          id: eventId,
+          payload,
+          publishedAt,
+        });
+      }
+      msg.ack();
+    } catch (error) {
+      this.logger.error(`could not handle event ${eventId} on ${subject}: ${(error as Error).stack ?? error}`);
+      msg.nak(1000);
+    }
+  }
+
+  private async deadLetter(subject: string, eventId: string, pipeline: string | null, reason: string, payload: string): Promise<void> {
+    this.logger.warn(`event ${eventId} on ${subject} dead-lettered: ${reason}`);
+    const dead = { subject, eventId, pipeline, reason: reason.slice(0, 4000), payload: payload.slice(0, 65_536), at: this.now() };
+    await this.js.publish(subjects.deadEvent, encode(deadEvent, dead), { msgID: `${eventId}.${pipeline ?? '*'}.dead` });
+  }
+
+  private async submitScheduled(deployment: Deployment, tick: number): Promise<void> {
+    const runId = deterministicUlid(tick, `schedule:${deployment.name}:${tick}`);
+    await this.submitDeployed(deployment, runId, { kind: 'schedule', tick }, 'schedule');
+  }
+
+  private async submitDeployed(
+    deployment: Deployment,
+    runId: string,
+    trigger: NonNullable<RunSubmit['trigger']>,
+    submittedBy: string,
+    event?: RunSubmit['event'],
+  ): Promise<void> {
+    const submit: RunSubmit = {
+      type: 'run.submit',
+      runId,
+      plan: deployment.plan,
+      codeHash: deployment.codeHash,
+      params: {},
+      keep: false,
+      submittedAt: this.now(),
+      submittedBy,
+      trigger,
+      version: deployment.version,
+      admission: { maxConcurrentRuns: deployment.maxConcurrentRuns, overlap: deployment.schedule?.overlap ?? null },
+      ...(event ? { event } : {}),
+    };
+    await this.js.publish(subjects.runSubmit, encode(runSubmitSchema, submit), { msgID: `${runId}.submit` });
   }
 
   private publishReleases(byHost: Map<string, string[]>): void {
@@ -216,6 +532,7 @@ export class Orchestrator {
       codeHash: run.submit.codeHash,
       params: run.submit.params,
       inputs,
+      ...(run.submit.event ? { event: run.submit.event } : {}),
     };
     await this.js.publish(subjects.stepReady, encode(stepReady, message), { msgID: `${run.submit.runId}.${step}.ready` });
   }
@@ -253,9 +570,12 @@ export class Orchestrator {
       pipeline: run.submit.plan.pipeline,
       state: runStateOf(snapshot),
       submittedAt: run.submit.submittedAt,
+      startedAt: run.startedAt,
       finishedAt: run.finishedAt,
       keep: run.submit.keep,
       outputsReleased: false,
+      trigger: run.submit.trigger ?? { kind: 'user', by: run.submit.submittedBy },
+      version: run.submit.version ?? null,
       outputs: outputSteps(run.submit.plan),
       steps: run.submit.plan.steps.map((s) => {
         const facts = snapshot.context.steps[s.name]!;
@@ -278,9 +598,10 @@ export class Orchestrator {
     };
   }
 
-  /** Rebuilds the machine of every unfinished run from its persisted snapshot. */
+  /** Rebuilds the machine of every unfinished run from its persisted snapshot, and the queues. */
   private async resume(): Promise<void> {
     const keys = await this.topology.runs.keys();
+    const queued: QueuedRun[] = [];
     for await (const key of keys) {
       const entry = await this.topology.runs.get(key);
       if (!entry) continue;
@@ -291,12 +612,24 @@ export class Orchestrator {
         this.logger.warn(`run record ${key} is not JSON; leaving it alone`);
         continue;
       }
+      if (record.view.state === 'queued') {
+        queued.push({ submit: record.submit, sequence: record.sequence ?? 0 });
+        continue;
+      }
       if (record.view.state !== 'running') continue;
       const actor = createActor(createRunMachine(record.submit.plan), { snapshot: record.snapshot as never, input: { runId: key } });
-      const run = this.track(record.submit, actor, record.released);
+      const run = this.track(record.submit, actor, record.released, record.view.startedAt ?? record.view.submittedAt);
+      run.outputsReleased ||= record.view.outputsReleased;
       this.logger.info(`resumed run ${key} of ${record.submit.plan.pipeline}`);
       await this.afterTransition(run);
     }
+    queued.sort((a, b) => a.sequence - b.sequence);
+    for (const q of queued) {
+      const queue = this.queues.get(q.submit.plan.pipeline) ?? [];
+      queue.push(q);
+      this.queues.set(q.submit.plan.pipeline, queue);
+    }
+    for (const pipeline of [...this.queues.keys()]) await this.startQueued(pipeline);
   }
 }
 

@@ -59,6 +59,61 @@ export type PlanStep = z.infer<typeof planStep>;
 
 const params = z.record(z.string(), z.string());
 
+/** An event subject as users publish it: dot-separated tokens, no wildcards. */
+export const EVENT_SUBJECT_PATTERN = /^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$/;
+export const eventSubject = z
+  .string()
+  .max(200)
+  .regex(EVENT_SUBJECT_PATTERN, 'must be dot-separated tokens of letters, digits, _ or - (e.g. orders.uploaded)');
+/** What a trigger listens to: a subject with NATS wildcards (`*` one token, `>` the rest). */
+export const eventPattern = z
+  .string()
+  .max(200)
+  .regex(/^([A-Za-z0-9_-]+|\*)(\.([A-Za-z0-9_-]+|\*))*(\.>)?$|^>$/, 'must be a subject whose tokens may be * or a final > (e.g. orders.*)');
+
+/** An event as a run receives it (`ctx.event`). */
+export const runEvent = z.object({
+  subject: eventSubject,
+  id: z.string().min(1).max(200),
+  payload: z.unknown(),
+  publishedAt: timestamp,
+});
+export type RunEventPayload = z.infer<typeof runEvent>;
+
+/** What started a run. */
+export const runTrigger = z.discriminatedUnion('kind', [
+  z.object({ kind: z.literal('user'), by: z.string().max(200) }),
+  z.object({ kind: z.literal('event'), subject: eventSubject, eventId: z.string().min(1).max(200), sequence: nonNegativeInt }),
+  z.object({ kind: z.literal('schedule'), tick: timestamp }),
+]);
+export type RunTrigger = z.infer<typeof runTrigger>;
+
+export const CATCH_UP_POLICIES = ['none', 'latest', 'all'] as const;
+export const OVERLAP_POLICIES = ['skip', 'queue', 'allow'] as const;
+export const scheduleSpec = z.object({
+  cron: z.string().min(1).max(200),
+  timezone: z.string().min(1).max(100),
+  catchUp: z.enum(CATCH_UP_POLICIES),
+  overlap: z.enum(OVERLAP_POLICIES),
+});
+export type ScheduleSpec = z.infer<typeof scheduleSpec>;
+
+export const eventTrigger = z.object({
+  subject: eventPattern,
+  /** JSON Schema (2020-12) the payload must satisfy, or null for any JSON. */
+  schema: z.record(z.string(), z.unknown()).nullable(),
+});
+export type EventTrigger = z.infer<typeof eventTrigger>;
+
+/** How a run waits for others before it starts. */
+export const admission = z.object({
+  /** At most this many runs of the pipeline at once; the rest wait in order. */
+  maxConcurrentRuns: z.number().int().positive().nullable(),
+  /** For scheduled runs: what to do while the previous scheduled run still goes. */
+  overlap: z.enum(OVERLAP_POLICIES).nullable(),
+});
+export type Admission = z.infer<typeof admission>;
+
 export const runSubmit = z.object({
   type: z.literal('run.submit'),
   runId,
@@ -69,6 +124,12 @@ export const runSubmit = z.object({
   keep: z.boolean(),
   submittedAt: timestamp,
   submittedBy: z.string().max(200),
+  /** What started the run. @default a user: `submittedBy` */
+  trigger: runTrigger.optional(),
+  /** The deployed version this run belongs to (runs of deployed pipelines only). */
+  version: z.number().int().positive().optional(),
+  event: runEvent.optional(),
+  admission: admission.optional(),
 });
 export type RunSubmit = z.infer<typeof runSubmit>;
 
@@ -138,6 +199,8 @@ export const stepReady = z.object({
   codeHash,
   params,
   inputs: z.array(planInput.extend({ descriptor: tableDescriptor })),
+  /** The event that started the run, for `ctx.event`. */
+  event: runEvent.optional(),
 });
 export type StepReady = z.infer<typeof stepReady>;
 
@@ -152,8 +215,11 @@ export type LogLine = z.infer<typeof logLine>;
 
 export const STEP_STATES = ['waiting', 'ready', 'running', 'succeeded', 'failed', 'skipped', 'cancelled'] as const;
 export type StepState = (typeof STEP_STATES)[number];
-export const RUN_STATES = ['running', 'succeeded', 'failed', 'cancelled'] as const;
+export const RUN_STATES = ['queued', 'running', 'succeeded', 'failed', 'cancelled'] as const;
 export type RunState = (typeof RUN_STATES)[number];
+/** A run in one of these states will not change any more. */
+export const FINISHED_RUN_STATES: readonly RunState[] = ['succeeded', 'failed', 'cancelled'];
+export const isFinished = (state: RunState) => FINISHED_RUN_STATES.includes(state);
 
 export const stepView = z.object({
   name,
@@ -178,8 +244,12 @@ export const runView = z.object({
   pipeline: name,
   state: z.enum(RUN_STATES),
   submittedAt: timestamp,
+  /** When the run left the queue and its first steps became ready. */
+  startedAt: timestamp.nullable().default(null),
   finishedAt: timestamp.nullable(),
   keep: z.boolean(),
+  trigger: runTrigger.default({ kind: 'user', by: 'unknown' }),
+  version: z.number().int().positive().nullable().default(null),
   outputsReleased: z.boolean(),
   /** Steps whose outputs are the run's result: the leaves of the DAG. */
   outputs: z.array(name),
@@ -194,3 +264,29 @@ export const segmentRelease = z.object({
 });
 
 export const runKill = z.object({ type: z.literal('run.kill'), runId });
+
+/** A pipeline as deployed: the current version sits under its name in the `quiver-pipelines` bucket. */
+export const deployment = z.object({
+  name,
+  version: z.number().int().positive(),
+  codeHash,
+  plan,
+  events: z.array(eventTrigger),
+  schedule: scheduleSpec.nullable(),
+  maxConcurrentRuns: z.number().int().positive().nullable(),
+  deployedAt: timestamp,
+  deployedBy: z.string().max(200),
+});
+export type Deployment = z.infer<typeof deployment>;
+
+/** An event that started nothing, kept on the dead-letter stream with the reason. */
+export const deadEvent = z.object({
+  subject: z.string(),
+  eventId: z.string(),
+  pipeline: name.nullable(),
+  reason: z.string(),
+  /** The payload as received (text, possibly not JSON). */
+  payload: z.string(),
+  at: timestamp,
+});
+export type DeadEvent = z.infer<typeof deadEvent>;

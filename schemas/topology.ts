@@ -23,19 +23,29 @@ export const subjects = {
   segmentRelease: (hostId: string) => `quiver.shm.release.${hostId}`,
   /** Kill the step processes of a cancelled run, on every host. */
   runKill: 'quiver.run.kill',
+  /** User events: `orders.uploaded` travels as `quiver.events.orders.uploaded`. */
+  event: (subject: string) => `quiver.events.${subject}`,
+  eventsPrefix: 'quiver.events.',
+  /** Events that started nothing, with the reason. */
+  deadEvent: 'quiver.dead.events',
 } as const;
 
 export const streams = {
   control: 'QUIVER_CONTROL',
   work: 'QUIVER_WORK',
+  events: 'QUIVER_EVENTS',
+  dead: 'QUIVER_DEAD',
 } as const;
-export const consumers = { orchestrator: 'orchestrator', executors: 'executors' } as const;
+export const consumers = { orchestrator: 'orchestrator', executors: 'executors', triggers: 'triggers' } as const;
 export const buckets = {
   runs: 'quiver-runs',
   steps: 'quiver-steps',
   claims: 'quiver-claims',
   meta: 'quiver-meta',
   code: 'quiver-code',
+  pipelines: 'quiver-pipelines',
+  leases: 'quiver-leases',
+  schedules: 'quiver-schedules',
 } as const;
 
 /** Options shared by every process that sets up the topology. */
@@ -48,16 +58,28 @@ export interface TopologyOptions {
   ackWaitMs?: number;
   /** Deliveries of one ready step before it is given up as failed. @default 5 */
   maxDeliver?: number;
+  /**
+   * How long JetStream remembers an event id to drop a second publish of it. Set when the
+   * events stream is created. @default 3_600_000 (one hour)
+   */
+  eventDedupWindowMs?: number;
 }
 
 export const DEFAULT_ACK_WAIT_MS = 30_000;
 export const DEFAULT_MAX_DELIVER = 5;
+export const DEFAULT_EVENT_DEDUP_WINDOW_MS = 3_600_000;
 
 export interface Topology {
   runs: KV;
   steps: KV;
   claims: KV;
   meta: KV;
+  /** Deployed pipelines: the current version under its name, each version under `<name>.v<version>`. */
+  pipelines: KV;
+  /** Leader leases (the orchestrator that drives runs, triggers and schedules). */
+  leases: KV;
+  /** Per scheduled pipeline: the last tick fired. */
+  schedules: KV;
   code: ObjectStore;
   /** A random id made once per cluster: it namespaces shared memory so clusters never touch each other's segments. */
   clusterId: string;
@@ -87,11 +109,32 @@ export async function ensureTopology(nc: NatsConnection, jsm: JetStreamManager, 
     retention: RetentionPolicy.Workqueue,
     duplicate_window: ms(120_000),
   });
+  await ensureStream(jsm, {
+    name: streams.events,
+    subjects: ['quiver.events.>'],
+    retention: RetentionPolicy.Limits,
+    max_age: ms(7 * 24 * 3600 * 1000),
+    duplicate_window: ms(options.eventDedupWindowMs ?? DEFAULT_EVENT_DEDUP_WINDOW_MS),
+  });
+  await ensureStream(jsm, {
+    name: streams.dead,
+    subjects: ['quiver.dead.>'],
+    retention: RetentionPolicy.Limits,
+    max_age: ms(30 * 24 * 3600 * 1000),
+  });
+  // Short ack waits: messages a dead leader had pulled but not handled reach the next leader soon.
+  await ensureConsumer(jsm, streams.events, {
+    durable_name: consumers.triggers,
+    ack_policy: AckPolicy.Explicit,
+    deliver_policy: DeliverPolicy.All,
+    ack_wait: ms(5_000),
+    max_ack_pending: 1000,
+  });
   await ensureConsumer(jsm, streams.control, {
     durable_name: consumers.orchestrator,
     ack_policy: AckPolicy.Explicit,
     deliver_policy: DeliverPolicy.All,
-    ack_wait: ms(30_000),
+    ack_wait: ms(5_000),
     max_ack_pending: 1000,
   });
   await ensureConsumer(jsm, streams.work, {
@@ -106,15 +149,18 @@ export async function ensureTopology(nc: NatsConnection, jsm: JetStreamManager, 
   const ackWaitMs = Math.round(work.config.ack_wait! / 1_000_000);
   const maxDeliver = work.config.max_deliver ?? wantedMaxDeliver;
   const kvm = new Kvm(nc);
-  const [runs, steps, claims, meta] = await Promise.all([
+  const [runs, steps, claims, meta, pipelines, leases, schedules] = await Promise.all([
     kvm.create(buckets.runs, { history: 1 }),
     kvm.create(buckets.steps, { history: 1, ttl: 7 * 24 * 3600 * 1000 }),
     kvm.create(buckets.claims, { history: 1, ttl: 7 * 24 * 3600 * 1000 }),
     kvm.create(buckets.meta, { history: 1 }),
+    kvm.create(buckets.pipelines, { history: 1 }),
+    kvm.create(buckets.leases, { history: 1 }),
+    kvm.create(buckets.schedules, { history: 1 }),
   ]);
   const code = await new Objm(nc).create(buckets.code);
   const clusterId = await ensureClusterId(meta);
-  return { runs, steps, claims, meta, code, clusterId, ackWaitMs, maxDeliver };
+  return { runs, steps, claims, meta, pipelines, leases, schedules, code, clusterId, ackWaitMs, maxDeliver };
 }
 
 async function ensureClusterId(meta: KV): Promise<string> {

@@ -3,9 +3,14 @@ import { connect, type NatsConnection, type Subscription } from '@nats-io/transp
 import type { Table } from 'apache-arrow';
 import { ulid } from 'ulid';
 import {
+  deadEvent,
   decode,
+  deployment as deploymentSchema,
   encode,
   ensureTopology,
+  EVENT_SUBJECT_PATTERN,
+  isFinished,
+  streams,
   logLine,
   runCancel,
   runRelease,
@@ -13,7 +18,10 @@ import {
   runView,
   shmRoot,
   subjects,
+  type DeadEvent,
+  type Deployment,
   type LogLine,
+  type RunSubmit,
   type RunView,
   type TableDescriptor,
   type Topology,
@@ -36,6 +44,43 @@ export interface RunOptions {
   params?: Record<string, string>;
   /** Keep the run's outputs in shared memory after the result is read. @default false */
   keep?: boolean;
+}
+
+/** A pipeline name that is not deployed. */
+export class NotDeployedError extends Error {
+  override readonly name = 'NotDeployedError';
+  readonly code = 'ERR_NOT_DEPLOYED';
+}
+
+/** Two deploys of one pipeline raced; this one lost and changed nothing. */
+export class DeployConflictError extends Error {
+  override readonly name = 'DeployConflictError';
+  readonly code = 'ERR_DEPLOY_CONFLICT';
+}
+
+/** An event that cannot be published as given. */
+export class InvalidEventError extends Error {
+  override readonly name = 'InvalidEventError';
+  readonly code = 'ERR_INVALID_EVENT';
+}
+
+export interface DeployResult {
+  deployment: Deployment;
+  /** False when the same code and triggers were deployed already: the version stays. */
+  changed: boolean;
+}
+
+export interface PublishOptions {
+  /** The event's id: a second publish with the same id (within an hour) is dropped. @default a new ULID */
+  id?: string;
+}
+
+export interface PublishResult {
+  id: string;
+  /** The event's sequence in the events stream. */
+  sequence: number;
+  /** True when an event with this id had been published already: nothing new happens. */
+  duplicate: boolean;
 }
 
 /** What a run reports while it goes: its view after each transition, and every log line. */
@@ -71,20 +116,39 @@ export class QuiverClient {
   ) {}
 
   /** Connects (or wraps an existing connection) and makes sure the streams and buckets exist. */
-  static async connect(options: ClientOptions & { nc?: NatsConnection } = {}): Promise<QuiverClient> {
+  static async connect(options: ClientOptions & { nc?: NatsConnection; ownConnection?: boolean } = {}): Promise<QuiverClient> {
     const nc = options.nc ?? (await connect({ servers: options.natsUrl ?? process.env.QUIVER_NATS_URL ?? 'nats://127.0.0.1:4222' }));
     const topology = await ensureTopology(nc, await jetstreamManager(nc), options.topology);
-    return new QuiverClient(nc, jetstream(nc), topology, !options.nc, options.submittedBy ?? process.env.USER ?? 'user');
+    const owns = options.ownConnection ?? !options.nc;
+    return new QuiverClient(nc, jetstream(nc), topology, owns, options.submittedBy ?? process.env.USER ?? 'user');
   }
 
   async close(): Promise<void> {
     if (this.ownsConnection) await this.nc.close();
   }
 
-  /** Stores the pipeline's code (once per hash) and submits a run of it. */
-  async run(pipeline: LoadedPipeline, options: RunOptions = {}): Promise<RunHandle> {
-    if (!(await this.topology.code.info(pipeline.codeHash))) {
-      await this.topology.code.putBlob({ name: pipeline.codeHash }, pipeline.code);
+  /**
+   * Submits a run: of a loaded pipeline file (its code is stored once per hash), or of the
+   * current version of a deployed pipeline, by name.
+   */
+  async run(pipeline: LoadedPipeline | string, options: RunOptions = {}): Promise<RunHandle> {
+    let submit: Pick<RunSubmit, 'plan' | 'codeHash' | 'version' | 'admission'>;
+    if (typeof pipeline === 'string') {
+      const deployed = await this.getDeployment(pipeline);
+      if (!deployed) throw new NotDeployedError(await this.notDeployedMessage(pipeline));
+      submit = {
+        plan: deployed.plan,
+        codeHash: deployed.codeHash,
+        version: deployed.version,
+        admission: { maxConcurrentRuns: deployed.maxConcurrentRuns, overlap: null },
+      };
+    } else {
+      await this.storeCode(pipeline);
+      submit = {
+        plan: pipeline.plan,
+        codeHash: pipeline.codeHash,
+        ...(pipeline.triggers.maxConcurrentRuns ? { admission: { maxConcurrentRuns: pipeline.triggers.maxConcurrentRuns, overlap: null } } : {}),
+      };
     }
     const runId = ulid();
     // Subscribed before submitting: no early event is missed.
@@ -113,12 +177,12 @@ export class QuiverClient {
       encode(runSubmit, {
         type: 'run.submit',
         runId,
-        plan: pipeline.plan,
-        codeHash: pipeline.codeHash,
+        ...submit,
         params: options.params ?? {},
         keep: options.keep ?? false,
         submittedAt: Date.now(),
         submittedBy: this.submittedBy,
+        trigger: { kind: 'user', by: this.submittedBy },
       }),
       { msgID: `${runId}.submit` },
     );
@@ -130,6 +194,127 @@ export class QuiverClient {
       cancel: (reason = 'cancelled by the client') => this.cancel(runId, reason),
       release: () => this.release(runId),
     };
+  }
+
+  private async storeCode(pipeline: LoadedPipeline): Promise<void> {
+    if (!(await this.topology.code.info(pipeline.codeHash))) {
+      await this.topology.code.putBlob({ name: pipeline.codeHash }, pipeline.code);
+    }
+  }
+
+  /**
+   * Registers the pipeline with its triggers. Deploying changed code or triggers makes a new
+   * version; runs already going keep theirs. Deploying the same again changes nothing.
+   */
+  async deploy(pipeline: LoadedPipeline): Promise<DeployResult> {
+    await this.storeCode(pipeline);
+    const name = pipeline.plan.pipeline;
+    const kv = this.topology.pipelines;
+    const current = await kv.get(name);
+    const currentDeployment = current?.operation === 'PUT' ? deploymentSchema.parse(current.json()) : null;
+    const spec = { codeHash: pipeline.codeHash, events: pipeline.triggers.events, schedule: pipeline.triggers.schedule, maxConcurrentRuns: pipeline.triggers.maxConcurrentRuns };
+    if (currentDeployment && sameSpec(currentDeployment, spec)) return { deployment: currentDeployment, changed: false };
+    // Versions go on after an undeploy: a version number never names two different things.
+    let last = 0;
+    for await (const key of await kv.keys(`${name}.*`)) last = Math.max(last, Number(key.slice(name.length + 2)) || 0);
+    const deployment: Deployment = {
+      name,
+      version: last + 1,
+      ...spec,
+      plan: pipeline.plan,
+      deployedAt: Date.now(),
+      deployedBy: this.submittedBy,
+    };
+    const json = JSON.stringify(deploymentSchema.parse(deployment));
+    try {
+      await kv.create(`${name}.v${deployment.version}`, json);
+      if (current) await kv.update(name, json, current.revision);
+      else await kv.create(name, json);
+    } catch (error) {
+      throw new DeployConflictError(`pipeline ${name} was deployed by someone else at the same time; deploy again (${(error as Error).message})`);
+    }
+    return { deployment, changed: true };
+  }
+
+  /** Stops the pipeline's triggers and schedule. Runs going on finish; versions stay recorded. */
+  async undeploy(name: string): Promise<void> {
+    if (!(await this.getDeployment(name))) throw new NotDeployedError(await this.notDeployedMessage(name));
+    await this.topology.pipelines.delete(name);
+    await this.topology.schedules.delete(name);
+  }
+
+  async getDeployment(name: string): Promise<Deployment | null> {
+    const entry = await this.topology.pipelines.get(name).catch(() => null);
+    return entry?.operation === 'PUT' ? deploymentSchema.parse(entry.json()) : null;
+  }
+
+  /** The current version of every deployed pipeline, by name. */
+  async listDeployments(): Promise<Deployment[]> {
+    const found: Deployment[] = [];
+    for await (const key of await this.topology.pipelines.keys('*')) {
+      const d = await this.getDeployment(key);
+      if (d) found.push(d);
+    }
+    return found.sort((a, b) => a.name.localeCompare(b.name));
+  }
+
+  private async notDeployedMessage(name: string): Promise<string> {
+    const names = (await this.listDeployments()).map((d) => d.name);
+    return `pipeline "${name}" is not deployed; ${names.length ? `deployed: ${names.join(', ')}` : 'none is (deploy one with `quiver deploy FILE`)'}`;
+  }
+
+  /**
+   * Publishes an event: every deployed pipeline whose trigger matches starts one run. JetStream
+   * drops a second publish of the same id.
+   */
+  async publish(subject: string, payload: unknown, options: PublishOptions = {}): Promise<PublishResult> {
+    if (!EVENT_SUBJECT_PATTERN.test(subject) || subject.length > 200) {
+      throw new InvalidEventError(`event subject "${subject}" must be dot-separated tokens of letters, digits, _ or - (e.g. orders.uploaded)`);
+    }
+    const id = options.id ?? ulid();
+    if (id.length === 0 || id.length > 200) throw new InvalidEventError(`event id must be 1 to 200 characters, got ${id.length}`);
+    let data: string;
+    try {
+      data = JSON.stringify(payload) ?? 'null';
+    } catch (error) {
+      throw new InvalidEventError(`the payload of ${subject} cannot be sent as JSON: ${(error as Error).message}`);
+    }
+    const ack = await this.js.publish(subjects.event(subject), data, { msgID: id });
+    return { id, sequence: ack.seq, duplicate: ack.duplicate };
+  }
+
+  /** Events that started nothing (schema failures, payloads that are not JSON), oldest first. */
+  async deadEvents(options: { limit?: number } = {}): Promise<DeadEvent[]> {
+    const jsm = await jetstreamManager(this.nc);
+    const { first_seq: first, last_seq: last, messages } = (await jsm.streams.info(streams.dead)).state;
+    if (messages === 0) return [];
+    const found: DeadEvent[] = [];
+    // Read by sequence: a short stream, and no consumer to create or clean up.
+    for (let seq = Math.max(first, last - (options.limit ?? 1000) + 1); seq <= last; seq++) {
+      const msg = await jsm.streams.getMessage(streams.dead, { seq }).catch(() => null);
+      if (!msg) continue;
+      try {
+        found.push(decode(deadEvent, msg.subject, msg.data));
+      } catch {
+        // Someone else's message on our subject: not ours to show.
+      }
+    }
+    return found;
+  }
+
+  /** Runs as last recorded, newest first. */
+  async listRuns(options: { pipeline?: string; limit?: number } = {}): Promise<RunView[]> {
+    const keys: string[] = [];
+    for await (const key of await this.topology.runs.keys()) keys.push(key);
+    // Run ids are ULIDs: their order is their submission order.
+    keys.sort().reverse();
+    const views: RunView[] = [];
+    for (const key of keys) {
+      if (options.limit !== undefined && views.length >= options.limit) break;
+      const view = await this.getRun(key).catch(() => null);
+      if (view && (!options.pipeline || view.pipeline === options.pipeline)) views.push(view);
+    }
+    return views;
   }
 
   async cancel(runId: string, reason = 'cancelled by the client'): Promise<void> {
@@ -162,7 +347,7 @@ export class QuiverClient {
       for await (const entry of watch) {
         if (!entry.string()) continue;
         const view = runView.parse(entry.json<{ view: unknown }>().view);
-        if (view.state !== 'running') {
+        if (isFinished(view.state)) {
           // Status messages published before the final record may still be in flight.
           await this.nc.flush();
           return view;
@@ -208,4 +393,9 @@ class EventQueue implements AsyncIterable<RunEvent> {
       },
     };
   }
+}
+
+function sameSpec(d: Deployment, spec: Pick<Deployment, 'codeHash' | 'events' | 'schedule' | 'maxConcurrentRuns'>): boolean {
+  const pick = (x: typeof spec) => JSON.stringify([x.codeHash, x.events, x.schedule, x.maxConcurrentRuns]);
+  return pick(d) === pick(spec);
 }

@@ -1,5 +1,14 @@
 import type { Table } from 'apache-arrow';
 
+/** The event that started a run, as `ctx.event` shows it. */
+export interface TriggerEvent {
+  readonly subject: string;
+  readonly id: string;
+  /** The published JSON, parsed. */
+  readonly payload: unknown;
+  readonly publishedAt: number;
+}
+
 /** What a step function receives besides its input tables. */
 export interface StepContext {
   readonly runId: string;
@@ -7,6 +16,8 @@ export interface StepContext {
   readonly step: string;
   /** `--params key=value` of the run, as strings. */
   readonly params: Readonly<Record<string, string>>;
+  /** The event that started the run, or null when a user or a schedule did. */
+  readonly event: TriggerEvent | null;
   /** Logs a line to the user's terminal, live (same as console.log inside a step). */
   log(...args: unknown[]): void;
   /**
@@ -42,10 +53,49 @@ export interface StepDefinition {
   readonly options: StepOptions;
 }
 
+/** Starts a run for each event published on a matching subject. */
+export interface EventTriggerOptions {
+  /** A subject, or a pattern with NATS wildcards: `orders.*` (one token), `orders.>` (the rest). */
+  readonly event: string;
+  /**
+   * What the payload must look like: a JSON Schema (2020-12) object, or a zod schema. An event
+   * that fails it starts nothing and goes to the dead-letter stream with the reason.
+   */
+  readonly schema?: object;
+}
+
+/** Starts runs at cron times. */
+export interface ScheduleOptions {
+  /** Five fields (minute first) or six (seconds first), as croner reads them. */
+  readonly cron: string;
+  /** IANA time zone the cron times are in. @default 'UTC' */
+  readonly timezone?: string;
+  /**
+   * Ticks missed while no orchestrator ran: run none of them, only the latest, or all.
+   * @default 'latest'
+   */
+  readonly catchUp?: 'none' | 'latest' | 'all';
+  /**
+   * A tick while the previous scheduled run still goes: skip it, queue it after that run, or
+   * start it alongside. @default 'skip'
+   */
+  readonly overlap?: 'skip' | 'queue' | 'allow';
+}
+
+export interface PipelineOptions {
+  readonly description?: string;
+  /** Event triggers, used once the pipeline is deployed (`quiver deploy`). */
+  readonly on?: EventTriggerOptions | readonly EventTriggerOptions[];
+  readonly schedule?: ScheduleOptions;
+  /** At most this many runs at once; later runs queue and start in order. @default no limit */
+  readonly maxConcurrentRuns?: number;
+}
+
 export interface PipelineDefinition {
   readonly kind: 'quiver.pipeline';
   readonly name: string;
   readonly steps: Readonly<Record<string, StepDefinition>>;
+  readonly options: PipelineOptions;
 }
 
 /**
@@ -83,9 +133,12 @@ export function step(a: unknown, b?: unknown, c?: unknown): StepDefinition {
 }
 
 /**
- * Declares a pipeline: its steps, each under the name of the table it produces.
- * Export it as the default export of the pipeline file.
+ * Declares a pipeline: its steps, each under the name of the table it produces, and how it is
+ * started once deployed. Export it as the default export of the pipeline file.
+ *
+ * @example
+ * pipeline('orders', { totals: step(...) }, { on: { event: 'orders.uploaded' }, maxConcurrentRuns: 4 })
  */
-export function pipeline(name: string, steps: Record<string, StepDefinition>): PipelineDefinition {
-  return { kind: 'quiver.pipeline', name, steps };
+export function pipeline(name: string, steps: Record<string, StepDefinition>, options: PipelineOptions = {}): PipelineDefinition {
+  return { kind: 'quiver.pipeline', name, steps, options };
 }

@@ -3,12 +3,14 @@ import { existsSync, mkdirSync, renameSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { build, type Plugin } from 'esbuild';
-import { PlanError, planPipeline } from '../orchestrator/index.ts';
+import { PlanError, planPipeline, triggersOf, type TriggerSpec } from '../orchestrator/index.ts';
 import { bundleDir, type Plan } from '../schemas/index.ts';
 
 /** A pipeline file, bundled and planned: what a run request needs, without data. */
 export interface LoadedPipeline {
   plan: Plan;
+  /** How the pipeline starts once deployed: its event triggers, schedule and concurrency. */
+  triggers: TriggerSpec;
   /** The bundle (ESM) executors run; apache-arrow stays external. */
   code: Uint8Array;
   /** sha256 of the bundle: its name in the code object store. */
@@ -43,8 +45,9 @@ const definitionsOnly: Plugin = {
 
 /**
  * Bundles a pipeline file (esbuild), stores the bundle content-addressed in the package,
- * imports it and builds its logical plan. Throws {@link PlanError} for a bad plan and
- * {@link PipelineLoadError} for a file that does not build or load.
+ * imports it and builds its logical plan. Throws {@link PlanError} for a bad plan,
+ * `TriggerError` for triggers that cannot work, and {@link PipelineLoadError} for a file that
+ * does not build or load.
  */
 export async function loadPipeline(file: string): Promise<LoadedPipeline> {
   const entry = resolve(file);
@@ -96,7 +99,9 @@ export async function loadPipeline(file: string): Promise<LoadedPipeline> {
   } catch (error) {
     throw new PipelineLoadError(`could not load ${file}: ${(error as Error).message}`, { cause: error });
   }
-  return { plan: planPipeline(mod.default), code, codeHash, codePath };
+  const plan = planPipeline(mod.default);
+  const triggers = triggersOf(plan.pipeline, (mod.default as { options?: unknown }).options);
+  return { plan, triggers, code, codeHash, codePath };
 }
 
 /**

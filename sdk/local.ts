@@ -16,6 +16,11 @@ export interface LocalClusterOptions {
   executor?: Omit<ExecutorOptions, 'topology' | 'logger'>;
   /** Daemon messages. @default silent */
   logger?: Logger;
+  /**
+   * Keep the server's storage at this directory across restarts (deployments, runs, events),
+   * as `quiver up` does. @default a fresh directory, removed on stop
+   */
+  persistentDir?: string;
 }
 
 /** A private nats-server with an orchestrator and an executor in this process: the embedded default. */
@@ -30,8 +35,8 @@ export interface LocalCluster {
 
 export async function startLocalCluster(options: LocalClusterOptions = {}): Promise<LocalCluster> {
   const home = options.home ?? quiverHome();
-  const dir = join(home, 'embedded', ulid());
-  const server = await startNatsServer({ dir });
+  const dir = options.persistentDir ?? join(home, 'embedded', ulid());
+  const server = await startNatsServer({ dir, removeDirOnStop: !options.persistentDir });
   const logger = options.logger ?? silentLogger;
   const connections: NatsConnection[] = [];
   const open = async () => {
