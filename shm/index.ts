@@ -10,18 +10,22 @@
 import { constants as osConstants } from 'node:os';
 import type { Table } from 'apache-arrow';
 import { type ReadResult, type WriteResult, isViewOf as isViewOfImpl, readTable, unmapAll, writeTable } from './arrow.ts';
-import { ShmArgumentError } from './errors.ts';
+import { ShmArgumentError, ShmCorruptSegmentError } from './errors.ts';
 import { native } from './native.ts';
-import { type ShmOptions, checkDir, describe, resolveOptions } from './options.ts';
+import { type ShmOptions, checkDir, checkId, describe, resolveOptions } from './options.ts';
 import { listPool, poolBytes } from './pool.ts';
 import {
   type SegmentInfo,
   type SegmentRef,
+  acquireSegment,
   drainPool as drainPoolImpl,
+  ensureDir,
   listSegmentFiles,
   releaseSegmentIds,
   removeSegmentDir,
   segmentIds,
+  segmentPath,
+  unlinkIfPresent,
 } from './segments.ts';
 
 export type { ReadResult, WriteResult } from './arrow.ts';
@@ -124,6 +128,48 @@ export function unmapSegments(mappings: readonly ArrayBuffer[]): void {
 export function releaseSegments(segments: readonly (string | SegmentRef)[], opts: ShmOptions): void {
   const resolved = resolveOptions(opts, 'releaseSegments');
   releaseSegmentIds(segmentIds(segments, 'releaseSegments'), resolved);
+}
+
+/**
+ * Maps one segment read-only as raw bytes (its IPC stream is the first `ref.byteSize`), for a
+ * sender that streams the messages as they are. Unmap it with {@link unmapSegments}.
+ */
+export function mapSegment(ref: SegmentRef, opts: ReadTableOptions): ArrayBuffer {
+  const dir = checkDir(opts?.dir, 'mapSegment');
+  const [id] = segmentIds([ref], 'mapSegment');
+  const mapping = native.openReadOnly(segmentPath(dir, id!));
+  if (mapping.byteLength < ref.byteSize) {
+    native.unmap(mapping);
+    throw new ShmCorruptSegmentError(`mapSegment: segment ${id} holds ${mapping.byteLength} bytes, its reference says ${ref.byteSize}`, { path: segmentPath(dir, id!) });
+  }
+  return mapping;
+}
+
+/**
+ * Maps segment `id` read-write with `byteSize` bytes, for a receiver that writes an IPC stream
+ * into it itself (e.g. off the network): a pooled file when one fits, else a new file. With
+ * `grow`, an existing segment is remapped larger instead (the file grows; its bytes stay).
+ * Unmap it with {@link unmapSegments}; remove a partial one with {@link removeSegments}.
+ * @throws ShmSegmentExistsError if `id` exists and `grow` is not set.
+ */
+export function mapWritableSegment(id: string, byteSize: number, opts: ShmOptions & { grow?: boolean }): ArrayBuffer {
+  const resolved = resolveOptions(opts, 'mapWritableSegment');
+  checkId(id, 'mapWritableSegment');
+  if (opts.grow) return native.openWritable(segmentPath(resolved.dir, id), byteSize, true);
+  ensureDir(resolved.dir);
+  return acquireSegment(resolved, id, byteSize).mapping;
+}
+
+/** Renames a segment, failing with ShmSegmentExistsError when `to` exists: publishes a segment written under a temporary id. */
+export function renameSegment(from: string, to: string, opts: Pick<ShmOptions, 'dir'>): void {
+  const dir = checkDir(opts?.dir, 'renameSegment');
+  native.renameNoReplace(segmentPath(dir, checkId(from, 'renameSegment')), segmentPath(dir, checkId(to, 'renameSegment')));
+}
+
+/** Unlinks segments at once (no pool): for partial segments nobody may read. Missing ones are skipped. */
+export function removeSegments(ids: readonly string[], opts: Pick<ShmOptions, 'dir'>): void {
+  const dir = checkDir(opts?.dir, 'removeSegments');
+  for (const id of segmentIds(ids, 'removeSegments')) unlinkIfPresent(segmentPath(dir, id));
 }
 
 /** Segment files in `dir` (the pool excluded), sorted by id; empty if `dir` does not exist. */

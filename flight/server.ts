@@ -1,0 +1,363 @@
+/**
+ * An Arrow Flight server over this host's shared memory. DoGet streams the IPC messages
+ * already in a segment (nothing is decoded or re-encoded), with bounded memory: it stops
+ * writing while more than `maxInFlightBytes` wait for the network, and unmaps the segment the
+ * moment the client cancels. DoPut lays the uploaded stream straight into a segment.
+ */
+import { hostname } from 'node:os';
+import { join } from 'node:path';
+import {
+  Server,
+  ServerCredentials,
+  status as GrpcStatus,
+  type Metadata,
+  type sendUnaryData,
+  type ServerDuplexStream,
+  type ServerUnaryCall,
+  type ServerWritableStream,
+  type UntypedServiceImplementation,
+} from '@grpc/grpc-js';
+import { ulid } from 'ulid';
+import type { Logger } from '../schemas/index.ts';
+import { type SegmentRef, mapSegment, releaseSegments, removeDir, unmapSegments } from '../shm/index.ts';
+import { FlightAuthError, FlightError, FlightNotFoundError, FlightProtocolError } from './errors.ts';
+import { type FlightDataFrame, encodeFlightData } from './frames.ts';
+import { MessageType, schemaBytes, streamMessages } from './ipc.ts';
+import { type ActionMessage, type FlightDescriptorMessage, type FlightInfoMessage, type TicketMessage, TRANSFER_CHANNEL_OPTIONS, flightServiceDefinition } from './protocol.ts';
+import { SegmentWriter } from './segment-writer.ts';
+import { DEFAULT_TICKET_TTL_MS, checkSecret, signTicket, verifyTicket } from './tickets.ts';
+
+/** A table held in shared memory on this host. */
+export interface StoredTable {
+  segments: SegmentRef[];
+  rows: number;
+  byteSize: number;
+}
+
+/** Options for {@link FlightServer.start}. */
+export interface FlightServerOptions {
+  /** This host's cluster shared-memory folder; uploads go to `<shmDir>/uploads/`. */
+  shmDir: string;
+  /** Cluster secret tickets are signed with (at least 16 bytes). */
+  secret: string | Uint8Array;
+  /** Finds a run output held on this host, or null. */
+  resolveOutput?: (runId: string, step: string) => Promise<StoredTable | null> | StoredTable | null;
+  /** Address to listen on. @default '0.0.0.0' */
+  host?: string;
+  /** Port; 0 picks a free one. @default 0 */
+  port?: number;
+  /** Host name put in endpoint URIs. @default `host`, or this machine's hostname when listening on every address */
+  advertiseHost?: string;
+  /** PEM certificate chain and key: serve TLS (`grpc+tls://`) instead of plaintext. @default plaintext */
+  tls?: { cert: Buffer; key: Buffer };
+  /** When set, GetFlightInfo, GetSchema, ListFlights, DoPut and DoAction need `authorization: Bearer <token>`. @default none */
+  accessToken?: string;
+  /** Lifetime of tickets handed out by GetFlightInfo. @default 10 minutes */
+  ticketTtlMs?: number;
+  /** Bytes a DoGet stream may have queued for the network before it waits. @default 32 MiB */
+  maxInFlightBytes?: number;
+  /** @default silent */
+  logger?: Logger;
+  /** @default Date.now */
+  now?: () => number;
+}
+
+const DEFAULT_MAX_IN_FLIGHT_BYTES = 32 * 1024 * 1024;
+const UPLOAD_NAME = /^[A-Za-z0-9_-]{1,128}$/;
+
+const ACTIONS = [
+  { type: 'quiver.drop-upload', description: 'Removes an uploaded table; body: its name (UTF-8).' },
+  { type: 'quiver.health', description: 'Answers "ok": the server is up.' },
+];
+
+interface Located {
+  table: StoredTable;
+  dir: string;
+}
+
+/** A Flight server; see the file comment. */
+export class FlightServer {
+  private readonly secret: Uint8Array;
+  private readonly uploads = new Map<string, StoredTable>();
+  private readonly openMappings = new Set<ArrayBuffer>();
+  private readonly activeCalls = new Set<() => void>();
+  private readonly uploadDir: string;
+  private readonly now: () => number;
+
+  private constructor(
+    private readonly server: Server,
+    readonly port: number,
+    /** URI clients use to reach this server: `grpc+tcp://host:port` or `grpc+tls://host:port`. */
+    readonly location: string,
+    private readonly options: FlightServerOptions,
+  ) {
+    this.secret = checkSecret(options.secret, 'FlightServer');
+    this.uploadDir = join(options.shmDir, 'uploads');
+    this.now = options.now ?? Date.now;
+  }
+
+  static async start(options: FlightServerOptions): Promise<FlightServer> {
+    checkSecret(options.secret, 'FlightServer.start');
+    const server = new Server(TRANSFER_CHANNEL_OPTIONS);
+    const host = options.host ?? '0.0.0.0';
+    const credentials = options.tls ? ServerCredentials.createSsl(null, [{ cert_chain: options.tls.cert, private_key: options.tls.key }]) : ServerCredentials.createInsecure();
+    const bindHost = host.includes(':') ? `[${host}]` : host;
+    const port = await new Promise<number>((resolve, reject) =>
+      server.bindAsync(`${bindHost}:${options.port ?? 0}`, credentials, (error, bound) => (error ? reject(error) : resolve(bound))),
+    );
+    const advertised = options.advertiseHost ?? (host === '0.0.0.0' || host === '::' ? hostname() : host);
+    const scheme = options.tls ? 'grpc+tls' : 'grpc+tcp';
+    const flight = new FlightServer(server, port, `${scheme}://${advertised.includes(':') ? `[${advertised}]` : advertised}:${port}`, options);
+    server.addService(flightServiceDefinition(), flight.handlers());
+    return flight;
+  }
+
+  /** Mints a ticket for one segment of a flight (`runs/<runId>/<step>` or `uploads/<name>`). */
+  ticketFor(path: string, segment: number, ttlMs = this.options.ticketTtlMs ?? DEFAULT_TICKET_TTL_MS): Uint8Array {
+    return signTicket({ path, segment, expiresAt: this.now() + ttlMs }, this.secret);
+  }
+
+  /** Mappings held by DoGet streams in progress; 0 once every stream ended or was cancelled. */
+  get openStreams(): number {
+    return this.openMappings.size;
+  }
+
+  /** Names of uploaded tables. */
+  uploadNames(): string[] {
+    return [...this.uploads.keys()];
+  }
+
+  /** Stops at once: streams in progress are cancelled and uploads removed. */
+  async stop(): Promise<void> {
+    for (const cancel of [...this.activeCalls]) cancel();
+    this.server.forceShutdown();
+    this.uploads.clear();
+    removeDir(this.uploadDir);
+  }
+
+  private handlers(): UntypedServiceImplementation {
+    const unary =
+      <Req, Res>(fn: (request: Req, metadata: Metadata) => Promise<Res>) =>
+      (call: ServerUnaryCall<Req, Res>, callback: sendUnaryData<Res>) => {
+        fn(call.request, call.metadata).then(
+          (value) => callback(null, value),
+          (error) => callback(this.toStatus(error)),
+        );
+      };
+    const stream =
+      <Req, Res>(fn: (request: Req, metadata: Metadata) => Promise<Res[]>) =>
+      (call: ServerWritableStream<Req, Res>) => {
+        fn(call.request, call.metadata).then(
+          (values) => {
+            for (const value of values) call.write(value);
+            call.end();
+          },
+          (error) => call.emit('error', this.toStatus(error)),
+        );
+      };
+    return {
+      Handshake: (call: ServerDuplexStream<{ protocol_version: number }, { protocol_version: number; payload: Buffer }>) => {
+        // No handshake is needed: DoGet is authorised by its ticket, the rest by the bearer token.
+        call.on('data', (request) => call.write({ protocol_version: request.protocol_version, payload: Buffer.alloc(0) }));
+        call.on('end', () => call.end());
+      },
+      ListFlights: stream(async (_criteria: unknown, metadata: Metadata) => {
+        this.authorize(metadata);
+        const infos: FlightInfoMessage[] = [];
+        for (const name of this.uploads.keys()) infos.push(await this.flightInfo(`uploads/${name}`));
+        return infos;
+      }),
+      GetFlightInfo: unary(async (descriptor: FlightDescriptorMessage, metadata: Metadata) => {
+        this.authorize(metadata);
+        return this.flightInfo(flightPath(descriptor));
+      }),
+      PollFlightInfo: unary(async () => {
+        throw new FlightError('PollFlightInfo is not supported: Quiver flights are complete, use GetFlightInfo', 'ERR_FLIGHT_UNIMPLEMENTED', GrpcStatus.UNIMPLEMENTED);
+      }),
+      GetSchema: unary(async (descriptor: FlightDescriptorMessage, metadata: Metadata) => {
+        this.authorize(metadata);
+        const info = await this.flightInfo(flightPath(descriptor));
+        return { schema: info.schema };
+      }),
+      DoGet: (call: ServerWritableStream<TicketMessage, Buffer>) => void this.doGet(call),
+      DoPut: (call: ServerDuplexStream<FlightDataFrame, { app_metadata: Buffer }>) => void this.doPut(call),
+      DoExchange: (call: ServerDuplexStream<unknown, unknown>) =>
+        call.emit('error', { code: GrpcStatus.UNIMPLEMENTED, details: 'DoExchange is not supported by Quiver: use DoGet and DoPut' }),
+      DoAction: stream(async (action: ActionMessage, metadata: Metadata) => {
+        this.authorize(metadata);
+        return [{ body: Buffer.from(this.doAction(action)) }];
+      }),
+      ListActions: stream(async () => ACTIONS),
+    };
+  }
+
+  private authorize(metadata: Metadata): void {
+    const token = this.options.accessToken;
+    if (!token) return;
+    const given = String(metadata.get('authorization')[0] ?? '');
+    if (given !== `Bearer ${token}`) {
+      throw new FlightAuthError('this Flight server needs "authorization: Bearer <token>" (the cluster access token)', 'ERR_FLIGHT_ACCESS_DENIED');
+    }
+  }
+
+  private toStatus(error: unknown): { code: GrpcStatus; details: string } {
+    if (error instanceof FlightError) return { code: error.grpcStatus, details: error.message };
+    this.options.logger?.error(`flight: ${(error as Error).stack ?? error}`);
+    return { code: GrpcStatus.INTERNAL, details: `internal error: ${(error as Error).message ?? String(error)}` };
+  }
+
+  private async locate(path: string): Promise<Located> {
+    const parts = path.split('/');
+    if (parts[0] === 'runs' && parts.length === 3) {
+      const table = (await this.options.resolveOutput?.(parts[1]!, parts[2]!)) ?? null;
+      if (!table) throw new FlightNotFoundError(`no output ${path} on this server (${this.location}): the run or step does not exist, did not succeed here, or was released`);
+      return { table, dir: this.options.shmDir };
+    }
+    if (parts[0] === 'uploads' && parts.length === 2) {
+      const table = this.uploads.get(parts[1]!);
+      if (!table) throw new FlightNotFoundError(`no uploaded table named "${parts[1]}" on this server`);
+      return { table, dir: this.uploadDir };
+    }
+    throw new FlightNotFoundError(`unknown flight path "${path}": use runs/<runId>/<step> or uploads/<name>`);
+  }
+
+  private async flightInfo(path: string): Promise<FlightInfoMessage> {
+    const { table, dir } = await this.locate(path);
+    const first = table.segments[0];
+    if (!first) throw new FlightNotFoundError(`${path} has no segments`);
+    const mapping = mapSegment(first, { dir });
+    let schema: Uint8Array;
+    try {
+      const message = streamMessages(new Uint8Array(mapping, 0, first.byteSize)).next().value;
+      if (!message || message.type !== MessageType.schema) throw new FlightProtocolError(`${path}: its first segment does not start with a Schema`);
+      schema = schemaBytes(message.header);
+    } finally {
+      unmapSegments([mapping]);
+    }
+    return {
+      schema: Buffer.from(schema),
+      flight_descriptor: { type: 'PATH', cmd: Buffer.alloc(0), path: path.split('/') },
+      endpoint: table.segments.map((segment, index) => ({
+        ticket: { ticket: Buffer.from(this.ticketFor(path, index)) },
+        location: [{ uri: this.location }],
+        expiration_time: null,
+        app_metadata: Buffer.from(JSON.stringify({ byteSize: segment.byteSize })),
+      })),
+      total_records: table.rows,
+      total_bytes: table.byteSize,
+      ordered: true,
+      app_metadata: Buffer.from(JSON.stringify({ segments: table.segments.length })),
+    };
+  }
+
+  private async doGet(call: ServerWritableStream<TicketMessage, Buffer>): Promise<void> {
+    let mapping: ArrayBuffer | null = null;
+    let cancelled = false;
+    let wake: (() => void) | null = null;
+    const release = () => {
+      if (mapping && this.openMappings.delete(mapping)) unmapSegments([mapping]);
+    };
+    const cancel = () => {
+      cancelled = true;
+      // Frames already handed to grpc-js are copies: the mapping can go at once.
+      release();
+      wake?.();
+    };
+    call.on('cancelled', cancel);
+    this.activeCalls.add(cancel);
+    try {
+      const claims = verifyTicket(call.request.ticket ?? Buffer.alloc(0), this.secret, this.now());
+      const { table, dir } = await this.locate(claims.path);
+      const ref = table.segments[claims.segment];
+      if (!ref) throw new FlightNotFoundError(`${claims.path} has ${table.segments.length} segment(s); the ticket asks for segment ${claims.segment}`);
+      if (cancelled) return;
+      mapping = mapSegment(ref, { dir });
+      this.openMappings.add(mapping);
+      const messages = streamMessages(new Uint8Array(mapping, 0, ref.byteSize));
+      const limit = this.options.maxInFlightBytes ?? DEFAULT_MAX_IN_FLIGHT_BYTES;
+      let inFlight = 0;
+      while (!cancelled) {
+        const next = messages.next();
+        if (next.done) break;
+        const frame = encodeFlightData({ header: next.value.header, body: next.value.body });
+        inFlight += frame.byteLength;
+        const flushed = call.write(frame, () => {
+          inFlight -= frame.byteLength;
+          wake?.();
+        });
+        while (!cancelled && (inFlight > limit || (!flushed && inFlight > 0))) {
+          await new Promise<void>((resolve) => (wake = resolve));
+          wake = null;
+        }
+      }
+      release();
+      if (!cancelled) call.end();
+    } catch (error) {
+      release();
+      if (!cancelled) call.emit('error', this.toStatus(error));
+    } finally {
+      this.activeCalls.delete(cancel);
+    }
+  }
+
+  private async doPut(call: ServerDuplexStream<FlightDataFrame, { app_metadata: Buffer }>): Promise<void> {
+    let writer: SegmentWriter | null = null;
+    let name = '';
+    try {
+      this.authorize(call.metadata);
+      // Not `for await (… of call)`: finishing that destroys the duplex, and with it our answer.
+      for await (const frame of call.iterator({ destroyOnReturn: false }) as AsyncIterable<FlightDataFrame>) {
+        if (!writer) {
+          name = uploadName(frame.descriptor ? flightPath(toDescriptorMessage(frame.descriptor)) : '');
+          writer = new SegmentWriter({ dir: this.uploadDir, id: `${name}.${ulid()}-0`, byteSize: 1024 * 1024 });
+        }
+        writer.append(frame);
+      }
+      if (!writer) throw new FlightProtocolError('DoPut received no FlightData');
+      const segment = writer.finish();
+      const stored: StoredTable = { segments: [segment], rows: writer.rows, byteSize: segment.byteSize };
+      const previous = this.uploads.get(name);
+      this.uploads.set(name, stored);
+      if (previous) releaseSegments(previous.segments, { dir: this.uploadDir, poolMaxBytes: 0 });
+      call.write({ app_metadata: Buffer.from(JSON.stringify({ name, rows: stored.rows, byteSize: stored.byteSize })) });
+      call.end();
+    } catch (error) {
+      writer?.abort();
+      call.emit('error', this.toStatus(error));
+    }
+  }
+
+  private doAction(action: ActionMessage): string {
+    if (action.type === 'quiver.health') return 'ok';
+    if (action.type === 'quiver.drop-upload') {
+      const name = Buffer.from(action.body ?? []).toString('utf8');
+      const table = this.uploads.get(name);
+      if (!table) throw new FlightNotFoundError(`no uploaded table named "${name}"`);
+      this.uploads.delete(name);
+      releaseSegments(table.segments, { dir: this.uploadDir, poolMaxBytes: 0 });
+      return 'dropped';
+    }
+    throw new FlightError(`unknown action "${action.type}"; ListActions lists them`, 'ERR_FLIGHT_UNIMPLEMENTED', GrpcStatus.UNIMPLEMENTED);
+  }
+}
+
+function toDescriptorMessage(d: { type: FlightDescriptorMessage['type']; path: string[]; cmd: Uint8Array }): FlightDescriptorMessage {
+  return { type: d.type, path: d.path, cmd: Buffer.from(d.cmd) };
+}
+
+/** A PATH descriptor as `a/b/c`; `["runs/x/y"]` and `["runs", "x", "y"]` are the same flight. */
+export function flightPath(descriptor: FlightDescriptorMessage): string {
+  if (descriptor.type !== 'PATH' || descriptor.path.length === 0) {
+    throw new FlightNotFoundError('Quiver flights are named by PATH descriptors: runs/<runId>/<step> or uploads/<name>');
+  }
+  return descriptor.path.flatMap((p) => p.split('/')).filter((p) => p.length > 0).join('/');
+}
+
+function uploadName(path: string): string {
+  const parts = path.split('/');
+  const name = parts[0] === 'uploads' && parts.length === 2 ? parts[1]! : parts.length === 1 ? parts[0]! : '';
+  if (!UPLOAD_NAME.test(name)) {
+    throw new FlightProtocolError(`DoPut needs a PATH descriptor naming the upload ("<name>" or "uploads/<name>", name of [A-Za-z0-9_-]), got "${path}"`);
+  }
+  return name;
+}
