@@ -3,7 +3,7 @@
  * step starts with plain `node`, no TypeScript loader on the hot path.
  */
 import { Table } from 'apache-arrow';
-import { isViewOf, parentPid, readInput, setParentDeathSignal, writeOutput } from '../shm/index.ts';
+import { type BorrowableInput, isViewOf, parentPid, readInput, setParentDeathSignal, writeOutput } from '../shm/index.ts';
 import { STEP_PROCESS_MARKER, type RunnerJob, type RunnerReply } from './protocol.ts';
 
 const expectedParent = Number(process.env.QUIVER_EXECUTOR_PID);
@@ -52,6 +52,8 @@ async function runJob(job: RunnerJob): Promise<RunnerReply> {
 
   const mappings: ArrayBuffer[] = [];
   const inputs: Record<string, Table> = {};
+  // With regions, output columns passed through unchanged from these are referenced, not rewritten.
+  const borrowable: BorrowableInput[] = [];
   let inputCopiedBytes = 0;
   for (const input of job.inputs) {
     const opened = readInput(input.descriptor.segments, { dir: job.shmDir });
@@ -73,6 +75,7 @@ async function runJob(job: RunnerJob): Promise<RunnerReply> {
     // Counted, not assumed: an input that is not a view of the mapping was copied somewhere.
     if (!isViewOf(table, opened.mappings)) inputCopiedBytes += input.descriptor.byteSize;
     inputs[input.param] = table;
+    borrowable.push({ table, segments: input.descriptor.segments });
   }
 
   const context = {
@@ -98,7 +101,7 @@ async function runJob(job: RunnerJob): Promise<RunnerReply> {
   const written = writeOutput(result, {
     dir: job.shmDir,
     idPrefix: job.outputIdPrefix,
-    ...(job.regionBroker ? { broker: job.regionBroker } : {}),
+    ...(job.regionBroker ? { broker: job.regionBroker, inputs: borrowable } : {}),
     ...(job.maxSegmentBytes ? { maxSegmentBytes: job.maxSegmentBytes } : {}),
     ...(job.poolMaxBytes !== undefined ? { poolMaxBytes: job.poolMaxBytes } : {}),
   });

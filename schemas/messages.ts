@@ -25,6 +25,10 @@ export const segmentRef = z.object({
   kind: z.enum(['file', 'region']).optional(),
   /** For a region: the absolute path of the unix socket of the broker holding its fd. */
   broker: z.string().min(1).max(1024).optional(),
+  /** For a table assembled from several region tables (columns passed through by reference): which one this region belongs to... */
+  source: nonNegativeInt.optional(),
+  /** ...and the columns taken from it: [name there, name here, position here]. */
+  columns: z.array(z.tuple([z.string(), z.string(), nonNegativeInt])).optional(),
 });
 
 /** Where a table lives: only this travels between processes, never the data. */

@@ -43,6 +43,7 @@ export {
 export { DEFAULT_MAX_SEGMENT_BYTES, DEFAULT_POOL_MAX_BYTES, type ShmOptions } from './options.ts';
 export type { SegmentInfo, SegmentRef } from './segments.ts';
 export {
+  type BorrowableInput,
   type OutputOptions,
   RegionBroker,
   type RegionRef,

@@ -10,10 +10,9 @@
  * name and hands out duplicates over a unix socket. The region lives until
  * the broker drops it and every reader has unmapped it.
  */
-import { closeSync } from 'node:fs';
-import { readdirSync } from 'node:fs';
+import { closeSync, readdirSync } from 'node:fs';
 import { isAbsolute, join } from 'node:path';
-import type { Table } from 'apache-arrow';
+import { type Field, RecordBatch, Schema, Table, type Vector } from 'apache-arrow';
 import { type ReadResult, type WriteResult, checkTable, planSegments, readStreams, readTable, writeStream, writeTable } from './arrow.ts';
 import { ShmArgumentError, errorCode, fromFsError } from './errors.ts';
 import { type RegionBrokerHandle, native } from './native.ts';
@@ -25,6 +24,13 @@ export interface RegionRef extends SegmentRef {
   kind: 'region';
   /** Absolute path of the broker's unix socket (regions, like segment files, are local to one host). */
   broker: string;
+  /**
+   * In a table assembled from several sources (its own new columns and columns passed through
+   * from its inputs): the regions with the same `source` hold one IPC table...
+   */
+  source?: number;
+  /** ...of which these columns are taken: [name in that table, name in this one, position in this one]. */
+  columns?: [string, string, number][];
 }
 
 /** Broker sockets in a segment directory are named like this; they are sockets, so listSegments skips them. */
@@ -176,11 +182,23 @@ export function isRegionRef(ref: SegmentRef): ref is RegionRef {
   return (ref as Partial<RegionRef>).kind === 'region';
 }
 
+/** A table a step read, with the refs it was read from: its columns can be passed on by reference. */
+export interface BorrowableInput {
+  table: Table;
+  segments: readonly SegmentRef[];
+}
+
 /** Options of {@link writeOutput}: file segments' options, plus the broker that makes regions possible. */
 export interface OutputOptions extends ShmOptions {
   idPrefix: string;
   /** Unix socket of the cluster's region broker; without it, outputs always go to files. */
   broker?: string;
+  /**
+   * The step's inputs. An output column whose buffers are exactly an input column's (passed
+   * through unchanged, by the same Data objects) is not written again when that input lives in
+   * regions: the output references the input's regions instead.
+   */
+  inputs?: readonly BorrowableInput[];
 }
 
 /** Region errors after which writing the output as files still works. */
@@ -188,14 +206,15 @@ const REGION_FULL = new Set(['ENOMEM', 'ENOSPC']);
 
 /**
  * Writes a step's output the cheapest way available: regions (no copy into
- * shared memory, `copiedBytes` 0) when a broker is given and the module is
+ * shared memory, `copiedBytes` 0; columns passed through from region inputs
+ * are referenced, not rewritten) when a broker is given and the module is
  * loaded, else segment files (one copy). `segments` say which kind they are.
  */
 export function writeOutput(table: Table, opts: OutputOptions): WriteResult {
   const resolved = resolveOptions(opts, 'writeOutput');
   if (opts.broker !== undefined && regionsAvailable()) {
     try {
-      return writeTableToRegions(table, { broker: opts.broker, idPrefix: opts.idPrefix, maxSegmentBytes: resolved.maxSegmentBytes });
+      return writeComposed(table, opts.broker, opts.idPrefix, resolved.maxSegmentBytes, opts.inputs ?? []);
     } catch (e) {
       // Over RLIMIT_MEMLOCK (ENOMEM) or the module's cap (ENOSPC), the one-copy path still works.
       if (!REGION_FULL.has(errorCode(e) ?? '')) throw e;
@@ -204,13 +223,125 @@ export function writeOutput(table: Table, opts: OutputOptions): WriteResult {
   return writeTable(table, resolved, opts.idPrefix, 'writeOutput');
 }
 
+/** Where a column of a region table lives: the regions of one IPC table, and its name there. */
+interface ColumnSource {
+  refs: RegionRef[];
+  name: string;
+}
+
+/** Groups a region table's refs by source; a plain table (no `columns`) is one source holding every column as named. */
+function sourcesOf(refs: readonly RegionRef[]): { refs: RegionRef[]; columns: [string, string, number][] | null }[] {
+  const groups = new Map<number, RegionRef[]>();
+  for (const ref of refs) {
+    const group = groups.get(ref.source ?? 0) ?? [];
+    group.push(ref);
+    groups.set(ref.source ?? 0, group);
+  }
+  return [...groups.values()].map((group) => ({ refs: group, columns: group[0]!.columns ?? null }));
+}
+
+/** Output column name -> where it lives, for an input whose refs are all regions; null for a plain table. */
+function columnSources(refs: readonly RegionRef[]): Map<string, ColumnSource> | null {
+  const map = new Map<string, ColumnSource>();
+  for (const source of sourcesOf(refs)) {
+    if (source.columns === null) return null;
+    for (const [name, out] of source.columns) map.set(out, { refs: source.refs, name });
+  }
+  return map;
+}
+
+function sameData(a: Vector, b: Vector): boolean {
+  return a.data.length > 0 && a.data.length === b.data.length && a.data.every((d, i) => d === b.data[i]);
+}
+
+/** The input column (and where it lives) that `column` is, by identity of its buffers' Data objects. */
+function borrowable(column: Vector, inputs: readonly BorrowableInput[]): ColumnSource | null {
+  for (const input of inputs) {
+    if (input.segments.length === 0 || !input.segments.every(isRegionRef)) continue;
+    const refs = input.segments as RegionRef[];
+    for (const [index, field] of input.table.schema.fields.entries()) {
+      if (!sameData(input.table.getChildAt(index)!, column)) continue;
+      const sources = columnSources(refs);
+      if (sources === null) return { refs, name: field.name };
+      return sources.get(field.name) ?? null;
+    }
+  }
+  return null;
+}
+
+function writeComposed(table: Table, broker: string, idPrefix: string, maxSegmentBytes: number, inputs: readonly BorrowableInput[]): WriteResult {
+  checkTable(table, 'writeOutput');
+  const fields = table.schema.fields;
+  const borrowed = fields.map((_, position) => borrowable(table.getChildAt(position)!, inputs));
+  if (borrowed.every((b) => b === null)) {
+    return writeTableToRegions(table, { broker, idPrefix, maxSegmentBytes });
+  }
+  const segments: RegionRef[] = [];
+  try {
+    const own = fields.map((f, position) => [f.name, f.name, position] as [string, string, number]).filter((_, p) => borrowed[p] === null);
+    if (own.length > 0) {
+      const written = writeTableToRegions(table.selectAt(own.map(([, , position]) => position)), { broker, idPrefix, maxSegmentBytes });
+      segments.push(...(written.segments as RegionRef[]).map((ref): RegionRef => ({ ...ref, source: 0, columns: own })));
+    }
+    // One source per input table borrowed from; its regions get aliases named after this output, so
+    // releasing the parent leaves them to this table, and releasing this table drops the aliases.
+    const sources = new Map<RegionRef[], [string, string, number][]>();
+    borrowed.forEach((b, position) => {
+      if (b === null) return;
+      const pairs = sources.get(b.refs) ?? [];
+      pairs.push([b.name, fields[position]!.name, position]);
+      sources.set(b.refs, pairs);
+    });
+    let source = 1;
+    for (const [refs, columns] of sources) {
+      for (const [index, ref] of refs.entries()) {
+        const id = `${idPrefix}-s${source}-${index}`;
+        const fd = native.regionGet(ref.broker, ref.id);
+        try {
+          native.regionPut(broker, id, fd);
+        } finally {
+          closeSync(fd);
+        }
+        segments.push({ kind: 'region', id, byteSize: ref.byteSize, broker, source, columns });
+      }
+      source += 1;
+    }
+  } catch (e) {
+    releaseRegions(segments);
+    throw e;
+  }
+  const byteSize = segments.reduce((sum, s) => sum + s.byteSize, 0);
+  return { segments, byteSize, rows: table.numRows, copiedBytes: 0, reusedSegments: 0 };
+}
+
+/** Reads a table whose columns come from several region tables, putting them back in their positions without copying. */
+function readComposed(refs: readonly RegionRef[]): ReadResult {
+  const columns: { field: Field; vector: Vector }[] = [];
+  const mappings: ArrayBuffer[] = [];
+  for (const source of sourcesOf(refs)) {
+    const read = readTableFromRegions(source.refs);
+    mappings.push(...read.mappings);
+    for (const [name, out, position] of source.columns ?? []) {
+      const index = read.table.schema.fields.findIndex((f) => f.name === name);
+      if (index < 0) throw new ShmArgumentError(`readInput: region ${source.refs[0]!.id} has no column "${name}"`);
+      columns[position] = { field: read.table.schema.fields[index]!.clone({ name: out }), vector: read.table.getChildAt(index)! };
+    }
+  }
+  if (columns.length === 0 || columns.some((c) => c === undefined)) {
+    throw new ShmArgumentError('readInput: the regions\' column positions do not cover the table');
+  }
+  // Built from vectors, the table cuts their chunks at common row boundaries (slices: views, no copy).
+  const aligned = new Table(Object.fromEntries(columns.map((c, position) => [String(position), c.vector])));
+  const schema = new Schema(columns.map((c) => c.field));
+  return { table: new Table(schema, aligned.batches.map((b) => new RecordBatch(schema, b.data))), mappings };
+}
 
 /** Reads what {@link writeOutput} wrote, whichever kind its segments are (all of one kind). */
 export function readInput(refs: readonly SegmentRef[], opts: { dir: string }): ReadResult {
   const regions = Array.isArray(refs) ? refs.filter((r) => isRegionRef(r)) : [];
   if (regions.length === 0) return readTable(refs, checkDir(opts?.dir, 'readInput'), 'readInput');
   if (regions.length !== refs.length) throw new ShmArgumentError('readInput: a table is either all regions or all files, got both');
-  return readTableFromRegions(regions);
+  return regions.some((r) => r.columns !== undefined) ? readComposed(regions) : readTableFromRegions(regions);
 }
 
 /** Releases what {@link writeOutput} wrote: files to the pool, regions back to their brokers. */

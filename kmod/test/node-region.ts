@@ -8,7 +8,7 @@
  */
 import { type ChildProcess, fork, spawnSync } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
-import { type Table, tableFromArrays } from 'apache-arrow';
+import { Table, tableFromArrays, vectorFromArray } from 'apache-arrow';
 import {
   RegionBroker,
   type SegmentRef,
@@ -67,6 +67,30 @@ function consume(segments: SegmentRef[]): void {
   console.log(JSON.stringify({ mismatch, viewOf: isViewOf(table, mappings), rows: table.numRows }));
 }
 
+/** A middle step: passes `id` and `name` through, adds a computed column between them. */
+function passThrough(segments: SegmentRef[]): void {
+  const { table } = readInput(segments, { dir: DIR });
+  const amount = table.getChild('amount')!.toArray() as Float64Array;
+  const doubled = vectorFromArray(amount.map((x) => x * 2));
+  const out = new Table({ id: table.getChild('id')!, doubled, name: table.getChild('name')! });
+  const written = writeOutput(out, { dir: DIR, broker: BROKER, idPrefix: 'node-mid', inputs: [{ table, segments }] });
+  console.log(JSON.stringify(written));
+}
+
+/** Reads the middle step's output: columns from two sources, back in their order, checked against the formula. */
+function consumeMiddle(segments: SegmentRef[]): void {
+  const { table, mappings } = readInput(segments, { dir: DIR });
+  const expected = makeTable(ROWS);
+  const names = table.schema.fields.map((f) => f.name).join(',');
+  let mismatch: string | null = names === 'id,doubled,name' ? null : `columns ${names}`;
+  for (let i = 0; mismatch === null && i < ROWS; i++) {
+    if (table.getChild('id')!.get(i) !== i) mismatch = `id row ${i}`;
+    else if (table.getChild('doubled')!.get(i) !== expected.getChild('amount')!.get(i) * 2) mismatch = `doubled row ${i}`;
+    else if (table.getChild('name')!.get(i) !== expected.getChild('name')!.get(i)) mismatch = `name row ${i}`;
+  }
+  console.log(JSON.stringify({ mismatch, viewOf: isViewOf(table, mappings), rows: table.numRows }));
+}
+
 function roundTrip(): void {
   const fail = (why: string) => {
     console.log(`not ok - node: ${why}`);
@@ -87,7 +111,29 @@ function roundTrip(): void {
     const read = JSON.parse(consumed.out) as { mismatch: string | null; viewOf: boolean; rows: number };
     if (read.mismatch !== null) return fail(`tables differ: ${read.mismatch}`);
     if (!read.viewOf) return fail('the consumer copied a column');
+    console.log(
+      `ok - node: a ${read.rows}-row table written by one process is read by another from ${written.segments.length} regions (${written.byteSize} bytes), 0 bytes copied, equal`,
+    );
+
+    // A middle step passing two columns through references the parent's regions instead of rewriting them.
+    const middle = child(['pass-through', JSON.stringify(written.segments)]);
+    if (middle.status !== 0) return fail(`middle step exited with ${middle.status}`);
+    const mid = JSON.parse(middle.out) as { segments: (SegmentRef & { source?: number })[]; copiedBytes: number };
+    const ownBytes = mid.segments.filter((s) => s.source === 0).reduce((n, s) => n + s.byteSize, 0);
+    const borrowedRefs = mid.segments.filter((s) => (s.source ?? 0) > 0).length;
+    if (borrowedRefs !== written.segments.length) return fail(`middle output borrows ${borrowedRefs} regions, expected ${written.segments.length}`);
+    if (ownBytes === 0 || ownBytes > ROWS * 8 + 65536) return fail(`middle output wrote ${ownBytes} bytes of its own, expected about ${ROWS * 8}`);
+    // The parent's output is released first: the middle output's aliases keep its regions.
     releaseOutput(written.segments, { dir: DIR });
+    const last = child(['consume-middle', JSON.stringify(mid.segments)]);
+    if (last.status !== 0) return fail(`consumer of the middle step exited with ${last.status}`);
+    const lastRead = JSON.parse(last.out) as { mismatch: string | null; viewOf: boolean };
+    if (lastRead.mismatch !== null) return fail(`passed-through table differs: ${lastRead.mismatch}`);
+    if (!lastRead.viewOf) return fail('the consumer of the middle step copied a column');
+    releaseOutput(mid.segments, { dir: DIR });
+    console.log(
+      `ok - node: a step passing 2 of 3 columns through wrote ${ownBytes} bytes of its own and referenced ${borrowedRefs} regions of its parent; read back equal after the parent was released`,
+    );
     if (broker.size !== 0) return fail(`broker still holds ${broker.size} regions`);
     if (pinnedBytes() !== 0) return fail(`${pinnedBytes()} bytes still pinned after release`);
     // Over the module's cap the output still gets written: as files, with the one copy.
@@ -101,9 +147,7 @@ function roundTrip(): void {
     } finally {
       writeFileSync('/sys/module/quiver/parameters/max_pinned_bytes', cap.trim());
     }
-    console.log(
-      `ok - node: a ${read.rows}-row table written by one process is read by another from ${written.segments.length} regions (${written.byteSize} bytes), 0 bytes copied, equal`,
-    );
+    console.log('ok - node: over the module cap the output falls back to files with its one copy');
   } finally {
     broker.stop();
   }
@@ -179,6 +223,8 @@ async function bench(mib: number): Promise<void> {
 const [mode, arg] = process.argv.slice(2);
 if (mode === 'produce') produce();
 else if (mode === 'consume') consume(JSON.parse(arg!) as SegmentRef[]);
+else if (mode === 'pass-through') passThrough(JSON.parse(arg!) as SegmentRef[]);
+else if (mode === 'consume-middle') consumeMiddle(JSON.parse(arg!) as SegmentRef[]);
 else if (mode === 'bench-child') benchChild();
 else if (mode === 'bench') await bench(Number(arg));
 else roundTrip();
