@@ -31,7 +31,8 @@ need=()
 dpkg-query -W -f='${Status}\n' linux-image-amd64 2>/dev/null | grep -q 'install ok installed' || need+=(linux-image-amd64)
 dpkg-query -W -f='${Status}\n' linux-headers-amd64 2>/dev/null | grep -q 'install ok installed' || need+=(linux-headers-amd64)
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
-[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx poweroff || need+=(busybox-static)
+# The static build: the initramfs has no libc for a dynamic busybox.
+dpkg-query -W -f='${Status}\n' busybox-static 2>/dev/null | grep -q 'install ok installed' || need+=(busybox-static)
 command -v cpio >/dev/null || need+=(cpio)
 command -v gcc >/dev/null && command -v make >/dev/null || need+=(build-essential)
 [ -f /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
@@ -90,7 +91,7 @@ if [ -f "$here/node-region.ts" ] && [ -f "$repo/shm/addon/build/Release/quiver_s
     || die "bundling the Node test failed"
   node_test=1
 else
-  say "no Node test: build the shm addon (npm run build:addon) and install esbuild"
+  say "no Node test: it needs kmod/test/node-region.ts, the shm addon (npm run build:addon) and esbuild (npm ci)"
 fi
 
 cat >"$root/init" <<INIT
