@@ -15,6 +15,7 @@ import {
   decode,
   encode,
   ensureTopology,
+  ensureHostConsumer,
   logLine,
   runKill,
   segmentRelease,
@@ -37,6 +38,7 @@ import { RegionBroker, drainPool, regionsAvailable, releaseRegionIds, releaseSeg
 import { buildRunner, type RunnerBuild } from './build-runner.ts';
 import { collectGarbage } from './gc.ts';
 import { STEP_PROCESS_MARKER, type RunnerJob, type RunnerReply } from './protocol.ts';
+import { FlightInputs, type ExecutorFlightOptions } from './flight-inputs.ts';
 
 /** Options for {@link Executor.start}. */
 export interface ExecutorOptions {
@@ -57,6 +59,12 @@ export interface ExecutorOptions {
   prewarm?: number;
   /** How often to collect segments and processes of dead runs. @default 60_000 */
   gcIntervalMs?: number;
+  /** Labels steps can be pinned to (`step(..., { host: 'gpu' })`); the host id is always one. @default QUIVER_HOST_LABELS (comma-separated), else none */
+  labels?: string[];
+  /** The Arrow Flight server other hosts fetch this host's tables from. */
+  flight?: ExecutorFlightOptions;
+  /** Secret Flight tickets are signed with, the same on every host. @default QUIVER_CLUSTER_SECRET, else one kept in quiver-meta */
+  clusterSecret?: string;
 }
 
 interface RunningStep {
@@ -83,6 +91,10 @@ export class Executor {
   /** Holds the fds of the regions this host's steps wrote, when the quiver module is loaded (kmod/). */
   private regionBroker: RegionBroker | null = null;
   private readonly spares: ChildProcess[] = [];
+  /** Steps being handled now, from either queue. */
+  private active = 0;
+  private concurrency = 1;
+  private flight: FlightInputs | null = null;
 
   private constructor(
     private readonly nc: NatsConnection,
@@ -108,11 +120,19 @@ export class Executor {
     const js = jetstream(nc);
     const consumer = await js.consumers.get(streams.work, consumers.executors);
     const executor = new Executor(nc, js, topology, consumer, runner, hostId, shmDir, options, logger);
+    const placed = await js.consumers.get(streams.work, await ensureHostConsumer(jsm, hostId, topology));
     await executor.collectGarbage();
     if (regionsAvailable()) executor.regionBroker = RegionBroker.inDir(shmDir);
     executor.listen();
     const concurrency = options.concurrency ?? (Number(process.env.QUIVER_CONCURRENCY) || availableParallelism());
-    for (let i = 0; i < concurrency; i++) executor.loops.push(executor.pullLoop());
+    executor.concurrency = concurrency;
+    const labels = options.labels ?? (process.env.QUIVER_HOST_LABELS ?? '').split(',').map((l) => l.trim()).filter(Boolean);
+    executor.flight = await FlightInputs.start({
+      nc, topology, hostId, executorId: executor.executorId, labels, capacity: concurrency, running: () => executor.active,
+      shmDir, ...(options.clusterSecret ? { secret: options.clusterSecret } : {}), ...(options.flight ? { options: options.flight } : {}), logger,
+    });
+    // Work placed on this host first; shared work only while there is room.
+    for (let i = 0; i < concurrency; i++) executor.loops.push(executor.pullLoop(placed, false), executor.pullLoop(executor.consumer, true));
     executor.refillSpares();
     const gcIntervalMs = options.gcIntervalMs ?? 60_000;
     executor.gcTimer = setInterval(() => void executor.collectGarbage(), gcIntervalMs).unref();
@@ -132,6 +152,7 @@ export class Executor {
     for (const steps of this.running.values()) for (const s of steps) this.kill(s, 'the executor is stopping');
     for (const spare of this.spares.splice(0)) spare.kill('SIGKILL');
     await Promise.all(this.loops);
+    await this.flight?.stop();
     // Its regions go once their last reader unmaps them.
     this.regionBroker?.stop();
     drainPool({ dir: this.shmDir });
@@ -184,11 +205,15 @@ export class Executor {
     };
   }
 
-  private async pullLoop(): Promise<void> {
+  private async pullLoop(consumer: Consumer, shared: boolean): Promise<void> {
     while (!this.stopped) {
+      if (shared && this.active >= this.concurrency) {
+        await new Promise((r) => setTimeout(r, 100));
+        continue;
+      }
       let msg: JsMsg | null;
       try {
-        msg = await this.consumer.next({ expires: 2000 });
+        msg = await consumer.next({ expires: 2000 });
       } catch (error) {
         if (this.stopped || this.nc.isClosed()) return;
         this.logger.warn(`pulling ready steps failed: ${(error as Error).message}`);
@@ -200,7 +225,12 @@ export class Executor {
         msg.nak();
         return;
       }
-      await this.handle(msg);
+      this.active++;
+      try {
+        await this.handle(msg);
+      } finally {
+        this.active--;
+      }
     }
   }
 
@@ -277,7 +307,20 @@ export class Executor {
         await this.fail(ready, msg, attempt, startedAt, { name: 'PipelineCodeError', code: 'ERR_PIPELINE_CODE', message: (error as Error).message });
         return;
       }
-      const reply = await this.runStep(ready, attempt, codePath);
+      let fetchedBytes = 0;
+      let inputs = ready.inputs;
+      try {
+        ({ inputs, fetchedBytes } = await this.flight!.localize(ready));
+      } catch (error) {
+        if (this.stopped) {
+          msg.nak();
+          return;
+        }
+        // The host holding the input is gone or failed mid-transfer: its data is out of reach.
+        await this.fail(ready, msg, attempt, startedAt, { name: (error as Error).name, code: (error as { code?: string }).code ?? 'ERR_FLIGHT_FETCH', message: (error as Error).message });
+        return;
+      }
+      const reply = await this.runStep({ ...ready, inputs }, attempt, codePath);
       if (this.stopped) {
         // Killed by our own stop: not the step's fault. Another executor gets it.
         msg.nak();
@@ -301,8 +344,9 @@ export class Executor {
           rows: reply.rows,
           schema: reply.schema,
         },
-        transport: ready.inputs.length > 0 ? 'shm' : null,
-        inputCopiedBytes: reply.inputCopiedBytes,
+        transport: fetchedBytes > 0 ? 'flight' : ready.inputs.length > 0 ? 'shm' : null,
+        inputCopiedBytes: reply.inputCopiedBytes + fetchedBytes,
+        ...(fetchedBytes > 0 ? { fetchedBytes } : {}),
         outputCopiedBytes: reply.outputCopiedBytes,
         startedAt,
         at: Date.now(),

@@ -33,6 +33,7 @@ import { childrenOf, outputSteps } from './plan.ts';
 import { createRunMachine, runStateOf, stepStatesOf, type RunMachine, type RunSnapshot } from './run-machine.ts';
 import { Scheduler } from './scheduler.ts';
 import { schemaViolation, subjectMatches } from './triggers.ts';
+import { Dispatcher } from './placement.ts';
 
 /** Options for {@link Orchestrator.start}. */
 export interface OrchestratorOptions {
@@ -103,6 +104,7 @@ export class Orchestrator {
   private deploymentWatch: { stop(): void } | null = null;
   private readonly scheduler: Scheduler;
   private readonly lease: Lease;
+  private readonly dispatcher: Dispatcher;
   private leaderSince: number | null = null;
 
   private constructor(
@@ -114,6 +116,7 @@ export class Orchestrator {
     options: OrchestratorOptions,
   ) {
     const ttlMs = options.lease?.ttlMs ?? DEFAULT_LEASE_TTL_MS;
+    this.dispatcher = new Dispatcher(js, () => jetstreamManager(nc), topology, logger, now);
     this.scheduler = new Scheduler({
       kv: topology.schedules,
       logger,
@@ -167,11 +170,13 @@ export class Orchestrator {
     const eventMessages = await events.consume({ max_messages: 64 });
     this.consuming.push({ messages: eventMessages, loop: this.consumeLoop(eventMessages, (m) => this.handleEvent(m)) });
     this.scheduler.start();
+    this.dispatcher.start();
   }
 
   /** Lets go of everything a leader holds; the KV records stay for the next leader. */
   private async standBy(): Promise<void> {
     this.leaderSince = null;
+    this.dispatcher.stop();
     await this.scheduler.stop();
     this.deploymentWatch?.stop();
     this.deploymentWatch = null;
@@ -308,6 +313,7 @@ export class Orchestrator {
       this.logger.info(`run ${run.submit.runId} ${state}`);
       run.actor.stop();
       this.runs.delete(run.submit.runId);
+      this.dispatcher.forgetRun(run.submit.runId);
       if (run.outputsReleased) await this.releaseOutputs(run.submit.runId, undefined);
       await this.startQueued(run.submit.plan.pipeline);
     }
@@ -534,7 +540,7 @@ export class Orchestrator {
       inputs,
       ...(run.submit.event ? { event: run.submit.event } : {}),
     };
-    await this.js.publish(subjects.stepReady, encode(stepReady, message), { msgID: `${run.submit.runId}.${step}.ready` });
+    await this.dispatcher.dispatch(message, planStep);
   }
 
   /** The client read the result (or gave up): the run's outputs may go, unless it asked to keep them. */

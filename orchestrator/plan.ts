@@ -87,7 +87,11 @@ export function planPipeline(definition: unknown, declaredNames?: readonly strin
       }
       inputs.push(r.columns ? { param, step: r.step, columns: r.columns as string[] } : { param, step: r.step });
     }
-    planSteps.set(stepName, { name: stepName, inputs });
+    const host = (stepDef as { options?: { host?: unknown } }).options?.host;
+    if (host !== undefined && (typeof host !== 'string' || !/^[A-Za-z0-9._-]{1,128}$/.test(host))) {
+      throw new PlanError('ERR_PLAN_BAD_INPUT', `the host label of step "${stepName}" must be 1-128 letters, digits, . _ or -; got ${describe(host)}`, stepName);
+    }
+    planSteps.set(stepName, host ? { name: stepName, inputs, host } : { name: stepName, inputs });
   }
   for (const s of planSteps.values()) {
     for (const i of s.inputs) {

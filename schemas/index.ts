@@ -1,5 +1,5 @@
 export * from './messages.ts';
-export { subjects, streams, consumers, buckets, ensureTopology, DEFAULT_ACK_WAIT_MS, DEFAULT_MAX_DELIVER } from './topology.ts';
+export { subjects, streams, consumers, buckets, ensureTopology, ensureHostConsumer, HOST_TTL_MS, DEFAULT_ACK_WAIT_MS, DEFAULT_MAX_DELIVER } from './topology.ts';
 export type { Topology, TopologyOptions } from './topology.ts';
 export { encode, decode, InvalidMessageError } from './codec.ts';
 export { consoleLogger, silentLogger } from './logger.ts';

@@ -52,6 +52,8 @@ export const planInput = z.object({
 export const planStep = z.object({
   name,
   inputs: z.array(planInput),
+  /** Run only on a host with this label (a host's id is one of its labels). */
+  host: z.string().regex(/^[A-Za-z0-9._-]{1,128}$/, 'must be letters, digits, . _ or -').optional(),
 });
 /** The logical plan: steps in topological order. The orchestrator only ever sees this, never data. */
 export const plan = z.object({
@@ -170,6 +172,8 @@ export const stepSucceeded = z.object({
   inputCopiedBytes: nonNegativeInt,
   /** Bytes the platform copied to store the step's output. */
   outputCopiedBytes: nonNegativeInt,
+  /** Bytes of inputs this step fetched from other hosts over Arrow Flight (also in inputCopiedBytes). */
+  fetchedBytes: nonNegativeInt.optional(),
   startedAt: timestamp,
   at: timestamp,
 });
@@ -294,3 +298,17 @@ export const deadEvent = z.object({
   at: timestamp,
 });
 export type DeadEvent = z.infer<typeof deadEvent>;
+
+/** An executor as it announces itself in the `quiver-hosts` bucket, refreshed by heartbeats. */
+export const hostRecord = z.object({
+  hostId,
+  executorId: z.string().min(1).max(200),
+  /** Its Arrow Flight server, e.g. `grpc+tcp://10.0.0.7:41234`. */
+  flightEndpoint: z.string().min(1).max(300),
+  labels: z.array(z.string().max(128)),
+  /** Steps it runs at once, and how many it runs now. */
+  capacity: nonNegativeInt,
+  running: nonNegativeInt,
+  at: timestamp,
+});
+export type HostRecord = z.infer<typeof hostRecord>;

@@ -12,7 +12,10 @@ export const subjects = {
   stepStarted: 'quiver.step.started',
   stepSucceeded: 'quiver.step.succeeded',
   stepFailed: 'quiver.step.failed',
-  stepReady: 'quiver.work.ready',
+  /** A ready step any executor may take. */
+  stepReady: 'quiver.work.ready.any',
+  /** A ready step placed on one host (its data is there, or it is pinned there). */
+  stepReadyOnHost: (hostId: string) => `quiver.work.ready.host.${hostId}`,
   /** Live log lines of one run (core NATS: real time, not persisted). */
   log: (runId: string) => `quiver.log.${runId}`,
   logAll: 'quiver.log.>',
@@ -36,7 +39,14 @@ export const streams = {
   events: 'QUIVER_EVENTS',
   dead: 'QUIVER_DEAD',
 } as const;
-export const consumers = { orchestrator: 'orchestrator', executors: 'executors', triggers: 'triggers' } as const;
+export const consumers = {
+  orchestrator: 'orchestrator',
+  /** Work any executor may take. Named apart from the unfiltered `executors` of older clusters, which is removed. */
+  executors: 'executors-any',
+  triggers: 'triggers',
+  /** Work placed on one host: shared by that host's executors (consumer names cannot hold dots). */
+  executorsOnHost: (hostId: string) => `executors-host-${hostId.replace(/[^A-Za-z0-9_-]/g, (c) => `_${c.charCodeAt(0).toString(16)}`)}`,
+} as const;
 export const buckets = {
   runs: 'quiver-runs',
   steps: 'quiver-steps',
@@ -46,7 +56,12 @@ export const buckets = {
   pipelines: 'quiver-pipelines',
   leases: 'quiver-leases',
   schedules: 'quiver-schedules',
+  /** Live executors: host id, Flight endpoint, labels, capacity; entries expire without heartbeats. */
+  hosts: 'quiver-hosts',
 } as const;
+
+/** How long an executor's entry in `quiver-hosts` outlives its last heartbeat. */
+export const HOST_TTL_MS = 10_000;
 
 /** Options shared by every process that sets up the topology. */
 export interface TopologyOptions {
@@ -80,6 +95,8 @@ export interface Topology {
   leases: KV;
   /** Per scheduled pipeline: the last tick fired. */
   schedules: KV;
+  /** Live executors (see HOST_TTL_MS). */
+  hosts: KV;
   code: ObjectStore;
   /** A random id made once per cluster: it namespaces shared memory so clusters never touch each other's segments. */
   clusterId: string;
@@ -137,8 +154,11 @@ export async function ensureTopology(nc: NatsConnection, jsm: JetStreamManager, 
     ack_wait: ms(5_000),
     max_ack_pending: 1000,
   });
+  // A workqueue stream forbids overlapping consumers: the unfiltered one of older clusters must go.
+  await jsm.consumers.delete(streams.work, 'executors').catch(() => false);
   await ensureConsumer(jsm, streams.work, {
     durable_name: consumers.executors,
+    filter_subject: subjects.stepReady,
     ack_policy: AckPolicy.Explicit,
     ack_wait: ms(wantedAckWaitMs),
     max_deliver: wantedMaxDeliver,
@@ -149,7 +169,7 @@ export async function ensureTopology(nc: NatsConnection, jsm: JetStreamManager, 
   const ackWaitMs = Math.round(work.config.ack_wait! / 1_000_000);
   const maxDeliver = work.config.max_deliver ?? wantedMaxDeliver;
   const kvm = new Kvm(nc);
-  const [runs, steps, claims, meta, pipelines, leases, schedules] = await Promise.all([
+  const [runs, steps, claims, meta, pipelines, leases, schedules, hosts] = await Promise.all([
     kvm.create(buckets.runs, { history: 1 }),
     kvm.create(buckets.steps, { history: 1, ttl: 7 * 24 * 3600 * 1000 }),
     kvm.create(buckets.claims, { history: 1, ttl: 7 * 24 * 3600 * 1000 }),
@@ -157,10 +177,25 @@ export async function ensureTopology(nc: NatsConnection, jsm: JetStreamManager, 
     kvm.create(buckets.pipelines, { history: 1 }),
     kvm.create(buckets.leases, { history: 1 }),
     kvm.create(buckets.schedules, { history: 1 }),
+    kvm.create(buckets.hosts, { history: 1, ttl: HOST_TTL_MS }),
   ]);
   const code = await new Objm(nc).create(buckets.code);
   const clusterId = await ensureClusterId(meta);
-  return { runs, steps, claims, meta, pipelines, leases, schedules, code, clusterId, ackWaitMs, maxDeliver };
+  return { runs, steps, claims, meta, pipelines, leases, schedules, hosts, code, clusterId, ackWaitMs, maxDeliver };
+}
+
+/** The consumer of the work placed on `hostId`, made like the shared one. */
+export async function ensureHostConsumer(jsm: JetStreamManager, hostId: string, topology: Pick<Topology, 'ackWaitMs' | 'maxDeliver'>): Promise<string> {
+  const name = consumers.executorsOnHost(hostId);
+  await ensureConsumer(jsm, streams.work, {
+    durable_name: name,
+    filter_subject: subjects.stepReadyOnHost(hostId),
+    ack_policy: AckPolicy.Explicit,
+    ack_wait: ms(topology.ackWaitMs),
+    max_deliver: topology.maxDeliver,
+    max_ack_pending: 10_000,
+  });
+  return name;
 }
 
 async function ensureClusterId(meta: KV): Promise<string> {

@@ -43,6 +43,11 @@ export interface InputRef {
 export interface StepOptions {
   /** Free text shown in `quiver run` output and plans. */
   readonly description?: string;
+  /**
+   * Run this step only on a host carrying this label (`QUIVER_HOST_LABELS=gpu,eu` on its executor; a
+   * host's id is always one of its labels). Without it the step goes where its inputs are.
+   */
+  readonly host?: string;
 }
 
 /** A step as declared in a pipeline file. The name is its key in the pipeline. */
@@ -113,8 +118,9 @@ export function input(step: string, options: { columns?: readonly string[] } = {
  * @example
  * step(() => tableFromArrays({ x: [1, 2, 3] }))
  * step({ data: 'transactions' }, ({ data }) => data)
+ * step({ data: 'transactions' }, ({ data }) => data, { host: 'eu' }) // only on hosts labelled eu
  */
-export function step(fn: StepFunction<never>): StepDefinition;
+export function step(fn: StepFunction<never>, options?: StepOptions): StepDefinition;
 export function step<I extends string>(
   inputs: Readonly<Record<I, string | InputRef>>,
   fn: StepFunction<I>,

@@ -7,7 +7,7 @@ import { tableFromArrays } from 'apache-arrow';
 import { jetstream } from '@nats-io/jetstream';
 import { ulid } from 'ulid';
 import { stepProcesses } from '../executor/index.ts';
-import { encode, stepReady, subjects } from '../schemas/index.ts';
+import { consumers, encode, stepReady, streams, subjects } from '../schemas/index.ts';
 import { loadPipeline } from '../sdk/index.ts';
 import { listSegments, writeTableToShm } from '../shm/index.ts';
 import { EUROPEAN_COUNTRIES, generateTransactions } from '../examples/transactions/data.ts';
@@ -71,7 +71,7 @@ describe('run lifecycle', () => {
         encode(stepReady, { type: 'step.ready', runId: view.runId, step: 'first', pipeline: 'slow', codeHash: loaded.codeHash, params: { marks }, inputs: [] }),
         { msgID: ulid() },
       );
-      await waitFor('the work queue to drain', async () => (await (await js.consumers.get('QUIVER_WORK', 'executors')).info()).num_pending === 0 || null);
+      await waitFor('the work queue to drain', async () => (await (await js.consumers.get(streams.work, consumers.executors)).info()).num_pending === 0 || null);
       await new Promise((r) => setTimeout(r, 500));
       assert.deepEqual(readFileSync(marks, 'utf8').split('\n').filter(Boolean), ['first', 'slow', 'last']);
       assert.deepEqual((await cluster.client.getRun(view.runId))?.steps.find((s) => s.name === 'first')?.output, first.output);

@@ -1,0 +1,154 @@
+/**
+ * Where a ready step runs. Executors announce themselves in the `quiver-hosts` bucket (host
+ * id, Flight endpoint, labels, capacity, load), refreshed by heartbeats. A step pinned to a
+ * label goes to a live host carrying it; otherwise to the host holding most of its input
+ * bytes when that host has room, else to any executor. Work placed on a host that stops
+ * heartbeating is re-sent elsewhere, since only that host's executors read its queue.
+ */
+import type { JetStreamClient, JetStreamManager } from '@nats-io/jetstream';
+import type { KV } from '@nats-io/kv';
+import {
+  encode,
+  hostRecord,
+  stepFailed,
+  stepReady,
+  streams,
+  subjects,
+  type HostRecord,
+  type Logger,
+  type PlanStep,
+  type StepReady,
+  type TableDescriptor,
+} from '../schemas/index.ts';
+
+/** Where to send a step: one host, any executor, or nowhere (with the reason). */
+export type Placement = { hostId: string; reason: string } | { hostId: null; reason: string } | { error: string };
+
+/**
+ * The placement rule, without I/O. `hosts` are the live executors (several may share a host id).
+ */
+export function placeStep(step: Pick<PlanStep, 'name' | 'host'>, inputs: readonly { descriptor: TableDescriptor }[], hosts: readonly HostRecord[]): Placement {
+  const byHost = new Map<string, { labels: Set<string>; capacity: number; running: number }>();
+  for (const h of hosts) {
+    const entry = byHost.get(h.hostId) ?? { labels: new Set([h.hostId]), capacity: 0, running: 0 };
+    for (const l of h.labels) entry.labels.add(l);
+    entry.capacity += h.capacity;
+    entry.running += h.running;
+    byHost.set(h.hostId, entry);
+  }
+  const inputBytes = new Map<string, number>();
+  for (const i of inputs) inputBytes.set(i.descriptor.hostId, (inputBytes.get(i.descriptor.hostId) ?? 0) + i.descriptor.byteSize);
+  const freeOf = (id: string) => byHost.get(id)!.capacity - byHost.get(id)!.running;
+  if (step.host) {
+    const candidates = [...byHost.keys()].filter((id) => byHost.get(id)!.labels.has(step.host!));
+    if (candidates.length === 0) {
+      return { error: `step "${step.name}" is pinned to hosts labelled "${step.host}", and no live executor has that label (live hosts: ${[...byHost.keys()].join(', ') || 'none'})` };
+    }
+    // Among the labelled hosts, data first, then room.
+    candidates.sort((a, b) => (inputBytes.get(b) ?? 0) - (inputBytes.get(a) ?? 0) || freeOf(b) - freeOf(a));
+    return { hostId: candidates[0]!, reason: `pinned to label ${step.host}` };
+  }
+  const [richest] = [...inputBytes.entries()].filter(([id]) => byHost.has(id)).sort((a, b) => b[1] - a[1]);
+  if (richest && freeOf(richest[0]) > 0) return { hostId: richest[0], reason: `holds ${richest[1]} input bytes` };
+  return { hostId: null, reason: richest ? `host ${richest[0]} is full` : 'no input lives on a live host' };
+}
+
+interface Sent {
+  message: StepReady;
+  step: PlanStep;
+  hostId: string;
+}
+
+/** How often the orchestrator looks for hosts that stopped heartbeating. */
+const WATCH_INTERVAL_MS = 2_000;
+
+/** Sends ready steps where {@link placeStep} says, and re-sends those stranded on dead hosts. */
+export class Dispatcher {
+  private readonly sent = new Map<string, Sent>();
+  private known = new Set<string>();
+  private timer: NodeJS.Timeout | null = null;
+
+  constructor(
+    private readonly js: JetStreamClient,
+    private readonly jsm: () => Promise<JetStreamManager>,
+    private readonly kv: { hosts: KV; steps: KV; claims: KV },
+    private readonly logger: Logger,
+    private readonly now: () => number,
+  ) {}
+
+  async liveHosts(): Promise<HostRecord[]> {
+    const hosts: HostRecord[] = [];
+    for await (const key of await this.kv.hosts.keys()) {
+      const entry = await this.kv.hosts.get(key);
+      if (!entry?.string()) continue;
+      const parsed = hostRecord.safeParse(entry.json());
+      if (parsed.success) hosts.push(parsed.data);
+    }
+    return hosts;
+  }
+
+  /** Places and publishes `message`. Only the first publish of a step uses the plain id, so JetStream dedupes a resumed orchestrator's repeat. */
+  async dispatch(message: StepReady, step: PlanStep): Promise<void> {
+    await this.place(message, step, `${message.runId}.${message.step}.ready`);
+  }
+
+  private async place(message: StepReady, step: PlanStep, msgID: string): Promise<void> {
+    const hosts = await this.liveHosts();
+    const placed = placeStep(step, message.inputs, hosts);
+    const key = `${message.runId}.${message.step}`;
+    if ('error' in placed) {
+      this.logger.warn(placed.error);
+      const failed = {
+        type: 'step.failed' as const,
+        runId: message.runId,
+        step: message.step,
+        attempt: 1,
+        executorId: 'orchestrator',
+        error: { name: 'PlacementError', code: 'ERR_NO_HOST', message: placed.error },
+        at: this.now(),
+      };
+      await this.js.publish(subjects.stepFailed, encode(stepFailed, failed), { msgID: `${key}.done` });
+      return;
+    }
+    for (const h of hosts) this.known.add(h.hostId);
+    const subject = placed.hostId === null ? subjects.stepReady : subjects.stepReadyOnHost(placed.hostId);
+    await this.js.publish(subject, encode(stepReady, message), { msgID });
+    if (placed.hostId !== null) this.sent.set(key, { message, step, hostId: placed.hostId });
+  }
+
+  /** Forgets the steps of a finished run. */
+  forgetRun(runId: string): void {
+    for (const key of this.sent.keys()) if (key.startsWith(`${runId}.`)) this.sent.delete(key);
+  }
+
+  start(): void {
+    this.timer ??= setInterval(() => void this.checkHosts().catch((e) => this.logger.warn(`host check failed: ${(e as Error).message}`)), WATCH_INTERVAL_MS);
+    this.timer.unref();
+  }
+
+  stop(): void {
+    if (this.timer) clearInterval(this.timer);
+    this.timer = null;
+  }
+
+  /** Places again the unfinished steps placed on hosts that disappeared. */
+  async checkHosts(): Promise<void> {
+    const live = new Set((await this.liveHosts()).map((h) => h.hostId));
+    const lost = [...this.known].filter((id) => !live.has(id));
+    this.known = live;
+    for (const hostId of lost) {
+      this.logger.warn(`host ${hostId} stopped heartbeating: re-sending its unfinished steps`);
+      // Nobody reads that queue any more; a host coming back under that id starts clean.
+      const jsm = await this.jsm();
+      await jsm.streams.purge(streams.work, { filter: subjects.stepReadyOnHost(hostId) }).catch(() => undefined);
+      for (const [key, sent] of this.sent) {
+        if (sent.hostId !== hostId) continue;
+        this.sent.delete(key);
+        if ((await this.kv.steps.get(key))?.string()) continue;
+        // The dead host's claim would make the next executor drop the step as a duplicate.
+        await this.kv.claims.delete(key).catch(() => undefined);
+        await this.place(sent.message, sent.step, `${key}.ready.after.${hostId}.${this.now()}`);
+      }
+    }
+  }
+}
