@@ -258,7 +258,8 @@ static long quiver_share(struct quiver_share __user *uarg)
 	if (!region)
 		goto unreserve;
 	region->npages = npages;
-	region->pages = kvmalloc_array(npages, sizeof(*region->pages), GFP_KERNEL);
+	/* NOWARN: a huge request under a huge cap is a plain ENOMEM, not a kvmalloc WARN. */
+	region->pages = kvmalloc_array(npages, sizeof(*region->pages), GFP_KERNEL_ACCOUNT | __GFP_NOWARN);
 	if (!region->pages)
 		goto free_region;
 
