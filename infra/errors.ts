@@ -2,7 +2,7 @@
 export class QuiverInfraError extends Error {
   override readonly name = 'QuiverInfraError';
   constructor(
-    readonly code: 'ERR_NATS_SERVER_START' | 'ERR_NATS_CONNECT',
+    readonly code: 'ERR_NATS_SERVER_START' | 'ERR_NATS_CONNECT' | 'ERR_S3_SERVER_START',
     message: string,
     options?: { cause?: unknown },
   ) {

@@ -1,0 +1,75 @@
+import { join } from 'node:path';
+import { Kvm } from '@nats-io/kv';
+import type { NatsConnection } from '@nats-io/transport-node';
+import { quiverHome } from '../schemas/index.ts';
+import { NatsKvCatalog, ObjectStoreCatalog } from './catalog.ts';
+import { StorageError } from './errors.ts';
+import { LocalObjectStore } from './object-store.ts';
+import { S3ObjectStore, type S3StoreOptions } from './s3-store.ts';
+import type { TableStore } from './tables.ts';
+
+/** The NATS KV bucket holding table pointers when the S3 server has no conditional writes. */
+export const TABLES_BUCKET = 'quiver-tables';
+
+export type StorageConfig =
+  | { kind: 'local'; root: string }
+  | {
+      kind: 's3';
+      s3: S3StoreOptions;
+      /** Commits go through this NATS (KV bucket quiver-tables) unless `s3.conditionalWrites`. */
+      nc?: NatsConnection;
+    };
+
+export interface OpenedTableStore extends TableStore {
+  close(): Promise<void>;
+}
+
+/** Opens the objects and the catalog a configuration names. */
+export async function openTableStore(config: StorageConfig): Promise<OpenedTableStore> {
+  if (config.kind === 'local') {
+    const objects = new LocalObjectStore(config.root);
+    return { objects, catalog: new ObjectStoreCatalog(objects), close: async () => {} };
+  }
+  const objects = new S3ObjectStore(config.s3);
+  if (config.s3.conditionalWrites) return { objects, catalog: new ObjectStoreCatalog(objects), close: () => objects.close() };
+  if (!config.nc) {
+    await objects.close();
+    throw new StorageError(
+      'ERR_STORAGE_CONFIG',
+      `committing to ${objects.id} needs either a server that honours conditional PUTs (set QUIVER_S3_CONDITIONAL_WRITES=1) or a NATS for the table catalog (set QUIVER_NATS_URL)`,
+    );
+  }
+  const kv = await new Kvm(config.nc).create(TABLES_BUCKET, { history: 10 });
+  return { objects, catalog: new NatsKvCatalog(objects, kv), close: () => objects.close() };
+}
+
+/**
+ * The configuration from the environment:
+ * - `QUIVER_STORAGE`: `s3://bucket[/prefix]`, or a directory. @default <QUIVER_HOME>/storage
+ * - `QUIVER_S3_ENDPOINT`, `QUIVER_S3_REGION` (else AWS_REGION, else us-east-1),
+ *   `QUIVER_S3_FORCE_PATH_STYLE` (1/0; default 1 with an endpoint), `QUIVER_S3_CONDITIONAL_WRITES` (1/0)
+ * - credentials: `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` (or any source the AWS SDK reads)
+ */
+export function storageConfigFromEnv(env: NodeJS.ProcessEnv = process.env, nc?: NatsConnection): StorageConfig {
+  const where = env.QUIVER_STORAGE?.trim() || join(quiverHome(), 'storage');
+  const s3 = /^s3:\/\/([^/]+)\/?(.*)$/.exec(where);
+  if (!s3) return { kind: 'local', root: where.replace(/^file:\/\//, '') };
+  const flag = (value: string | undefined) => (value === undefined || value === '' ? undefined : !['0', 'false', 'no'].includes(value.toLowerCase()));
+  const forcePathStyle = flag(env.QUIVER_S3_FORCE_PATH_STYLE);
+  return {
+    kind: 's3',
+    s3: {
+      bucket: s3[1]!,
+      prefix: s3[2] ?? '',
+      ...(env.QUIVER_S3_ENDPOINT ? { endpoint: env.QUIVER_S3_ENDPOINT } : {}),
+      region: env.QUIVER_S3_REGION || env.AWS_REGION || 'us-east-1',
+      ...(forcePathStyle !== undefined ? { forcePathStyle } : {}),
+      conditionalWrites: flag(env.QUIVER_S3_CONDITIONAL_WRITES) ?? false,
+    },
+    ...(nc ? { nc } : {}),
+  };
+}
+
+export function tableStoreFromEnv(options: { env?: NodeJS.ProcessEnv; nc?: NatsConnection } = {}): Promise<OpenedTableStore> {
+  return openTableStore(storageConfigFromEnv(options.env, options.nc));
+}
