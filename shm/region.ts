@@ -36,6 +36,25 @@ export interface RegionRef extends SegmentRef {
 /** Broker sockets in a segment directory are named like this; they are sockets, so listSegments skips them. */
 const BROKER_SOCKET = /^regions\.[0-9]+\.sock$/;
 
+/** Names of the broker sockets in `dir` (killed executors leave theirs behind). */
+function brokerSockets(dir: string): string[] {
+  try {
+    return readdirSync(dir).filter((name) => BROKER_SOCKET.test(name));
+  } catch (e) {
+    if (errorCode(e) === 'ENOENT') return [];
+    throw fromFsError(e, `quiver shm: cannot list ${dir}`);
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return errorCode(e) !== 'ESRCH';
+  }
+}
+
 /** Where the broker of process `pid` listens in segment directory `dir`. */
 export function regionBrokerPath(dir: string, pid: number = process.pid): string {
   return join(checkDir(dir, 'regionBrokerPath'), `regions.${pid}.sock`);
@@ -82,9 +101,11 @@ export class RegionBroker {
   /** Starts the broker of this process in segment directory `dir` (created if needed), replacing a stale socket of a dead process with our pid. */
   static inDir(dir: string): RegionBroker {
     ensureDir(dir);
-    const path = regionBrokerPath(dir);
-    unlinkIfPresent(path);
-    return new RegionBroker(path);
+    for (const socket of brokerSockets(dir)) {
+      const pid = Number(socket.split('.')[1]);
+      if (pid === process.pid || !processAlive(pid)) unlinkIfPresent(join(dir, socket));
+    }
+    return new RegionBroker(regionBrokerPath(dir));
   }
 
   /** Closes every fd held (regions then go once their readers unmap) and removes the socket. */
@@ -158,14 +179,7 @@ export function releaseRegions(refs: readonly RegionRef[]): void {
  */
 export function releaseRegionIds(ids: readonly string[], opts: { dir: string }): void {
   const dir = checkDir(opts?.dir, 'releaseRegionIds');
-  let sockets: string[];
-  try {
-    sockets = readdirSync(dir).filter((name) => BROKER_SOCKET.test(name));
-  } catch (e) {
-    if (errorCode(e) === 'ENOENT') return;
-    throw fromFsError(e, `quiver shm: cannot list ${dir}`);
-  }
-  for (const socket of sockets) {
+  for (const socket of brokerSockets(dir)) {
     for (const id of ids) {
       try {
         native.regionDrop(join(dir, socket), checkId(id, 'releaseRegionIds'));

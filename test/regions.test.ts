@@ -79,9 +79,14 @@ test('readInput refuses a mix of regions and files, and regions without a broker
 
 test('releaseRegionIds drops ids from every broker in a directory and skips dead ones', (t) => {
   const dir = tempDir(t);
+  // A socket a killed executor left behind is removed when the next broker starts.
+  const stale = new RegionBroker(regionBrokerPath(dir, 999_999_998));
+  const stalePath = stale.socketPath;
   const broker = RegionBroker.inDir(dir);
   t.after(() => broker.stop());
   assert.equal(broker.socketPath, regionBrokerPath(dir));
+  assert.equal(existsSync(stalePath), false);
+  stale.stop();
   // A socket left by a dead process: nobody listens.
   const dead = new RegionBroker(regionBrokerPath(dir, 999_999_999));
   const deadPath = dead.socketPath;
