@@ -28,6 +28,8 @@ import {
   UsageError,
 } from './cluster.ts';
 import { formatBytes, formatDuration, previewTable, stepDuration, summaryTable } from './format.ts';
+import { TABLE_USAGE, tableCommand } from './table.ts';
+import { StorageError } from '../storage/index.ts';
 
 const USAGE = `Usage: quiver <command> [options]
 
@@ -57,11 +59,14 @@ Commands:
   executor [--concurrency N] [--host-id ID]
                  Run an executor daemon against QUIVER_NATS_URL.
   gc             Remove shared memory and step processes of runs that are no longer alive.
+${TABLE_USAGE}
 
 Environment:
   QUIVER_NATS_URL   an existing NATS with JetStream (default: embedded private server)
   QUIVER_HOME       local state (default: <quiver>/.quiver)
   QUIVER_HOST_ID    this host's id (default: the hostname)
+  QUIVER_STORAGE    where tables live: a directory or s3://bucket/prefix
+                    (default: QUIVER_HOME/storage; S3 settings in storage/README.md)
   QUIVER_LEASE_TTL_MS  how long a silent leading orchestrator keeps the lead (default 5000)
 `;
 
@@ -91,6 +96,8 @@ export async function main(argv: string[]): Promise<number> {
       return eventsCommand(rest);
     case 'runs':
       return runsCommand(rest);
+    case 'table':
+      return tableCommand(rest);
     case undefined:
     case '-h':
     case '--help':
@@ -310,7 +317,8 @@ export async function runCli(argv: string[]): Promise<void> {
       error instanceof TriggerError ||
       error instanceof NoClusterError ||
       error instanceof NotDeployedError ||
-      error instanceof InvalidEventError
+      error instanceof InvalidEventError ||
+      error instanceof StorageError
     ) {
       process.stderr.write(`quiver: ${error.message}\n`);
       process.exitCode = 2;

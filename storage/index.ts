@@ -25,6 +25,7 @@ export {
 export { executeScan, prepareScan, scanTable, type PreparedScan, type ScanOptions, type ScanResult, type ScanStats } from './scan.ts';
 export { ColumnCache, hostCache, type ColumnCacheOptions } from './cache.ts';
 export { parseFilter, validateFilter, type Filter } from './filter.ts';
+export { readCsv } from './csv.ts';
 export { dataFileLayout, decodeParquet, encodeParquet, DEFAULT_ROW_GROUP_ROWS } from './parquet.ts';
 export type { ParquetFooter } from './parquet-footer.ts';
 export { openTableStore, storageConfigFromEnv, tableStoreFromEnv, TABLES_BUCKET, type OpenedTableStore, type StorageConfig } from './config.ts';
