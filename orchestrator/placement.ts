@@ -59,12 +59,22 @@ interface Sent {
   hostId: string;
 }
 
-/** How often the orchestrator looks for hosts that stopped heartbeating. */
+/** How often the orchestrator looks for hosts that stopped heartbeating, and retries waiting steps. */
 const WATCH_INTERVAL_MS = 2_000;
+/** How long a pinned step waits for a host with its label (one may be starting) before it fails. */
+export const PLACEMENT_GRACE_MS = 30_000;
+
+interface Waiting {
+  message: StepReady;
+  step: PlanStep;
+  msgID: string;
+  since: number;
+}
 
 /** Sends ready steps where {@link placeStep} says, and re-sends those stranded on dead hosts. */
 export class Dispatcher {
   private readonly sent = new Map<string, Sent>();
+  private readonly waiting = new Map<string, Waiting>();
   private known = new Set<string>();
   private timer: NodeJS.Timeout | null = null;
 
@@ -92,10 +102,15 @@ export class Dispatcher {
     await this.place(message, step, `${message.runId}.${message.step}.ready`);
   }
 
-  private async place(message: StepReady, step: PlanStep, msgID: string): Promise<void> {
+  private async place(message: StepReady, step: PlanStep, msgID: string, since = this.now()): Promise<void> {
     const hosts = await this.liveHosts();
     const placed = placeStep(step, message.inputs, hosts);
     const key = `${message.runId}.${message.step}`;
+    this.waiting.delete(key);
+    if ('error' in placed && this.now() - since < PLACEMENT_GRACE_MS) {
+      this.waiting.set(key, { message, step, msgID, since });
+      return;
+    }
     if ('error' in placed) {
       this.logger.warn(placed.error);
       const failed = {
@@ -119,6 +134,7 @@ export class Dispatcher {
   /** Forgets the steps of a finished run. */
   forgetRun(runId: string): void {
     for (const key of this.sent.keys()) if (key.startsWith(`${runId}.`)) this.sent.delete(key);
+    for (const key of this.waiting.keys()) if (key.startsWith(`${runId}.`)) this.waiting.delete(key);
   }
 
   start(): void {
@@ -133,6 +149,7 @@ export class Dispatcher {
 
   /** Places again the unfinished steps placed on hosts that disappeared. */
   async checkHosts(): Promise<void> {
+    for (const w of [...this.waiting.values()]) await this.place(w.message, w.step, w.msgID, w.since);
     const live = new Set((await this.liveHosts()).map((h) => h.hostId));
     const lost = [...this.known].filter((id) => !live.has(id));
     this.known = live;
