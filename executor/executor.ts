@@ -163,7 +163,7 @@ export class Executor {
   /** Removes segments and step processes of runs that are no longer alive. */
   async collectGarbage(): Promise<{ segments: number; processes: number }> {
     try {
-      return await collectGarbage({ topology: this.topology, shmDir: this.shmDir, logger: this.logger });
+      return await collectGarbage({ topology: this.topology, shmDir: this.shmDir, logger: this.logger, regions: this.regionBroker });
     } catch (error) {
       this.logger.warn(`garbage collection failed: ${(error as Error).message}`);
       return { segments: 0, processes: 0 };

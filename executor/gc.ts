@@ -1,12 +1,14 @@
 import { readdirSync, readFileSync } from 'node:fs';
 import type { Logger, RunView, Topology } from '../schemas/index.ts';
-import { listSegments, releaseSegments } from '../shm/index.ts';
+import { type RegionBroker, listSegments, releaseRegionIds, releaseSegments } from '../shm/index.ts';
 import { STEP_PROCESS_MARKER } from './protocol.ts';
 
 export interface GcOptions {
   topology: Pick<Topology, 'runs' | 'clusterId'>;
   shmDir: string;
   logger: Logger;
+  /** The executor's region broker (quiver module loaded): regions of dead runs are dropped too. */
+  regions?: RegionBroker | null;
 }
 
 /**
@@ -25,21 +27,24 @@ export async function collectGarbage(options: GcOptions): Promise<{ segments: nu
   };
 
   const doomed: string[] = [];
-  for (const segment of listSegments(options.shmDir)) {
-    const runId = segment.id.split('.')[0]!;
+  // Region ids are segment ids too (files and regions of one output never mix).
+  const ids = [...listSegments(options.shmDir).map((s) => s.id), ...(options.regions?.names() ?? [])];
+  for (const id of ids) {
+    const runId = id.split('.')[0]!;
     const view = await viewOf(runId);
     if (!view) {
-      doomed.push(segment.id);
+      doomed.push(id);
       continue;
     }
     if (view.state === 'running') continue;
     const keptOutput = view.steps.some(
-      (s) => view.outputs.includes(s.name) && s.output?.segments.some((x) => x.id === segment.id) && (view.keep || !view.outputsReleased),
+      (s) => view.outputs.includes(s.name) && s.output?.segments.some((x) => x.id === id) && (view.keep || !view.outputsReleased),
     );
-    if (!keptOutput) doomed.push(segment.id);
+    if (!keptOutput) doomed.push(id);
   }
   if (doomed.length > 0) {
     releaseSegments(doomed, { dir: options.shmDir });
+    if (options.regions) releaseRegionIds(doomed, { dir: options.shmDir });
     options.logger.info(`gc: released ${doomed.length} segment(s) of finished or unknown runs`);
   }
 

@@ -40,6 +40,8 @@ export interface NativeShm {
   /** Stops the broker, closing every fd it holds; a second stop does nothing. */
   regionBrokerStop(broker: RegionBrokerHandle): void;
   regionBrokerCount(broker: RegionBrokerHandle): number;
+  /** Names of the regions the broker holds, in no particular order. */
+  regionBrokerNames(broker: RegionBrokerHandle): string[];
   /** Hands a copy of `fd` to the broker under `name` (EEXIST if taken). */
   regionPut(socketPath: string, name: string, fd: number): void;
   /** A new fd for `name` from the broker (ENOENT if unknown). */
@@ -100,6 +102,7 @@ export const native: NativeShm = {
   regionBrokerStart: (socketPath) => call((m) => m.regionBrokerStart(socketPath)),
   regionBrokerStop: (broker) => call((m) => m.regionBrokerStop(broker)),
   regionBrokerCount: (broker) => call((m) => m.regionBrokerCount(broker)),
+  regionBrokerNames: (broker) => call((m) => m.regionBrokerNames(broker)),
   regionPut: (socketPath, name, fd) => call((m) => m.regionPut(socketPath, name, fd)),
   regionGet: (socketPath, name) => call((m) => m.regionGet(socketPath, name)),
   regionDrop: (socketPath, name) => call((m) => m.regionDrop(socketPath, name)),

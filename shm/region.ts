@@ -108,6 +108,11 @@ export class RegionBroker {
     return new RegionBroker(regionBrokerPath(dir));
   }
 
+  /** Names of the regions held (segment ids), e.g. for gc to find those of dead runs. */
+  names(): string[] {
+    return this.handle === null ? [] : native.regionBrokerNames(this.handle);
+  }
+
   /** Closes every fd held (regions then go once their readers unmap) and removes the socket. */
   stop(): void {
     if (this.handle !== null) native.regionBrokerStop(this.handle);

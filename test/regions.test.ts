@@ -101,7 +101,9 @@ test('releaseRegionIds drops ids from every broker in a directory and skips dead
     closeSync(fd);
   }
   assert.equal(broker.size, 2);
+  assert.deepEqual(broker.names().sort(), ['run.step.1-0', 'run.step.1-1']);
   releaseRegionIds(['run.step.1-0', 'run.step.1-1', 'unknown-0'], { dir });
+  assert.deepEqual(broker.names(), []);
   assert.equal(broker.size, 0);
   releaseRegionIds(['x-0'], { dir: join(dir, 'missing') });
 });

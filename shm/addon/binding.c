@@ -627,6 +627,28 @@ static napi_value js_region_broker_count(napi_env env, napi_callback_info info) 
   return result;
 }
 
+static napi_value js_region_broker_names(napi_env env, napi_callback_info info) {
+  napi_value argv[MAX_ARGS], result;
+  if (!get_args(env, info, "regionBrokerNames(broker)", 1, argv)) return NULL;
+  qregion_broker **slot = get_broker(env, argv[0], "regionBrokerNames");
+  if (!slot) return NULL;
+  int count = 0;
+  char *names = *slot ? qregion_broker_names(*slot, &count) : NULL;
+  if (napi_create_array_with_length(env, (size_t)count, &result) != napi_ok) {
+    free(names);
+    return NULL;
+  }
+  const char *at = names;
+  for (int i = 0; i < count; i++) {
+    napi_value name;
+    napi_create_string_utf8(env, at, NAPI_AUTO_LENGTH, &name);
+    napi_set_element(env, result, (uint32_t)i, name);
+    at += strlen(at) + 1;
+  }
+  free(names);
+  return result;
+}
+
 static napi_value js_region_put(napi_env env, napi_callback_info info) {
   napi_value argv[MAX_ARGS];
   char path[PATH_MAX], name[PATH_MAX];
@@ -682,6 +704,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"regionBrokerStart", NULL, js_region_broker_start, NULL, NULL, NULL, napi_enumerable, NULL},
       {"regionBrokerStop", NULL, js_region_broker_stop, NULL, NULL, NULL, napi_enumerable, NULL},
       {"regionBrokerCount", NULL, js_region_broker_count, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"regionBrokerNames", NULL, js_region_broker_names, NULL, NULL, NULL, napi_enumerable, NULL},
       {"regionPut", NULL, js_region_put, NULL, NULL, NULL, napi_enumerable, NULL},
       {"regionGet", NULL, js_region_get, NULL, NULL, NULL, napi_enumerable, NULL},
       {"regionDrop", NULL, js_region_drop, NULL, NULL, NULL, napi_enumerable, NULL},

@@ -320,6 +320,23 @@ int qregion_broker_count(qregion_broker *b) {
   return n;
 }
 
+char *qregion_broker_names(qregion_broker *b, int *count) {
+  *count = 0;
+  pthread_mutex_lock(&b->lock);
+  size_t size = 0;
+  for (entry *e = b->entries; e; e = e->next) size += strlen(e->name) + 1;
+  char *names = size ? malloc(size) : NULL;
+  char *at = names;
+  for (entry *e = names ? b->entries : NULL; e; e = e->next) {
+    size_t len = strlen(e->name) + 1;
+    memcpy(at, e->name, len);
+    at += len;
+    (*count)++;
+  }
+  pthread_mutex_unlock(&b->lock);
+  return names;
+}
+
 /* One request, one reply; *fd_out receives GET's fd. */
 static qshm_status call(const char *path, uint32_t op, const char *name, int fd, int *fd_out) {
   struct sockaddr_un addr;

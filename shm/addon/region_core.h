@@ -37,6 +37,9 @@ qshm_status qregion_broker_start(const char *path, qregion_broker **out);
 void qregion_broker_stop(qregion_broker *broker);
 /* Number of fds held. */
 int qregion_broker_count(qregion_broker *broker);
+/* Names held, as `*count` NUL-terminated strings one after another in a malloc'd buffer
+ * (free it); NULL with *count 0 when there are none or memory ran out. */
+char *qregion_broker_names(qregion_broker *broker, int *count);
 
 /* Clients: each call is one connection. PUT duplicates `fd` into the broker
  * (EEXIST if the name is taken); GET returns a new fd (ENOENT if unknown);
