@@ -75,8 +75,21 @@ export function encodeDescriptor(descriptor: FlightDescriptor): Uint8Array {
   return out;
 }
 
-/** Encodes a FlightData message into one Buffer (header and body copied in once). */
-export function encodeFlightData(frame: Partial<FlightDataFrame> & { header: Uint8Array; body: Uint8Array }): Buffer {
+/** Bytes {@link encodeFlightData} writes for `frame`. */
+export function flightDataLength(frame: Partial<FlightDataFrame> & { header: Uint8Array; body: Uint8Array }): number {
+  return (
+    (frame.descriptor ? bytesFieldLength(1, encodeDescriptor(frame.descriptor).byteLength) : 0) +
+    (frame.header.byteLength ? bytesFieldLength(2, frame.header.byteLength) : 0) +
+    (frame.appMetadata?.byteLength ? bytesFieldLength(3, frame.appMetadata.byteLength) : 0) +
+    (frame.body.byteLength ? bytesFieldLength(1000, frame.body.byteLength) : 0)
+  );
+}
+
+/**
+ * Encodes a FlightData message into one Buffer (header and body copied in once): into `into`
+ * when it is large enough (a reused buffer spares the page faults of a fresh one), else a new one.
+ */
+export function encodeFlightData(frame: Partial<FlightDataFrame> & { header: Uint8Array; body: Uint8Array }, into?: Buffer): Buffer {
   const descriptor = frame.descriptor ? encodeDescriptor(frame.descriptor) : null;
   const metadata = frame.appMetadata ?? new Uint8Array(0);
   const length =
@@ -84,7 +97,7 @@ export function encodeFlightData(frame: Partial<FlightDataFrame> & { header: Uin
     (frame.header.byteLength ? bytesFieldLength(2, frame.header.byteLength) : 0) +
     (metadata.byteLength ? bytesFieldLength(3, metadata.byteLength) : 0) +
     (frame.body.byteLength ? bytesFieldLength(1000, frame.body.byteLength) : 0);
-  const out = Buffer.allocUnsafe(length);
+  const out = into && into.byteLength >= length ? into.subarray(0, length) : Buffer.allocUnsafe(length);
   let position = 0;
   if (descriptor) position = writeBytesField(out, position, 1, descriptor);
   if (frame.header.byteLength) position = writeBytesField(out, position, 2, frame.header);

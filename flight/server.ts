@@ -21,7 +21,7 @@ import { ulid } from 'ulid';
 import type { Logger } from '../schemas/index.ts';
 import { type SegmentRef, mapSegment, releaseSegments, removeDir, unmapSegments } from '../shm/index.ts';
 import { FlightAuthError, FlightError, FlightNotFoundError, FlightProtocolError } from './errors.ts';
-import { type FlightDataFrame, encodeFlightData } from './frames.ts';
+import { type FlightDataFrame, encodeFlightData, flightDataLength } from './frames.ts';
 import { MessageType, schemaBytes, streamMessages } from './ipc.ts';
 import { type ActionMessage, type FlightDescriptorMessage, type FlightInfoMessage, type TicketMessage, TRANSFER_CHANNEL_OPTIONS, flightServiceDefinition } from './protocol.ts';
 import { SegmentWriter } from './segment-writer.ts';
@@ -276,13 +276,20 @@ export class FlightServer {
       const messages = streamMessages(new Uint8Array(mapping, 0, ref.byteSize));
       const limit = this.options.maxInFlightBytes ?? DEFAULT_MAX_IN_FLIGHT_BYTES;
       let inFlight = 0;
+      // Frame buffers go back here once grpc-js has sent (and so long since copied) them.
+      const spare: Buffer[] = [];
       while (!cancelled) {
         const next = messages.next();
         if (next.done) break;
-        const frame = encodeFlightData({ header: next.value.header, body: next.value.body });
+        const message = { header: next.value.header, body: next.value.body };
+        const needed = flightDataLength(message);
+        const reusable = spare.findIndex((b) => b.byteLength >= needed);
+        const buffer = reusable >= 0 ? spare.splice(reusable, 1)[0]! : Buffer.allocUnsafe(needed);
+        const frame = encodeFlightData(message, buffer);
         inFlight += frame.byteLength;
         const flushed = call.write(frame, () => {
           inFlight -= frame.byteLength;
+          spare.push(buffer);
           wake?.();
         });
         while (!cancelled && (inFlight > limit || (!flushed && inFlight > 0))) {
