@@ -6,6 +6,7 @@
  * second child here maps the same copy. Copies are released when their run ends.
  */
 import { randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import type { NatsConnection, Subscription } from '@nats-io/transport-node';
 import { ulid } from 'ulid';
@@ -37,6 +38,19 @@ export interface ExecutorFlightOptions {
   tls?: { cert: Buffer; key: Buffer };
   /** Root certificates to trust when fetching from TLS peers. */
   rootCerts?: Buffer;
+}
+
+/**
+ * TLS from QUIVER_FLIGHT_TLS_CERT and QUIVER_FLIGHT_TLS_KEY (PEM files: serve TLS) and
+ * QUIVER_FLIGHT_TLS_CA (PEM file: trust it when fetching from peers).
+ */
+function tlsFromEnv(): ExecutorFlightOptions {
+  const { QUIVER_FLIGHT_TLS_CERT: cert, QUIVER_FLIGHT_TLS_KEY: key, QUIVER_FLIGHT_TLS_CA: ca } = process.env;
+  if (Boolean(cert) !== Boolean(key)) throw new Error('QUIVER_FLIGHT_TLS_CERT and QUIVER_FLIGHT_TLS_KEY go together: set both or neither');
+  return {
+    ...(cert && key ? { tls: { cert: readFileSync(cert), key: readFileSync(key) } } : {}),
+    ...(ca ? { rootCerts: readFileSync(ca) } : {}),
+  };
 }
 
 /** Why an input could not be brought to this host. */
@@ -97,7 +111,7 @@ export class FlightInputs {
     options?: ExecutorFlightOptions;
     logger: Logger;
   }): Promise<FlightInputs> {
-    const options = args.options ?? {};
+    const options = { ...tlsFromEnv(), ...args.options };
     const secret = await clusterSecret(args.secret, args.topology.meta);
     const envPort = Number(process.env.QUIVER_FLIGHT_PORT);
     const server = await FlightServer.start({

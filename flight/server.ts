@@ -5,7 +5,8 @@
  * moment the client cancels. DoPut lays the uploaded stream straight into a segment.
  */
 import { hostname } from 'node:os';
-import { join } from 'node:path';
+import { rmdirSync } from 'node:fs';
+import { dirname, join } from 'node:path';
 import {
   Server,
   ServerCredentials,
@@ -36,7 +37,7 @@ export interface StoredTable {
 
 /** Options for {@link FlightServer.start}. */
 export interface FlightServerOptions {
-  /** This host's cluster shared-memory folder; uploads go to `<shmDir>/uploads/`. */
+  /** This host's cluster shared-memory folder; uploads go to `<shmDir>/uploads/<server>/`, removed on stop. */
   shmDir: string;
   /** Cluster secret tickets are signed with (at least 16 bytes). */
   secret: string | Uint8Array;
@@ -92,7 +93,8 @@ export class FlightServer {
     private readonly options: FlightServerOptions,
   ) {
     this.secret = checkSecret(options.secret, 'FlightServer');
-    this.uploadDir = join(options.shmDir, 'uploads');
+    // Each server keeps its own uploads: executors of one host share shmDir.
+    this.uploadDir = join(options.shmDir, 'uploads', ulid().toLowerCase());
     this.now = options.now ?? Date.now;
   }
 
@@ -133,6 +135,13 @@ export class FlightServer {
     this.server.forceShutdown();
     this.uploads.clear();
     removeDir(this.uploadDir);
+    try {
+      rmdirSync(dirname(this.uploadDir));
+    } catch (error) {
+      // Another server of this host still keeps uploads there, or it is gone already.
+      const code = (error as NodeJS.ErrnoException).code;
+      if (code !== 'ENOTEMPTY' && code !== 'ENOENT' && code !== 'EEXIST') throw error;
+    }
   }
 
   private handlers(): UntypedServiceImplementation {

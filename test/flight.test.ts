@@ -1,7 +1,8 @@
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { status as GrpcStatus } from '@grpc/grpc-js';
@@ -243,6 +244,29 @@ describe('Arrow Flight: tickets', () => {
       anonymous.close();
       member.close();
       await guarded.stop();
+    }
+  });
+});
+
+describe('Arrow Flight: TLS', () => {
+  it('serves over TLS to a client that trusts the certificate, and not to one that does not', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'quiver-flight-tls-'));
+    const made = spawnSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '1', '-subj', '/CN=localhost', '-addext', 'subjectAltName=IP:127.0.0.1,DNS:localhost', '-keyout', join(dir, 'key.pem'), '-out', join(dir, 'cert.pem')], { encoding: 'utf8' });
+    assert.equal(made.status, 0, made.stderr);
+    const cert = readFileSync(join(dir, 'cert.pem'));
+    const tls = await FlightServer.start({ shmDir, secret, host: '127.0.0.1', tls: { cert, key: readFileSync(join(dir, 'key.pem')) } });
+    const trusting = new FlightClient(tls.location, { rootCerts: cert });
+    const untrusting = new FlightClient(tls.location);
+    try {
+      assert.match(tls.location, /^grpc\+tls:\/\/127\.0\.0\.1:\d+$/);
+      await trusting.putTable('over_tls', tableFromArrays({ x: Int32Array.from([7, 8]) }));
+      assert.deepEqual([...(await trusting.readTable('uploads/over_tls')).getChild('x')!], [7, 8]);
+      await assert.rejects(untrusting.listActions());
+    } finally {
+      trusting.close();
+      untrusting.close();
+      await tls.stop();
+      rmSync(dir, { recursive: true, force: true });
     }
   });
 });
