@@ -14,6 +14,7 @@ import { ShmArgumentError, ShmCorruptSegmentError } from './errors.ts';
 import { native } from './native.ts';
 import { type ShmOptions, checkDir, checkId, describe, resolveOptions } from './options.ts';
 import { listPool, poolBytes } from './pool.ts';
+import { isRegionRef, mapRegionStream } from './region.ts';
 import {
   type SegmentInfo,
   type SegmentRef,
@@ -136,6 +137,7 @@ export function releaseSegments(segments: readonly (string | SegmentRef)[], opts
  * sender that streams the messages as they are. Unmap it with {@link unmapSegments}.
  */
 export function mapSegment(ref: SegmentRef, opts: ReadTableOptions): ArrayBuffer {
+  if (isRegionRef(ref)) return mapRegionStream(ref);
   const dir = checkDir(opts?.dir, 'mapSegment');
   const [id] = segmentIds([ref], 'mapSegment');
   const mapping = native.openReadOnly(segmentPath(dir, id!));

@@ -171,6 +171,25 @@ export function readTableFromRegions(refs: readonly RegionRef[]): ReadResult {
   });
 }
 
+/**
+ * Maps one region read-only as raw bytes (its IPC stream is the first `ref.byteSize`), like
+ * mapSegment does for a file. A region of a table assembled from several sources holds another
+ * table's stream, so it is refused: read such a table with readInput.
+ */
+export function mapRegionStream(ref: RegionRef): ArrayBuffer {
+  if (ref.columns !== undefined) {
+    throw new ShmArgumentError(
+      `mapSegment: region ${ref.id} belongs to a table assembled from several sources (columns passed through by reference); read it with readInput`,
+    );
+  }
+  const fd = native.regionGet(checkSocket(ref.broker, 'mapSegment'), checkId(ref.id, 'mapSegment'));
+  try {
+    return native.mapRegion(fd);
+  } finally {
+    closeSync(fd);
+  }
+}
+
 /** Each region's broker closes its fd for it (the pages go once no reader maps them); unknown ones are skipped. */
 export function releaseRegions(refs: readonly RegionRef[]): void {
   for (const ref of refs) {

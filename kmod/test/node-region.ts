@@ -13,9 +13,11 @@ import {
   RegionBroker,
   type SegmentRef,
   isViewOf,
+  mapSegment,
   readInput,
   regionsAvailable,
   releaseOutput,
+  unmapSegments,
   writeOutput,
 } from '../../shm/index.ts';
 
@@ -63,7 +65,11 @@ function produce(): void {
 
 function consume(segments: SegmentRef[]): void {
   const { table, mappings } = readInput(segments, { dir: DIR });
-  const mismatch = sameTable(makeTable(ROWS), table);
+  let mismatch = sameTable(makeTable(ROWS), table);
+  // Flight streams a region's raw bytes: an IPC stream, starting with the continuation marker.
+  const raw = mapSegment(segments[0]!, { dir: DIR });
+  if (raw.byteLength < segments[0]!.byteSize || new Uint32Array(raw, 0, 1)[0] !== 0xffffffff) mismatch = 'mapSegment of a region';
+  unmapSegments([raw]);
   console.log(JSON.stringify({ mismatch, viewOf: isViewOf(table, mappings), rows: table.numRows }));
 }
 
@@ -83,6 +89,12 @@ function consumeMiddle(segments: SegmentRef[]): void {
   const expected = makeTable(ROWS);
   const names = table.schema.fields.map((f) => f.name).join(',');
   let mismatch: string | null = names === 'id,doubled,name' ? null : `columns ${names}`;
+  try {
+    mapSegment(segments[0]!, { dir: DIR });
+    mismatch = 'mapSegment accepted a region of an assembled table';
+  } catch (e) {
+    if ((e as { code?: string }).code !== 'ERR_SHM_ARG') throw e;
+  }
   for (let i = 0; mismatch === null && i < ROWS; i++) {
     if (table.getChild('id')!.get(i) !== i) mismatch = `id row ${i}`;
     else if (table.getChild('doubled')!.get(i) !== expected.getChild('amount')!.get(i) * 2) mismatch = `doubled row ${i}`;
