@@ -54,6 +54,14 @@ async function serve(): Promise<void> {
   const job = await new Promise<ServeJob>((resolve) => process.once('message', (m) => resolve(m as ServeJob)));
   const server = await FlightServer.start({ shmDir: job.dir, secret: job.secret, host: '127.0.0.1', resolveOutput: (runId, step) => job.outputs[`${runId}/${step}`] ?? null });
   process.send!({ location: server.location });
+  // Peak private memory since the last ask: shows that a stream's memory is bounded, not the table's size.
+  let peak = 0;
+  setInterval(() => (peak = Math.max(peak, anonymousRss())), 20).unref();
+  process.on('message', (m) => {
+    if ((m as { type?: string }).type !== 'peak') return;
+    process.send!({ peak: Math.max(peak, anonymousRss()) });
+    peak = 0;
+  });
   process.once('disconnect', () => void server.stop().then(() => process.exit(0)));
 }
 
@@ -76,6 +84,12 @@ async function tcpSend(): Promise<void> {
 
 function start(role: string): ChildProcess {
   return fork(self, [role], { execArgv: ['--import', 'tsx'], stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+}
+
+/** Private memory (RssAnon): heap and buffers, without the shared-memory segments a process maps. */
+function anonymousRss(): number {
+  const kib = /RssAnon:\s+(\d+) kB/.exec(readFileSync('/proc/self/status', 'utf8'))?.[1];
+  return Number(kib ?? 0) * 1024;
 }
 
 const seconds = (start: bigint) => Number(process.hrtime.bigint() - start) / 1e9;
@@ -107,17 +121,26 @@ async function rawTcp(dir: string, segments: SegmentRef[], total: number): Promi
   return elapsed;
 }
 
-async function flightFetch(location: string, path: string, streams: number, dir: string): Promise<{ seconds: number; bytes: number }> {
+async function serverPeak(server: ChildProcess): Promise<number> {
+  server.send({ type: 'peak' });
+  return new Promise((r) => server.once('message', (m) => r((m as { peak: number }).peak)));
+}
+
+async function flightFetch(server: ChildProcess, location: string, path: string, streams: number, dir: string): Promise<{ seconds: number; bytes: number; serverPeak: number; clientPeak: number }> {
   const clients = Array.from({ length: streams }, () => new FlightClient(location));
   const info = await clients[0]!.getFlightInfo(path);
+  await serverPeak(server);
+  let clientPeak = anonymousRss();
+  const sampler = setInterval(() => (clientPeak = Math.max(clientPeak, anonymousRss())), 20);
   const began = process.hrtime.bigint();
   const fetched = await Promise.all(
     info.endpoints.map((e, i) => clients[i % streams]!.fetchToShm(e.ticket, { dir, id: `fetched-${i}`, byteSize: e.byteSize, poolMaxBytes: 0 })),
   );
   const elapsed = seconds(began);
+  clearInterval(sampler);
   for (const c of clients) c.close();
   removeSegments(fetched.map((f) => f.segment.id), { dir });
-  return { seconds: elapsed, bytes: fetched.reduce((n, f) => n + f.segment.byteSize, 0) };
+  return { seconds: elapsed, bytes: fetched.reduce((n, f) => n + f.segment.byteSize, 0), serverPeak: await serverPeak(server), clientPeak };
 }
 
 function parquetRead(table: Table, dir: string): { seconds: number; bytes: number; fileBytes: number } {
@@ -153,19 +176,23 @@ async function main(): Promise<void> {
     server.send({ dir, secret: randomBytes(32).toString('hex'), outputs: { [`${runId}/one`]: stored(one), [`${runId}/split`]: stored(split) } } satisfies ServeJob);
     const { location } = await new Promise<{ location: string }>((r) => server.once('message', (m) => r(m as never)));
 
-    const rows: { route: string; streams: number; gibPerS: number[] }[] = [
-      { route: 'raw TCP socket', streams: 1, gibPerS: [] },
-      { route: 'Flight DoGet -> shm', streams: 1, gibPerS: [] },
-      { route: 'Flight DoGet -> shm', streams: split.segments.length, gibPerS: [] },
-      { route: 'Parquet file read (1/4 table)', streams: 1, gibPerS: [] },
+    const rows: { route: string; streams: number; gibPerS: number[]; rss: string }[] = [
+      { route: 'raw TCP socket', streams: 1, gibPerS: [], rss: '' },
+      { route: 'Flight DoGet -> shm', streams: 1, gibPerS: [], rss: '' },
+      { route: 'Flight DoGet -> shm', streams: split.segments.length, gibPerS: [], rss: '' },
+      { route: 'Parquet file read (1/4 table)', streams: 1, gibPerS: [], rss: '' },
     ];
+    const mib = (n: number) => `${Math.round(n / 1024 ** 2)}`;
+    const peaks = (r: { serverPeak: number; clientPeak: number }) => `${mib(r.serverPeak)} / ${mib(r.clientPeak)}`;
     let parquetFile = 0;
     for (let rep = 0; rep < reps; rep++) {
       rows[0]!.gibPerS.push(one.byteSize / GIB / (await rawTcp(dir, one.segments, one.byteSize)));
-      const single = await flightFetch(location, `runs/${runId}/one`, 1, dir);
+      const single = await flightFetch(server, location, `runs/${runId}/one`, 1, dir);
       rows[1]!.gibPerS.push(single.bytes / GIB / single.seconds);
-      const parallel = await flightFetch(location, `runs/${runId}/split`, split.segments.length, dir);
+      rows[1]!.rss = peaks(single);
+      const parallel = await flightFetch(server, location, `runs/${runId}/split`, split.segments.length, dir);
       rows[2]!.gibPerS.push(parallel.bytes / GIB / parallel.seconds);
+      rows[2]!.rss = peaks(parallel);
       const parquet = parquetRead(table, fileDir);
       parquetFile = parquet.fileBytes;
       rows[3]!.gibPerS.push(parquet.bytes / GIB / parquet.seconds);
@@ -174,8 +201,8 @@ async function main(): Promise<void> {
     const tcp = best(rows[0]!);
     const parquet = best(rows[3]!);
     console.log(`\nbest of ${reps}, loopback, ${(one.byteSize / GIB).toFixed(2)} GiB (Parquet file ${(parquetFile / 1024 ** 2).toFixed(0)} MiB for a quarter)\n`);
-    const header = ['route', 'streams', 'GiB/s', 'all runs', 'vs raw TCP', 'vs Parquet'];
-    const lines = rows.map((r) => [r.route, String(r.streams), best(r).toFixed(2), r.gibPerS.map((x) => x.toFixed(2)).join(' '), (best(r) / tcp).toFixed(2), (best(r) / parquet).toFixed(2)]);
+    const header = ['route', 'streams', 'GiB/s', 'all runs', 'vs raw TCP', 'vs Parquet', 'peak RssAnon MiB server / client'];
+    const lines = rows.map((r) => [r.route, String(r.streams), best(r).toFixed(2), r.gibPerS.map((x) => x.toFixed(2)).join(' '), (best(r) / tcp).toFixed(2), (best(r) / parquet).toFixed(2), r.rss]);
     const widths = header.map((h, i) => Math.max(h.length, ...lines.map((l) => l[i]!.length)));
     for (const line of [header, ...lines]) console.log(line.map((c, i) => c.padEnd(widths[i]!)).join('  '));
     server.disconnect();
