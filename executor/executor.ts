@@ -344,7 +344,7 @@ export class Executor {
           rows: reply.rows,
           schema: reply.schema,
         },
-        transport: fetchedBytes > 0 ? 'flight' : ready.inputs.length > 0 ? 'shm' : null,
+        transport: fetchedBytes > 0 ? 'flight' : ready.inputs.length > 0 ? (inputsAreRegions(ready) ? 'region' : 'shm') : null,
         inputCopiedBytes: reply.inputCopiedBytes + fetchedBytes,
         ...(fetchedBytes > 0 ? { fetchedBytes } : {}),
         outputCopiedBytes: reply.outputCopiedBytes,
@@ -508,6 +508,11 @@ export class Executor {
 }
 
 /** rmdir, not rm -r: another executor of the host may be writing here, and then the folder stays. */
+/** True when every input lives in regions of the quiver module (kmod/) rather than segment files. */
+function inputsAreRegions(ready: StepReady): boolean {
+  return ready.inputs.every((i) => i.descriptor.segments.length > 0 && i.descriptor.segments.every((s) => s.kind === 'region'));
+}
+
 function removeEmptyDir(dir: string): void {
   try {
     rmdirSync(dir);

@@ -167,7 +167,8 @@ export const stepSucceeded = z.object({
   attempt: z.number().int().positive(),
   executorId: z.string().min(1).max(200),
   output: tableDescriptor,
-  transport: z.enum(['shm', 'flight', 'cache']).nullable(),
+  /** How the step got its inputs: segment files, regions of the quiver module, fetched over Flight, or a cache. */
+  transport: z.enum(['shm', 'region', 'flight', 'cache']).nullable(),
   /** Bytes the platform copied to give the step its inputs. */
   inputCopiedBytes: nonNegativeInt,
   /** Bytes the platform copied to store the step's output. */
@@ -239,7 +240,7 @@ export const stepView = z.object({
   finishedAt: timestamp.nullable(),
   rows: nonNegativeInt.nullable(),
   bytes: nonNegativeInt.nullable(),
-  transport: z.enum(['shm', 'flight', 'cache']).nullable(),
+  transport: z.enum(['shm', 'region', 'flight', 'cache']).nullable(),
   copiedBytes: nonNegativeInt.nullable(),
   output: tableDescriptor.nullable(),
   error: stepError.nullable(),
