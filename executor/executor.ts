@@ -39,6 +39,7 @@ import { buildRunner, type RunnerBuild } from './build-runner.ts';
 import { collectGarbage } from './gc.ts';
 import { STEP_PROCESS_MARKER, type RunnerJob, type RunnerReply } from './protocol.ts';
 import { FlightInputs, type ExecutorFlightOptions } from './flight-inputs.ts';
+import { closeExecutorTableStore, executorTableStore, runSystemStep, type SystemReply, type SystemStepContext } from './system-steps.ts';
 
 /** Options for {@link Executor.start}. */
 export interface ExecutorOptions {
@@ -153,6 +154,7 @@ export class Executor {
     for (const spare of this.spares.splice(0)) spare.kill('SIGKILL');
     await Promise.all(this.loops);
     await this.flight?.stop();
+    await closeExecutorTableStore(this.nc);
     // Its regions go once their last reader unmaps them.
     this.regionBroker?.stop();
     drainPool({ dir: this.shmDir });
@@ -320,7 +322,9 @@ export class Executor {
         await this.fail(ready, msg, attempt, startedAt, { name: (error as Error).name, code: (error as { code?: string }).code ?? 'ERR_FLIGHT_FETCH', message: (error as Error).message });
         return;
       }
-      const reply = await this.runStep({ ...ready, inputs }, attempt, codePath);
+      const reply: SystemReply = ready.system
+        ? await runSystemStep(ready, ready.system, inputs, attempt, this.systemStepContext(ready))
+        : await this.runStep({ ...ready, inputs }, attempt, codePath);
       if (this.stopped) {
         // Killed by our own stop: not the step's fault. Another executor gets it.
         msg.nak();
@@ -347,6 +351,7 @@ export class Executor {
         transport: fetchedBytes > 0 ? 'flight' : ready.inputs.length > 0 ? (inputsAreRegions(ready) ? 'region' : 'shm') : null,
         inputCopiedBytes: reply.inputCopiedBytes + fetchedBytes,
         ...(fetchedBytes > 0 ? { fetchedBytes } : {}),
+        ...(reply.scan ? { scan: reply.scan } : {}),
         outputCopiedBytes: reply.outputCopiedBytes,
         startedAt,
         at: Date.now(),
@@ -356,6 +361,17 @@ export class Executor {
     } finally {
       clearInterval(heartbeat);
     }
+  }
+
+  /** What a system step (scan, stage, commit) runs with: this host's shared memory, tables and the run's log. */
+  private systemStepContext(ready: StepReady): SystemStepContext {
+    return {
+      shmDir: this.shmDir,
+      ...(this.options.maxSegmentBytes ? { maxSegmentBytes: this.options.maxSegmentBytes } : {}),
+      ...(this.options.poolMaxBytes !== undefined ? { poolMaxBytes: this.options.poolMaxBytes } : {}),
+      tables: () => executorTableStore(this.nc),
+      log: (line) => this.nc.publish(subjects.log(ready.runId), encode(logLine, { runId: ready.runId, step: ready.step, stream: 'stdout', line, at: Date.now() })),
+    };
   }
 
   private async fail(ready: StepReady, msg: JsMsg, attempt: number, startedAt: number, error: StepError): Promise<void> {

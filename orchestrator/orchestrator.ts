@@ -539,6 +539,7 @@ export class Orchestrator {
       params: run.submit.params,
       inputs,
       ...(run.submit.event ? { event: run.submit.event } : {}),
+      ...(planStep.system ? { system: planStep.system } : {}),
     };
     await this.dispatcher.dispatch(message, planStep);
   }

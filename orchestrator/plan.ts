@@ -1,4 +1,5 @@
 import { NAME_PATTERN, type Plan, type PlanStep } from '../schemas/index.ts';
+import { PhysicalPlanner } from './physical-plan.ts';
 
 /** Why a pipeline cannot run. Found before anything runs; names the step at fault. */
 export class PlanError extends Error {
@@ -59,6 +60,7 @@ export function planPipeline(definition: unknown, declaredNames?: readonly strin
     throw new PlanError('ERR_PLAN_EMPTY', `pipeline "${def.name}" has no steps`);
   }
   const planSteps = new Map<string, PlanStep>();
+  const physical = new PhysicalPlanner();
   for (const [stepName, raw] of Object.entries(steps)) {
     if (!NAME_PATTERN.test(stepName)) {
       throw new PlanError('ERR_PLAN_BAD_NAME', `step name "${stepName}" must be an identifier (a letter or _, then letters, digits or _; at most 64)`, stepName);
@@ -75,6 +77,11 @@ export function planPipeline(definition: unknown, declaredNames?: readonly strin
     const inputs: PlanStep['inputs'] = [];
     const rawInputs = (stepDef as { inputs?: unknown }).inputs ?? {};
     for (const [param, ref] of Object.entries(rawInputs as Record<string, unknown>)) {
+      const scan = physical.source(stepName, param, ref);
+      if (scan) {
+        inputs.push({ param, step: scan });
+        continue;
+      }
       const r = ref as { step?: unknown; columns?: unknown } | null;
       if (!r || typeof r !== 'object' || typeof r.step !== 'string') {
         throw new PlanError('ERR_PLAN_BAD_INPUT', `input "${param}" of step "${stepName}" must name a step (a string or input('step')); got ${describe(ref)}`, stepName);
@@ -91,8 +98,10 @@ export function planPipeline(definition: unknown, declaredNames?: readonly strin
     if (host !== undefined && (typeof host !== 'string' || !/^[A-Za-z0-9._-]{1,128}$/.test(host))) {
       throw new PlanError('ERR_PLAN_BAD_INPUT', `the host label of step "${stepName}" must be 1-128 letters, digits, . _ or -; got ${describe(host)}`, stepName);
     }
+    physical.materialize(stepName, (stepDef as { options?: { materialize?: unknown } }).options?.materialize);
     planSteps.set(stepName, host ? { name: stepName, inputs, host } : { name: stepName, inputs });
   }
+  physical.addSystemSteps(planSteps);
   for (const s of planSteps.values()) {
     for (const i of s.inputs) {
       if (!planSteps.has(i.step)) {
@@ -136,8 +145,9 @@ function topologicalOrder(steps: Map<string, PlanStep>): PlanStep[] {
 
 /** The steps whose outputs are the run's result: those no other step reads. */
 export function outputSteps(plan: Plan): string[] {
-  const read = new Set(plan.steps.flatMap((s) => s.inputs.map((i) => i.step)));
-  return plan.steps.filter((s) => !read.has(s.name)).map((s) => s.name);
+  // System steps (scans, staging, the commit) are neither outputs nor make their parents not one.
+  const read = new Set(plan.steps.filter((s) => !s.system).flatMap((s) => s.inputs.map((i) => i.step)));
+  return plan.steps.filter((s) => !s.system && !read.has(s.name)).map((s) => s.name);
 }
 
 export function childrenOf(plan: Plan, step: string): string[] {

@@ -49,9 +49,30 @@ export const planInput = z.object({
   step: name,
   columns: z.array(z.string()).min(1).optional(),
 });
+/**
+ * A system step of the physical plan, run by the executor itself rather than user code: `scan`
+ * reads a stored table (column and filter pushdown) into shared memory; `stage` writes its
+ * input as Parquet data files no snapshot refers to yet; `commit` commits the staged files as
+ * new snapshots once every other step has succeeded.
+ */
+export const systemStep = z.discriminatedUnion('kind', [
+  z.object({
+    kind: z.literal('scan'),
+    table: name,
+    columns: z.array(z.string()).min(1).optional(),
+    filter: z.string().max(4000).optional(),
+    snapshot: z.string().max(64).optional(),
+    asOf: timestamp.optional(),
+  }),
+  z.object({ kind: z.literal('stage'), table: name, mode: z.enum(['append', 'replace']) }),
+  z.object({ kind: z.literal('commit') }),
+]);
+export type SystemStep = z.infer<typeof systemStep>;
+
 export const planStep = z.object({
   name,
   inputs: z.array(planInput),
+  system: systemStep.optional(),
   /** Run only on a host with this label (a host's id is one of its labels). */
   host: z.string().regex(/^[A-Za-z0-9._-]{1,128}$/, 'must be letters, digits, . _ or -').optional(),
 });
@@ -175,6 +196,17 @@ export const stepSucceeded = z.object({
   outputCopiedBytes: nonNegativeInt,
   /** Bytes of inputs this step fetched from other hosts over Arrow Flight (also in inputCopiedBytes). */
   fetchedBytes: nonNegativeInt.optional(),
+  /** A scan step's reading of its table: which snapshot, what it fetched and what it skipped. */
+  scan: z
+    .object({
+      table: name,
+      snapshotId: z.string().nullable(),
+      bytesFetched: nonNegativeInt,
+      rowGroupsRead: nonNegativeInt,
+      rowGroupsSkipped: nonNegativeInt,
+      cachedChunks: nonNegativeInt,
+    })
+    .optional(),
   startedAt: timestamp,
   at: timestamp,
 });
@@ -210,6 +242,8 @@ export const stepReady = z.object({
   inputs: z.array(planInput.extend({ descriptor: tableDescriptor })),
   /** The event that started the run, for `ctx.event`. */
   event: runEvent.optional(),
+  /** Set for a system step: what the executor does instead of running user code. */
+  system: systemStep.optional(),
 });
 export type StepReady = z.infer<typeof stepReady>;
 

@@ -29,6 +29,7 @@ import {
 } from '../schemas/index.ts';
 import { readInput } from '../shm/index.ts';
 import type { LoadedPipeline } from './load.ts';
+import { prepareSources } from './sources.ts';
 
 /** Options for {@link QuiverClient.connect}. */
 export interface ClientOptions {
@@ -150,6 +151,8 @@ export class QuiverClient {
         ...(pipeline.triggers.maxConcurrentRuns ? { admission: { maxConcurrentRuns: pipeline.triggers.maxConcurrentRuns, overlap: null } } : {}),
       };
     }
+    // Stored-table inputs are checked now, so a bad column or filter fails before anything runs.
+    submit = { ...submit, plan: await prepareSources(submit.plan, this.nc) };
     const runId = ulid();
     // Subscribed before submitting: no early event is missed.
     const queue = new EventQueue();

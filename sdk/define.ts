@@ -40,9 +40,29 @@ export interface InputRef {
   readonly columns?: readonly string[];
 }
 
+/**
+ * An input read from a stored table (see {@link source}): a system step of the run scans it,
+ * reading only these columns and the row groups the filter may match.
+ */
+export interface SourceRef {
+  readonly kind: 'quiver.source';
+  readonly table: string;
+  readonly columns?: readonly string[];
+  readonly filter?: string;
+  readonly snapshot?: string;
+  /** Epoch milliseconds. */
+  readonly asOf?: number;
+}
+
 export interface StepOptions {
   /** Free text shown in `quiver run` output and plans. */
   readonly description?: string;
+  /**
+   * Store the step's output as a snapshot of the table named like the step, once the whole run
+   * has succeeded (a failed run commits nothing). `true` replaces the table's rows; `{ mode:
+   * 'append' }` adds to them.
+   */
+  readonly materialize?: boolean | { readonly mode?: 'replace' | 'append' };
   /**
    * Run this step only on a host carrying this label (`QUIVER_HOST_LABELS=gpu,eu` on its executor; a
    * host's id is always one of its labels). Without it the step goes where its inputs are.
@@ -53,7 +73,7 @@ export interface StepOptions {
 /** A step as declared in a pipeline file. The name is its key in the pipeline. */
 export interface StepDefinition {
   readonly kind: 'quiver.step';
-  readonly inputs: Readonly<Record<string, InputRef>>;
+  readonly inputs: Readonly<Record<string, InputRef | SourceRef>>;
   readonly fn: StepFunction;
   readonly options: StepOptions;
 }
@@ -112,6 +132,30 @@ export function input(step: string, options: { columns?: readonly string[] } = {
 }
 
 /**
+ * Declares an input read from the stored table `table`: only `columns` (default all), only rows
+ * matching `filter` (SQL-like: `usd > 100 AND country IN ('France', 'Spain')`, with `=`, `!=`,
+ * `<`, `<=`, `>`, `>=`, BETWEEN, IN, IS [NOT] NULL, AND, OR, NOT, and `DATE '2024-01-31'` or
+ * `TIMESTAMP '2024-01-31 12:00:00'` literals). By default the snapshot current when the run is
+ * submitted; `snapshot` or `asOf` read an older one (time travel). Columns and filter are checked
+ * against the table before the run starts.
+ * @example source('transactions', { columns: ['id', 'usd', 'country'], filter: "usd >= 10" })
+ */
+export function source(
+  table: string,
+  options: { columns?: readonly string[]; filter?: string; snapshot?: string; asOf?: number | string | Date } = {},
+): SourceRef {
+  const asOf = options.asOf === undefined ? undefined : options.asOf instanceof Date ? options.asOf.getTime() : typeof options.asOf === 'string' ? Date.parse(options.asOf) : options.asOf;
+  return {
+    kind: 'quiver.source',
+    table,
+    ...(options.columns ? { columns: [...options.columns] } : {}),
+    ...(options.filter !== undefined ? { filter: options.filter } : {}),
+    ...(options.snapshot !== undefined ? { snapshot: options.snapshot } : {}),
+    ...(asOf !== undefined ? { asOf } : {}),
+  };
+}
+
+/**
  * Declares a step. Its inputs map the names the function receives to parent steps; a plain
  * string names a parent step and takes all its columns. The DAG follows from these inputs.
  *
@@ -122,17 +166,17 @@ export function input(step: string, options: { columns?: readonly string[] } = {
  */
 export function step(fn: StepFunction<never>, options?: StepOptions): StepDefinition;
 export function step<I extends string>(
-  inputs: Readonly<Record<I, string | InputRef>>,
+  inputs: Readonly<Record<I, string | InputRef | SourceRef>>,
   fn: StepFunction<I>,
   options?: StepOptions,
 ): StepDefinition;
 export function step(a: unknown, b?: unknown, c?: unknown): StepDefinition {
   const [rawInputs, fn, options] = typeof a === 'function' ? [{}, a, b] : [a, b, c];
-  const inputs: Record<string, InputRef> = {};
+  const inputs: Record<string, InputRef | SourceRef> = {};
   if (rawInputs !== null && typeof rawInputs === 'object') {
     for (const [param, ref] of Object.entries(rawInputs as Record<string, unknown>)) {
       // Kept as given when malformed: the planner reports it with the step's name.
-      inputs[param] = typeof ref === 'string' ? { step: ref } : (ref as InputRef);
+      inputs[param] = typeof ref === 'string' ? { step: ref } : (ref as InputRef | SourceRef);
     }
   }
   return { kind: 'quiver.step', inputs, fn: fn as StepFunction, options: (options ?? {}) as StepOptions };

@@ -1,12 +1,13 @@
 // Pipeline files import this module; when a pipeline is bundled it is swapped for ./define.ts,
 // so steps carry only the definitions, not the client.
-export { input, pipeline, step } from './define.ts';
+export { input, pipeline, source, step } from './define.ts';
 export type {
   EventTriggerOptions,
   InputRef,
   PipelineDefinition,
   PipelineOptions,
   ScheduleOptions,
+  SourceRef,
   StepContext,
   StepDefinition,
   StepFunction,

@@ -11,6 +11,7 @@ export {
   commitStaged,
   describeTable,
   discardStaged,
+  findCommitted,
   listTables,
   loadTable,
   resolveSnapshot,

@@ -226,6 +226,20 @@ export async function commitStaged(
   }
 }
 
+/**
+ * The commit that already made `staged` part of the table's current snapshot, or null. Data
+ * file names are unique, so finding the first staged file there is proof.
+ */
+export async function findCommitted(store: TableStore, staged: StagedWrite): Promise<CommitResult | null> {
+  const first = staged.files[0];
+  const head = await store.catalog.head(staged.table);
+  if (!first || !head) return null;
+  const metadata = await readJson(store.objects, head.metadataKey, tableMetadata);
+  const current = resolveSnapshot(metadata);
+  if (!current || !(await readManifest(store, current)).dataFiles.some((f) => f.path === first.path)) return null;
+  return { table: staged.table, version: head.version, snapshotId: current.snapshotId, rows: staged.files.reduce((n, f) => n + f.recordCount, 0), files: staged.files.length };
+}
+
 /** What `quiver table show` prints: schema, snapshots, row counts. */
 export async function describeTable(store: TableStore, name: string) {
   const { metadata, head } = await loadTable(store, name);

@@ -9,7 +9,7 @@ const env = { QUIVER_HOME: home.dir };
 
 describe('quiver run', () => {
   it('runs the example on the embedded default and prints the JSON contract', async () => {
-    const { code, stdout, stderr } = await runCli(['run', 'examples/transactions/pipeline.ts', '--json', '--params', 'rows=50000'], { env });
+    const { code, stdout, stderr } = await runCli(['run', fixture('transactions-generated.ts'), '--json', '--params', 'rows=50000'], { env });
     assert.equal(code, 0, stderr);
     const result = JSON.parse(stdout) as {
       runId: string;
@@ -38,7 +38,7 @@ describe('quiver run', () => {
   });
 
   it('shows live states, a summary and a preview of the final table', async () => {
-    const { code, stdout } = await runCli(['run', 'examples/transactions/pipeline.ts', '--params', 'rows=20000'], { env });
+    const { code, stdout } = await runCli(['run', fixture('transactions-generated.ts'), '--params', 'rows=20000'], { env });
     assert.equal(code, 0, stdout);
     assert.match(stdout, /euro_selection\s+● running/);
     assert.match(stdout, /step\s+state\s+rows\s+bytes\s+transport\s+copied\s+time/);
@@ -64,7 +64,7 @@ describe('quiver run', () => {
   });
 
   it('explains a bad command line', async () => {
-    const { code, stderr } = await runCli(['run', 'examples/transactions/pipeline.ts', '--params', 'rows'], { env });
+    const { code, stderr } = await runCli(['run', fixture('transactions-generated.ts'), '--params', 'rows'], { env });
     assert.equal(code, 2);
     assert.match(stderr, /--params takes key=value, got "rows"/);
   });

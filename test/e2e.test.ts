@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { listSegments } from '../shm/index.ts';
 import { EUROPEAN_COUNTRIES, generateTransactions } from '../examples/transactions/data.ts';
+import { openTableStore, scanTable, writeTable } from '../storage/index.ts';
 import { fixture, repoRoot, runFile, stepOf, waitFor, withCluster } from './helpers.ts';
 
 /** usd_by_country computed in plain code, straight from the generator. */
@@ -25,14 +26,28 @@ describe('a pipeline end to end on one host', () => {
   it('computes the example the same as plain code does, and frees every segment once the result is read', async () => {
     await withCluster(async (cluster, home) => {
       const rows = 200_000;
-      const run = await runFile(cluster, home, `${repoRoot}/examples/transactions/pipeline.ts`, { params: { rows: String(rows), seed: '7' }, release: false });
+      // The example reads the stored table `transactions` and materializes usd_by_country.
+      process.env.QUIVER_STORAGE = `${home}/storage`;
+      const store = await openTableStore({ kind: 'local', root: `${home}/storage` });
+      await writeTable(store, 'transactions', generateTransactions(rows, 7));
+      const run = await runFile(cluster, home, `${repoRoot}/examples/transactions/pipeline.ts`, { release: false });
+      delete process.env.QUIVER_STORAGE;
       assert.equal(run.view.state, 'succeeded', JSON.stringify(run.view.steps.map((s) => [s.name, s.state, s.error])));
       assert.deepEqual(
-        run.view.steps.map((s) => s.state),
-        ['succeeded', 'succeeded', 'succeeded'],
+        run.view.steps.map((s) => [s.name, s.state]),
+        [
+          ['__scan_transactions', 'succeeded'],
+          ['euro_selection', 'succeeded'],
+          ['usd_by_country', 'succeeded'],
+          ['__stage_usd_by_country', 'succeeded'],
+          ['__commit', 'succeeded'],
+        ],
       );
-      assert.equal(stepOf(run.view, 'transactions').rows, rows);
-      assert.ok(run.logs.some((l) => l.step === 'transactions' && /generated 200,000 transactions/.test(l.line)), 'the step log reached the client');
+      assert.equal(stepOf(run.view, '__scan_transactions').rows, rows);
+      assert.ok(
+        run.logs.some((l) => l.step === '__scan_transactions' && /scanned transactions at snapshot \w+: 3 column\(s\)/.test(l.line)),
+        'the scan step reported what it read',
+      );
 
       const output = stepOf(run.view, 'usd_by_country').output!;
       const { table } = cluster.client.openOutput(output);
@@ -45,6 +60,10 @@ describe('a pipeline end to end on one host', () => {
         assert.equal(Number(row.transactions), want.count);
         assert.ok(Math.abs(Number(row.usd) - want.usd) < 1e-6 * Math.max(1, want.usd), `usd of ${row.country}`);
       }
+      // The output was committed as a snapshot of the table usd_by_country.
+      const stored = (await scanTable(store, 'usd_by_country', { cache: null })).table;
+      assert.deepEqual(stored.toArray().map((r) => r.toJSON()), table.toArray().map((r) => r.toJSON()));
+      await store.close();
       // Intermediate segments go as soon as their children finished; the output waits for release.
       const outputIds = output.segments.map((s) => s.id).join(',');
       await waitFor('only the output to be left in shared memory', () => listSegments(cluster.executor.shmDir).map((s) => s.id).join(',') === outputIds);

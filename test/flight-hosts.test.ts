@@ -136,7 +136,7 @@ describe('two hosts joined by a veth pair', { skip: skip ?? false }, () => {
 
   it('runs the example pinned across both hosts with the single-host result, moving tables over Flight', async () => {
     const rows = 200_000;
-    const single = await run(join(repoRoot, 'examples/transactions/pipeline.ts'), rows);
+    const single = await run(fixture('transactions-generated.ts'), rows);
     assert.equal(new Set(single.view.steps.map((s) => s.hostId)).size, 1, 'unpinned, every step follows its data to one host');
     assert.ok(single.view.steps.every((s) => s.transport !== 'flight'));
 

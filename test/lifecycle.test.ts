@@ -11,7 +11,7 @@ import { consumers, encode, stepReady, streams, subjects } from '../schemas/inde
 import { loadPipeline } from '../sdk/index.ts';
 import { listSegments, writeTableToShm } from '../shm/index.ts';
 import { EUROPEAN_COUNTRIES, generateTransactions } from '../examples/transactions/data.ts';
-import { fixture, repoRoot, runFile, stepOf, waitFor, withCluster } from './helpers.ts';
+import { fixture, runFile, stepOf, waitFor, withCluster } from './helpers.ts';
 
 describe('run lifecycle', () => {
   it('cancels a run mid-step: the step process is killed, the rest cancelled, nothing left in shared memory', async () => {
@@ -43,7 +43,7 @@ describe('run lifecycle', () => {
     await withCluster(
       async (cluster, home) => {
         const rows = 100_000;
-        const { view } = await runFile(cluster, home, `${repoRoot}/examples/transactions/pipeline.ts`, { params: { rows: String(rows) }, release: false });
+        const { view } = await runFile(cluster, home, fixture('transactions-generated.ts'), { params: { rows: String(rows) }, release: false });
         assert.equal(view.state, 'succeeded');
         const transactions = stepOf(view, 'transactions');
         assert.ok(transactions.output!.segments.length >= 2, `${transactions.output!.segments.length} segment(s)`);

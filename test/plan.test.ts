@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { after, describe, it } from 'node:test';
 import { PlanError, planPipeline } from '../orchestrator/index.ts';
 import { loadPipeline, pipeline, step } from '../sdk/index.ts';
-import { fixture, repoRoot, tempHome } from './helpers.ts';
+import { fixture, tempHome } from './helpers.ts';
 
 const home = tempHome();
 after(() => home.remove());
@@ -18,7 +18,7 @@ async function planError(file: string): Promise<PlanError> {
 
 describe('planning', () => {
   it('orders the example topologically and keeps only what runs need', async () => {
-    const loaded = await loadPipeline(`${repoRoot}/examples/transactions/pipeline.ts`);
+    const loaded = await loadPipeline(fixture('transactions-generated.ts'));
     assert.equal(loaded.plan.pipeline, 'transactions');
     assert.deepEqual(
       loaded.plan.steps.map((s) => s.name),

@@ -2,27 +2,22 @@
  * The pipeline of Listing 1 in the Bauplan paper, in TypeScript: each step is a function from
  * named input tables to one table, and the DAG follows from the inputs.
  *
- *   transactions ──▶ euro_selection ──▶ usd_by_country
+ *   (stored table) transactions ──▶ euro_selection ──▶ usd_by_country ──▶ (stored table)
  *
- * Run it with `npx quiver run examples/transactions/pipeline.ts --params rows=1000000`.
+ * `transactions` is a stored table: create it once from generated data, then run:
+ *
+ *   npx quiver table generate-example --rows 1000000
+ *   npx quiver run examples/transactions/pipeline.ts
  */
 import { Float64, Int32, RecordBatch, Table, makeData, tableFromArrays, type Data, type Dictionary, type Utf8 } from 'apache-arrow';
-import { input, pipeline, step } from '../../sdk/index.ts';
-import { EUROPEAN_COUNTRIES, generateTransactions } from './data.ts';
+import { pipeline, source, step } from '../../sdk/index.ts';
+import { EUROPEAN_COUNTRIES } from './data.ts';
 
 export default pipeline('transactions', {
-  // A source step: a seeded table of transactions (id, usd, country, eventTime).
-  transactions: step((_inputs, ctx) => {
-    const rows = Number(ctx.params.rows ?? 1_000_000);
-    if (!Number.isInteger(rows) || rows < 0) throw new Error(`--params rows must be a whole number, got "${ctx.params.rows}"`);
-    const table = generateTransactions(rows, Number(ctx.params.seed ?? 42));
-    console.log(`generated ${table.numRows.toLocaleString('en-US')} transactions`);
-    return table;
-  }),
-
-  // Keeps European transactions; asks its parent only for the columns it needs. Works on the
-  // column buffers directly (they are views of shared memory), which is what makes it fast.
-  euro_selection: step({ data: input('transactions', { columns: ['id', 'usd', 'country'] }) }, ({ data }) => {
+  // Keeps European transactions. Reads only the columns it needs from the stored table (a scan
+  // step fetches just those column chunks). Works on the column buffers directly (they are
+  // views of shared memory), which is what makes it fast.
+  euro_selection: step({ data: source('transactions', { columns: ['id', 'usd', 'country'] }) }, ({ data }) => {
     const european = new Set<string>(EUROPEAN_COUNTRIES);
     const batches: RecordBatch[] = [];
     for (const batch of data.batches) {
@@ -57,7 +52,7 @@ export default pipeline('transactions', {
     return table;
   }),
 
-  // Sums usd by country.
+  // Sums usd by country, and stores the result as the table usd_by_country once the run succeeded.
   usd_by_country: step({ data: 'euro_selection' }, ({ data }) => {
     const totals = new Map<string, { usd: number; count: number }>();
     for (const batch of data.batches) {
@@ -84,5 +79,5 @@ export default pipeline('transactions', {
       usd: Float64Array.from(countries.map((c) => totals.get(c)!.usd)),
       transactions: Int32Array.from(countries.map((c) => totals.get(c)!.count)),
     });
-  }),
+  }, { materialize: true }),
 });
