@@ -30,7 +30,7 @@ export class TableNotFoundError extends StorageError {
     readonly table: string,
     readonly existing: readonly string[],
   ) {
-    super('ERR_TABLE_NOT_FOUND', `table "${table}" does not exist; ${existing.length ? `the tables are: ${existing.join(', ')}` : 'there are no tables yet'}`);
+    super('ERR_TABLE_NOT_FOUND', `table "${table}" does not exist; ${existing.length ? `the tables are: ${existing.join(', ')}` : `there are no tables yet (create one with \`quiver table import FILE --name ${table}\`)`}`);
   }
 }
 
