@@ -5,6 +5,11 @@
  *   shm      map the parent's shared-memory segments and open them as a Table (Quiver's route)
  *   ipc      read an Arrow IPC file from disk and open it
  *   parquet  read a Parquet file (snappy, 1M-row row groups) with parquet-wasm, batchSize 1M
+ *   table-disk, table-s3
+ *            scan a Quiver stored table (storage/: metadata, manifest, footers, then every column
+ *            chunk by ranged reads, decoded row group by row group) from a local directory, or
+ *            from S3 served by s3rver on loopback (its catalog in a private nats-server): the
+ *            routes of Table 3 in the Bauplan paper, beside shared memory, in one run
  *
  * Each measurement runs in a new child process. Modules are imported before
  * the clock starts; the child reports the time to a usable Table and the time
@@ -23,6 +28,9 @@ import { fileURLToPath } from 'node:url';
 import { type Table, tableFromIPC, tableToIPC } from 'apache-arrow';
 import { Compression, Table as WasmTable, WriterPropertiesBuilder, readParquet, writeParquet } from 'parquet-wasm';
 import { generateTransactions } from '../examples/transactions/data.ts';
+import { connect } from '@nats-io/transport-node';
+import { startNatsServer, startS3Server } from '../infra/index.ts';
+import { openTableStore, scanTable, writeTable, type OpenedTableStore } from '../storage/index.ts';
 import {
   type SegmentRef,
   drainPool,
@@ -41,19 +49,25 @@ const CHILD_SETTLE_MS = 200;
 /** Big enough that every released segment of the bench is pooled. */
 const BENCH_POOL_MAX_BYTES = 16 * 1024 ** 3;
 
-type Route = 'shm' | 'ipc' | 'parquet';
-const ROUTES: readonly Route[] = ['shm', 'ipc', 'parquet'];
+type Route = 'shm' | 'ipc' | 'parquet' | 'table-disk' | 'table-s3';
+const ROUTES: readonly Route[] = ['shm', 'ipc', 'parquet', 'table-disk', 'table-s3'];
 const ROUTE_LABEL: Record<Route, string> = {
   shm: 'shm (Quiver)',
   ipc: 'Arrow IPC file',
   parquet: 'Parquet (parquet-wasm)',
+  'table-disk': 'stored table, Parquet on local disk',
+  'table-s3': 'stored table, Parquet in S3 (loopback)',
 };
+
+/** Where the child finds a stored table. */
+type TableLocation = { kind: 'local'; root: string } | { kind: 's3'; endpoint: string; bucket: string; natsUrl: string };
 
 interface ChildJob {
   route: Route;
-  /** shm: segment directory; ipc, parquet: file path. */
+  /** shm: segment directory; ipc, parquet: file path; table routes: the table's name. */
   location: string;
   segments: SegmentRef[];
+  store?: TableLocation;
 }
 
 interface ChildReport {
@@ -61,6 +75,17 @@ interface ChildReport {
   sumSeconds: number;
   rows: number;
   sum: number;
+  /** Table routes: bytes the scan read from the store. */
+  bytesFetched?: number;
+}
+
+const S3_CREDENTIALS = { accessKeyId: 'S3RVER', secretAccessKey: 'S3RVER' };
+
+async function openBenchStore(location: TableLocation): Promise<OpenedTableStore & { nc?: { close(): Promise<void> } }> {
+  if (location.kind === 'local') return openTableStore(location);
+  const nc = await connect({ servers: location.natsUrl });
+  const store = await openTableStore({ kind: 's3', s3: { bucket: location.bucket, endpoint: location.endpoint, credentials: S3_CREDENTIALS, forcePathStyle: true }, nc });
+  return { ...store, close: async () => (await store.close(), await nc.close()) };
 }
 
 function sumUsd(table: Table): number {
@@ -73,10 +98,20 @@ function sumUsd(table: Table): number {
 }
 
 /** In the child: get the table by one route, then sum a column. Prints one JSON line. */
-function runChild(job: ChildJob): void {
+async function runChild(job: ChildJob): Promise<void> {
+  // Opening a store (an S3 client, a NATS connection) is set-up, like imports: before the clock.
+  const store = job.store ? await openBenchStore(job.store) : null;
+  let bytesFetched: number | undefined;
   const start = performance.now();
   let table: Table;
   switch (job.route) {
+    case 'table-disk':
+    case 'table-s3': {
+      const scanned = await scanTable(store!, job.location, { cache: null });
+      table = scanned.table;
+      bytesFetched = scanned.stats.bytesFetched;
+      break;
+    }
     case 'shm':
       table = readTableFromShm(job.segments, { dir: job.location }).table;
       break;
@@ -95,7 +130,9 @@ function runChild(job: ChildJob): void {
     sumSeconds: (summed - start) / 1000,
     rows: table.numRows,
     sum,
+    ...(bytesFetched !== undefined ? { bytesFetched } : {}),
   };
+  await store?.close();
   console.log(JSON.stringify(report));
 }
 
@@ -175,6 +212,13 @@ async function main(): Promise<void> {
   const shmOpts = { dir: shmDir, poolMaxBytes: BENCH_POOL_MAX_BYTES };
   const readRows: string[][] = [];
   const writeRows: string[][] = [];
+  const tableRows: string[][] = [];
+  const nats = await startNatsServer({ dir: join(fileDir, 'nats') });
+  const s3 = await startS3Server({ dir: join(fileDir, 's3'), buckets: ['bench'] });
+  const stores: Record<'table-disk' | 'table-s3', TableLocation> = {
+    'table-disk': { kind: 'local', root: join(fileDir, 'tables') },
+    'table-s3': { kind: 's3', endpoint: s3.endpoint, bucket: 'bench', natsUrl: nats.url },
+  };
   console.log(`Handoff benchmark: ${reps} repetitions per cell, medians; files in ${fileDir} (warm page cache), segments in ${shmDir}\n`);
   try {
     for (const rows of sizes) {
@@ -221,6 +265,14 @@ async function main(): Promise<void> {
         previous = again.value.segments;
       }
       const handoff = previous;
+      const tableName = `transactions_${rows}`;
+      for (const route of ['table-disk', 'table-s3'] as const) {
+        const store = await openBenchStore(stores[route]);
+        const start = performance.now();
+        const written = await writeTable(store, tableName, table);
+        tableRows.push([fmtRows(rows), ROUTE_LABEL[route], fmtSeconds((performance.now() - start) / 1000), String(written.files)]);
+        await store.close();
+      }
       // The parent can read its own segments back (sanity check before timing children).
       if (sumUsd(readTableFromShm(handoff, { dir: shmDir }).table) !== expectedSum) throw new Error('shm round trip differs');
 
@@ -239,8 +291,9 @@ async function main(): Promise<void> {
       // Interleave routes so drift (thermal, page cache) hits all of them alike.
       for (let rep = 0; rep < reps; rep++) {
         for (const route of ROUTES) {
-          const location = route === 'shm' ? shmDir : route === 'ipc' ? ipcPath : parquetPath;
-          const report = await spawnChild({ route, location, segments: route === 'shm' ? handoff : [] });
+          const location = route === 'shm' ? shmDir : route === 'ipc' ? ipcPath : route === 'parquet' ? parquetPath : tableName;
+          const store = route === 'table-disk' || route === 'table-s3' ? stores[route] : undefined;
+          const report = await spawnChild({ route, location, segments: route === 'shm' ? handoff : [], ...(store ? { store } : {}) });
           if (report.rows !== rows || report.sum !== expectedSum) {
             throw new Error(`${route} child saw ${report.rows} rows summing to ${report.sum}; expected ${rows} and ${expectedSum}`);
           }
@@ -253,6 +306,7 @@ async function main(): Promise<void> {
         const reports = results.get(route) ?? [];
         const table = median(reports.map((r) => r.tableSeconds));
         const sum = median(reports.map((r) => r.sumSeconds));
+        const fetched = reports[0]?.bytesFetched;
         readRows.push([
           fmtRows(rows),
           ROUTE_LABEL[route],
@@ -260,6 +314,7 @@ async function main(): Promise<void> {
           fmtRatio(table / shmTable),
           fmtSeconds(sum),
           fmtRatio(sum / shmSum),
+          fetched === undefined ? '-' : fmtMiB(fetched),
         ]);
       }
       releaseSegments(handoff, { dir: shmDir, poolMaxBytes: 0 });
@@ -268,23 +323,27 @@ async function main(): Promise<void> {
     }
   } finally {
     removeDir(shmDir);
+    await s3.stop();
+    await nats.stop();
     rmSync(fileDir, { recursive: true, force: true });
   }
 
   console.log('\nRead side: time in a fresh child process to get a usable arrow Table, then also to sum `usd`');
-  printTable(['rows', 'route', 'table (s)', 'vs shm', 'table + sum (s)', 'vs shm'], readRows);
+  printTable(['rows', 'route', 'table (s)', 'vs shm', 'table + sum (s)', 'vs shm', 'fetched'], readRows);
   console.log('\nWrite side (parent): writeTableToShm into fresh segments vs segments reused from the pool');
   printTable(
     ['rows', 'IPC bytes', 'shm fresh (s)', 'shm pooled (s)', 'pool speedup', 'IPC file write (s)', 'Parquet write (s)'],
     writeRows,
   );
+  console.log('\nWrite side (parent): writeTable, a new snapshot of a stored table (Parquet, snappy, 131,072-row row groups)');
+  printTable(['rows', 'store', 'write + commit (s)', 'data files'], tableRows);
 }
 
 if (process.argv[2] === CHILD_FLAG) {
   // Load the addon like the other imports, then let startup's background work (compilation, GC) settle.
   parentPid();
   await new Promise((resolve) => setTimeout(resolve, CHILD_SETTLE_MS));
-  runChild(JSON.parse(process.argv[3] ?? '{}') as ChildJob);
+  await runChild(JSON.parse(process.argv[3] ?? '{}') as ChildJob);
 } else {
   await main();
 }
