@@ -1,3 +1,4 @@
 export { Executor } from './executor.ts';
 export type { ExecutorOptions } from './executor.ts';
 export { collectGarbage, stepProcesses } from './gc.ts';
+export { InputFetchError, type ExecutorFlightOptions } from './flight-inputs.ts';

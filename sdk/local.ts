@@ -1,3 +1,4 @@
+import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import { ulid } from 'ulid';
@@ -47,7 +48,9 @@ export async function startLocalCluster(options: LocalClusterOptions = {}): Prom
   try {
     const topology = options.topology ?? {};
     const orchestrator = await Orchestrator.start(await open(), { topology, logger });
-    const executor = await Executor.start(await open(), { ...options.executor, topology, logger });
+    // One host: Flight stays on loopback, with a secret of its own.
+    const flight = { clusterSecret: randomBytes(32).toString('hex'), flight: { host: '127.0.0.1', advertiseHost: '127.0.0.1' } };
+    const executor = await Executor.start(await open(), { ...flight, ...options.executor, topology, logger });
     const client = await QuiverClient.connect({ nc: await open(), topology });
     return {
       server,
