@@ -9,7 +9,7 @@ import { connect, type NatsConnection } from '@nats-io/transport-node';
 import { Orchestrator } from '../orchestrator/index.ts';
 import { silentLogger, type RunView } from '../schemas/index.ts';
 import { QuiverClient, loadPipeline } from '../sdk/index.ts';
-import { readTableFromShm, removeDir, unmapSegments } from '../shm/index.ts';
+import { listSegments, readTableFromShm, removeDir, unmapSegments } from '../shm/index.ts';
 import { TEST_SHM_ROOT, quiverBin, repoRoot, fixture, stepOf, stopProcess, waitFor } from './helpers.ts';
 
 /**
@@ -150,5 +150,19 @@ describe('two hosts joined by a veth pair', { skip: skip ?? false }, () => {
       assert.equal(step(moved).transport, 'flight', `${moved} got its input over Flight`);
       assert.ok(step(moved).copiedBytes! >= step(parent).bytes!, `${moved} counts the ${step(parent).bytes} bytes it fetched, got ${step(moved).copiedBytes}`);
     }
+  });
+
+  it('fetches a parent once per host for two children there, and releases the copy with the run', async () => {
+    const handle = await client.run(await loadPipeline(fixture('remote-fanout.ts')));
+    const view = await handle.result();
+    assert.equal(view.state, 'succeeded', JSON.stringify(view.steps.map((s) => [s.name, s.state, s.hostId, s.error?.message])));
+    const children = ['left', 'right'].map((name) => stepOf(view, name));
+    assert.ok(children.every((c) => c.hostId === `beta-${tag}`));
+    assert.deepEqual(children.map((c) => c.transport).sort(), ['flight', 'shm'], 'one child fetched the parent, the other mapped its copy');
+    const reuser = children.find((c) => c.transport === 'shm')!;
+    assert.equal(reuser.copiedBytes, reuser.bytes, 'the second child copied nothing but its own output');
+    const betaDir = join(hostRoots.beta, client.topology.clusterId);
+    await handle.release();
+    await waitFor('the fetched copy to be released with the run', () => !listSegments(betaDir).some((s) => s.id.endsWith('.fetched')));
   });
 });
