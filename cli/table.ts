@@ -140,7 +140,7 @@ async function importCommand(args: string[]): Promise<number> {
   } catch (error) {
     throw new UsageError(`cannot read ${file}: ${(error as Error).message}`);
   }
-  const table = extension === '.csv' ? readCsv(bytes.toString('utf8'), file) : decodeParquet(bytes, file);
+  const table = extension === '.csv' ? readCsv(bytes.toString('utf8'), file) : await decodeParquet(bytes, file);
   const mode = values.mode;
   return withStore(async (store) => {
     const result = await writeTable(store, values.name!, table, { mode });

@@ -5,7 +5,7 @@ import { quiverHome } from '../schemas/index.ts';
 import { NatsKvCatalog, ObjectStoreCatalog } from './catalog.ts';
 import { StorageError } from './errors.ts';
 import { LocalObjectStore } from './object-store.ts';
-import { S3ObjectStore, type S3StoreOptions } from './s3-store.ts';
+import type { S3StoreOptions } from './s3-store.ts';
 import type { TableStore } from './tables.ts';
 
 /** The NATS KV bucket holding table pointers when the S3 server has no conditional writes. */
@@ -30,6 +30,8 @@ export async function openTableStore(config: StorageConfig): Promise<OpenedTable
     const objects = new LocalObjectStore(config.root);
     return { objects, catalog: new ObjectStoreCatalog(objects), close: async () => {} };
   }
+  // Loaded on first use: the AWS SDK takes ~150 ms to import, and most commands never need it.
+  const { S3ObjectStore } = await import('./s3-store.ts');
   const objects = new S3ObjectStore(config.s3);
   if (config.s3.conditionalWrites) return { objects, catalog: new ObjectStoreCatalog(objects), close: () => objects.close() };
   if (!config.nc) {

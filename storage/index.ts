@@ -4,7 +4,7 @@
  * pushdown, and a per-host columnar cache. The only module other folders import. See README.md.
  */
 export { LocalObjectStore, type ByteRange, type ObjectStore } from './object-store.ts';
-export { S3ObjectStore, type S3StoreOptions } from './s3-store.ts';
+export type { S3ObjectStore, S3StoreOptions } from './s3-store.ts';
 export { NatsKvCatalog, ObjectStoreCatalog, type Catalog, type CatalogHead } from './catalog.ts';
 export {
   checkTableName,

@@ -1,11 +1,14 @@
 import { Table, tableFromIPC, tableToIPC } from 'apache-arrow';
-import { Compression, EnabledStatistics, Table as WasmTable, WriterPropertiesBuilder, readParquet, writeParquet } from 'parquet-wasm';
 import { CorruptDataFileError } from './errors.ts';
 import type { ObjectStore } from './object-store.ts';
 import { FooterError, compactRowGroupFile, footerLengthFromTrailer, parseFooter, type ParquetFooter } from './parquet-footer.ts';
 
 /** Rows per Parquet row group: the unit of pruning and of caching. @default 131072 */
 export const DEFAULT_ROW_GROUP_ROWS = 131_072;
+/** parquet-wasm, loaded on first use: commands that never touch Parquet do not pay ~80 ms for it. */
+let parquetWasm: Promise<typeof import('parquet-wasm')> | null = null;
+const loadParquetWasm = () => (parquetWasm ??= import('parquet-wasm'));
+
 /** The tail read first when opening a file; small footers (most) need no second request. */
 const TAIL_BYTES = 64 * 1024;
 
@@ -14,7 +17,8 @@ const TAIL_BYTES = 64 * 1024;
  * and row group), row groups of `rowGroupRows`. The Arrow schema travels in the file's metadata,
  * so dictionaries and timestamp units read back as written.
  */
-export function encodeParquet(table: Table, rowGroupRows = DEFAULT_ROW_GROUP_ROWS): Uint8Array {
+export async function encodeParquet(table: Table, rowGroupRows = DEFAULT_ROW_GROUP_ROWS): Promise<Uint8Array> {
+  const { Compression, EnabledStatistics, Table: WasmTable, WriterPropertiesBuilder, writeParquet } = await loadParquetWasm();
   const props = new WriterPropertiesBuilder()
     .setCompression(Compression.SNAPPY)
     .setMaxRowGroupSize(rowGroupRows)
@@ -25,7 +29,8 @@ export function encodeParquet(table: Table, rowGroupRows = DEFAULT_ROW_GROUP_ROW
 }
 
 /** Reads a whole Parquet file held in memory (imports). */
-export function decodeParquet(bytes: Uint8Array, name: string): Table {
+export async function decodeParquet(bytes: Uint8Array, name: string): Promise<Table> {
+  const { readParquet } = await loadParquetWasm();
   try {
     footerLengthFromTrailer(bytes.subarray(Math.max(0, bytes.length - 8)), bytes.length);
     return tableFromIPC(readParquet(bytes, { batchSize: 1_048_576 }).intoIPCStream());
@@ -96,6 +101,7 @@ export class DataFile {
         chunks.set(index, bytes);
       }),
     );
+    const { readParquet } = await loadParquetWasm();
     try {
       const file = compactRowGroupFile(this.footer, rowGroup, keep, chunks, (schema) => projectArrowSchema(schema, keep));
       const wasm = readParquet(file, { batchSize: Math.max(1, group.numRows) });

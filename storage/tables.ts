@@ -130,7 +130,7 @@ export async function stageTable(store: TableStore, name: string, table: Table, 
   try {
     for (let start = 0; start < table.numRows; start += maxRows) {
       const part = table.slice(start, Math.min(table.numRows, start + maxRows));
-      const bytes = encodeParquet(part, rowGroupRows);
+      const bytes = await encodeParquet(part, rowGroupRows);
       const path = `${tablePrefix(name)}/data/${ulid()}.parquet`;
       await store.objects.put(path, bytes);
       files.push(dataFileEntry(path, bytes, table.schema));

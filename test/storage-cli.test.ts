@@ -26,7 +26,7 @@ describe('quiver table', () => {
     assert.match(imported.stdout, /created table people: 3 rows, snapshot [0-9A-Z]{26} \(version 1\)/);
 
     const parquet = join(dir, 'more.parquet');
-    writeFileSync(parquet, encodeParquet(tableFromArrays({ id: Int32Array.from([4, 5]), score: Float64Array.from([1, 2]) })));
+    writeFileSync(parquet, await encodeParquet(tableFromArrays({ id: Int32Array.from([4, 5]), score: Float64Array.from([1, 2]) })));
     const other = await runCli(['table', 'import', parquet, '--name', 'scores'], { env });
     assert.equal(other.code, 0, other.stderr);
     const again = await runCli(['table', 'import', parquet, '--name', 'scores', '--mode', 'append'], { env });
