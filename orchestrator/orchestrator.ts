@@ -70,7 +70,7 @@ interface RunRecord {
   view: RunView;
   /** Segments already handed back to their hosts. */
   released: string[];
-  /** The submission's control stream sequence: queued runs start in this order. */
+  /** When the run was admitted, made unique: queued runs start in this order. */
   sequence?: number;
 }
 
@@ -106,6 +106,9 @@ export class Orchestrator {
   private readonly lease: Lease;
   private readonly dispatcher: Dispatcher;
   private leaderSince: number | null = null;
+  private lastAdmission = 0;
+  /** Control messages and events are handled one at a time, whichever stream they come from. */
+  private handling: Promise<void> = Promise.resolve();
 
   private constructor(
     private readonly nc: NatsConnection,
@@ -191,7 +194,9 @@ export class Orchestrator {
 
   private async consumeLoop(messages: ConsumerMessages, handle: (msg: JsMsg) => Promise<void>): Promise<void> {
     for await (const msg of messages) {
-      await handle(msg);
+      const turn = this.handling.then(() => handle(msg));
+      this.handling = turn.catch(() => {});
+      await turn;
     }
   }
 
@@ -238,7 +243,7 @@ export class Orchestrator {
       return;
     }
     try {
-      await this.apply(message, msg.seq);
+      await this.apply(message);
       msg.ack();
     } catch (error) {
       this.logger.error(`could not apply ${message.type} of run ${message.runId}: ${(error as Error).stack ?? error}`);
@@ -247,11 +252,9 @@ export class Orchestrator {
     }
   }
 
-  private async apply(message: ControlMessage, sequence: number): Promise<void> {
+  private async apply(message: ControlMessage): Promise<void> {
     if (message.type === 'run.submit') {
-      if (this.runs.has(message.runId) || this.queuedRun(message.runId) || (await this.topology.runs.get(message.runId))) return;
-      this.logger.info(`run ${message.runId} of ${message.plan.pipeline} submitted by ${message.submittedBy}`);
-      await this.admit(message, sequence);
+      await this.submit(message);
       return;
     }
     const run = this.runs.get(message.runId);
@@ -341,6 +344,15 @@ export class Orchestrator {
       if (found) return found;
     }
     return undefined;
+  }
+
+  /** Admits a run unless it is known: a submission may come twice (redelivery, a second leader). */
+  private async submit(submit: RunSubmit): Promise<void> {
+    if (this.runs.has(submit.runId) || this.queuedRun(submit.runId) || (await this.topology.runs.get(submit.runId))) return;
+    this.logger.info(`run ${submit.runId} of ${submit.plan.pipeline} submitted by ${submit.submittedBy}`);
+    // Unique and increasing: the order queued runs keep across leaders.
+    this.lastAdmission = Math.max(this.now() * 1000, this.lastAdmission + 1);
+    await this.admit(submit, this.lastAdmission);
   }
 
   /** Starts the run now, queues it behind others, or (overlap: skip) drops its tick. */
@@ -468,12 +480,16 @@ export class Orchestrator {
           continue;
         }
         const runId = deterministicUlid(publishedAt, `event:${eventId}:${deployment.name}`);
-        await this.submitDeployed(deployment, runId, { kind: 'event', subject, eventId, sequence: msg.seq }, `event ${subject}`, {
-          subject,
-          id: eventId,
-          payload,
-          publishedAt,
-        });
+        // Admitted here rather than through the control stream: one round trip less per event,
+        // and the run id derived from the event keeps a redelivered event from starting twice.
+        await this.submit(
+          this.submissionOf(deployment, runId, { kind: 'event', subject, eventId, sequence: msg.seq }, `event ${subject}`, {
+            subject,
+            id: eventId,
+            payload,
+            publishedAt,
+          }),
+        );
       }
       msg.ack();
     } catch (error) {
@@ -488,19 +504,21 @@ export class Orchestrator {
     await this.js.publish(subjects.deadEvent, encode(deadEvent, dead), { msgID: `${eventId}.${pipeline ?? '*'}.dead` });
   }
 
+  /** Through the control stream: the scheduler runs beside the handling of messages, not in it. */
   private async submitScheduled(deployment: Deployment, tick: number): Promise<void> {
     const runId = deterministicUlid(tick, `schedule:${deployment.name}:${tick}`);
-    await this.submitDeployed(deployment, runId, { kind: 'schedule', tick }, 'schedule');
+    const submit = this.submissionOf(deployment, runId, { kind: 'schedule', tick }, 'schedule');
+    await this.js.publish(subjects.runSubmit, encode(runSubmitSchema, submit), { msgID: `${runId}.submit` });
   }
 
-  private async submitDeployed(
+  private submissionOf(
     deployment: Deployment,
     runId: string,
     trigger: NonNullable<RunSubmit['trigger']>,
     submittedBy: string,
     event?: RunSubmit['event'],
-  ): Promise<void> {
-    const submit: RunSubmit = {
+  ): RunSubmit {
+    return {
       type: 'run.submit',
       runId,
       plan: deployment.plan,
@@ -514,7 +532,6 @@ export class Orchestrator {
       admission: { maxConcurrentRuns: deployment.maxConcurrentRuns, overlap: deployment.schedule?.overlap ?? null },
       ...(event ? { event } : {}),
     };
-    await this.js.publish(subjects.runSubmit, encode(runSubmitSchema, submit), { msgID: `${runId}.submit` });
   }
 
   private publishReleases(byHost: Map<string, string[]>): void {

@@ -179,7 +179,12 @@ describe('scheduled runs on a live cluster', () => {
     assert.ok(final.length >= 3);
     assert.ok(final.every((r) => r.state === 'succeeded'), 'queued runs ran once the gate opened');
     const byStart = [...final].sort((a, b) => a.startedAt! - b.startedAt!);
-    for (let i = 1; i < byStart.length; i++) assert.ok(byStart[i]!.startedAt! >= byStart[i - 1]!.finishedAt!, 'one after another, never two at once');
+    for (let i = 1; i < byStart.length; i++) {
+      assert.ok(
+        byStart[i]!.startedAt! >= byStart[i - 1]!.finishedAt!,
+        `one after another, never two at once: ${JSON.stringify(byStart.map((r) => [r.trigger, r.startedAt, r.finishedAt]))}`,
+      );
+    }
   });
 
   it('overlap allow: ticks start runs alongside the one still going', async () => {

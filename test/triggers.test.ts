@@ -59,6 +59,21 @@ describe('event triggers', () => {
     });
   });
 
+  it('runs the orders example from an event, its zod schema checked', async () => {
+    await withCluster(async ({ client }) => {
+      const { deployment } = await client.deploy(await loadPipeline(join(repoRoot, 'examples', 'orders', 'pipeline.ts')));
+      assert.ok(deployment.schedule, 'the example is also scheduled');
+      assert.equal(deployment.events[0]!.schema?.type, 'object', 'the zod schema was stored as JSON Schema');
+      await client.publish('orders.uploaded', { batch: 'b1', orders: 5000 }, { id: 'example-1' });
+      await client.publish('orders.uploaded', { batch: 'b2', orders: -1 }, { id: 'example-bad' });
+      const run = await finishedRunOfEvent(client, 'orders', 'example-1');
+      assert.equal(run.state, 'succeeded', JSON.stringify(run.steps.map((s) => s.error)));
+      assert.equal(run.steps.find((s) => s.name === 'orders')!.rows, 5000);
+      assert.ok(run.steps.find((s) => s.name === 'totals')!.rows! > 0);
+      await waitFor('the bad event to be dead-lettered', async () => (await client.deadEvents()).find((d) => d.eventId === 'example-bad'));
+    });
+  });
+
   it('dead-letters an event that fails the schema, with the reason, and starts nothing for it', async () => {
     await withCluster(async ({ client }) => {
       await client.deploy(await loadPipeline(fixture('orders.ts')));
