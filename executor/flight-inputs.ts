@@ -10,7 +10,7 @@ import { readFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import type { NatsConnection, Subscription } from '@nats-io/transport-node';
 import { ulid } from 'ulid';
-import { FlightClient, FlightServer, checkSecret, signTicket, type StoredTable } from '../flight/index.ts';
+import { FlightClient, FlightServer, checkSecret, isComposed, signTicket, type StoredTable } from '../flight/index.ts';
 import {
   HOST_TTL_MS,
   controlMessage,
@@ -168,7 +168,9 @@ export class FlightInputs {
         continue;
       }
       const segments: SegmentRef[] = [];
-      for (const [index, segment] of input.descriptor.segments.entries()) {
+      // An assembled table comes as one stream; a plain one as one stream per segment, each the same bytes as there.
+      const streams = isComposed(input.descriptor) ? input.descriptor.segments.slice(0, 1) : input.descriptor.segments;
+      for (const [index, segment] of streams.entries()) {
         const localId = `${segment.id}.fetched`;
         let copy = this.copies.get(localId);
         let fetchedHere = false;
@@ -188,32 +190,36 @@ export class FlightInputs {
   }
 
   private async fetchSegment(runId: string, step: string, descriptor: TableDescriptor, index: number, localId: string): Promise<SegmentRef> {
-    const wanted = descriptor.segments[index]!;
+    const composed = isComposed(descriptor);
+    const wanted = composed ? null : descriptor.segments[index]!.byteSize;
     // Another executor of this host may have made the copy already: it is published whole, by rename.
-    if (listSegments(this.shmDir).some((s) => s.id === localId)) {
+    const existing = listSegments(this.shmDir).find((s) => s.id === localId);
+    if (existing && wanted !== null) {
       this.trackCopy(runId, localId);
-      return { id: localId, byteSize: wanted.byteSize };
+      return { id: localId, byteSize: wanted };
     }
     const endpoint = await this.endpointOf(descriptor.hostId);
     const ticket = signTicket({ path: `runs/${runId}/${step}`, segment: index, expiresAt: Date.now() + TICKET_TTL_MS }, checkSecret(this.secret, 'ticket'));
     const partId = `${runId}.${ulid().toLowerCase()}.part`;
     try {
-      const fetched = await this.client(endpoint).fetchToShm(ticket, { dir: this.shmDir, id: partId, byteSize: wanted.byteSize });
-      if (fetched.segment.byteSize !== wanted.byteSize) {
-        throw new Error(`received ${fetched.segment.byteSize} bytes, the descriptor says ${wanted.byteSize}`);
+      const fetched = await this.client(endpoint).fetchToShm(ticket, { dir: this.shmDir, id: partId, byteSize: wanted });
+      if (wanted !== null && fetched.segment.byteSize !== wanted) {
+        throw new Error(`received ${fetched.segment.byteSize} bytes, the descriptor says ${wanted}`);
       }
+      // An assembled table's copy is private to this fetch: its size is only known here.
+      const finalId = composed ? `${localId}.${ulid().toLowerCase()}` : localId;
       try {
-        renameSegment(partId, localId, { dir: this.shmDir });
+        renameSegment(partId, finalId, { dir: this.shmDir });
       } catch (error) {
         if ((error as { code?: string }).code !== 'EEXIST') throw error;
         removeSegments([partId], { dir: this.shmDir });
       }
-      this.trackCopy(runId, localId);
-      return { id: localId, byteSize: wanted.byteSize };
+      this.trackCopy(runId, finalId);
+      return { id: finalId, byteSize: fetched.segment.byteSize };
     } catch (error) {
       removeSegments([partId], { dir: this.shmDir });
       throw new InputFetchError(
-        `could not fetch input "${step}" (segment ${index + 1} of ${descriptor.segments.length}, ${wanted.byteSize} bytes) from host ${descriptor.hostId} at ${endpoint}: ${(error as Error).message}`,
+        `could not fetch input "${step}" (stream ${index + 1} of ${composed ? 1 : descriptor.segments.length}, ${descriptor.byteSize} bytes in all) from host ${descriptor.hostId} at ${endpoint}: ${(error as Error).message}`,
         { cause: error },
       );
     }
@@ -277,8 +283,8 @@ async function resolveOutput(topology: Topology, hostId: string, shmDir: string,
   if (!completion.success || completion.data.type !== 'step.succeeded') return null;
   const output = completion.data.output;
   if (output.hostId !== hostId) return null;
-  // A released segment has left its id (pooled or unlinked): answer NOT_FOUND rather than fail mapping it.
+  // A released segment file has left its id (pooled or unlinked): answer NOT_FOUND rather than fail mapping it.
   const present = new Set(listSegments(shmDir).map((s) => s.id));
-  if (!output.segments.every((s) => present.has(s.id))) return null;
+  if (!output.segments.every((s) => s.kind === 'region' || present.has(s.id))) return null;
   return { segments: output.segments, rows: output.rows, byteSize: output.byteSize };
 }

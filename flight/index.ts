@@ -4,7 +4,7 @@
  * local segment. Speaks `arrow.flight.protocol.FlightService` as specified by Apache Arrow,
  * so any Flight client can read run outputs. See README.md.
  */
-export { FlightServer, flightPath, type FlightServerOptions, type StoredTable } from './server.ts';
+export { FlightServer, flightPath, isComposed, type FlightServerOptions, type StoredTable } from './server.ts';
 export { FlightClient, parseLocation, type FetchToShmOptions, type FlightClientOptions, type FlightEndpoint, type FlightInfo } from './client.ts';
 export { signTicket, verifyTicket, checkSecret, DEFAULT_TICKET_TTL_MS, MIN_SECRET_BYTES, type TicketClaims } from './tickets.ts';
 export { FlightAuthError, FlightError, FlightNotFoundError, FlightProtocolError, FlightTransferError } from './errors.ts';

@@ -20,7 +20,8 @@ import {
 } from '@grpc/grpc-js';
 import { ulid } from 'ulid';
 import type { Logger } from '../schemas/index.ts';
-import { type SegmentRef, mapSegment, releaseSegments, removeDir, unmapSegments } from '../shm/index.ts';
+import { tableToIPC } from 'apache-arrow';
+import { type SegmentRef, mapSegment, readInput, releaseSegments, removeDir, unmapSegments } from '../shm/index.ts';
 import { FlightAuthError, FlightError, FlightNotFoundError, FlightProtocolError } from './errors.ts';
 import { type FlightDataFrame, encodeFlightData, flightDataLength } from './frames.ts';
 import { MessageType, schemaBytes, streamMessages } from './ipc.ts';
@@ -76,11 +77,37 @@ interface Located {
   dir: string;
 }
 
+/**
+ * A table assembled from several region tables (columns passed through by reference, see
+ * shm/region.ts) is no IPC stream anywhere: it is served as one stream, encoded on request.
+ */
+export function isComposed(table: StoredTable): boolean {
+  return table.segments.some((s) => (s as { columns?: unknown }).columns !== undefined);
+}
+
+/** The bytes of one stream of a flight, and how to let them go. */
+function openStream(located: Located, segment: number, path: string): { bytes: Uint8Array; close(): void } {
+  const { table, dir } = located;
+  if (isComposed(table)) {
+    if (segment !== 0) throw new FlightNotFoundError(`${path} is served as one stream; the ticket asks for stream ${segment}`);
+    const read = readInput(table.segments, { dir });
+    try {
+      return { bytes: tableToIPC(read.table, 'stream'), close: () => undefined };
+    } finally {
+      unmapSegments(read.mappings);
+    }
+  }
+  const ref = table.segments[segment];
+  if (!ref) throw new FlightNotFoundError(`${path} has ${table.segments.length} segment(s); the ticket asks for segment ${segment}`);
+  const mapping = mapSegment(ref, { dir });
+  return { bytes: new Uint8Array(mapping, 0, ref.byteSize), close: () => unmapSegments([mapping]) };
+}
+
 /** A Flight server; see the file comment. */
 export class FlightServer {
   private readonly secret: Uint8Array;
   private readonly uploads = new Map<string, StoredTable>();
-  private readonly openMappings = new Set<ArrayBuffer>();
+  private readonly openStreamsNow = new Set<{ close(): void }>();
   private readonly activeCalls = new Set<() => void>();
   private readonly uploadDir: string;
   private readonly now: () => number;
@@ -121,7 +148,7 @@ export class FlightServer {
 
   /** Mappings held by DoGet streams in progress; 0 once every stream ended or was cancelled. */
   get openStreams(): number {
-    return this.openMappings.size;
+    return this.openStreamsNow.size;
   }
 
   /** Names of uploaded tables. */
@@ -231,40 +258,41 @@ export class FlightServer {
   }
 
   private async flightInfo(path: string): Promise<FlightInfoMessage> {
-    const { table, dir } = await this.locate(path);
-    const first = table.segments[0];
-    if (!first) throw new FlightNotFoundError(`${path} has no segments`);
-    const mapping = mapSegment(first, { dir });
+    const located = await this.locate(path);
+    const { table } = located;
+    if (table.segments.length === 0) throw new FlightNotFoundError(`${path} has no segments`);
+    const stream = openStream(located, 0, path);
     let schema: Uint8Array;
     try {
-      const message = streamMessages(new Uint8Array(mapping, 0, first.byteSize)).next().value;
+      const message = streamMessages(stream.bytes).next().value;
       if (!message || message.type !== MessageType.schema) throw new FlightProtocolError(`${path}: its first segment does not start with a Schema`);
       schema = schemaBytes(message.header);
     } finally {
-      unmapSegments([mapping]);
+      stream.close();
     }
+    const streams = isComposed(table) ? [{ byteSize: null }] : table.segments.map((s) => ({ byteSize: s.byteSize }));
     return {
       schema: Buffer.from(schema),
       flight_descriptor: { type: 'PATH', cmd: Buffer.alloc(0), path: path.split('/') },
-      endpoint: table.segments.map((segment, index) => ({
+      endpoint: streams.map((stream, index) => ({
         ticket: { ticket: Buffer.from(this.ticketFor(path, index)) },
         location: [{ uri: this.location }],
         expiration_time: null,
-        app_metadata: Buffer.from(JSON.stringify({ byteSize: segment.byteSize })),
+        app_metadata: Buffer.from(JSON.stringify(stream)),
       })),
       total_records: table.rows,
       total_bytes: table.byteSize,
       ordered: true,
-      app_metadata: Buffer.from(JSON.stringify({ segments: table.segments.length })),
+      app_metadata: Buffer.from(JSON.stringify({ segments: streams.length })),
     };
   }
 
   private async doGet(call: ServerWritableStream<TicketMessage, Buffer>): Promise<void> {
-    let mapping: ArrayBuffer | null = null;
+    let stream: ReturnType<typeof openStream> | null = null;
     let cancelled = false;
     let wake: (() => void) | null = null;
     const release = () => {
-      if (mapping && this.openMappings.delete(mapping)) unmapSegments([mapping]);
+      if (stream && this.openStreamsNow.delete(stream)) stream.close();
     };
     const cancel = () => {
       cancelled = true;
@@ -276,13 +304,11 @@ export class FlightServer {
     this.activeCalls.add(cancel);
     try {
       const claims = verifyTicket(call.request.ticket ?? Buffer.alloc(0), this.secret, this.now());
-      const { table, dir } = await this.locate(claims.path);
-      const ref = table.segments[claims.segment];
-      if (!ref) throw new FlightNotFoundError(`${claims.path} has ${table.segments.length} segment(s); the ticket asks for segment ${claims.segment}`);
+      const located = await this.locate(claims.path);
       if (cancelled) return;
-      mapping = mapSegment(ref, { dir });
-      this.openMappings.add(mapping);
-      const messages = streamMessages(new Uint8Array(mapping, 0, ref.byteSize));
+      stream = openStream(located, claims.segment, claims.path);
+      this.openStreamsNow.add(stream);
+      const messages = streamMessages(stream.bytes);
       const limit = this.options.maxInFlightBytes ?? DEFAULT_MAX_IN_FLIGHT_BYTES;
       let inFlight = 0;
       // Frame buffers go back here once grpc-js has sent (and so long since copied) them.
