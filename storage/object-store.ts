@@ -16,6 +16,8 @@ export interface ByteRange {
 export interface ObjectStore {
   /** Names this store in cache keys and messages, e.g. `file:///var/quiver` or `s3://bucket/prefix`. */
   readonly id: string;
+  /** How messages name an object: a path for files, an s3:// URL for S3. */
+  describe(key: string): string;
   /** The object's bytes, or only `range` of them (a ranged read). Throws ERR_OBJECT_NOT_FOUND. */
   get(key: string, range?: ByteRange): Promise<Uint8Array>;
   /** The object's size in bytes, or null when it does not exist. */
@@ -36,7 +38,7 @@ export interface ObjectStore {
 }
 
 export function objectNotFound(store: ObjectStore, key: string, cause?: unknown): StorageError {
-  return new StorageError('ERR_OBJECT_NOT_FOUND', `object ${key} does not exist in ${store.id}`, cause === undefined ? undefined : { cause });
+  return new StorageError('ERR_OBJECT_NOT_FOUND', `${store.describe(key)} does not exist`, cause === undefined ? undefined : { cause });
 }
 
 /**
@@ -50,6 +52,10 @@ export class LocalObjectStore implements ObjectStore {
 
   constructor(readonly root: string) {
     this.id = `file://${root}`;
+  }
+
+  describe(key: string): string {
+    return join(this.root, ...key.split('/'));
   }
 
   private path(key: string): string {

@@ -61,7 +61,7 @@ export class DataFile {
 
   /** Reads the tail and parses the footer. Throws {@link CorruptDataFileError} naming the file. */
   static async open(store: ObjectStore, key: string, size: number, meter: FetchMeter, cachedTail?: Uint8Array): Promise<DataFile> {
-    const where = `${store.id}/${key}`;
+    const where = store.describe(key);
     let tail = cachedTail;
     try {
       if (!tail) {
@@ -79,20 +79,20 @@ export class DataFile {
   }
 
   /**
-   * Reads some columns of one row group as an Arrow table: one ranged read per column chunk
-   * (counted in `meter`), assembled into a compact Parquet file that parquet-wasm decodes.
-   * Throws {@link CorruptDataFileError} naming the file when the bytes do not decode.
+   * Fetches the chunks of some columns of one row group: one ranged read per column chunk, all
+   * at once, each counted in `meter`. Separate from decoding so a scan can fetch the next row
+   * groups while it decodes this one.
    */
-  async readRowGroup(rowGroup: number, columns: readonly string[], meter: FetchMeter): Promise<Table> {
-    const where = `${this.store.id}/${this.key}`;
+  async fetchRowGroup(rowGroup: number, columns: readonly string[], meter: FetchMeter): Promise<Map<number, Uint8Array>> {
+    const where = this.store.describe(this.key);
     const group = this.footer.rowGroups[rowGroup];
     if (!group) throw new CorruptDataFileError(where, `it has no row group ${rowGroup}`);
     const keep = new Set(columns);
-    const wanted = group.columns.flatMap((chunk, index) => (keep.has(chunk.column) ? [index] : []));
     const chunks = new Map<number, Uint8Array>();
     await Promise.all(
-      wanted.map(async (index) => {
-        const { start, length } = group.columns[index]!;
+      group.columns.map(async (chunk, index) => {
+        if (!keep.has(chunk.column)) return;
+        const { start, length } = chunk;
         if (start < 4 || start + length > this.size - this.footer.footerLength) {
           throw new CorruptDataFileError(where, `column chunk ${index} of row group ${rowGroup} lies outside the data (bytes ${start}-${start + length})`);
         }
@@ -101,13 +101,23 @@ export class DataFile {
         chunks.set(index, bytes);
       }),
     );
+    return chunks;
+  }
+
+  /**
+   * Decodes fetched chunks of one row group into an Arrow table, through a compact Parquet file
+   * holding only them (see compactRowGroupFile). Throws {@link CorruptDataFileError} naming the
+   * file when the bytes do not decode.
+   */
+  async decodeRowGroup(rowGroup: number, columns: readonly string[], chunks: ReadonlyMap<number, Uint8Array>): Promise<Table> {
+    const keep = new Set(columns);
     const { readParquet } = await loadParquetWasm();
     try {
       const file = compactRowGroupFile(this.footer, rowGroup, keep, chunks, (schema) => projectArrowSchema(schema, keep));
-      const wasm = readParquet(file, { batchSize: Math.max(1, group.numRows) });
+      const wasm = readParquet(file, { batchSize: Math.max(1, this.footer.rowGroups[rowGroup]!.numRows) });
       return tableFromIPC(wasm.intoIPCStream());
     } catch (error) {
-      throw new CorruptDataFileError(where, `row group ${rowGroup} does not decode: ${(error as Error).message ?? String(error)}`, { cause: error });
+      throw new CorruptDataFileError(this.store.describe(this.key), `row group ${rowGroup} does not decode: ${(error as Error).message ?? String(error)}`, { cause: error });
     }
   }
 }
@@ -140,6 +150,6 @@ async function fetch(store: ObjectStore, key: string, start: number, end: number
 /** Row groups and column chunk byte ranges of a stored data file, read from its footer (for `table show` and tests). */
 export async function dataFileLayout(store: ObjectStore, key: string): Promise<ParquetFooter> {
   const size = await store.size(key);
-  if (size === null) throw new CorruptDataFileError(`${store.id}/${key}`, 'it does not exist');
+  if (size === null) throw new CorruptDataFileError(store.describe(key), 'it does not exist');
   return (await DataFile.open(store, key, size, { bytes: 0, requests: 0 })).footer;
 }

@@ -41,7 +41,9 @@ export class S3ObjectStore implements ObjectStore {
   constructor(private readonly options: S3StoreOptions) {
     if (!options.bucket) throw new StorageError('ERR_STORAGE_CONFIG', 'the S3 store needs a bucket');
     this.prefix = (options.prefix ?? '').replace(/^\/+|\/+$/g, '');
-    this.id = `s3://${options.bucket}${this.prefix ? `/${this.prefix}` : ''}`;
+    // The endpoint is part of the identity: two servers may both have a bucket "quiver", and
+    // cache entries and catalog keys of one must never serve the other.
+    this.id = `s3://${options.bucket}${this.prefix ? `/${this.prefix}` : ''}${options.endpoint ? ` at ${options.endpoint}` : ''}`;
     this.client = new S3Client({
       region: options.region ?? 'us-east-1',
       ...(options.endpoint ? { endpoint: options.endpoint } : {}),
@@ -49,6 +51,10 @@ export class S3ObjectStore implements ObjectStore {
       forcePathStyle: options.forcePathStyle ?? Boolean(options.endpoint),
     });
     if (options.conditionalWrites) this.putIfAbsent = (key, bytes) => this.conditionalPut(key, bytes);
+  }
+
+  describe(key: string): string {
+    return `s3://${this.options.bucket}/${this.key(key)}${this.options.endpoint ? ` (at ${this.options.endpoint})` : ''}`;
   }
 
   private key(key: string): string {
@@ -134,7 +140,7 @@ export class S3ObjectStore implements ObjectStore {
   }
 
   private wrap(what: string, key: string, error: unknown): StorageError {
-    return new StorageError('ERR_OBJECT_STORE', `S3 ${what} of ${key} in ${this.id} failed: ${(error as Error).message || (error as Error).name}`, { cause: error });
+    return new StorageError('ERR_OBJECT_STORE', `S3 ${what} of ${this.describe(key)} failed: ${(error as Error).message || (error as Error).name}`, { cause: error });
   }
 }
 

@@ -7,6 +7,9 @@ import type { DataFileEntry, Snapshot } from './metadata.ts';
 import { DataFile, type FetchMeter } from './parquet.ts';
 import { loadTable, readManifest, resolveSnapshot, schemaOf, type SnapshotSelector, type TableStore } from './tables.ts';
 
+/** Row groups whose chunks are being fetched while an earlier one is decoded. */
+const FETCH_AHEAD_ROW_GROUPS = 4;
+
 export interface ScanOptions extends SnapshotSelector {
   /** Columns to return, in this order. @default every column */
   columns?: readonly string[];
@@ -118,14 +121,15 @@ export async function executeScan(store: TableStore, prepared: PreparedScan, cac
     if (!cachedTail) cache?.set(`${fileKey}|tail`, dataFile.tail);
     const { footer } = dataFile;
     stats.rowGroupsTotal += footer.rowGroups.length;
+    // What each row group needs: cached columns are taken now, the rest fetched below.
+    const groups: { rg: number; vectors: Map<string, Vector>; missing: string[] }[] = [];
     for (let rg = 0; rg < footer.rowGroups.length; rg++) {
-      const group = footer.rowGroups[rg]!;
       if (filter && !mayMatch(filter, kinds, (column) => rowGroupStats(dataFile, rg, column, kinds, schema))) {
         stats.rowGroupsSkipped++;
         continue;
       }
       stats.rowGroupsRead++;
-      stats.rowsRead += group.numRows;
+      stats.rowsRead += footer.rowGroups[rg]!.numRows;
       const vectors = new Map<string, Vector>();
       const missing: string[] = [];
       for (const column of needed) {
@@ -135,8 +139,26 @@ export async function executeScan(store: TableStore, prepared: PreparedScan, cac
           stats.cachedChunks++;
         } else missing.push(column);
       }
+      groups.push({ rg, vectors, missing });
+    }
+    // Fetching runs ahead of decoding by a few row groups: on S3 the requests' latency overlaps
+    // the (synchronous) decoding instead of adding to it.
+    const fetches: Promise<Map<number, Uint8Array>>[] = [];
+    const fetchAt = (k: number) => {
+      if (!fetches[k]) {
+        const { rg, missing } = groups[k]!;
+        fetches[k] = missing.length > 0 ? dataFile.fetchRowGroup(rg, missing, meter) : Promise.resolve(new Map());
+        // Awaited in turn below; until then a failure must not count as unhandled.
+        fetches[k].catch(() => {});
+      }
+      return fetches[k];
+    };
+    for (let k = 0; k < groups.length; k++) {
+      for (let ahead = k; ahead < Math.min(groups.length, k + FETCH_AHEAD_ROW_GROUPS); ahead++) void fetchAt(ahead);
+      const { rg, vectors, missing } = groups[k]!;
+      const chunks = await fetchAt(k);
       if (missing.length > 0) {
-        const read = await dataFile.readRowGroup(rg, missing, meter);
+        const read = await dataFile.decodeRowGroup(rg, missing, chunks);
         for (const column of missing) {
           const vector = read.getChild(column);
           if (!vector) throw new UnknownColumnError(prepared.table, [column], read.schema.fields.map((f) => f.name), `data file ${file.path}`);

@@ -248,7 +248,7 @@ export async function describeTable(store: TableStore, name: string) {
   return {
     name,
     version: head.version,
-    location: `${store.objects.id}/${metadata.location}`,
+    location: store.objects.describe(metadata.location),
     fields: entry.fields,
     currentSnapshotId: metadata.currentSnapshotId,
     rows: current?.summary.totalRows ?? 0,
@@ -301,6 +301,6 @@ async function readJson<T>(objects: ObjectStore, key: string, schema: { parse(v:
   try {
     return schema.parse(JSON.parse(new TextDecoder().decode(bytes)));
   } catch (error) {
-    throw new StorageError('ERR_CORRUPT_METADATA', `${objects.id}/${key} is not valid table metadata: ${(error as Error).message}`, { cause: error });
+    throw new StorageError('ERR_CORRUPT_METADATA', `${objects.describe(key)} is not valid table metadata: ${(error as Error).message}`, { cause: error });
   }
 }
