@@ -7,6 +7,8 @@
  *               (one segment each, one connection each)
  *   raw TCP     the same bytes over a plain loopback socket between two processes, received
  *               into a shared-memory segment: the ceiling for any protocol on this machine
+ *   bare gRPC   grpc-js streaming the same number of messages of the same size (one
+ *               preallocated buffer, no Flight, no shared memory): the ceiling of the transport
  *   parquet     reading the table from a Parquet file (parquet-wasm, snappy) into a Table;
  *               measured on a quarter of the table (wasm's 4 GiB memory cannot hold 1 GiB
  *               three times over) and reported as throughput
@@ -23,7 +25,8 @@ import { fileURLToPath } from 'node:url';
 import { Float64, Int32, RecordBatch, Table, makeData, tableFromIPC, tableToIPC } from 'apache-arrow';
 import { Compression, Table as WasmTable, WriterPropertiesBuilder, readParquet, writeParquet } from 'parquet-wasm';
 import { ulid } from 'ulid';
-import { FlightClient, FlightServer, type StoredTable } from '../flight/index.ts';
+import { Client, Metadata, Server, ServerCredentials, credentials, type ServerWritableStream } from '@grpc/grpc-js';
+import { FlightClient, FlightServer, TRANSFER_CHANNEL_OPTIONS, type StoredTable } from '../flight/index.ts';
 import { type SegmentRef, mapSegment, mapWritableSegment, releaseSegments, removeDir, removeSegments, unmapSegments, writeTableToShm } from '../shm/index.ts';
 
 const GIB = 1024 ** 3;
@@ -63,6 +66,38 @@ async function serve(): Promise<void> {
     peak = 0;
   });
   process.once('disconnect', () => void server.stop().then(() => process.exit(0)));
+}
+
+const BARE_PATH = '/bench.Bare/Stream';
+const bareMethod = { path: BARE_PATH, requestStream: false, responseStream: true, requestSerialize: (b: Buffer) => b, requestDeserialize: (b: Buffer) => b, responseSerialize: (b: Buffer) => b, responseDeserialize: (b: Buffer) => b };
+
+async function bareServe(): Promise<void> {
+  const job = await new Promise<{ size: number; count: number }>((resolve) => process.once('message', (m) => resolve(m as never)));
+  const server = new Server(TRANSFER_CHANNEL_OPTIONS);
+  const payload = Buffer.alloc(job.size, 7);
+  server.addService({ Stream: bareMethod } as never, {
+    Stream: async (call: ServerWritableStream<Buffer, Buffer>) => {
+      for (let i = 0; i < job.count; i++) if (!call.write(payload)) await new Promise((r) => call.once('drain', r));
+      call.end();
+    },
+  });
+  server.bindAsync('127.0.0.1:0', ServerCredentials.createInsecure(), (_error, port) => process.send!({ port }));
+  process.once('disconnect', () => server.forceShutdown());
+}
+
+async function bareGrpc(size: number, count: number): Promise<number> {
+  const child = start('bare-serve');
+  child.send({ size, count });
+  const { port } = await new Promise<{ port: number }>((r) => child.once('message', (m) => r(m as never)));
+  const client = new Client(`127.0.0.1:${port}`, credentials.createInsecure(), TRANSFER_CHANNEL_OPTIONS);
+  const began = process.hrtime.bigint();
+  let bytes = 0;
+  for await (const m of client.makeServerStreamRequest(BARE_PATH, bareMethod.requestSerialize, bareMethod.responseDeserialize, Buffer.alloc(0), new Metadata())) bytes += (m as Buffer).byteLength;
+  const elapsed = seconds(began);
+  client.close();
+  child.disconnect();
+  await new Promise((r) => child.once('exit', r));
+  return bytes / GIB / elapsed;
 }
 
 async function tcpSend(): Promise<void> {
@@ -178,6 +213,7 @@ async function main(): Promise<void> {
 
     const rows: { route: string; streams: number; gibPerS: number[]; rss: string }[] = [
       { route: 'raw TCP socket', streams: 1, gibPerS: [], rss: '' },
+      { route: 'bare grpc-js, same messages', streams: 1, gibPerS: [], rss: '' },
       { route: 'Flight DoGet -> shm', streams: 1, gibPerS: [], rss: '' },
       { route: 'Flight DoGet -> shm', streams: split.segments.length, gibPerS: [], rss: '' },
       { route: 'Parquet file read (1/4 table)', streams: 1, gibPerS: [], rss: '' },
@@ -187,19 +223,20 @@ async function main(): Promise<void> {
     let parquetFile = 0;
     for (let rep = 0; rep < reps; rep++) {
       rows[0]!.gibPerS.push(one.byteSize / GIB / (await rawTcp(dir, one.segments, one.byteSize)));
+      rows[1]!.gibPerS.push(await bareGrpc(Math.round(one.byteSize / table.batches.length), table.batches.length));
       const single = await flightFetch(server, location, `runs/${runId}/one`, 1, dir);
-      rows[1]!.gibPerS.push(single.bytes / GIB / single.seconds);
-      rows[1]!.rss = peaks(single);
+      rows[2]!.gibPerS.push(single.bytes / GIB / single.seconds);
+      rows[2]!.rss = peaks(single);
       const parallel = await flightFetch(server, location, `runs/${runId}/split`, split.segments.length, dir);
-      rows[2]!.gibPerS.push(parallel.bytes / GIB / parallel.seconds);
-      rows[2]!.rss = peaks(parallel);
+      rows[3]!.gibPerS.push(parallel.bytes / GIB / parallel.seconds);
+      rows[3]!.rss = peaks(parallel);
       const parquet = parquetRead(table, fileDir);
       parquetFile = parquet.fileBytes;
-      rows[3]!.gibPerS.push(parquet.bytes / GIB / parquet.seconds);
+      rows[4]!.gibPerS.push(parquet.bytes / GIB / parquet.seconds);
     }
     const best = (r: (typeof rows)[number]) => Math.max(...r.gibPerS);
     const tcp = best(rows[0]!);
-    const parquet = best(rows[3]!);
+    const parquet = best(rows[4]!);
     console.log(`\nbest of ${reps}, loopback, ${(one.byteSize / GIB).toFixed(2)} GiB (Parquet file ${(parquetFile / 1024 ** 2).toFixed(0)} MiB for a quarter)\n`);
     const header = ['route', 'streams', 'GiB/s', 'all runs', 'vs raw TCP', 'vs Parquet', 'peak RssAnon MiB server / client'];
     const lines = rows.map((r) => [r.route, String(r.streams), best(r).toFixed(2), r.gibPerS.map((x) => x.toFixed(2)).join(' '), (best(r) / tcp).toFixed(2), (best(r) / parquet).toFixed(2), r.rss]);
@@ -218,4 +255,5 @@ async function main(): Promise<void> {
 const role = process.argv[2];
 if (role === 'serve') await serve();
 else if (role === 'tcp-send') await tcpSend();
+else if (role === 'bare-serve') await bareServe();
 else await main();

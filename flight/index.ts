@@ -8,4 +8,4 @@ export { FlightServer, flightPath, isComposed, type FlightServerOptions, type St
 export { FlightClient, parseLocation, type FetchToShmOptions, type FlightClientOptions, type FlightEndpoint, type FlightInfo } from './client.ts';
 export { signTicket, verifyTicket, checkSecret, DEFAULT_TICKET_TTL_MS, MIN_SECRET_BYTES, type TicketClaims } from './tickets.ts';
 export { FlightAuthError, FlightError, FlightNotFoundError, FlightProtocolError, FlightTransferError } from './errors.ts';
-export { PROTO_PATH, SERVICE_NAME } from './protocol.ts';
+export { PROTO_PATH, SERVICE_NAME, TRANSFER_CHANNEL_OPTIONS } from './protocol.ts';
