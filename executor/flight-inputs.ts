@@ -161,33 +161,33 @@ export class FlightInputs {
    */
   async localize(ready: StepReady): Promise<{ inputs: StepReady['inputs']; fetchedBytes: number }> {
     let fetchedBytes = 0;
-    const inputs: StepReady['inputs'] = [];
-    for (const input of ready.inputs) {
-      if (input.descriptor.hostId === this.announced.hostId) {
-        inputs.push(input);
-        continue;
-      }
-      const segments: SegmentRef[] = [];
-      // An assembled table comes as one stream; a plain one as one stream per segment, each the same bytes as there.
-      const streams = isComposed(input.descriptor) ? input.descriptor.segments.slice(0, 1) : input.descriptor.segments;
-      for (const [index, segment] of streams.entries()) {
-        const localId = `${segment.id}.fetched`;
-        let copy = this.copies.get(localId);
-        let fetchedHere = false;
-        if (!copy) {
-          fetchedHere = true;
-          copy = this.fetchSegment(ready.runId, input.step, input.descriptor, index, localId);
-          this.copies.set(localId, copy);
-          copy.catch(() => this.copies.delete(localId));
-        }
-        const ref = await copy;
-        if (fetchedHere) fetchedBytes += ref.byteSize;
-        segments.push(ref);
-      }
-      inputs.push({ ...input, descriptor: { ...input.descriptor, hostId: this.announced.hostId, segments } });
-    }
+    // Every stream of every remote input at once: one HTTP/2 stream each, sharing a connection per host.
+    const inputs = await Promise.all(
+      ready.inputs.map(async (input) => {
+        if (input.descriptor.hostId === this.announced.hostId) return input;
+        // An assembled table comes as one stream; a plain one as one stream per segment, each the same bytes as there.
+        const streams = isComposed(input.descriptor) ? input.descriptor.segments.slice(0, 1) : input.descriptor.segments;
+        const segments = await Promise.all(
+          streams.map(async (segment, index): Promise<SegmentRef> => {
+            const localId = `${segment.id}.fetched`;
+            let copy = this.copies.get(localId);
+            const fetchedHere = !copy;
+            if (!copy) {
+              copy = this.fetchSegment(ready.runId, input.step, input.descriptor, index, localId);
+              this.copies.set(localId, copy);
+              copy.catch(() => this.copies.delete(localId));
+            }
+            const ref = await copy;
+            if (fetchedHere) fetchedBytes += ref.byteSize;
+            return ref;
+          }),
+        );
+        return { ...input, descriptor: { ...input.descriptor, hostId: this.announced.hostId, segments } };
+      }),
+    );
     return { inputs, fetchedBytes };
   }
+
 
   private async fetchSegment(runId: string, step: string, descriptor: TableDescriptor, index: number, localId: string): Promise<SegmentRef> {
     const composed = isComposed(descriptor);
