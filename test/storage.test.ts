@@ -247,6 +247,25 @@ for (const backend of backends) {
       });
     });
 
+    it('shows readers only complete snapshots while writers commit', async () => {
+      await withStore(backend, async (store) => {
+        await writeTable(store, 'growing', wideTable(1000), { rowGroupRows: 250 });
+        let writing = true;
+        const writer = (async () => {
+          for (let i = 0; i < 6; i++) await writeTable(store, 'growing', wideTable(1000, (i + 1) * 1000), { rowGroupRows: 250 });
+          writing = false;
+        })();
+        while (writing) {
+          const { table } = await scanTable(store, 'growing', { columns: ['id'], cache: null });
+          // A snapshot is whole appends of 1000 rows, ids 0.. in order: never a part of one.
+          assert.equal(table.numRows % 1000, 0);
+          assert.deepEqual([...table.getChild('id')!.toArray()], Array.from({ length: table.numRows }, (_, i) => i));
+        }
+        await writer;
+        assert.equal((await scanTable(store, 'growing', { columns: ['id'], cache: null })).table.numRows, 7000);
+      });
+    });
+
     it('reads older snapshots by id and as of a time', async () => {
       await withStore(backend, async (store) => {
         const first = await writeTable(store, 'history', tableFromArrays({ v: Int32Array.from([1, 2, 3]) }));
