@@ -11,6 +11,7 @@ import {
   readCsv,
   storageConfigFromEnv,
   writeTable,
+  vacuumTable,
   type OpenedTableStore,
 } from '../storage/index.ts';
 import { findCluster, UsageError } from './cluster.ts';
@@ -22,6 +23,9 @@ export const TABLE_USAGE = `  table list [--json]
                  A table's schema, snapshots and row counts.
   table import FILE.parquet|FILE.csv --name NAME [--mode append|replace]
                  Write a file's rows as a new snapshot of a table (created if new).
+  table vacuum NAME [--older-than MINUTES]
+                 Remove data files no snapshot refers to (left by failed runs and
+                 losing writers), written more than MINUTES ago (default 60).
   table generate-example [--rows N] [--seed N]
                  Create (replace) the example's \`transactions\` table from generated data.`;
 
@@ -52,10 +56,12 @@ export async function tableCommand(args: string[]): Promise<number> {
       return showCommand(rest);
     case 'import':
       return importCommand(rest);
+    case 'vacuum':
+      return vacuumCommand(rest);
     case 'generate-example':
       return generateExampleCommand(rest);
     default:
-      throw new UsageError(sub ? `unknown table command "${sub}"` : 'table takes a command: list, show, import or generate-example');
+      throw new UsageError(sub ? `unknown table command "${sub}"` : 'table takes a command: list, show, import, vacuum or generate-example');
   }
 }
 
@@ -146,6 +152,18 @@ async function importCommand(args: string[]): Promise<number> {
     const result = await writeTable(store, values.name!, table, { mode });
     const verb = result.version === 1 ? 'created table' : mode === 'append' ? 'appended to table' : 'replaced the rows of table';
     console.log(`${verb} ${result.table}: ${result.rows.toLocaleString('en-US')} rows, snapshot ${result.snapshotId} (version ${result.version})`);
+    return 0;
+  });
+}
+
+async function vacuumCommand(args: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({ args, allowPositionals: true, options: { 'older-than': { type: 'string', default: '60' } } });
+  if (positionals.length !== 1) throw new UsageError('table vacuum takes one table name');
+  const minutes = Number(values['older-than']);
+  if (!Number.isFinite(minutes) || minutes < 0) throw new UsageError(`--older-than takes minutes (a number ≥ 0), got "${values['older-than']}"`);
+  return withStore(async (store) => {
+    const { removed, bytes } = await vacuumTable(store, positionals[0]!, { olderThanMs: minutes * 60_000 });
+    console.log(`removed ${removed.length} unreferenced file(s) of table ${positionals[0]}, ${formatBytes(bytes)}`);
     return 0;
   });
 }

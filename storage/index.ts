@@ -16,11 +16,13 @@ export {
   loadTable,
   resolveSnapshot,
   stageTable,
+  vacuumTable,
   writeTable,
   type CommitResult,
   type SnapshotSelector,
   type StagedWrite,
   type TableStore,
+  type VacuumOptions,
   type WriteOptions,
 } from './tables.ts';
 export { executeScan, prepareScan, scanTable, type PreparedScan, type ScanOptions, type ScanResult, type ScanStats } from './scan.ts';

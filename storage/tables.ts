@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { Schema, Table, tableFromIPC, tableToIPC } from 'apache-arrow';
-import { ulid } from 'ulid';
+import { decodeTime, ulid } from 'ulid';
 import { NAME_PATTERN } from '../schemas/index.ts';
 import { tablePrefix, type Catalog, type CatalogHead } from './catalog.ts';
 import { columnKind, decodeStat, mergeStats, statToJson, type ColumnStats } from './columns.ts';
@@ -238,6 +238,44 @@ export async function findCommitted(store: TableStore, staged: StagedWrite): Pro
   const current = resolveSnapshot(metadata);
   if (!current || !(await readManifest(store, current)).dataFiles.some((f) => f.path === first.path)) return null;
   return { table: staged.table, version: head.version, snapshotId: current.snapshotId, rows: staged.files.reduce((n, f) => n + f.recordCount, 0), files: staged.files.length };
+}
+
+/** Options of {@link vacuumTable}. */
+export interface VacuumOptions {
+  /**
+   * Only files written longer ago than this are removed: younger ones may be staged by a run
+   * still going, whose commit is yet to come. @default 3_600_000 (one hour)
+   */
+  olderThanMs?: number;
+  /** @default Date.now() */
+  now?: number;
+}
+
+/**
+ * Removes the table's data files and manifests that no snapshot refers to: what failed runs
+ * staged and never committed, and what losing writers left. Every snapshot stays readable.
+ * File names carry their creation time (ULIDs), so nothing younger than `olderThanMs` goes.
+ */
+export async function vacuumTable(store: TableStore, name: string, options: VacuumOptions = {}): Promise<{ removed: string[]; bytes: number }> {
+  const { metadata } = await loadTable(store, name);
+  const cutoff = (options.now ?? Date.now()) - (options.olderThanMs ?? 3_600_000);
+  const referenced = new Set<string>();
+  for (const snapshot of metadata.snapshots) {
+    referenced.add(snapshot.manifest);
+    for (const file of (await readManifest(store, snapshot)).dataFiles) referenced.add(file.path);
+  }
+  const candidates = [...(await store.objects.list(`${tablePrefix(name)}/data/`)), ...(await store.objects.list(`${tablePrefix(name)}/metadata/snap-`))];
+  const removed: string[] = [];
+  let bytes = 0;
+  for (const key of candidates) {
+    if (referenced.has(key)) continue;
+    const id = /([0-9A-HJKMNP-TV-Z]{26})(?:\.manifest\.json|\.parquet)$/.exec(key)?.[1];
+    if (!id || decodeTime(id) > cutoff) continue;
+    bytes += (await store.objects.size(key)) ?? 0;
+    removed.push(key);
+  }
+  await store.objects.delete(removed);
+  return { removed, bytes };
 }
 
 /** What `quiver table show` prints: schema, snapshots, row counts. */

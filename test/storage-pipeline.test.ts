@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { tableFromArrays } from 'apache-arrow';
 import { loadPipeline, PlanError } from '../sdk/index.ts';
-import { describeTable, listTables, openTableStore, scanTable, writeTable, type OpenedTableStore } from '../storage/index.ts';
+import { describeTable, listTables, openTableStore, scanTable, vacuumTable, writeTable, type OpenedTableStore } from '../storage/index.ts';
 import { fixture, runFile, stepOf, tempHome, withCluster } from './helpers.ts';
 
 describe('stored tables in pipelines', () => {
@@ -40,6 +40,18 @@ describe('stored tables in pipelines', () => {
       assert.equal(again.view.state, 'succeeded');
       const kept = await describeTable(store, 'kept');
       assert.deepEqual(kept.snapshots.map((s) => [s.operation, s.summary.totalRows]), [['append', 3], ['append', 6]]);
+
+      // Files the failed runs staged were never referenced; vacuum removes them and nothing else.
+      const failedAgain = await runFile(cluster, dir, fixture('storage-materialize.ts'), { params: { fail: 'yes' } });
+      assert.equal(failedAgain.view.state, 'failed');
+      const files = await store.objects.list('tables/kept/data/');
+      assert.equal(files.length, 4, 'two committed data files and one staged by each failed run');
+      assert.deepEqual((await vacuumTable(store, 'kept', { olderThanMs: 60_000 })).removed, [], 'young files are left alone: a run may still commit them');
+      const { removed } = await vacuumTable(store, 'kept', { olderThanMs: 0, now: Date.now() + 1 });
+      assert.equal(removed.length, 2);
+      assert.deepEqual(await store.objects.list('tables/kept/data/'), files.filter((f) => !removed.includes(f)));
+      assert.equal((await scanTable(store, 'kept', { cache: null })).table.numRows, 6);
+      assert.equal((await scanTable(store, 'kept', { snapshot: kept.snapshots[0]!.snapshotId, cache: null })).table.numRows, 3);
     });
   });
 
