@@ -17,6 +17,7 @@ import { FlightProtocolError, fromGrpcError } from './errors.ts';
 import { type FlightDataFrame, encodeFlightData } from './frames.ts';
 import { EOS_BYTES, framedLength, streamMessages, writeEos, writeFramed } from './ipc.ts';
 import { type ActionTypeMessage, type FlightInfoMessage, TRANSFER_CHANNEL_OPTIONS, flightServiceDefinition } from './protocol.ts';
+import { FetchSession } from './fetch-stream.ts';
 import { SegmentWriter } from './segment-writer.ts';
 
 /** Options for {@link FlightClient}. */
@@ -68,6 +69,7 @@ export function parseLocation(uri: string): { address: string; tls: boolean } {
 export class FlightClient {
   private readonly client: Client;
   private readonly methods: Methods;
+  private readonly fetchSession: FetchSession;
 
   constructor(
     readonly location: string,
@@ -77,10 +79,12 @@ export class FlightClient {
     const creds = tls ? grpcCredentials.createSsl(options.rootCerts ?? null) : grpcCredentials.createInsecure();
     this.client = new Client(address, creds, { ...TRANSFER_CHANNEL_OPTIONS, ...options.channelOptions });
     this.methods = flightServiceDefinition() as unknown as Methods;
+    this.fetchSession = new FetchSession(address, tls, options.rootCerts, options.accessToken);
   }
 
   close(): void {
     this.client.close();
+    this.fetchSession.close();
   }
 
   private metadata(): Metadata {
@@ -201,7 +205,8 @@ export class FlightClient {
 
   /**
    * DoGet straight into a new shared-memory segment `id` in `dir`: the segment is a complete
-   * IPC stream that readTableFromShm maps. A failed or cancelled transfer removes it.
+   * IPC stream that readTableFromShm maps. Bodies go from the network to the segment with no
+   * copy in between (fetch-stream.ts). A failed or cancelled transfer removes the segment.
    */
   async fetchToShm(ticket: Uint8Array, options: FetchToShmOptions): Promise<{ segment: SegmentRef; rows: number; copiedBytes: number }> {
     const writer = new SegmentWriter({
@@ -211,7 +216,7 @@ export class FlightClient {
       ...(options.poolMaxBytes !== undefined ? { poolMaxBytes: options.poolMaxBytes } : {}),
     });
     try {
-      for await (const frame of this.doGet(ticket, options.signal)) writer.append(frame);
+      await this.fetchSession.fetch(ticket, writer, options.signal);
       const segment = writer.finish();
       return { segment, rows: writer.rows, copiedBytes: writer.copiedBytes };
     } catch (error) {

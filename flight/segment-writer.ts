@@ -42,19 +42,29 @@ export class SegmentWriter {
   /** Appends one frame; frames with no IPC message (metadata only) are skipped. */
   append(frame: FlightDataFrame): void {
     if (frame.header.byteLength === 0) return;
-    const { type, bodyLength, rows } = readMessageHeader(frame.header);
+    this.beginMessage(frame.header, frame.body.byteLength).set(frame.body);
+  }
+
+  /**
+   * Lays out one message whose body is `bodyLength` bytes: writes its prefix and header, and
+   * returns the place in the segment the body must be copied to (straight off the network).
+   */
+  beginMessage(header: Uint8Array, bodyLength: number): Uint8Array {
+    const { type, bodyLength: expected, rows } = readMessageHeader(header);
     if (this.messages === 0 && type !== MessageType.schema) {
       throw new FlightProtocolError(`the first message of a Flight stream must be a Schema, got message type ${type}`);
     }
-    if (bodyLength !== frame.body.byteLength) {
-      throw new FlightProtocolError(`a FlightData body has ${frame.body.byteLength} bytes, its header says ${bodyLength}`);
+    if (bodyLength !== expected) {
+      throw new FlightProtocolError(`a FlightData body has ${bodyLength} bytes, its header says ${expected}`);
     }
-    const needed = this.position + framedLength(frame.header.byteLength, bodyLength) + EOS_BYTES;
+    const needed = this.position + framedLength(header.byteLength, bodyLength) + EOS_BYTES;
     if (needed > this.bytes.byteLength) this.grow(Math.max(needed, this.bytes.byteLength * 2, MIN_CAPACITY));
-    this.position = writeFramed(this.bytes, this.position, frame.header, frame.body);
-    this.copiedBytes += frame.header.byteLength + bodyLength;
+    const bodyAt = writeFramed(this.bytes, this.position, header, new Uint8Array(0));
+    this.position = bodyAt + bodyLength;
+    this.copiedBytes += header.byteLength + bodyLength;
     this.messages += 1;
     this.rows += rows;
+    return this.bytes.subarray(bodyAt, this.position);
   }
 
   private grow(byteSize: number): void {
