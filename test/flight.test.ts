@@ -31,6 +31,7 @@ import {
   Utf8,
   makeData,
   tableFromArrays,
+  tableFromIPC,
   tableToIPC,
   vectorFromArray,
   type DataType,
@@ -98,6 +99,20 @@ function assertSameTable(actual: Table, expected: Table): void {
   assert.deepEqual(Buffer.from(tableToIPC(actual, 'stream')), Buffer.from(tableToIPC(expected, 'stream')));
 }
 
+/** The flight fetched stream by stream into shared memory (the executors' path), then read back from there. */
+async function fetchedTable(path: string): Promise<Table> {
+  const info = await client.getFlightInfo(path);
+  const dir = join(shmDir, `fetched-${ulid().toLowerCase()}`);
+  const segments = [];
+  for (const [index, endpoint] of info.endpoints.entries()) segments.push((await client.fetchToShm(endpoint.ticket, { dir, id: `s-${index}` })).segment);
+  const opened = readTableFromShm(segments, { dir });
+  // Serialized before the mappings go: the comparison reads the bytes.
+  const copy = tableFromIPC(tableToIPC(opened.table, 'stream'));
+  unmapSegments(opened.mappings);
+  removeDir(dir);
+  return copy;
+}
+
 before(async () => {
   server = await FlightServer.start({
     shmDir,
@@ -132,6 +147,7 @@ describe('Arrow Flight: DoPut and DoGet round trips', () => {
     const schema = await client.getSchema('uploads/every_type');
     assert.deepEqual(schema.fields.map((f) => f.name), table.schema.fields.map((f) => f.name));
     assertSameTable(await client.readTable(info), table);
+    assertSameTable(await fetchedTable('uploads/every_type'), table);
     assert.ok((await client.listFlights()).some((f) => f.path.join('/') === 'uploads/every_type'));
   });
 
@@ -141,6 +157,7 @@ describe('Arrow Flight: DoPut and DoGet round trips', () => {
     const back = await client.readTable('uploads/empty');
     assert.equal(back.numRows, 0);
     assert.deepEqual(back.schema.fields.map((f) => String(f.type)), empty.schema.fields.map((f) => String(f.type)));
+    assert.equal((await fetchedTable('uploads/empty')).numRows, 0);
 
     const whole = everyType(500);
     const several = new Table([...whole.slice(0, 300).batches, ...whole.slice(300).batches]);
