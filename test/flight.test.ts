@@ -278,6 +278,10 @@ describe('Arrow Flight: TLS', () => {
       assert.match(tls.location, /^grpc\+tls:\/\/127\.0\.0\.1:\d+$/);
       await trusting.putTable('over_tls', tableFromArrays({ x: Int32Array.from([7, 8]) }));
       assert.deepEqual([...(await trusting.readTable('uploads/over_tls')).getChild('x')!], [7, 8]);
+      const [endpoint] = (await trusting.getFlightInfo('uploads/over_tls')).endpoints;
+      const fetched = await trusting.fetchToShm(endpoint!.ticket, { dir: join(shmDir, 'tls-fetched'), id: 'copy', byteSize: endpoint!.byteSize });
+      assert.equal(fetched.rows, 2);
+      removeDir(join(shmDir, 'tls-fetched'));
       await assert.rejects(untrusting.listActions());
     } finally {
       trusting.close();
