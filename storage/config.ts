@@ -5,7 +5,8 @@ import { quiverHome } from '../schemas/index.ts';
 import { NatsKvCatalog, ObjectStoreCatalog } from './catalog.ts';
 import { StorageError } from './errors.ts';
 import { LocalObjectStore } from './object-store.ts';
-import type { S3StoreOptions } from './s3-store.ts';
+import { ulid } from 'ulid';
+import type { S3ObjectStore, S3StoreOptions } from './s3-store.ts';
 import type { TableStore } from './tables.ts';
 
 /** The NATS KV bucket holding table pointers when the S3 server has no conditional writes. */
@@ -33,7 +34,10 @@ export async function openTableStore(config: StorageConfig): Promise<OpenedTable
   // Loaded on first use: the AWS SDK takes ~150 ms to import, and most commands never need it.
   const { S3ObjectStore } = await import('./s3-store.ts');
   const objects = new S3ObjectStore(config.s3);
-  if (config.s3.conditionalWrites) return { objects, catalog: new ObjectStoreCatalog(objects), close: () => objects.close() };
+  if (config.s3.conditionalWrites) {
+    await checkConditionalWrites(objects);
+    return { objects, catalog: new ObjectStoreCatalog(objects), close: () => objects.close() };
+  }
   if (!config.nc) {
     await objects.close();
     throw new StorageError(
@@ -43,6 +47,31 @@ export async function openTableStore(config: StorageConfig): Promise<OpenedTable
   }
   const kv = await new Kvm(config.nc).create(TABLES_BUCKET, { history: 10 });
   return { objects, catalog: new NatsKvCatalog(objects, kv), close: () => objects.close() };
+}
+
+/**
+ * Proves the server honours `If-None-Match: *` before trusting commits to it: a second
+ * conditional PUT of one key must fail. A server that ignores the header would let two writers
+ * both commit the same version; refusing to start is the only safe answer.
+ */
+async function checkConditionalWrites(objects: S3ObjectStore): Promise<void> {
+  const probe = `.quiver-probe/${ulid()}`;
+  const bytes = new TextEncoder().encode('probe');
+  try {
+    const first = await objects.putIfAbsent!(probe, bytes);
+    const second = await objects.putIfAbsent!(probe, bytes);
+    if (!first || second) {
+      throw new StorageError(
+        'ERR_STORAGE_CONFIG',
+        `${objects.id} ignores If-None-Match on PUT, so QUIVER_S3_CONDITIONAL_WRITES=1 would let two writers both commit: unset it, and commits go through the NATS catalog`,
+      );
+    }
+  } catch (error) {
+    await objects.close();
+    throw error;
+  } finally {
+    await objects.delete([probe]).catch(() => {});
+  }
 }
 
 /**

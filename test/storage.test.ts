@@ -356,6 +356,17 @@ describe('filters and columns are checked before reading', () => {
     await store.close();
   });
 
+  it('refuses to trust conditional writes of an S3 server that ignores them', async () => {
+    await assert.rejects(
+      openTableStore({ kind: 's3', s3: { bucket: 'b19', endpoint: s3.endpoint, credentials: s3.credentials, conditionalWrites: true } }),
+      (error: StorageError) => error.code === 'ERR_STORAGE_CONFIG' && /ignores If-None-Match on PUT/.test(error.message),
+    );
+    await assert.rejects(
+      openTableStore({ kind: 's3', s3: { bucket: 'b19', endpoint: s3.endpoint, credentials: s3.credentials } }),
+      /needs either a server that honours conditional PUTs .* or a NATS for the table catalog/,
+    );
+  });
+
   it('refuses an append whose columns differ from the table', async () => {
     const store = await backends[0]!.open();
     await writeTable(store, 't', tableFromArrays({ a: Int32Array.from([1]) }));
