@@ -1,4 +1,4 @@
-import { DataType, RecordBatch, Schema, Struct, Table, makeBuilder, makeData, type Data, type Vector } from 'apache-arrow';
+import { DataType, RecordBatch, Schema, Struct, Table, Vector, makeBuilder, makeData, type Data } from 'apache-arrow';
 import { hostCache, type ColumnCache } from './cache.ts';
 import { decodeStat, kindsOf, statFromJson, type ColumnKind, type ColumnStats, type ColumnValue } from './columns.ts';
 import { UnknownColumnError } from './errors.ts';
@@ -183,8 +183,9 @@ export async function executeScan(store: TableStore, prepared: PreparedScan, cac
 function fileStats(file: DataFileEntry, kinds: ReadonlyMap<string, ColumnKind>) {
   return (column: string): (ColumnStats & { rows: number }) | undefined => {
     const s = file.columnStats[column];
-    if (!s) return undefined;
     const kind = kinds.get(column)!;
+    // Nested and other columns: leaf statistics (null items of a list) do not describe rows.
+    if (!s || kind === 'other') return undefined;
     const out: ColumnStats & { rows: number } = { rows: file.recordCount };
     const min = statFromJson(s.min, kind);
     const max = statFromJson(s.max, kind);
@@ -199,8 +200,9 @@ function rowGroupStats(file: DataFile, rg: number, column: string, kinds: Readon
   const group = file.footer.rowGroups[rg]!;
   const chunk = group.columns.find((c) => c.column === column);
   const field = schema.fields.find((f) => f.name === column);
-  if (!chunk || !field) return undefined;
   const kind = kinds.get(column)!;
+  // As for files: only top-level scalar columns have statistics that describe rows.
+  if (!chunk || !field || kind === 'other') return undefined;
   const unit = file.footer.timestampUnits.get(column);
   const out: ColumnStats & { rows: number } = { rows: group.numRows };
   const min = decodeStat(chunk.min, chunk, kind, field.type, unit);
@@ -262,8 +264,13 @@ function gather(vector: Vector, indices: Int32Array): Data {
     return makeData({ type: data.type, length: indices.length, nullCount: 0, data: out as never, ...(data.dictionary ? { dictionary: data.dictionary } : {}) } as never);
   }
   const builder = makeBuilder({ type: vector.type, nullValues: [null, undefined] });
-  for (const i of indices) builder.append(vector.get(i));
+  for (const i of indices) builder.append(plain(vector.get(i)));
   return builder.finish().flush();
+}
+
+/** A list's value comes back as a Vector, which a builder does not take: make it an array, at every depth. */
+function plain(value: unknown): unknown {
+  return value instanceof Vector ? Array.from(value as Vector, plain) : value;
 }
 
 /** The batch's columns in the scan's order, typed as the table schema says (one schema for every batch). */

@@ -301,6 +301,8 @@ function dataFileEntry(path: string, bytes: Uint8Array, schema: Schema): DataFil
   const columnStats: DataFileEntry['columnStats'] = {};
   for (const field of schema.fields) {
     const kind = columnKind(field.type);
+    // A nested column's chunks are its leaves: their statistics do not describe its rows.
+    if (kind === 'other') continue;
     let merged: ColumnStats | null = null;
     for (const rg of footer.rowGroups) {
       const chunk = rg.columns.find((c) => c.column === field.name);

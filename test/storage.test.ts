@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { DuckDBInstance } from '@duckdb/node-api';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
-import { Bool, Dictionary, Field, Float64, Int32, Int64, Schema, Table, TimestampMillisecond, Utf8, makeBuilder, tableFromArrays, vectorFromArray } from 'apache-arrow';
+import { Bool, Dictionary, Field, Float64, Int32, Int64, List, Schema, Struct, Table, TimestampMillisecond, Utf8, makeBuilder, tableFromArrays, vectorFromArray } from 'apache-arrow';
 import { startNatsServer, startS3Server, type NatsServer, type S3Server } from '../infra/index.ts';
 import {
   ColumnCache,
@@ -365,6 +365,25 @@ describe('filters and columns are checked before reading', () => {
       openTableStore({ kind: 's3', s3: { bucket: 'b19', endpoint: s3.endpoint, credentials: s3.credentials } }),
       /needs either a server that honours conditional PUTs .* or a NATS for the table catalog/,
     );
+  });
+
+  it('stores and scans nested columns, pruning only by the statistics of scalar ones', async () => {
+    const store = await backends[0]!.open();
+    const lists = makeBuilder({ type: new List(new Field('item', new Int32(), true)), nullValues: [null] });
+    const structs = makeBuilder({ type: new Struct([new Field('a', new Int32(), true), new Field('b', new Utf8(), true)]), nullValues: [null] });
+    // Many NULL items, few NULL lists: leaf statistics would call every row NULL.
+    for (let i = 0; i < 1000; i++) {
+      lists.append((i % 10 === 0 ? null : [null, null, i]) as never);
+      structs.append({ a: i, b: `s${i}` } as never);
+    }
+    const table = new Table({ id: vectorFromArray(Int32Array.from({ length: 1000 }, (_, i) => i)), l: lists.finish().toVector(), s: structs.finish().toVector() });
+    await writeTable(store, 'nested', table, { rowGroupRows: 250 });
+    const result = await scanTable(store, 'nested', { columns: ['s', 'l'], filter: 'id >= 500 AND l IS NOT NULL', cache: null });
+    assert.equal(result.stats.rowGroupsRead, 2);
+    assert.equal(result.table.numRows, 450);
+    assert.deepEqual(result.table.get(0)!.toJSON().s.toJSON(), { a: 501, b: 's501' });
+    assert.deepEqual([...result.table.get(0)!.toJSON().l], [null, null, 501]);
+    await store.close();
   });
 
   it('refuses an append whose columns differ from the table', async () => {
