@@ -312,7 +312,7 @@ export class Executor {
       let fetchedBytes = 0;
       let inputs = ready.inputs;
       try {
-        ({ inputs, fetchedBytes } = await this.flight!.localize(ready));
+        ({ inputs, fetchedBytes } = await this.flight!.localize(withoutOrderOnlyInputs(ready)));
       } catch (error) {
         if (this.stopped) {
           msg.nak();
@@ -521,6 +521,14 @@ export class Executor {
     step.killedBecause ??= why;
     step.child.kill('SIGKILL');
   }
+}
+
+/**
+ * A commit step reads only what the stage steps wrote; its other inputs (the run's leaves) only
+ * order it after everything else, so their tables are not fetched from other hosts.
+ */
+function withoutOrderOnlyInputs(ready: StepReady): StepReady {
+  return ready.system?.kind === 'commit' ? { ...ready, inputs: ready.inputs.filter((i) => i.param.startsWith('staged')) } : ready;
 }
 
 /** rmdir, not rm -r: another executor of the host may be writing here, and then the folder stays. */
