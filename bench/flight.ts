@@ -2,8 +2,9 @@
  * Flight benchmark: how fast a table moves between processes on this machine by DoGet, side
  * by side with the ceiling and with the alternative:
  *
- *   flight xN   DoGet from a Flight server in another process straight into a shared-memory
- *               segment (the executor's route), with one stream and with N parallel streams
+ *   flight      DoGet from a Flight server in another process straight into a shared-memory
+ *               segment (the executor's route): through the grpc-js port, and through the bulk
+ *               port (the sender copies nothing) with one stream and with N parallel streams
  *               (one segment each, one connection each)
  *   raw TCP     the same bytes over a plain loopback socket between two processes, received
  *               into a shared-memory segment: the ceiling for any protocol on this machine
@@ -56,7 +57,7 @@ function makeTable(bytes: number): Table {
 async function serve(): Promise<void> {
   const job = await new Promise<ServeJob>((resolve) => process.once('message', (m) => resolve(m as ServeJob)));
   const server = await FlightServer.start({ shmDir: job.dir, secret: job.secret, host: '127.0.0.1', resolveOutput: (runId, step) => job.outputs[`${runId}/${step}`] ?? null });
-  process.send!({ location: server.location });
+  process.send!({ location: server.location, bulkLocation: server.bulkLocation });
   // Peak private memory since the last ask: shows that a stream's memory is bounded, not the table's size.
   let peak = 0;
   setInterval(() => (peak = Math.max(peak, anonymousRss())), 20).unref();
@@ -161,11 +162,13 @@ async function serverPeak(server: ChildProcess): Promise<number> {
   return new Promise((r) => server.once('message', (m) => r((m as { peak: number }).peak)));
 }
 
-async function flightFetch(server: ChildProcess, location: string, path: string, streams: number, dir: string): Promise<{ seconds: number; bytes: number; serverPeak: number; clientPeak: number }> {
-  const clients = Array.from({ length: streams }, () => new FlightClient(location));
+async function flightFetch(server: ChildProcess, location: string, bulkLocation: string | null, path: string, streams: number, dir: string): Promise<{ seconds: number; bytes: number; serverPeak: number; clientPeak: number }> {
+  const clients = Array.from({ length: streams }, () => new FlightClient(location, bulkLocation ? { bulkLocation } : {}));
   const info = await clients[0]!.getFlightInfo(path);
   await serverPeak(server);
-  let clientPeak = anonymousRss();
+  // Growth over the start: garbage of earlier routes (the raw socket's chunks) is not this one's.
+  const clientStart = anonymousRss();
+  let clientPeak = clientStart;
   const sampler = setInterval(() => (clientPeak = Math.max(clientPeak, anonymousRss())), 20);
   const began = process.hrtime.bigint();
   const fetched = await Promise.all(
@@ -175,7 +178,7 @@ async function flightFetch(server: ChildProcess, location: string, path: string,
   clearInterval(sampler);
   for (const c of clients) c.close();
   removeSegments(fetched.map((f) => f.segment.id), { dir });
-  return { seconds: elapsed, bytes: fetched.reduce((n, f) => n + f.segment.byteSize, 0), serverPeak: await serverPeak(server), clientPeak };
+  return { seconds: elapsed, bytes: fetched.reduce((n, f) => n + f.segment.byteSize, 0), serverPeak: await serverPeak(server), clientPeak: clientPeak - clientStart };
 }
 
 function parquetRead(table: Table, dir: string): { seconds: number; bytes: number; fileBytes: number } {
@@ -209,13 +212,14 @@ async function main(): Promise<void> {
     const server = start('serve');
     children.push(server);
     server.send({ dir, secret: randomBytes(32).toString('hex'), outputs: { [`${runId}/one`]: stored(one), [`${runId}/split`]: stored(split) } } satisfies ServeJob);
-    const { location } = await new Promise<{ location: string }>((r) => server.once('message', (m) => r(m as never)));
+    const { location, bulkLocation } = await new Promise<{ location: string; bulkLocation: string }>((r) => server.once('message', (m) => r(m as never)));
 
     const rows: { route: string; streams: number; gibPerS: number[]; rss: string }[] = [
       { route: 'raw TCP socket', streams: 1, gibPerS: [], rss: '' },
       { route: 'bare grpc-js, same messages', streams: 1, gibPerS: [], rss: '' },
-      { route: 'Flight DoGet -> shm', streams: 1, gibPerS: [], rss: '' },
-      { route: 'Flight DoGet -> shm', streams: split.segments.length, gibPerS: [], rss: '' },
+      { route: 'Flight DoGet -> shm, grpc-js port', streams: 1, gibPerS: [], rss: '' },
+      { route: 'Flight DoGet -> shm, bulk port', streams: 1, gibPerS: [], rss: '' },
+      { route: 'Flight DoGet -> shm, bulk port', streams: split.segments.length, gibPerS: [], rss: '' },
       { route: 'Parquet file read (1/4 table)', streams: 1, gibPerS: [], rss: '' },
     ];
     const mib = (n: number) => `${Math.round(n / 1024 ** 2)}`;
@@ -224,21 +228,24 @@ async function main(): Promise<void> {
     for (let rep = 0; rep < reps; rep++) {
       rows[0]!.gibPerS.push(one.byteSize / GIB / (await rawTcp(dir, one.segments, one.byteSize)));
       rows[1]!.gibPerS.push(await bareGrpc(Math.round(one.byteSize / table.batches.length), table.batches.length));
-      const single = await flightFetch(server, location, `runs/${runId}/one`, 1, dir);
-      rows[2]!.gibPerS.push(single.bytes / GIB / single.seconds);
-      rows[2]!.rss = peaks(single);
-      const parallel = await flightFetch(server, location, `runs/${runId}/split`, split.segments.length, dir);
-      rows[3]!.gibPerS.push(parallel.bytes / GIB / parallel.seconds);
-      rows[3]!.rss = peaks(parallel);
+      const viaGrpc = await flightFetch(server, location, null, `runs/${runId}/one`, 1, dir);
+      rows[2]!.gibPerS.push(viaGrpc.bytes / GIB / viaGrpc.seconds);
+      rows[2]!.rss = peaks(viaGrpc);
+      const single = await flightFetch(server, location, bulkLocation, `runs/${runId}/one`, 1, dir);
+      rows[3]!.gibPerS.push(single.bytes / GIB / single.seconds);
+      rows[3]!.rss = peaks(single);
+      const parallel = await flightFetch(server, location, bulkLocation, `runs/${runId}/split`, split.segments.length, dir);
+      rows[4]!.gibPerS.push(parallel.bytes / GIB / parallel.seconds);
+      rows[4]!.rss = peaks(parallel);
       const parquet = parquetRead(table, fileDir);
       parquetFile = parquet.fileBytes;
-      rows[4]!.gibPerS.push(parquet.bytes / GIB / parquet.seconds);
+      rows[5]!.gibPerS.push(parquet.bytes / GIB / parquet.seconds);
     }
     const best = (r: (typeof rows)[number]) => Math.max(...r.gibPerS);
     const tcp = best(rows[0]!);
-    const parquet = best(rows[4]!);
+    const parquet = best(rows[5]!);
     console.log(`\nbest of ${reps}, loopback, ${(one.byteSize / GIB).toFixed(2)} GiB (Parquet file ${(parquetFile / 1024 ** 2).toFixed(0)} MiB for a quarter)\n`);
-    const header = ['route', 'streams', 'GiB/s', 'all runs', 'vs raw TCP', 'vs Parquet', 'peak RssAnon MiB server / client'];
+    const header = ['route', 'streams', 'GiB/s', 'all runs', 'vs raw TCP', 'vs Parquet', 'peak RssAnon MiB: server / client growth'];
     const lines = rows.map((r) => [r.route, String(r.streams), best(r).toFixed(2), r.gibPerS.map((x) => x.toFixed(2)).join(' '), (best(r) / tcp).toFixed(2), (best(r) / parquet).toFixed(2), r.rss]);
     const widths = header.map((h, i) => Math.max(h.length, ...lines.map((l) => l[i]!.length)));
     for (const line of [header, ...lines]) console.log(line.map((c, i) => c.padEnd(widths[i]!)).join('  '));

@@ -129,7 +129,14 @@ export class FlightInputs {
       args.topology,
       server,
       secret,
-      { hostId: args.hostId, executorId: args.executorId, flightEndpoint: server.location, labels: args.labels, capacity: args.capacity },
+      {
+        hostId: args.hostId,
+        executorId: args.executorId,
+        flightEndpoint: server.location,
+        ...(server.bulkLocation ? { bulkEndpoint: server.bulkLocation } : {}),
+        labels: args.labels,
+        capacity: args.capacity,
+      },
       args.running,
       args.shmDir,
       options,
@@ -198,11 +205,12 @@ export class FlightInputs {
       this.trackCopy(runId, localId);
       return { id: localId, byteSize: wanted };
     }
-    const endpoint = await this.endpointOf(descriptor.hostId);
+    const host = await this.endpointOf(descriptor.hostId);
+    const endpoint = host.bulkEndpoint ?? host.flightEndpoint;
     const ticket = signTicket({ path: `runs/${runId}/${step}`, segment: index, expiresAt: Date.now() + TICKET_TTL_MS }, checkSecret(this.secret, 'ticket'));
     const partId = `${runId}.${ulid().toLowerCase()}.part`;
     try {
-      const fetched = await this.client(endpoint).fetchToShm(ticket, { dir: this.shmDir, id: partId, byteSize: wanted });
+      const fetched = await this.client(host).fetchToShm(ticket, { dir: this.shmDir, id: partId, byteSize: wanted });
       if (wanted !== null && fetched.segment.byteSize !== wanted) {
         throw new Error(`received ${fetched.segment.byteSize} bytes, the descriptor says ${wanted}`);
       }
@@ -225,20 +233,23 @@ export class FlightInputs {
     }
   }
 
-  private async endpointOf(hostId: string): Promise<string> {
+  private async endpointOf(hostId: string): Promise<HostRecord> {
     for await (const key of await this.topology.hosts.keys()) {
       const entry = await this.topology.hosts.get(key);
       const parsed = entry?.string() ? hostRecord.safeParse(entry.json()) : null;
-      if (parsed?.success && parsed.data.hostId === hostId) return parsed.data.flightEndpoint;
+      if (parsed?.success && parsed.data.hostId === hostId) return parsed.data;
     }
     throw new InputFetchError(`host ${hostId}, which holds the input, has no live executor (it stopped heartbeating): its shared memory is out of reach`);
   }
 
-  private client(endpoint: string): FlightClient {
-    let client = this.clients.get(endpoint);
+  private client(host: HostRecord): FlightClient {
+    let client = this.clients.get(host.flightEndpoint);
     if (!client) {
-      client = new FlightClient(endpoint, this.options.rootCerts ? { rootCerts: this.options.rootCerts } : {});
-      this.clients.set(endpoint, client);
+      client = new FlightClient(host.flightEndpoint, {
+        ...(this.options.rootCerts ? { rootCerts: this.options.rootCerts } : {}),
+        ...(host.bulkEndpoint ? { bulkLocation: host.bulkEndpoint } : {}),
+      });
+      this.clients.set(host.flightEndpoint, client);
     }
     return client;
   }

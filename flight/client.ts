@@ -28,6 +28,8 @@ export interface FlightClientOptions {
   accessToken?: string;
   /** Extra grpc-js channel options (merged over the transfer defaults). */
   channelOptions?: Record<string, string | number>;
+  /** The server's DoGet-only bulk location (FlightServer.bulkLocation): fetchToShm uses it when given. */
+  bulkLocation?: string;
 }
 
 /** One stream of a flight: redeem `ticket` with DoGet at one of `locations` (or this server). */
@@ -79,7 +81,8 @@ export class FlightClient {
     const creds = tls ? grpcCredentials.createSsl(options.rootCerts ?? null) : grpcCredentials.createInsecure();
     this.client = new Client(address, creds, { ...TRANSFER_CHANNEL_OPTIONS, ...options.channelOptions });
     this.methods = flightServiceDefinition() as unknown as Methods;
-    this.fetchSession = new FetchSession(address, tls, options.rootCerts, options.accessToken);
+    const bulk = options.bulkLocation ? parseLocation(options.bulkLocation) : { address, tls };
+    this.fetchSession = new FetchSession(bulk.address, bulk.tls, options.rootCerts, options.accessToken);
   }
 
   close(): void {

@@ -12,6 +12,7 @@
 import { connect, constants, type ClientHttp2Session, type IncomingHttpHeaders } from 'node:http2';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { FlightProtocolError, fromGrpcError } from './errors.ts';
+import { varintBytes } from './frames.ts';
 import { readMessageHeader } from './ipc.ts';
 import { SERVICE_NAME } from './protocol.ts';
 
@@ -68,7 +69,7 @@ export class FetchSession {
       ...(this.accessToken ? { authorization: `Bearer ${this.accessToken}` } : {}),
     });
     // The Ticket message: field 1, bytes.
-    const ticketMessage = Buffer.concat([Buffer.from([0x0a]), varint(ticket.byteLength), ticket]);
+    const ticketMessage = Buffer.concat([Buffer.from([0x0a]), Buffer.from(varintBytes(ticket.byteLength)), ticket]);
     const framed = Buffer.alloc(5 + ticketMessage.byteLength);
     framed.writeUInt32BE(ticketMessage.byteLength, 1);
     ticketMessage.copy(framed, 5);
@@ -126,16 +127,6 @@ function safeDecode(text: string): string {
   } catch {
     return text;
   }
-}
-
-function varint(n: number): Buffer {
-  const bytes: number[] = [];
-  while (n >= 0x80) {
-    bytes.push((n & 0x7f) | 0x80);
-    n = Math.floor(n / 128);
-  }
-  bytes.push(n);
-  return Buffer.from(bytes);
 }
 
 /**

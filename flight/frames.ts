@@ -46,6 +46,13 @@ function writeVarint(out: Uint8Array, position: number, n: number): number {
   return position;
 }
 
+/** The varint encoding of `n`, as bytes (for framing written by hand elsewhere). */
+export function varintBytes(n: number): number[] {
+  const out = new Uint8Array(varintLength(n));
+  writeVarint(out, 0, n);
+  return [...out];
+}
+
 const keyOf = (field: number, wire: number) => field * 8 + wire;
 const bytesFieldLength = (field: number, length: number) => varintLength(keyOf(field, WIRE_BYTES)) + varintLength(length) + length;
 

@@ -26,6 +26,7 @@ import { FlightAuthError, FlightError, FlightNotFoundError, FlightProtocolError 
 import { type FlightDataFrame, encodeFlightData, flightDataLength } from './frames.ts';
 import { MessageType, schemaBytes, streamMessages } from './ipc.ts';
 import { type ActionMessage, type FlightDescriptorMessage, type FlightInfoMessage, type TicketMessage, TRANSFER_CHANNEL_OPTIONS, flightServiceDefinition } from './protocol.ts';
+import { BulkServer, type TicketRedeemer } from './bulk-server.ts';
 import { SegmentWriter } from './segment-writer.ts';
 import { DEFAULT_TICKET_TTL_MS, checkSecret, signTicket, verifyTicket } from './tickets.ts';
 
@@ -58,6 +59,12 @@ export interface FlightServerOptions {
   ticketTtlMs?: number;
   /** Bytes a DoGet stream may have queued for the network before it waits. @default 32 MiB */
   maxInFlightBytes?: number;
+  /**
+   * Also serve DoGet on plain node:http2 on a second port (bulk-server.ts: the sender copies
+   * nothing), listed as a second location of every endpoint. `port` 0 picks a free one.
+   * @default { port: 0 }
+   */
+  bulk?: { port?: number } | false;
   /** @default silent */
   logger?: Logger;
   /** @default Date.now */
@@ -112,6 +119,10 @@ export class FlightServer {
   private readonly uploadDir: string;
   private readonly now: () => number;
 
+  private bulk: BulkServer | null = null;
+  /** URI of the DoGet-only bulk port, or null without one. */
+  bulkLocation: string | null = null;
+
   private constructor(
     private readonly server: Server,
     readonly port: number,
@@ -138,6 +149,10 @@ export class FlightServer {
     const scheme = options.tls ? 'grpc+tls' : 'grpc+tcp';
     const flight = new FlightServer(server, port, `${scheme}://${advertised.includes(':') ? `[${advertised}]` : advertised}:${port}`, options);
     server.addService(flightServiceDefinition(), flight.handlers());
+    if (options.bulk !== false) {
+      flight.bulk = await BulkServer.start({ host, port: options.bulk?.port ?? 0, ...(options.tls ? { tls: options.tls } : {}), redeemer: flight.redeemer() });
+      flight.bulkLocation = flight.location.replace(/:\d+$/, `:${flight.bulk.port}`);
+    }
     return flight;
   }
 
@@ -160,6 +175,7 @@ export class FlightServer {
   async stop(): Promise<void> {
     for (const cancel of [...this.activeCalls]) cancel();
     this.server.forceShutdown();
+    this.bulk?.stop();
     this.uploads.clear();
     removeDir(this.uploadDir);
     try {
@@ -276,7 +292,7 @@ export class FlightServer {
       flight_descriptor: { type: 'PATH', cmd: Buffer.alloc(0), path: path.split('/') },
       endpoint: streams.map((stream, index) => ({
         ticket: { ticket: Buffer.from(this.ticketFor(path, index)) },
-        location: [{ uri: this.location }],
+        location: [{ uri: this.location }, ...(this.bulkLocation ? [{ uri: this.bulkLocation }] : [])],
         expiration_time: null,
         app_metadata: Buffer.from(JSON.stringify(stream)),
       })),
@@ -284,6 +300,23 @@ export class FlightServer {
       total_bytes: table.byteSize,
       ordered: true,
       app_metadata: Buffer.from(JSON.stringify({ segments: streams.length })),
+    };
+  }
+
+  /** The bulk port's view of this server: the same tickets, flights and bookkeeping. */
+  private redeemer(): TicketRedeemer {
+    return {
+      open: async (ticket) => {
+        const claims = verifyTicket(ticket, this.secret, this.now());
+        const stream = openStream(await this.locate(claims.path), claims.segment, claims.path);
+        this.openStreamsNow.add(stream);
+        return { bytes: stream.bytes, close: () => this.openStreamsNow.delete(stream) && stream.close() };
+      },
+      toStatus: (error) => this.toStatus(error),
+      track: (cancel) => {
+        this.activeCalls.add(cancel);
+        return () => this.activeCalls.delete(cancel);
+      },
     };
   }
 

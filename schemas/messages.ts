@@ -340,6 +340,8 @@ export const hostRecord = z.object({
   executorId: z.string().min(1).max(200),
   /** Its Arrow Flight server, e.g. `grpc+tcp://10.0.0.7:41234`. */
   flightEndpoint: z.string().min(1).max(300),
+  /** Its DoGet-only bulk port (same tickets, the sender copies nothing), when it has one. */
+  bulkEndpoint: z.string().min(1).max(300).optional(),
   labels: z.array(z.string().max(128)),
   /** Steps it runs at once, and how many it runs now. */
   capacity: nonNegativeInt,

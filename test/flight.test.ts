@@ -46,6 +46,8 @@ const shmDir = join(TEST_SHM_ROOT, `flight-${ulid().toLowerCase()}`);
 const outputs = new Map<string, StoredTable>();
 let server: FlightServer;
 let client: FlightClient;
+/** Fetches through the server's DoGet-only bulk port. */
+let bulkClient: FlightClient;
 
 /** A column of `n` values of `type` where every third is null. */
 function column<T extends DataType>(type: T, n: number, make: (i: number) => unknown) {
@@ -121,10 +123,12 @@ before(async () => {
     resolveOutput: (runId, step) => outputs.get(`${runId}/${step}`) ?? null,
   });
   client = new FlightClient(server.location);
+  bulkClient = new FlightClient(server.location, { bulkLocation: server.bulkLocation! });
 });
 
 after(async () => {
   client.close();
+  bulkClient.close();
   await server.stop();
   removeDir(shmDir);
 });
@@ -182,7 +186,8 @@ describe('Arrow Flight: DoPut and DoGet round trips', () => {
     const fetchedDir = join(shmDir, 'fetched');
     const fetched = [];
     for (const [index, endpoint] of info.endpoints.entries()) {
-      const result = await client.fetchToShm(endpoint.ticket, { dir: fetchedDir, id: `copy-${index}`, byteSize: endpoint.byteSize });
+      assert.deepEqual(endpoint.locations, [server.location, server.bulkLocation]);
+      const result = await bulkClient.fetchToShm(endpoint.ticket, { dir: fetchedDir, id: `copy-${index}`, byteSize: endpoint.byteSize });
       assert.equal(result.segment.byteSize, written.segments[index]!.byteSize);
       assert.deepEqual(readFileSync(join(fetchedDir, `copy-${index}`)).subarray(0, result.segment.byteSize), readFileSync(join(shmDir, written.segments[index]!.id)).subarray(0, result.segment.byteSize));
       fetched.push(result.segment);
@@ -313,6 +318,15 @@ describe('Arrow Flight: cancellation', () => {
     await assert.rejects(fetch, /cancel/i);
     assert.ok(!listSegments(shmDir).some((s) => s.id === `${runId}.partial`), 'a cancelled fetch leaves no partial segment');
     await waitFor('the server to unmap the aborted stream', () => server.openStreams === 0);
+
+    // The same through the bulk port, cancelled once the stream is under way.
+    const bulkAbort = new AbortController();
+    let seen = 0;
+    const target = { beginMessage: (_h: Uint8Array, n: number) => (++seen === 2 && bulkAbort.abort(), new Uint8Array(n)) };
+    const bulkFetch = (bulkClient as unknown as { fetchSession: { fetch: (t: Uint8Array, s: typeof target, a: AbortSignal) => Promise<void> } }).fetchSession.fetch(info.endpoints[0]!.ticket, target, bulkAbort.signal);
+    await assert.rejects(bulkFetch, /cancel/i);
+    assert.ok(seen >= 2 && seen < 64, `cancelled mid-stream (after ${seen} messages)`);
+    await waitFor('the bulk port to unmap the cancelled stream', () => server.openStreams === 0);
   });
 });
 
@@ -328,6 +342,8 @@ import sys, pyarrow.flight as fl
 client = fl.connect("${server.location}")
 info = client.get_flight_info(fl.FlightDescriptor.for_path("runs", "${runId}", "shared"))
 table = client.do_get(info.endpoints[0].ticket).read_all()
+bulk = fl.connect(info.endpoints[0].locations[1]).do_get(info.endpoints[0].ticket).read_all()
+assert bulk.equals(table), "the bulk port serves the same stream"
 print(table.num_rows, table.schema.field("ts_tz").type, table.column("utf8")[0], table.column("i64")[2], table.column("dict")[3])
 client.do_put(fl.FlightDescriptor.for_path("from_python"), table.schema)[0].close()
 `;
