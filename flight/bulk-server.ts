@@ -6,7 +6,7 @@
  * wire protocol (any gRPC client's DoGet works against it), listed as a second location of
  * every endpoint. The mapping is unmapped only once every write that views it has completed.
  */
-import { createSecureServer, createServer, type Http2Server, type ServerHttp2Stream } from 'node:http2';
+import { createSecureServer, createServer, type Http2Server, type Http2Session, type ServerHttp2Stream } from 'node:http2';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { FlightProtocolError } from './errors.ts';
 import { varintBytes } from './frames.ts';
@@ -44,6 +44,7 @@ export class BulkServer {
   private constructor(
     private readonly server: Http2Server,
     readonly port: number,
+    private readonly sessions: Set<Http2Session>,
   ) {}
 
   static async start(options: { host: string; port?: number; tls?: { cert: Buffer; key: Buffer }; redeemer: TicketRedeemer }): Promise<BulkServer> {
@@ -60,18 +61,23 @@ export class BulkServer {
       stream.once('end', () => void serve(stream, Buffer.concat(chunks), options.redeemer));
     });
     server.on('sessionError', () => undefined);
+    const sessions = new Set<Http2Session>();
+    server.on('session', (session) => {
+      sessions.add(session);
+      session.once('close', () => sessions.delete(session));
+    });
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
       server.listen(options.port ?? 0, options.host, () => resolve());
     });
     const address = server.address();
-    return new BulkServer(server, typeof address === 'object' && address ? address.port : 0);
+    return new BulkServer(server, typeof address === 'object' && address ? address.port : 0, sessions);
   }
 
   stop(): void {
     this.server.close();
-    // Sessions in progress are closed with their streams (their mappings go as their writes complete).
-    (this.server as unknown as { closeAllConnections?: () => void }).closeAllConnections?.();
+    // Streams in progress end with their sessions; their mappings go as their writes complete.
+    for (const session of this.sessions) session.destroy();
   }
 }
 
