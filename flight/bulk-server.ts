@@ -19,12 +19,13 @@ export interface TicketRedeemer {
   open(ticket: Uint8Array): Promise<{ bytes: Uint8Array; close(): void }>;
   /** A thrown error as the gRPC status it is sent as. */
   toStatus(error: unknown): { code: GrpcStatus; details: string };
+  /** Bytes a stream may have queued for the network before it waits. */
+  maxInFlightBytes: number;
   /** Tracks streams in progress, so the server can count and cancel them. */
   track(cancel: () => void): () => void;
 }
 
 const DO_GET_PATH = `/${SERVICE_NAME}/DoGet`;
-const MAX_IN_FLIGHT_BYTES = 32 * 1024 * 1024;
 
 /** The gRPC prefix and every FlightData byte before the body: `[0][length][2: header][1000: length]`. */
 function framing(header: Uint8Array, bodyLength: number): Buffer {
@@ -153,7 +154,7 @@ async function serve(stream: ServerHttp2Stream, request: Buffer, redeemer: Ticke
           settle();
         });
       }
-      while (!cancelled && inFlight > MAX_IN_FLIGHT_BYTES) {
+      while (!cancelled && inFlight > redeemer.maxInFlightBytes) {
         await new Promise<void>((resolve) => (wake = resolve));
         wake = null;
       }

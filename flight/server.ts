@@ -18,9 +18,9 @@ import {
   type ServerWritableStream,
   type UntypedServiceImplementation,
 } from '@grpc/grpc-js';
+import { tableToIPC } from 'apache-arrow';
 import { ulid } from 'ulid';
 import type { Logger } from '../schemas/index.ts';
-import { tableToIPC } from 'apache-arrow';
 import { type SegmentRef, mapSegment, readInput, releaseSegments, removeDir, unmapSegments } from '../shm/index.ts';
 import { FlightAuthError, FlightError, FlightNotFoundError, FlightProtocolError } from './errors.ts';
 import { type FlightDataFrame, encodeFlightData, flightDataLength } from './frames.ts';
@@ -313,6 +313,7 @@ export class FlightServer {
         return { bytes: stream.bytes, close: () => this.openStreamsNow.delete(stream) && stream.close() };
       },
       toStatus: (error) => this.toStatus(error),
+      maxInFlightBytes: this.options.maxInFlightBytes ?? DEFAULT_MAX_IN_FLIGHT_BYTES,
       track: (cancel) => {
         this.activeCalls.add(cancel);
         return () => this.activeCalls.delete(cancel);
