@@ -57,6 +57,8 @@ export interface FetchToShmOptions {
   byteSize?: number | null;
   poolMaxBytes?: number;
   signal?: AbortSignal;
+  /** Called after each IPC message is in place, with the messages and bytes received so far. */
+  onProgress?: (progress: { messages: number; bytes: number }) => void;
 }
 
 type Methods = Record<string, MethodDefinition<unknown, unknown>>;
@@ -219,7 +221,22 @@ export class FlightClient {
       ...(options.poolMaxBytes !== undefined ? { poolMaxBytes: options.poolMaxBytes } : {}),
     });
     try {
-      await this.fetchSession.fetch(ticket, writer, options.signal);
+      let messages = 0;
+      let bytes = 0;
+      const onProgress = options.onProgress;
+      // The body lands after beginMessage returns: progress is reported when the next one begins, and at the end.
+      const sink = onProgress
+        ? {
+            beginMessage: (header: Uint8Array, bodyLength: number) => {
+              if (messages > 0) onProgress({ messages, bytes });
+              messages += 1;
+              bytes += header.byteLength + bodyLength;
+              return writer.beginMessage(header, bodyLength);
+            },
+          }
+        : writer;
+      await this.fetchSession.fetch(ticket, sink, options.signal);
+      if (onProgress && messages > 0) onProgress({ messages, bytes });
       const segment = writer.finish();
       return { segment, rows: writer.rows, copiedBytes: writer.copiedBytes };
     } catch (error) {

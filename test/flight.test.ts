@@ -322,10 +322,18 @@ describe('Arrow Flight: cancellation', () => {
     // The same through the bulk port, cancelled once the stream is under way.
     const bulkAbort = new AbortController();
     let seen = 0;
-    const target = { beginMessage: (_h: Uint8Array, n: number) => (++seen === 2 && bulkAbort.abort(), new Uint8Array(n)) };
-    const bulkFetch = (bulkClient as unknown as { fetchSession: { fetch: (t: Uint8Array, s: typeof target, a: AbortSignal) => Promise<void> } }).fetchSession.fetch(info.endpoints[0]!.ticket, target, bulkAbort.signal);
+    const bulkFetch = bulkClient.fetchToShm(info.endpoints[0]!.ticket, {
+      dir: shmDir,
+      id: `${runId}.bulk-partial`,
+      signal: bulkAbort.signal,
+      onProgress: ({ messages }) => {
+        seen = messages;
+        if (messages === 2) bulkAbort.abort();
+      },
+    });
     await assert.rejects(bulkFetch, /cancel/i);
-    assert.ok(seen >= 2 && seen < 64, `cancelled mid-stream (after ${seen} messages)`);
+    assert.ok(seen >= 2 && seen < 64, `cancelled mid-stream (after ${seen} of 65 messages)`);
+    assert.ok(!listSegments(shmDir).some((s) => s.id === `${runId}.bulk-partial`));
     await waitFor('the bulk port to unmap the cancelled stream', () => server.openStreams === 0);
   });
 });
