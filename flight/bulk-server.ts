@@ -85,7 +85,9 @@ export class BulkServer {
 function fail(stream: ServerHttp2Stream, code: GrpcStatus, details: string): void {
   if (stream.destroyed || stream.closed) return;
   if (stream.headersSent) {
-    stream.close(0x8);
+    // Mid-stream (headers sent with waitForTrailers): the status goes in the trailers.
+    stream.once('wantTrailers', () => stream.sendTrailers({ 'grpc-status': String(code), 'grpc-message': encodeURIComponent(details) }));
+    stream.end();
     return;
   }
   stream.respond({ ':status': 200, 'content-type': 'application/grpc', 'grpc-status': String(code), 'grpc-message': encodeURIComponent(details) }, { endStream: true });
