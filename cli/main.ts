@@ -56,8 +56,9 @@ Commands:
                  List runs, newest first: trigger, state, duration.
   runs show ID   One run's step table and errors.
   orchestrator   Run the orchestrator daemon against QUIVER_NATS_URL.
-  executor [--concurrency N] [--host-id ID]
-                 Run an executor daemon against QUIVER_NATS_URL.
+  executor [--concurrency N] [--host-id ID] [--labels a,b]
+                 Run an executor daemon against QUIVER_NATS_URL. Steps pinned with
+                 step(..., { host: 'a' }) run on executors labelled a.
   gc             Remove shared memory and step processes of runs that are no longer alive.
 ${TABLE_USAGE}
 
@@ -272,7 +273,7 @@ async function orchestratorCommand(): Promise<number> {
 }
 
 async function executorCommand(args: string[]): Promise<number> {
-  const { values } = parseArgs({ args, options: { concurrency: { type: 'string' }, 'host-id': { type: 'string' } } });
+  const { values } = parseArgs({ args, options: { concurrency: { type: 'string' }, 'host-id': { type: 'string' }, labels: { type: 'string' } } });
   const concurrency = values.concurrency === undefined ? undefined : Number(values.concurrency);
   if (concurrency !== undefined && (!Number.isInteger(concurrency) || concurrency < 1)) {
     throw new UsageError(`--concurrency takes a whole number ≥ 1, got "${values.concurrency}"`);
@@ -282,6 +283,7 @@ async function executorCommand(args: string[]): Promise<number> {
     topology: topologyFromEnv(),
     ...(concurrency ? { concurrency } : {}),
     ...(values['host-id'] ? { hostId: values['host-id'] } : {}),
+    ...(values.labels !== undefined ? { labels: values.labels.split(',').map((l) => l.trim()).filter(Boolean) } : {}),
   });
   await untilSignal();
   await executor.stop();
