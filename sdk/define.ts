@@ -64,7 +64,7 @@ export interface StepOptions {
    */
   readonly materialize?: boolean | { readonly mode?: 'replace' | 'append' };
   /**
-   * Run this step only on a host carrying this label (`QUIVER_HOST_LABELS=gpu,eu` on its executor; a
+   * Run this step only on a host carrying this label (`quiver executor --labels gpu,eu` or `QUIVER_HOST_LABELS`; a
    * host's id is always one of its labels). Without it the step goes where its inputs are.
    */
   readonly host?: string;
