@@ -6,7 +6,7 @@
  * heartbeating is re-sent elsewhere, since only that host's executors read its queue.
  */
 import type { JetStreamClient, JetStreamManager } from '@nats-io/jetstream';
-import type { KV } from '@nats-io/kv';
+import { KvWatchInclude, type KV } from '@nats-io/kv';
 import {
   encode,
   hostRecord,
@@ -14,6 +14,7 @@ import {
   stepReady,
   streams,
   subjects,
+  HOST_TTL_MS,
   type HostRecord,
   type Logger,
   type PlanStep,
@@ -77,6 +78,9 @@ export class Dispatcher {
   private readonly waiting = new Map<string, Waiting>();
   private known = new Set<string>();
   private timer: NodeJS.Timeout | null = null;
+  /** Host records as the watch last saw them; null until its first full read. */
+  private cache: Map<string, HostRecord> | null = null;
+  private watch: { stop(): void } | null = null;
 
   constructor(
     private readonly js: JetStreamClient,
@@ -87,6 +91,15 @@ export class Dispatcher {
   ) {}
 
   async liveHosts(): Promise<HostRecord[]> {
+    if (this.cache) {
+      // Expiry removes a record without a notice to watchers: a silent host ages out here.
+      const oldest = this.now() - HOST_TTL_MS;
+      return [...this.cache.values()].filter((h) => h.at >= oldest);
+    }
+    return this.listHosts();
+  }
+
+  private async listHosts(): Promise<HostRecord[]> {
     const hosts: HostRecord[] = [];
     for await (const key of await this.kv.hosts.keys()) {
       const entry = await this.kv.hosts.get(key);
@@ -140,11 +153,36 @@ export class Dispatcher {
   start(): void {
     this.timer ??= setInterval(() => void this.checkHosts().catch((e) => this.logger.warn(`host check failed: ${(e as Error).message}`)), WATCH_INTERVAL_MS);
     this.timer.unref();
+    void this.watchHosts().catch((e) => this.logger.warn(`cannot watch quiver-hosts, listing it per step instead: ${(e as Error).message}`));
+  }
+
+  /** Keeps the host records in memory: listing the bucket for every ready step costs round trips. */
+  private async watchHosts(): Promise<void> {
+    if (this.watch) return;
+    const cache = new Map<string, HostRecord>();
+    // Watching before the first read, so no heartbeat in between is missed.
+    const watch = await this.kv.hosts.watch({ include: KvWatchInclude.UpdatesOnly });
+    this.watch = watch;
+    void (async () => {
+      for await (const entry of watch) {
+        if (entry.operation !== 'PUT') {
+          cache.delete(entry.key);
+          continue;
+        }
+        const parsed = hostRecord.safeParse(entry.json());
+        if (parsed.success) cache.set(entry.key, parsed.data);
+      }
+    })();
+    for (const host of await this.listHosts()) cache.set(host.executorId, host);
+    if (this.watch === watch) this.cache = cache;
   }
 
   stop(): void {
     if (this.timer) clearInterval(this.timer);
     this.timer = null;
+    this.watch?.stop();
+    this.watch = null;
+    this.cache = null;
   }
 
   /** Places again the unfinished steps placed on hosts that disappeared. */
