@@ -233,6 +233,7 @@ function jsonResult(view: RunView) {
       transport: s.transport,
       copiedBytes: s.copiedBytes,
       durationMs: stepDuration(s),
+      ...(s.scan ? { scan: s.scan } : {}),
       ...(s.error ? { error: s.error } : {}),
     })),
   };

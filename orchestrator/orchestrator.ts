@@ -444,6 +444,7 @@ export class Orchestrator {
         bytes: null,
         transport: null,
         copiedBytes: null,
+        scan: null,
         output: null,
         error: null,
       })),
@@ -615,6 +616,7 @@ export class Orchestrator {
           bytes: facts.output?.byteSize ?? null,
           transport: facts.transport,
           copiedBytes: facts.copiedBytes,
+          scan: facts.scan ?? null,
           output: facts.output,
           error: facts.error,
         };

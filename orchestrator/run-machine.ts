@@ -20,6 +20,7 @@ export interface StepFacts {
   output: TableDescriptor | null;
   copiedBytes: number | null;
   transport: StepView['transport'];
+  scan?: StepView['scan'];
   error: StepFailed['error'] | null;
 }
 
@@ -96,6 +97,7 @@ export function createRunMachine(plan: Plan) {
           output: e.output,
           copiedBytes: e.inputCopiedBytes + e.outputCopiedBytes,
           transport: e.transport,
+          scan: e.scan ?? null,
         });
       }),
     };

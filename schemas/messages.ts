@@ -181,6 +181,16 @@ export const stepStarted = z.object({
   at: timestamp,
 });
 
+export const scanFacts = z.object({
+  table: name,
+  snapshotId: z.string().nullable(),
+  bytesFetched: nonNegativeInt,
+  rowGroupsRead: nonNegativeInt,
+  rowGroupsSkipped: nonNegativeInt,
+  cachedChunks: nonNegativeInt,
+});
+export type ScanFacts = z.infer<typeof scanFacts>;
+
 export const stepSucceeded = z.object({
   type: z.literal('step.succeeded'),
   runId,
@@ -197,16 +207,7 @@ export const stepSucceeded = z.object({
   /** Bytes of inputs this step fetched from other hosts over Arrow Flight (also in inputCopiedBytes). */
   fetchedBytes: nonNegativeInt.optional(),
   /** A scan step's reading of its table: which snapshot, what it fetched and what it skipped. */
-  scan: z
-    .object({
-      table: name,
-      snapshotId: z.string().nullable(),
-      bytesFetched: nonNegativeInt,
-      rowGroupsRead: nonNegativeInt,
-      rowGroupsSkipped: nonNegativeInt,
-      cachedChunks: nonNegativeInt,
-    })
-    .optional(),
+  scan: scanFacts.optional(),
   startedAt: timestamp,
   at: timestamp,
 });
@@ -276,6 +277,8 @@ export const stepView = z.object({
   bytes: nonNegativeInt.nullable(),
   transport: z.enum(['shm', 'region', 'flight', 'cache']).nullable(),
   copiedBytes: nonNegativeInt.nullable(),
+  /** What a scan step read from storage. */
+  scan: scanFacts.nullable().default(null),
   output: tableDescriptor.nullable(),
   error: stepError.nullable(),
 });

@@ -33,6 +33,10 @@ describe('stored tables in pipelines', () => {
       assert.deepEqual([...ok.view.outputs].sort(), ['kept', 'sibling'], 'system steps are not outputs');
       const scanLog = ok.logs.find((l) => l.step === '__scan_events')?.line ?? '';
       assert.match(scanLog, /scanned events at snapshot \w+: 1 column\(s\), 1 of 1 row groups read .* 3 of 4 rows kept, [\d.]+ KB fetched/);
+      const scan = stepOf(ok.view, '__scan_events').scan;
+      assert.equal(scan?.table, 'events', 'the run view carries what the scan read');
+      assert.equal(scan?.rowGroupsRead, 1);
+      assert.ok(scan!.bytesFetched > 0 || scan!.cachedChunks > 0, 'fetched, or served by the cache the failed run filled');
       assert.ok(ok.logs.some((l) => l.step === '__commit' && /committed snapshot \w+ of table kept \(append, 3 rows, version 1\)/.test(l.line)));
       assert.deepEqual([...(await scanTable(store, 'kept', { cache: null })).table.getChild('v')!.toArray()], [2, 3, 4]);
 
