@@ -22,6 +22,7 @@ import {
   type ControlMessage,
   type Deployment,
   type Logger,
+  type PlanStep,
   type RunSubmit,
   type StepReady,
   type RunView,
@@ -542,6 +543,11 @@ export class Orchestrator {
   }
 
   private async dispatch(run: LiveRun, step: string, snapshot: RunSnapshot): Promise<void> {
+    const { message, planStep } = this.readyMessage(run, step, snapshot);
+    await this.dispatcher.dispatch(message, planStep);
+  }
+
+  private readyMessage(run: LiveRun, step: string, snapshot: RunSnapshot): { message: StepReady; planStep: PlanStep } {
     const planStep = run.submit.plan.steps.find((s) => s.name === step)!;
     const inputs = planStep.inputs.map((i) => {
       const descriptor = snapshot.context.steps[i.step]?.output;
@@ -559,7 +565,7 @@ export class Orchestrator {
       ...(run.submit.event ? { event: run.submit.event } : {}),
       ...(planStep.system ? { system: planStep.system } : {}),
     };
-    await this.dispatcher.dispatch(message, planStep);
+    return { message, planStep };
   }
 
   /** The client read the result (or gave up): the run's outputs may go, unless it asked to keep them. */
@@ -646,6 +652,18 @@ export class Orchestrator {
       const actor = createActor(createRunMachine(record.submit.plan), { snapshot: record.snapshot as never, input: { runId: key } });
       const run = this.track(record.submit, actor, record.released, record.view.startedAt ?? record.view.submittedAt);
       run.outputsReleased ||= record.view.outputsReleased;
+      // Where running steps run lived only in the old leader's memory: a host that dies now must
+      // still have its steps placed again.
+      const snapshot = actor.getSnapshot();
+      const states = stepStatesOf(snapshot);
+      for (const step of record.submit.plan.steps) {
+        const hostId = snapshot.context.steps[step.name]?.hostId;
+        if (states[step.name] !== 'running' || !hostId) continue;
+        const { message, planStep } = this.readyMessage(run, step.name, snapshot);
+        // Only work placed on a host's own queue strands there; the shared queue redelivers.
+        const placedOnHost = planStep.host !== undefined || message.inputs.some((i) => i.descriptor.hostId === hostId);
+        if (placedOnHost) this.dispatcher.remember(message, planStep, hostId);
+      }
       this.logger.info(`resumed run ${key} of ${record.submit.plan.pipeline}`);
       await this.afterTransition(run);
     }

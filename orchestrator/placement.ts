@@ -144,6 +144,15 @@ export class Dispatcher {
     if (placed.hostId !== null) this.sent.set(key, { message, step, hostId: placed.hostId });
   }
 
+  /**
+   * Takes note of a step already running on a host (a resumed run), so that the host dying
+   * sends it elsewhere as if this process had placed it.
+   */
+  remember(message: StepReady, step: PlanStep, hostId: string): void {
+    this.sent.set(`${message.runId}.${message.step}`, { message, step, hostId });
+    this.known.add(hostId);
+  }
+
   /** Forgets the steps of a finished run. */
   forgetRun(runId: string): void {
     for (const key of this.sent.keys()) if (key.startsWith(`${runId}.`)) this.sent.delete(key);

@@ -1,7 +1,12 @@
 import assert from 'node:assert/strict';
+import { join } from 'node:path';
 import { describe, it } from 'node:test';
-import { placeStep } from '../orchestrator/placement.ts';
-import type { HostRecord, TableDescriptor } from '../schemas/index.ts';
+import { jetstream, jetstreamManager } from '@nats-io/jetstream';
+import { connect } from '@nats-io/transport-node';
+import { startNatsServer } from '../infra/index.ts';
+import { Dispatcher, placeStep } from '../orchestrator/placement.ts';
+import { ensureTopology, silentLogger, streams, subjects, type HostRecord, type StepReady, type TableDescriptor } from '../schemas/index.ts';
+import { tempHome, waitFor } from './helpers.ts';
 
 const host = (hostId: string, running: number, labels: string[] = [], capacity = 2): HostRecord => ({
   hostId,
@@ -47,5 +52,49 @@ describe('placement', () => {
     const placed = placeStep({ name: 'train', host: 'gpu' }, [], [host('a', 0, ['eu'])]);
     assert.ok('error' in placed);
     assert.match(placed.error, /step "train" is pinned to hosts labelled "gpu", and no live executor has that label \(live hosts: a\)/);
+  });
+});
+
+describe('the dispatcher', () => {
+  it('places again a step a resumed run has running on a host that then stops heartbeating', async () => {
+    const home = tempHome();
+    const server = await startNatsServer({ dir: join(home.dir, 'nats') });
+    const nc = await connect({ servers: server.url });
+    try {
+      const jsm = await jetstreamManager(nc);
+      const topology = await ensureTopology(nc, jsm);
+      const record = { ...host('h1', 1), executorId: 'h1.1.x', at: Date.now() };
+      await topology.hosts.put(record.executorId, JSON.stringify(record));
+      const dispatcher = new Dispatcher(jetstream(nc), async () => jsm, topology, silentLogger, Date.now);
+      dispatcher.start();
+      try {
+        await waitFor('the dispatcher to see h1', async () => (await dispatcher.liveHosts()).some((h) => h.hostId === 'h1'));
+        const message: StepReady = {
+          type: 'step.ready',
+          runId: '01KAYZ0000000000000000TEST',
+          step: 'child',
+          pipeline: 'p',
+          codeHash: '0'.repeat(64),
+          params: {},
+          inputs: [{ param: 'x', step: 'parent', ...on('h1', 100) }],
+        };
+        dispatcher.remember(message, { name: 'child', inputs: [{ param: 'x', step: 'parent' }] }, 'h1');
+        const before = (await jsm.streams.info(streams.work, { subjects_filter: '>' })).state.subjects ?? {};
+        assert.equal(before[subjects.stepReady] ?? 0, 0);
+
+        await topology.hosts.delete(record.executorId);
+        await waitFor('h1 to be gone', async () => !(await dispatcher.liveHosts()).some((h) => h.hostId === 'h1'));
+        await dispatcher.checkHosts();
+        const after = (await jsm.streams.info(streams.work, { subjects_filter: '>' })).state.subjects ?? {};
+        // Its input lives on no live host any more, so any executor may take it.
+        assert.equal(after[subjects.stepReady], 1, JSON.stringify(after));
+      } finally {
+        dispatcher.stop();
+      }
+    } finally {
+      await nc.close();
+      await server.stop();
+      home.remove();
+    }
   });
 });
