@@ -210,6 +210,9 @@ export class QuiverClient {
    * version; runs already going keep theirs. Deploying the same again changes nothing.
    */
   async deploy(pipeline: LoadedPipeline): Promise<DeployResult> {
+    // Checked now, so a missing table or a bad filter fails the deploy, not every triggered run.
+    // Not pinned: each triggered run reads the snapshot current when its scan runs.
+    await prepareSources(pipeline.plan, this.nc);
     await this.storeCode(pipeline);
     const name = pipeline.plan.pipeline;
     const kv = this.topology.pipelines;

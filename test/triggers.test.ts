@@ -211,6 +211,29 @@ export default pipeline('one_at_a_time', {
     }
   });
 
+  it('refuses to deploy a pipeline whose stored-table source cannot be read', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'quiver-deploy-source-'));
+    const storage = process.env.QUIVER_STORAGE;
+    process.env.QUIVER_STORAGE = join(dir, 'storage');
+    try {
+      const file = join(dir, 'reads-missing.ts');
+      writeFileSync(
+        file,
+        `import { pipeline, source, step } from ${JSON.stringify(join(repoRoot, 'sdk', 'index.ts'))};
+export default pipeline('reads_missing', { out: step({ t: source('no_such_table') }, ({ t }) => t) }, { on: { event: 'x.y' } });
+`,
+      );
+      await withCluster(async ({ client }) => {
+        await assert.rejects(client.deploy(await loadPipeline(file)), /source\('no_such_table'\).*no_such_table/);
+        assert.deepEqual(await client.listDeployments(), [], 'nothing was deployed');
+      });
+    } finally {
+      if (storage === undefined) delete process.env.QUIVER_STORAGE;
+      else process.env.QUIVER_STORAGE = storage;
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('rejects triggers that cannot work before deploying anything', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'quiver-bad-triggers-'));
     try {
