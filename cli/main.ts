@@ -194,7 +194,7 @@ async function runCommand(args: string[]): Promise<number> {
 
     say('');
     say(summaryTable(view));
-    if (view.state === 'succeeded') previewOutputs(client, view, say);
+    if (view.state === 'succeeded') await previewOutputs(client, view, say);
     say(`\nrun ${view.state}${view.finishedAt ? ` in ${formatDuration(view.finishedAt - view.submittedAt)}` : ''}`);
     if (values.json) process.stdout.write(JSON.stringify(jsonResult(view)) + '\n');
     if (!values.keep) await handle.release();
@@ -206,14 +206,14 @@ async function runCommand(args: string[]): Promise<number> {
   }
 }
 
-function previewOutputs(client: QuiverClient, view: RunView, say: (line: string) => void): void {
+async function previewOutputs(client: QuiverClient, view: RunView, say: (line: string) => void): Promise<void> {
   for (const name of view.outputs) {
     const step = view.steps.find((s) => s.name === name);
     if (!step?.output) continue;
     say(`\n${name}:`);
     try {
-      const { table } = client.openOutput(step.output);
-      say(previewTable(table));
+      const { table, transport } = await client.readOutput(view.runId, name);
+      say(previewTable(table) + (transport === 'flight' ? `\n(read over Arrow Flight from ${step.output.hostId})` : ''));
     } catch (error) {
       say(`(not readable from this host: it lives on ${step.output.hostId}; ${(error as Error).message})`);
     }

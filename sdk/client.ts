@@ -9,6 +9,7 @@ import {
   encode,
   ensureTopology,
   EVENT_SUBJECT_PATTERN,
+  hostRecord,
   isFinished,
   streams,
   logLine,
@@ -20,6 +21,7 @@ import {
   subjects,
   type DeadEvent,
   type Deployment,
+  type HostRecord,
   type LogLine,
   type RunSubmit,
   type RunView,
@@ -27,6 +29,7 @@ import {
   type Topology,
   type TopologyOptions,
 } from '../schemas/index.ts';
+import { FlightClient } from '../flight/index.ts';
 import { readInput } from '../shm/index.ts';
 import type { LoadedPipeline } from './load.ts';
 import { prepareSources } from './sources.ts';
@@ -45,6 +48,19 @@ export interface RunOptions {
   params?: Record<string, string>;
   /** Keep the run's outputs in shared memory after the result is read. @default false */
   keep?: boolean;
+}
+
+/** A step output that cannot be read: unknown run or step, not succeeded, or released. */
+export class OutputNotFoundError extends Error {
+  override readonly name = 'OutputNotFoundError';
+  readonly code = 'ERR_OUTPUT_NOT_FOUND';
+}
+
+/** A step output read by {@link QuiverClient.readOutput}. */
+export interface ReadOutput {
+  table: Table;
+  /** `shm`: mapped here without a copy; `flight`: copied over the network from its host. */
+  transport: 'shm' | 'flight';
 }
 
 /** A pipeline name that is not deployed. */
@@ -344,6 +360,42 @@ export class QuiverClient {
    */
   openOutput(descriptor: TableDescriptor): OpenedTable {
     return readInput(descriptor.segments, { dir: `${shmRoot()}/${this.topology.clusterId}` });
+  }
+
+  /**
+   * A succeeded step's output wherever it lives: mapped from this host's shared memory when it
+   * is here (no copy), else read over Arrow Flight from an executor of the host holding it.
+   * Outputs stay readable until the run is released (or for good with `keep`).
+   */
+  async readOutput(runId: string, step: string, options: { accessToken?: string; rootCerts?: Buffer } = {}): Promise<ReadOutput> {
+    const view = await this.getRun(runId);
+    if (!view) throw new OutputNotFoundError(`no run ${runId}`);
+    const facts = view.steps.find((s) => s.name === step);
+    if (!facts) throw new OutputNotFoundError(`run ${runId} has no step "${step}"; its steps: ${view.steps.map((s) => s.name).join(', ')}`);
+    if (!facts.output) throw new OutputNotFoundError(`step "${step}" of run ${runId} has no output: it is ${facts.state}`);
+    if (view.outputsReleased && !view.keep) throw new OutputNotFoundError(`the outputs of run ${runId} were released; run with keep to read them later`);
+    try {
+      return { table: this.openOutput(facts.output).table, transport: 'shm' };
+    } catch {
+      // Not on this host: ask the one that has it.
+    }
+    const hosts: HostRecord[] = [];
+    for await (const key of await this.topology.hosts.keys()) {
+      const parsed = hostRecord.safeParse((await this.topology.hosts.get(key))?.json());
+      if (parsed.success && parsed.data.hostId === facts.output.hostId) hosts.push(parsed.data);
+    }
+    const host = hosts[0];
+    if (!host) throw new OutputNotFoundError(`step "${step}" of run ${runId} lives on host ${facts.output.hostId}, where no executor runs now`);
+    const flight = new FlightClient(host.flightEndpoint, {
+      ...(host.bulkEndpoint ? { bulkLocation: host.bulkEndpoint } : {}),
+      ...(options.accessToken ? { accessToken: options.accessToken } : {}),
+      ...(options.rootCerts ? { rootCerts: options.rootCerts } : {}),
+    });
+    try {
+      return { table: await flight.readTable(['runs', runId, step]), transport: 'flight' };
+    } finally {
+      flight.close();
+    }
   }
 
   /** The run ends when its KV record says so: status messages may be missed, the record is not. */

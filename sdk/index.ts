@@ -16,8 +16,8 @@ export type {
 } from './define.ts';
 export { loadPipeline, PipelineLoadError } from './load.ts';
 export type { LoadedPipeline } from './load.ts';
-export { QuiverClient, NotDeployedError, DeployConflictError, InvalidEventError } from './client.ts';
-export type { ClientOptions, DeployResult, OpenedTable, PublishOptions, PublishResult, RunEvent, RunHandle, RunOptions } from './client.ts';
+export { QuiverClient, NotDeployedError, DeployConflictError, InvalidEventError, OutputNotFoundError } from './client.ts';
+export type { ClientOptions, DeployResult, OpenedTable, PublishOptions, PublishResult, ReadOutput, RunEvent, RunHandle, RunOptions } from './client.ts';
 export { startLocalCluster } from './local.ts';
 export type { LocalCluster, LocalClusterOptions } from './local.ts';
 export { PlanError, TriggerError } from '../orchestrator/index.ts';
