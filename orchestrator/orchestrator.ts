@@ -632,9 +632,11 @@ export class Orchestrator {
 
   /** Rebuilds the machine of every unfinished run from its persisted snapshot, and the queues. */
   private async resume(): Promise<void> {
-    const keys = await this.topology.runs.keys();
+    // A key listing can name a key twice when it changes meanwhile: each run is resumed once.
+    const keys = new Set<string>();
+    for await (const key of await this.topology.runs.keys()) keys.add(key);
     const queued: QueuedRun[] = [];
-    for await (const key of keys) {
+    for (const key of keys) {
       const entry = await this.topology.runs.get(key);
       if (!entry) continue;
       let record: RunRecord;

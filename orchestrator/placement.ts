@@ -101,7 +101,10 @@ export class Dispatcher {
 
   private async listHosts(): Promise<HostRecord[]> {
     const hosts: HostRecord[] = [];
-    for await (const key of await this.kv.hosts.keys()) {
+    // A key listing can name a key twice when it changes meanwhile; a host counted twice would double its capacity.
+    const keys = new Set<string>();
+    for await (const key of await this.kv.hosts.keys()) keys.add(key);
+    for (const key of keys) {
       const entry = await this.kv.hosts.get(key);
       if (!entry?.string()) continue;
       const parsed = hostRecord.safeParse(entry.json());

@@ -1,4 +1,5 @@
 import { jetstream, jetstreamManager, type JetStreamClient } from '@nats-io/jetstream';
+import type { KV } from '@nats-io/kv';
 import { connect, type NatsConnection, type Subscription } from '@nats-io/transport-node';
 import type { Table } from 'apache-arrow';
 import { ulid } from 'ulid';
@@ -273,7 +274,7 @@ export class QuiverClient {
   /** The current version of every deployed pipeline, by name. */
   async listDeployments(): Promise<Deployment[]> {
     const found: Deployment[] = [];
-    for await (const key of await this.topology.pipelines.keys('*')) {
+    for (const key of await uniqueKeys(this.topology.pipelines, '*')) {
       const d = await this.getDeployment(key);
       if (d) found.push(d);
     }
@@ -326,8 +327,7 @@ export class QuiverClient {
 
   /** Runs as last recorded, newest first. */
   async listRuns(options: { pipeline?: string; limit?: number } = {}): Promise<RunView[]> {
-    const keys: string[] = [];
-    for await (const key of await this.topology.runs.keys()) keys.push(key);
+    const keys = [...(await uniqueKeys(this.topology.runs))];
     // Run ids are ULIDs: their order is their submission order.
     keys.sort().reverse();
     const views: RunView[] = [];
@@ -451,6 +451,13 @@ class EventQueue implements AsyncIterable<RunEvent> {
       },
     };
   }
+}
+
+/** A KV key listing names a key again when it changes meanwhile (runs move on while listed): once each here. */
+async function uniqueKeys(kv: KV, filter?: string): Promise<Set<string>> {
+  const keys = new Set<string>();
+  for await (const key of await kv.keys(filter)) keys.add(key);
+  return keys;
 }
 
 function sameSpec(d: Deployment, spec: Pick<Deployment, 'codeHash' | 'events' | 'schedule' | 'maxConcurrentRuns'>): boolean {
