@@ -1,9 +1,10 @@
 import { hostname } from 'node:os';
-import { jetstream, jetstreamManager, type ConsumerMessages, type JetStreamClient, type JsMsg } from '@nats-io/jetstream';
+import { jetstream, jetstreamManager, type ConsumerMessages, type JetStreamClient, type JetStreamManager, type JsMsg } from '@nats-io/jetstream';
 import { KvWatchInclude, type KvEntry } from '@nats-io/kv';
 import type { NatsConnection } from '@nats-io/transport-node';
 import { createActor, type Actor } from 'xstate';
 import {
+  buckets,
   consumers,
   consoleLogger,
   controlMessage,
@@ -107,6 +108,8 @@ export class Orchestrator {
   private readonly lease: Lease;
   private readonly dispatcher: Dispatcher;
   private leaderSince: number | null = null;
+  /** The last revision of the `quiver-pipelines` bucket reflected in `deployments`. */
+  private deploymentsRevision = 0;
   private lastAdmission = 0;
   /** Control messages and events are handled one at a time, whichever stream they come from. */
   private handling: Promise<void> = Promise.resolve();
@@ -114,6 +117,7 @@ export class Orchestrator {
   private constructor(
     private readonly nc: NatsConnection,
     private readonly js: JetStreamClient,
+    private readonly jsm: JetStreamManager,
     private readonly topology: Topology,
     private readonly logger: Logger,
     private readonly now: () => number,
@@ -145,7 +149,7 @@ export class Orchestrator {
   static async start(nc: NatsConnection, options: OrchestratorOptions = {}): Promise<Orchestrator> {
     const jsm = await jetstreamManager(nc);
     const topology = await ensureTopology(nc, jsm, options.topology);
-    const orchestrator = new Orchestrator(nc, jetstream(nc), topology, options.logger ?? consoleLogger('orchestrator'), options.now ?? Date.now, options);
+    const orchestrator = new Orchestrator(nc, jetstream(nc), jsm, topology, options.logger ?? consoleLogger('orchestrator'), options.now ?? Date.now, options);
     await orchestrator.lease.start();
     return orchestrator;
   }
@@ -191,6 +195,7 @@ export class Orchestrator {
     this.runs.clear();
     this.queues.clear();
     this.deployments.clear();
+    this.deploymentsRevision = 0;
   }
 
   private async consumeLoop(messages: ConsumerMessages, handle: (msg: JsMsg) => Promise<void>): Promise<void> {
@@ -203,17 +208,38 @@ export class Orchestrator {
 
   /** Keeps the deployed pipelines in memory for triggers and the scheduler. */
   private async watchDeployments(): Promise<void> {
-    // Watching before reading the current ones: nothing deployed in between is missed.
-    const watch = await this.topology.pipelines.watch({ key: '*', include: KvWatchInclude.UpdatesOnly });
+    // Watching before reading the current ones: nothing deployed in between is missed. Every key
+    // is watched (version keys too) so the revision seen can be compared with the bucket's last.
+    const watch = await this.topology.pipelines.watch({ key: '>', include: KvWatchInclude.UpdatesOnly });
     this.deploymentWatch = watch;
     void (async () => {
-      for await (const entry of watch) this.applyDeployment(entry);
+      for await (const entry of watch) {
+        this.deploymentsRevision = Math.max(this.deploymentsRevision, entry.revision);
+        if (!entry.key.includes('.')) this.applyDeployment(entry);
+      }
     })();
+    const lastBeforeReading = await this.pipelinesLastRevision();
     // Only current versions: their keys are the bare names.
     for await (const key of await this.topology.pipelines.keys('*')) {
       const entry = await this.topology.pipelines.get(key);
       if (entry) this.applyDeployment(entry);
     }
+    this.deploymentsRevision = Math.max(this.deploymentsRevision, lastBeforeReading);
+  }
+
+  private async pipelinesLastRevision(): Promise<number> {
+    return (await this.jsm.streams.info(`KV_${buckets.pipelines}`)).state.last_seq;
+  }
+
+  /**
+   * Waits until the deployments in memory include every deploy made before now: an event
+   * published right after its pipeline was deployed must find it, although the deploy reaches
+   * this process on another stream.
+   */
+  private async catchUpWithDeployments(): Promise<void> {
+    const last = await this.pipelinesLastRevision();
+    const deadline = this.now() + 5_000;
+    while (this.deploymentsRevision < last && this.now() < deadline) await new Promise((r) => setTimeout(r, 2));
   }
 
   private applyDeployment(entry: KvEntry): void {
@@ -457,6 +483,7 @@ export class Orchestrator {
     const subject = msg.subject.slice(subjects.eventsPrefix.length);
     const eventId = msg.headers?.get('Nats-Msg-Id') || `seq-${msg.seq}`;
     try {
+      await this.catchUpWithDeployments();
       const matching = [...this.deployments.values()].flatMap((d) => {
         const trigger = d.events.find((t) => subjectMatches(t.subject, subject));
         return trigger ? [{ deployment: d, trigger }] : [];

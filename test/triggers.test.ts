@@ -74,6 +74,32 @@ describe('event triggers', () => {
     });
   });
 
+  it('starts a run for an event published right after its pipeline was deployed', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'quiver-deploy-race-'));
+    try {
+      await withCluster(async ({ client }) => {
+        const names = Array.from({ length: 15 }, (_, i) => `race_${i}`);
+        for (const name of names) {
+          const file = join(dir, `${name}.ts`);
+          writeFileSync(
+            file,
+            `import { tableFromArrays } from 'apache-arrow';
+import { pipeline, step } from ${JSON.stringify(join(repoRoot, 'sdk', 'index.ts'))};
+export default pipeline(${JSON.stringify(name)}, { out: step(() => tableFromArrays({ v: new Int32Array(1) })) }, { on: { event: ${JSON.stringify(`race.${name}`)} } });
+`,
+          );
+          const loaded = await loadPipeline(file);
+          // No pause: the deploy travels on KV, the event on another stream.
+          await client.deploy(loaded);
+          await client.publish(`race.${name}`, {}, { id: `race-${name}` });
+        }
+        for (const name of names) await finishedRunOfEvent(client, name, `race-${name}`);
+      });
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('dead-letters an event that fails the schema, with the reason, and starts nothing for it', async () => {
     await withCluster(async ({ client }) => {
       await client.deploy(await loadPipeline(fixture('orders.ts')));
