@@ -63,6 +63,43 @@ async function until(count: () => number, target: number, timeoutMs: number, wha
   return performance.now();
 }
 
+/** What a route reports as it goes; its callbacks count, {@link measure} reads. */
+interface Counters {
+  admitted: number;
+  started: number;
+  finished: number;
+  /** When the last first step started. */
+  lastStartAt: number;
+}
+const counters = (): Counters => ({ admitted: 0, started: 0, finished: 0, lastStartAt: 0 });
+
+/** One event at a time for latency, then a burst for throughput: the same for every route. */
+async function measure(c: Counters, one: (i: number) => Promise<unknown>, burstOne: (i: number) => Promise<unknown>): Promise<Figures> {
+  const latencies: number[] = [];
+  for (let i = 0; i < LATENCY_EVENTS; i++) {
+    const before = c.started;
+    const t0 = performance.now();
+    await one(i);
+    await until(() => c.started, before + 1, 30_000, 'the first step');
+    latencies.push(c.lastStartAt - t0);
+    await until(() => c.finished, before + 1, 30_000, 'the run to finish');
+  }
+  const base = { ...c };
+  const t0 = performance.now();
+  await Promise.all(Array.from({ length: BURST }, (_, i) => burstOne(i)));
+  const allAdmitted = await until(() => c.admitted - base.admitted, BURST, 600_000, 'the burst to be admitted');
+  const allStarted = await until(() => c.started - base.started, BURST, 600_000, 'the burst to start');
+  const allFinished = await until(() => c.finished - base.finished, BURST, 600_000, 'the burst to finish');
+  latencies.sort((a, b) => a - b);
+  return {
+    p50: percentile(latencies, 50),
+    p99: percentile(latencies, 99),
+    admittedPerSecond: BURST / ((allAdmitted - t0) / 1000),
+    startedPerSecond: BURST / ((allStarted - t0) / 1000),
+    finishedPerSecond: BURST / ((allFinished - t0) / 1000),
+  };
+}
+
 async function benchQuiver(): Promise<Figures> {
   const dir = mkdtempSync(join(tmpdir(), 'quiver-bench-trigger-'));
   const file = join(dir, 'chain.ts');
@@ -81,57 +118,33 @@ export default pipeline('bench_chain', {
   try {
     const { client } = cluster;
     await client.deploy(await loadPipeline(file));
-    let started = 0;
-    let finished = 0;
-    let dispatched = 0;
-    let lastStartAt = 0;
+    const c = counters();
     cluster.client.nc.subscribe('quiver.work.>', {
       callback: (_e, msg) => {
-        if (decode(stepReady, msg.subject, msg.data).step === 'first') dispatched++;
+        if (decode(stepReady, msg.subject, msg.data).step === 'first') c.admitted++;
       },
     });
     cluster.client.nc.subscribe(subjects.stepStarted, {
       callback: (_e, msg) => {
         const s = decode(stepStarted, msg.subject, msg.data);
         if (s.step === 'first' && s.attempt === 1) {
-          started++;
-          lastStartAt = performance.now();
+          c.started++;
+          c.lastStartAt = performance.now();
         }
       },
     });
     cluster.client.nc.subscribe(subjects.stepSucceeded, {
       callback: (_e, msg) => {
-        if (decode(stepSucceeded, msg.subject, msg.data).step === 'third') finished++;
+        if (decode(stepSucceeded, msg.subject, msg.data).step === 'third') c.finished++;
       },
     });
     await cluster.client.nc.flush();
 
-    const latencies: number[] = [];
-    for (let i = 0; i < LATENCY_EVENTS; i++) {
-      const before = started;
-      const t0 = performance.now();
-      await client.publish('orders.one', { i }, { id: `latency-${i}` });
-      await until(() => started, before + 1, 30_000, 'the first step');
-      latencies.push(lastStartAt - t0);
-      await until(() => finished, before + 1, 30_000, 'the run to finish');
-    }
-
-    const base = started;
-    const baseFinished = finished;
-    const baseDispatched = dispatched;
-    const t0 = performance.now();
-    await Promise.all(Array.from({ length: BURST }, (_, i) => client.publish(`orders.burst`, { i }, { id: `burst-${i}` })));
-    const allDispatched = await until(() => dispatched - baseDispatched, BURST, 600_000, 'the burst to be dispatched');
-    const allStarted = await until(() => started - base, BURST, 600_000, 'the burst to start');
-    const allFinished = await until(() => finished - baseFinished, BURST, 600_000, 'the burst to finish');
-    latencies.sort((a, b) => a - b);
-    return {
-      p50: percentile(latencies, 50),
-      p99: percentile(latencies, 99),
-      admittedPerSecond: BURST / ((allDispatched - t0) / 1000),
-      startedPerSecond: BURST / ((allStarted - t0) / 1000),
-      finishedPerSecond: BURST / ((allFinished - t0) / 1000),
-    };
+    return await measure(
+      c,
+      (i) => client.publish('orders.one', { i }, { id: `latency-${i}` }),
+      (i) => client.publish('orders.burst', { i }, { id: `burst-${i}` }),
+    );
   } finally {
     await cluster.stop();
     rmSync(dir, { recursive: true, force: true });
@@ -181,22 +194,20 @@ async function benchBullMQ(): Promise<Figures> {
   const connection = () => new Redis({ host: redis.host, port: redis.port, maxRetriesPerRequest: null });
   const queueName = `quiver-bench-${process.pid}`;
   const flows = new FlowProducer({ connection: connection() });
-  let started = 0;
-  let finished = 0;
-  let lastStartAt = 0;
+  const c = counters();
   const worker = new Worker(
     queueName,
     async (job: Job) => {
       if (job.name === 'first') {
-        started++;
-        lastStartAt = performance.now();
+        c.started++;
+        c.lastStartAt = performance.now();
       }
       return 1;
     },
     { connection: connection(), concurrency: CONCURRENCY },
   );
   worker.on('completed', (job) => {
-    if (job.name === 'third') finished++;
+    if (job.name === 'third') c.finished++;
   });
   await worker.waitUntilReady();
   const flow = (i: number, kind: string) => ({
@@ -207,30 +218,16 @@ async function benchBullMQ(): Promise<Figures> {
     children: [{ name: 'second', queueName, data: {}, opts: { removeOnComplete: true }, children: [{ name: 'first', queueName, data: {}, opts: { removeOnComplete: true } }] }],
   });
   try {
-    const latencies: number[] = [];
-    for (let i = 0; i < LATENCY_EVENTS; i++) {
-      const before = started;
-      const t0 = performance.now();
-      await flows.add(flow(i, 'latency'));
-      await until(() => started, before + 1, 30_000, 'the first job');
-      latencies.push(lastStartAt - t0);
-      await until(() => finished, before + 1, 30_000, 'the flow to finish');
-    }
-    const base = started;
-    const baseFinished = finished;
-    const t0 = performance.now();
-    await Promise.all(Array.from({ length: BURST }, (_, i) => flows.add(flow(i, 'burst'))));
-    const allAdded = performance.now();
-    const allStarted = await until(() => started - base, BURST, 600_000, 'the burst to start');
-    const allFinished = await until(() => finished - baseFinished, BURST, 600_000, 'the burst to finish');
-    latencies.sort((a, b) => a - b);
-    return {
-      p50: percentile(latencies, 50),
-      p99: percentile(latencies, 99),
-      admittedPerSecond: BURST / ((allAdded - t0) / 1000),
-      startedPerSecond: BURST / ((allStarted - t0) / 1000),
-      finishedPerSecond: BURST / ((allFinished - t0) / 1000),
+    // A flow is handed to workers once it is added.
+    const add = async (i: number, kind: string) => {
+      await flows.add(flow(i, kind));
+      c.admitted++;
     };
+    return await measure(
+      c,
+      (i) => add(i, 'latency'),
+      (i) => add(i, 'burst'),
+    );
   } finally {
     await worker.close();
     await flows.close();

@@ -65,8 +65,10 @@ export async function upCommand(args: string[], untilSignal: () => Promise<unkno
   if (concurrency !== undefined && (!Number.isInteger(concurrency) || concurrency < 1)) {
     throw new UsageError(`--concurrency takes a whole number ≥ 1, got "${values.concurrency}"`);
   }
-  if (await findCluster().then(async (c) => (c ? (await c.nc.close(), true) : false))) {
-    throw new UsageError(`a cluster already answers (${process.env.QUIVER_NATS_URL ?? readFileSync(urlFile(), 'utf8').trim()}); stop it first`);
+  const running = await findCluster();
+  if (running) {
+    await running.nc.close();
+    throw new UsageError(`a cluster already answers at ${running.url}; stop it first`);
   }
   mkdirSync(clusterDir(), { recursive: true });
   const cluster = await startLocalCluster({

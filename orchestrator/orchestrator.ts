@@ -107,7 +107,6 @@ export class Orchestrator {
   private readonly scheduler: Scheduler;
   private readonly lease: Lease;
   private readonly dispatcher: Dispatcher;
-  private leaderSince: number | null = null;
   /** The last revision of the `quiver-pipelines` bucket reflected in `deployments`. */
   private deploymentsRevision = 0;
   private lastAdmission = 0;
@@ -158,17 +157,11 @@ export class Orchestrator {
     return this.lease.isLeader;
   }
 
-  /** The scheduler, for tests that drive it with an injected clock. */
-  get schedules(): Scheduler {
-    return this.scheduler;
-  }
-
   async stop(): Promise<void> {
     await this.lease.stop();
   }
 
   private async lead(): Promise<void> {
-    this.leaderSince = this.now();
     await this.resume();
     await this.watchDeployments();
     const control = await this.js.consumers.get(streams.control, consumers.orchestrator);
@@ -183,7 +176,6 @@ export class Orchestrator {
 
   /** Lets go of everything a leader holds; the KV records stay for the next leader. */
   private async standBy(): Promise<void> {
-    this.leaderSince = null;
     this.dispatcher.stop();
     await this.scheduler.stop();
     this.deploymentWatch?.stop();

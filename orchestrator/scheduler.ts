@@ -85,29 +85,29 @@ export class Scheduler {
     return next;
   }
 
+  /** Polls now: a deployment changed. */
   private wake(): void {
-    if (!this.running) return;
     if (this.timer) clearTimeout(this.timer);
-    this.timer = setTimeout(() => {
-      this.timer = null;
-      this.polling = this.poll().finally(() => {
-        this.polling = null;
-        this.sleep();
-      });
-    }, 0);
+    this.timer = null;
+    this.pollAfter(0);
   }
 
+  /** Polls at the next tick due, or within a second. */
   private sleep(): void {
-    if (!this.running || this.timer) return;
+    if (this.timer) return;
     const next = this.nextDue();
-    const wait = next === null ? MAX_SLEEP_MS : Math.min(MAX_SLEEP_MS, Math.max(0, next - this.options.now()));
+    this.pollAfter(next === null ? MAX_SLEEP_MS : Math.min(MAX_SLEEP_MS, Math.max(0, next - this.options.now())));
+  }
+
+  private pollAfter(delayMs: number): void {
+    if (!this.running) return;
     this.timer = setTimeout(() => {
       this.timer = null;
       this.polling = this.poll().finally(() => {
         this.polling = null;
         this.sleep();
       });
-    }, wait);
+    }, delayMs);
   }
 
   private async pollOne(deployment: Deployment): Promise<void> {
