@@ -2,7 +2,7 @@ import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
-import { nextTick } from '../orchestrator/index.ts';
+import { nextTick } from '../planner/index.ts';
 import { consoleLogger, isFinished, quiverHome, type Deployment, type RunView } from '../schemas/index.ts';
 import { loadPipeline, QuiverClient, startLocalCluster } from '../sdk/index.ts';
 import { formatDuration, summaryTable, textTable } from './format.ts';

@@ -3,7 +3,8 @@ import { parseArgs } from 'node:util';
 import { connect } from '@nats-io/transport-node';
 import { jetstreamManager } from '@nats-io/jetstream';
 import { collectGarbage, Executor } from '../executor/index.ts';
-import { Orchestrator, PlanError } from '../orchestrator/index.ts';
+import { Orchestrator } from '../orchestrator/index.ts';
+import { PlanError } from '../planner/index.ts';
 import { consoleLogger, ensureTopology, NAME_PATTERN, shmRoot, silentLogger, type RunView, type StepState } from '../schemas/index.ts';
 import {
   InvalidEventError,

@@ -1,9 +1,7 @@
-import { fork, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync, readFileSync, renameSync, rmdirSync, writeFileSync } from 'node:fs';
 import { hostname, availableParallelism } from 'node:os';
 import { join } from 'node:path';
-import { createInterface } from 'node:readline';
 import { jetstream, jetstreamManager, type Consumer, type JetStreamClient, type JsMsg } from '@nats-io/jetstream';
 import type { NatsConnection, Subscription } from '@nats-io/transport-node';
 import { ulid } from 'ulid';
@@ -30,6 +28,7 @@ import {
   type Logger,
   type StepCompletion,
   type StepError,
+  type StepFailed,
   type StepReady,
   type Topology,
   type TopologyOptions,
@@ -37,7 +36,8 @@ import {
 import { RegionBroker, drainPool, regionsAvailable, releaseRegionIds, releaseSegments } from '../shm/index.ts';
 import { buildRunner, type RunnerBuild } from './build-runner.ts';
 import { collectGarbage } from './gc.ts';
-import { STEP_PROCESS_MARKER, type RunnerJob, type RunnerReply } from './protocol.ts';
+import type { RunnerJob, RunnerReply } from './protocol.ts';
+import { StepProcesses } from './step-processes.ts';
 import { FlightInputs, type ExecutorFlightOptions } from './flight-inputs.ts';
 import { closeExecutorTableStore, executorTableStore, runSystemStep, type SystemReply, type SystemStepContext } from './system-steps.ts';
 
@@ -68,13 +68,6 @@ export interface ExecutorOptions {
   clusterSecret?: string;
 }
 
-interface RunningStep {
-  child: ChildProcess;
-  killedBecause: string | null;
-}
-
-const DEFAULT_PREWARM = 2;
-const TERMINAL_SIGNALS = new Set(['SIGSEGV', 'SIGBUS']);
 
 /**
  * Claims ready steps from the work queue under its capacity and runs each in a fresh process,
@@ -85,13 +78,12 @@ export class Executor {
   readonly executorId: string;
   private stopped = false;
   private readonly loops: Promise<void>[] = [];
-  private readonly running = new Map<string, Set<RunningStep>>();
   private readonly subscriptions: Subscription[] = [];
   private readonly linkedCode = new Map<string, string>();
   private gcTimer: NodeJS.Timeout | null = null;
   /** Holds the fds of the regions this host's steps wrote, when the quiver module is loaded (kmod/). */
   private regionBroker: RegionBroker | null = null;
-  private readonly spares: ChildProcess[] = [];
+  private processes!: StepProcesses;
   /** Steps being handled now, from either queue. */
   private active = 0;
   private concurrency = 1;
@@ -124,6 +116,12 @@ export class Executor {
     const placed = await js.consumers.get(streams.work, await ensureHostConsumer(jsm, hostId, topology));
     await executor.collectGarbage();
     if (regionsAvailable()) executor.regionBroker = RegionBroker.inDir(shmDir);
+    executor.processes = new StepProcesses({
+      runnerPath: runner.runnerPath,
+      clusterId: topology.clusterId,
+      ...(options.prewarm !== undefined ? { prewarm: options.prewarm } : {}),
+      onLog: (line) => nc.publish(subjects.log(line.runId), encode(logLine, line)),
+    });
     executor.listen();
     const concurrency = options.concurrency ?? (Number(process.env.QUIVER_CONCURRENCY) || availableParallelism());
     executor.concurrency = concurrency;
@@ -134,7 +132,6 @@ export class Executor {
     });
     // Work placed on this host first; shared work only while there is room.
     for (let i = 0; i < concurrency; i++) executor.loops.push(executor.pullLoop(placed, false), executor.pullLoop(executor.consumer, true));
-    executor.refillSpares();
     const gcIntervalMs = options.gcIntervalMs ?? 60_000;
     executor.gcTimer = setInterval(() => void executor.collectGarbage(), gcIntervalMs).unref();
     logger.info(`${executor.executorId} ready: ${concurrency} concurrent steps, shared memory in ${shmDir}`);
@@ -150,8 +147,7 @@ export class Executor {
     this.stopped = true;
     if (this.gcTimer) clearInterval(this.gcTimer);
     for (const sub of this.subscriptions) sub.unsubscribe();
-    for (const steps of this.running.values()) for (const s of steps) this.kill(s, 'the executor is stopping');
-    for (const spare of this.spares.splice(0)) spare.kill('SIGKILL');
+    this.processes.stop('the executor is stopping');
     await Promise.all(this.loops);
     await this.flight?.stop();
     await closeExecutorTableStore(this.nc);
@@ -191,7 +187,7 @@ export class Executor {
         if (error) return;
         try {
           const { runId } = decode(runKill, msg.subject, msg.data);
-          for (const s of this.running.get(runId) ?? []) this.kill(s, 'the run was cancelled');
+          this.processes.killRun(runId, 'the run was cancelled');
         } catch (e) {
           this.logger.warn((e as Error).message);
         }
@@ -330,8 +326,9 @@ export class Executor {
         msg.nak();
         return;
       }
+      const ran = ready.system ? {} : { isolation: ready.isolation ?? 'process', ...('codeStartedAt' in reply && reply.codeStartedAt !== undefined ? { codeStartedAt: reply.codeStartedAt } : {}) };
       if (reply.type === 'error') {
-        await this.fail(ready, msg, attempt, startedAt, reply.error);
+        await this.fail(ready, msg, attempt, startedAt, reply.error, ran);
         return;
       }
       const completion: StepCompletion = {
@@ -353,6 +350,7 @@ export class Executor {
         ...(fetchedBytes > 0 ? { fetchedBytes } : {}),
         ...(reply.scan ? { scan: reply.scan } : {}),
         outputCopiedBytes: reply.outputCopiedBytes,
+        ...ran,
         startedAt,
         at: Date.now(),
       };
@@ -374,7 +372,7 @@ export class Executor {
     };
   }
 
-  private async fail(ready: StepReady, msg: JsMsg, attempt: number, startedAt: number, error: StepError): Promise<void> {
+  private async fail(ready: StepReady, msg: JsMsg, attempt: number, startedAt: number, error: StepError, ran: Pick<StepFailed, 'isolation' | 'codeStartedAt'> = {}): Promise<void> {
     const completion: StepCompletion = {
       type: 'step.failed',
       runId: ready.runId,
@@ -382,6 +380,7 @@ export class Executor {
       attempt,
       executorId: this.executorId,
       error,
+      ...ran,
       startedAt,
       at: Date.now(),
     };
@@ -438,88 +437,7 @@ export class Executor {
       ...(this.options.maxSegmentBytes ? { maxSegmentBytes: this.options.maxSegmentBytes } : {}),
       ...(this.options.poolMaxBytes !== undefined ? { poolMaxBytes: this.options.poolMaxBytes } : {}),
     };
-    const child = this.takeProcess();
-    const running: RunningStep = { child, killedBecause: null };
-    const set = this.running.get(ready.runId) ?? new Set();
-    set.add(running);
-    this.running.set(ready.runId, set);
-
-    const forward = (stream: 'stdout' | 'stderr', source: NodeJS.ReadableStream | null) => {
-      if (!source) return Promise.resolve();
-      const lines = createInterface({ input: source, crlfDelay: Infinity });
-      lines.on('line', (line) => {
-        this.nc.publish(subjects.log(ready.runId), encode(logLine, { runId: ready.runId, step: ready.step, stream, line, at: Date.now() }));
-      });
-      return new Promise<void>((resolve) => lines.once('close', resolve));
-    };
-    const drained = Promise.all([forward('stdout', child.stdout), forward('stderr', child.stderr)]);
-
-    return new Promise<RunnerReply>((resolve) => {
-      let reply: RunnerReply | null = null;
-      child.on('message', (m: RunnerReply) => {
-        reply ??= m;
-      });
-      child.once('error', (error) => {
-        reply ??= { type: 'error', error: { name: 'SpawnError', code: 'ERR_STEP_SPAWN', message: `could not start the step process: ${error.message}` } };
-      });
-      child.once('exit', (code, signal) => {
-        // Every log line is published before the completion, so the terminal shows them in order.
-        void drained.then(() => {
-          set.delete(running);
-          if (set.size === 0) this.running.delete(ready.runId);
-          if (running.killedBecause) {
-            resolve({ type: 'error', error: { name: 'StepKilled', code: 'ERR_STEP_KILLED', message: `step "${ready.step}" was killed: ${running.killedBecause}` } });
-          } else if (reply) {
-            resolve(reply);
-          } else {
-            const how = signal ? `was killed by ${signal}` : `exited with code ${code}`;
-            const hint = signal && TERMINAL_SIGNALS.has(signal) ? ' (input tables are read-only shared memory: writing into their buffers is not allowed)' : '';
-            resolve({ type: 'error', error: { name: 'StepProcessDied', code: 'ERR_STEP_PROCESS', message: `the process of step "${ready.step}" ${how} before returning a table${hint}` } });
-          }
-        });
-      });
-      child.send(job);
-    });
-  }
-
-  /**
-   * A step process started ahead of time: booted and past its imports, but it has run nothing,
-   * so every step still gets a fresh process. Start-up (~170 ms of node and apache-arrow) moves
-   * off the step's critical path.
-   */
-  private takeProcess(): ChildProcess {
-    const spare = this.spares.shift();
-    this.refillSpares();
-    return spare ?? this.spawnRunner();
-  }
-
-  private refillSpares(): void {
-    const wanted = this.stopped ? 0 : (this.options.prewarm ?? DEFAULT_PREWARM);
-    while (this.spares.length < wanted) {
-      const child = this.spawnRunner();
-      this.spares.push(child);
-      child.once('exit', () => {
-        const at = this.spares.indexOf(child);
-        if (at >= 0) this.spares.splice(at, 1);
-      });
-    }
-  }
-
-  private spawnRunner(): ChildProcess {
-    // The placeholders leave room for the runner to write its run and step into its title, where gc finds them.
-    return fork(this.runner.runnerPath, [STEP_PROCESS_MARKER, this.topology.clusterId, '-'.repeat(26), '-'.repeat(64)], {
-      stdio: ['ignore', 'pipe', 'pipe', 'ipc'],
-      // Not the executor's flags: a TypeScript loader or test runner would triple the start-up time.
-      // Source maps point step stack traces at the user's own files.
-      execArgv: ['--enable-source-maps'],
-      env: { ...process.env, QUIVER_EXECUTOR_PID: String(process.pid) },
-      serialization: 'json',
-    });
-  }
-
-  private kill(step: RunningStep, why: string): void {
-    step.killedBecause ??= why;
-    step.child.kill('SIGKILL');
+    return this.processes.run(job, ready.isolation ?? 'process');
   }
 }
 

@@ -29,5 +29,7 @@ export type RunnerReply =
       schema: FieldSummary[];
       inputCopiedBytes: number;
       outputCopiedBytes: number;
+      /** When the step function was called (epoch ms, sub-millisecond). */
+      codeStartedAt?: number;
     }
-  | { type: 'error'; error: StepError };
+  | { type: 'error'; error: StepError; codeStartedAt?: number };

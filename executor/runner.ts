@@ -43,6 +43,9 @@ function describeValue(value: unknown): string {
   return `${typeof value} ${String(value).slice(0, 80)}`;
 }
 
+/** Set just before the step function is called: a failure after it says when user code began. */
+let codeStartedAt: number | undefined;
+
 async function runJob(job: RunnerJob): Promise<RunnerReply> {
   const mod = (await import(job.codePath)) as { default?: { steps?: Record<string, { fn?: unknown }> } };
   const fn = mod.default?.steps?.[job.step]?.fn;
@@ -86,6 +89,7 @@ async function runJob(job: RunnerJob): Promise<RunnerReply> {
     log: (...args: unknown[]) => console.log(...args),
     isZeroCopy: (table: Table) => isViewOf(table, mappings),
   };
+  codeStartedAt = performance.timeOrigin + performance.now();
   const result: unknown = await (fn as (i: unknown, c: unknown) => unknown)(Object.freeze(inputs), context);
   if (!(result instanceof Table)) {
     return {
@@ -113,6 +117,7 @@ async function runJob(job: RunnerJob): Promise<RunnerReply> {
     schema: result.schema.fields.map((f) => ({ name: f.name, type: String(f.type), nullable: f.nullable })),
     inputCopiedBytes,
     outputCopiedBytes: written.copiedBytes,
+    codeStartedAt,
   };
 }
 
@@ -121,7 +126,7 @@ process.once('message', (job: RunnerJob) => {
   const cluster = process.argv[process.argv.indexOf(STEP_PROCESS_MARKER) + 1];
   process.title = `${STEP_PROCESS_MARKER} ${cluster} ${job.runId} ${job.step}`;
   runJob(job)
-    .catch(serializeError)
+    .catch((error: unknown) => ({ ...serializeError(error), ...(codeStartedAt !== undefined ? { codeStartedAt } : {}) }))
     .then(reply)
     .then(() => process.exit(0), () => process.exit(1));
 });

@@ -2,7 +2,7 @@
  * System steps of the physical plan, run inside the executor rather than in a step process:
  * the executor is long-lived, so scans share the host's column cache, and none of these runs
  * user code. Each writes its output into shared memory like any step, so children read it the
- * same way. See orchestrator/physical-plan.ts for where they come from.
+ * same way. See planner/physical-plan.ts for where they come from.
  */
 import { Schema, Table, tableFromArrays, tableFromIPC, tableToIPC } from 'apache-arrow';
 import type { StepReady, SystemStep, TableDescriptor } from '../schemas/index.ts';

@@ -1,10 +1,7 @@
 export { Orchestrator } from './orchestrator.ts';
 export type { OrchestratorOptions } from './orchestrator.ts';
-export { planPipeline, PlanError, outputSteps, childrenOf } from './plan.ts';
 export { createRunMachine, runStateOf, stepStatesOf } from './run-machine.ts';
 export type { RunMachine, RunSnapshot, RunContext, RunEvent, StepFacts } from './run-machine.ts';
-export { triggersOf, TriggerError, subjectMatches, ticksBetween, nextTick } from './triggers.ts';
-export type { TriggerSpec } from './triggers.ts';
 export { Scheduler } from './scheduler.ts';
 export type { ScheduleState, SchedulerOptions } from './scheduler.ts';
 export { DEFAULT_LEASE_TTL_MS } from './orchestrator.ts';

@@ -31,10 +31,9 @@ import {
   type TopologyOptions,
 } from '../schemas/index.ts';
 import { deterministicUlid, Lease } from './lease.ts';
-import { childrenOf, outputSteps } from './plan.ts';
+import { childrenOf, outputSteps, schemaViolation, subjectMatches } from '../planner/index.ts';
 import { createRunMachine, runStateOf, stepStatesOf, type RunMachine, type RunSnapshot } from './run-machine.ts';
 import { Scheduler } from './scheduler.ts';
-import { schemaViolation, subjectMatches } from './triggers.ts';
 import { Dispatcher } from './placement.ts';
 
 /** Options for {@link Orchestrator.start}. */
@@ -464,6 +463,8 @@ export class Orchestrator {
         transport: null,
         copiedBytes: null,
         scan: null,
+        isolation: null,
+        codeStartedAt: null,
         output: null,
         error: null,
       })),
@@ -583,6 +584,7 @@ export class Orchestrator {
       inputs,
       ...(run.submit.event ? { event: run.submit.event } : {}),
       ...(planStep.system ? { system: planStep.system } : {}),
+      ...(planStep.isolation ? { isolation: planStep.isolation } : {}),
     };
     return { message, planStep };
   }
@@ -642,6 +644,8 @@ export class Orchestrator {
           transport: facts.transport,
           copiedBytes: facts.copiedBytes,
           scan: facts.scan ?? null,
+          isolation: facts.isolation ?? null,
+          codeStartedAt: facts.codeStartedAt ?? null,
           output: facts.output,
           error: facts.error,
         };

@@ -21,6 +21,8 @@ export interface StepFacts {
   copiedBytes: number | null;
   transport: StepView['transport'];
   scan?: StepView['scan'];
+  isolation?: StepView['isolation'];
+  codeStartedAt?: number | null;
   error: StepFailed['error'] | null;
 }
 
@@ -98,6 +100,8 @@ export function createRunMachine(plan: Plan) {
           copiedBytes: e.inputCopiedBytes + e.outputCopiedBytes,
           transport: e.transport,
           scan: e.scan ?? null,
+          isolation: e.isolation ?? null,
+          codeStartedAt: e.codeStartedAt ?? null,
         });
       }),
     };
@@ -112,6 +116,8 @@ export function createRunMachine(plan: Plan) {
           startedAt: e.startedAt ?? context.steps[step.name]?.startedAt ?? null,
           finishedAt: e.at,
           error: e.error,
+          isolation: e.isolation ?? null,
+          codeStartedAt: e.codeStartedAt ?? null,
         });
       }),
     };

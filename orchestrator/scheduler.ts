@@ -1,6 +1,6 @@
 import type { KV } from '@nats-io/kv';
 import type { Deployment, Logger } from '../schemas/index.ts';
-import { nextTick, ticksBetween } from './triggers.ts';
+import { nextTick, ticksBetween } from '../planner/index.ts';
 
 /** What the `quiver-schedules` bucket keeps per scheduled pipeline. */
 export interface ScheduleState {

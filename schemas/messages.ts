@@ -69,8 +69,18 @@ export const systemStep = z.discriminatedUnion('kind', [
 ]);
 export type SystemStep = z.infer<typeof systemStep>;
 
+/**
+ * How a user step runs: `process` in a fresh step process of its own; `worker` in a long-lived
+ * step process of its pipeline version that runs that version's steps one after another.
+ */
+export const ISOLATION_LEVELS = ['process', 'worker'] as const;
+export type Isolation = (typeof ISOLATION_LEVELS)[number];
+export const isolation = z.enum(ISOLATION_LEVELS);
+
 export const planStep = z.object({
   name,
+  /** User steps only; absent means `process`. */
+  isolation: isolation.optional(),
   inputs: z.array(planInput),
   system: systemStep.optional(),
   /** Run only on a host with this label (a host's id is one of its labels). */
@@ -208,6 +218,10 @@ export const stepSucceeded = z.object({
   fetchedBytes: nonNegativeInt.optional(),
   /** A scan step's reading of its table: which snapshot, what it fetched and what it skipped. */
   scan: scanFacts.optional(),
+  /** How the user's code ran; absent for system steps, which the executor runs itself. */
+  isolation: isolation.optional(),
+  /** When the step function was called (epoch ms, sub-millisecond): where a user's latency ends. */
+  codeStartedAt: z.number().nonnegative().optional(),
   startedAt: timestamp,
   at: timestamp,
 });
@@ -219,6 +233,8 @@ export const stepFailed = z.object({
   attempt: z.number().int().positive(),
   executorId: z.string().min(1).max(200),
   error: stepError,
+  isolation: isolation.optional(),
+  codeStartedAt: z.number().nonnegative().optional(),
   startedAt: timestamp.optional(),
   at: timestamp,
 });
@@ -245,6 +261,8 @@ export const stepReady = z.object({
   event: runEvent.optional(),
   /** Set for a system step: what the executor does instead of running user code. */
   system: systemStep.optional(),
+  /** For a user step: how it runs. @default 'process' */
+  isolation: isolation.optional(),
 });
 export type StepReady = z.infer<typeof stepReady>;
 
@@ -279,6 +297,10 @@ export const stepView = z.object({
   copiedBytes: nonNegativeInt.nullable(),
   /** What a scan step read from storage. */
   scan: scanFacts.nullable().default(null),
+  /** How the user's code ran (null for system steps and steps that never ran). */
+  isolation: isolation.nullable().default(null),
+  /** When the step function was called (epoch ms): claimed at startedAt, user code from here. */
+  codeStartedAt: z.number().nonnegative().nullable().default(null),
   output: tableDescriptor.nullable(),
   error: stepError.nullable(),
 });

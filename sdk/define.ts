@@ -68,6 +68,13 @@ export interface StepOptions {
    * host's id is always one of its labels). Without it the step goes where its inputs are.
    */
   readonly host?: string;
+  /**
+   * `'process'`: a fresh process for this step (nothing survives from other steps). `'worker'`:
+   * a long-lived step process of this pipeline version runs it, one step after another: module
+   * globals (caches, clients) survive between calls; inputs and `ctx` never do. Overrides the
+   * pipeline's `isolation`. @default the pipeline's, else 'process'
+   */
+  readonly isolation?: 'process' | 'worker';
 }
 
 /** A step as declared in a pipeline file. The name is its key in the pipeline. */
@@ -114,6 +121,8 @@ export interface PipelineOptions {
   readonly schedule?: ScheduleOptions;
   /** At most this many runs at once; later runs queue and start in order. @default no limit */
   readonly maxConcurrentRuns?: number;
+  /** How its steps run unless a step says otherwise (see {@link StepOptions.isolation}). @default 'process' */
+  readonly isolation?: 'process' | 'worker';
 }
 
 export interface PipelineDefinition {

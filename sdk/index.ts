@@ -20,4 +20,4 @@ export { QuiverClient, NotDeployedError, DeployConflictError, InvalidEventError,
 export type { ClientOptions, DeployResult, OpenedTable, PublishOptions, PublishResult, ReadOutput, RunEvent, RunHandle, RunOptions } from './client.ts';
 export { startLocalCluster } from './local.ts';
 export type { LocalCluster, LocalClusterOptions } from './local.ts';
-export { PlanError, TriggerError } from '../orchestrator/index.ts';
+export { PlanError, TriggerError } from '../planner/index.ts';

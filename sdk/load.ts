@@ -3,7 +3,7 @@ import { existsSync, mkdirSync, renameSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { build, type Plugin } from 'esbuild';
-import { PlanError, planPipeline, triggersOf, type TriggerSpec } from '../orchestrator/index.ts';
+import { PlanError, planPipeline, triggersOf, type TriggerSpec } from '../planner/index.ts';
 import { bundleDir, type Plan } from '../schemas/index.ts';
 
 /** A pipeline file, bundled and planned: what a run request needs, without data. */

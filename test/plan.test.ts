@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { after, describe, it } from 'node:test';
-import { PlanError, planPipeline } from '../orchestrator/index.ts';
+import { PlanError, planPipeline } from '../planner/index.ts';
 import { loadPipeline, pipeline, step } from '../sdk/index.ts';
 import { fixture, tempHome } from './helpers.ts';
 

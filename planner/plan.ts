@@ -1,25 +1,6 @@
-import { NAME_PATTERN, type Plan, type PlanStep } from '../schemas/index.ts';
+import { ISOLATION_LEVELS, NAME_PATTERN, type Isolation, type Plan, type PlanStep } from '../schemas/index.ts';
+import { PlanError } from './errors.ts';
 import { PhysicalPlanner } from './physical-plan.ts';
-
-/** Why a pipeline cannot run. Found before anything runs; names the step at fault. */
-export class PlanError extends Error {
-  override readonly name = 'PlanError';
-  constructor(
-    readonly code:
-      | 'ERR_PLAN_NOT_A_PIPELINE'
-      | 'ERR_PLAN_BAD_NAME'
-      | 'ERR_PLAN_DUPLICATE_STEP'
-      | 'ERR_PLAN_NOT_A_FUNCTION'
-      | 'ERR_PLAN_UNKNOWN_INPUT'
-      | 'ERR_PLAN_BAD_INPUT'
-      | 'ERR_PLAN_CYCLE'
-      | 'ERR_PLAN_EMPTY',
-    message: string,
-    readonly step?: string,
-  ) {
-    super(message);
-  }
-}
 
 /** The shape a pipeline definition has once loaded (see sdk `pipeline()`); checked, not trusted. */
 export interface PipelineShape {
@@ -59,6 +40,7 @@ export function planPipeline(definition: unknown, declaredNames?: readonly strin
   if (typeof steps !== 'object' || Object.keys(steps).length === 0) {
     throw new PlanError('ERR_PLAN_EMPTY', `pipeline "${def.name}" has no steps`);
   }
+  const pipelineIsolation = isolationOf((def as { options?: { isolation?: unknown } }).options?.isolation, `pipeline "${def.name}"`) ?? 'process';
   const planSteps = new Map<string, PlanStep>();
   const physical = new PhysicalPlanner();
   for (const [stepName, raw] of Object.entries(steps)) {
@@ -99,7 +81,8 @@ export function planPipeline(definition: unknown, declaredNames?: readonly strin
       throw new PlanError('ERR_PLAN_BAD_INPUT', `the host label of step "${stepName}" must be 1-128 letters, digits, . _ or -; got ${describe(host)}`, stepName);
     }
     physical.materialize(stepName, (stepDef as { options?: { materialize?: unknown } }).options?.materialize);
-    planSteps.set(stepName, host ? { name: stepName, inputs, host } : { name: stepName, inputs });
+    const isolation = isolationOf((stepDef as { options?: { isolation?: unknown } }).options?.isolation, `step "${stepName}"`, stepName) ?? pipelineIsolation;
+    planSteps.set(stepName, { name: stepName, inputs, isolation, ...(host ? { host } : {}) });
   }
   physical.addSystemSteps(planSteps);
   for (const s of planSteps.values()) {
@@ -114,6 +97,12 @@ export function planPipeline(definition: unknown, declaredNames?: readonly strin
     }
   }
   return { pipeline: def.name, steps: topologicalOrder(planSteps) };
+}
+
+function isolationOf(value: unknown, what: string, step?: string): Isolation | undefined {
+  if (value === undefined) return undefined;
+  if (typeof value === 'string' && (ISOLATION_LEVELS as readonly string[]).includes(value)) return value as Isolation;
+  throw new PlanError('ERR_PLAN_BAD_INPUT', `isolation of ${what} must be ${ISOLATION_LEVELS.map((l) => `'${l}'`).join(' or ')}; got ${describe(value)}`, step);
 }
 
 /** Kahn's algorithm, keeping declaration order among ready steps so plans are stable. */

@@ -6,7 +6,7 @@
  */
 import { NAME_PATTERN, type PlanStep, type SystemStep } from '../schemas/index.ts';
 import { FilterSyntaxError, parseFilter } from '../storage/index.ts';
-import { PlanError } from './plan.ts';
+import { PlanError } from './errors.ts';
 
 /** System step names start with this; user steps may not. */
 export const SYSTEM_STEP_PREFIX = '__';
