@@ -31,10 +31,11 @@ export function textTable(header: string[], rows: string[][]): string {
 
 export function summaryTable(view: RunView): string {
   return textTable(
-    ['step', 'state', 'rows', 'bytes', 'transport', 'copied', 'time'],
+    ['step', 'state', 'isolation', 'rows', 'bytes', 'transport', 'copied', 'time'],
     view.steps.map((s) => [
       s.name,
       s.state,
+      s.isolation ?? '-',
       s.rows === null ? '-' : s.rows.toLocaleString('en-US'),
       formatBytes(s.bytes),
       s.transport ?? '-',

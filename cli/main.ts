@@ -5,7 +5,7 @@ import { jetstreamManager } from '@nats-io/jetstream';
 import { collectGarbage, Executor } from '../executor/index.ts';
 import { Orchestrator } from '../orchestrator/index.ts';
 import { PlanError } from '../planner/index.ts';
-import { consoleLogger, ensureTopology, NAME_PATTERN, shmRoot, silentLogger, type RunView, type StepState } from '../schemas/index.ts';
+import { connectForever, consoleLogger, ensureTopology, NAME_PATTERN, shmRoot, silentLogger, type RunView, type StepState } from '../schemas/index.ts';
 import {
   InvalidEventError,
   loadPipeline,
@@ -233,7 +233,11 @@ function jsonResult(view: RunView) {
       bytes: s.bytes,
       transport: s.transport,
       copiedBytes: s.copiedBytes,
+      /** 'process' or 'worker' for user steps; null for Quiver's own steps and steps that never ran. */
+      isolation: s.isolation,
       durationMs: stepDuration(s),
+      /** From the step's claim to its function's first line: what starting it cost. */
+      startMs: s.codeStartedAt !== null && s.startedAt !== null ? Math.max(0, Math.round((s.codeStartedAt - s.startedAt) * 10) / 10) : null,
       ...(s.scan ? { scan: s.scan } : {}),
       ...(s.error ? { error: s.error } : {}),
     })),
@@ -261,7 +265,7 @@ async function untilSignal(): Promise<NodeJS.Signals> {
 }
 
 async function orchestratorCommand(): Promise<number> {
-  const nc = await connect({ servers: requireNatsUrl('quiver orchestrator'), name: 'quiver-orchestrator' });
+  const nc = await connectForever(requireNatsUrl('quiver orchestrator'), { name: 'quiver-orchestrator', waitOnFirstConnect: true, logger: consoleLogger('orchestrator') });
   const leaseTtlMs = Number(process.env.QUIVER_LEASE_TTL_MS);
   const orchestrator = await Orchestrator.start(nc, {
     topology: topologyFromEnv(),
@@ -280,7 +284,7 @@ async function executorCommand(args: string[]): Promise<number> {
   if (concurrency !== undefined && (!Number.isInteger(concurrency) || concurrency < 1)) {
     throw new UsageError(`--concurrency takes a whole number ≥ 1, got "${values.concurrency}"`);
   }
-  const nc = await connect({ servers: requireNatsUrl('quiver executor'), name: 'quiver-executor' });
+  const nc = await connectForever(requireNatsUrl('quiver executor'), { name: 'quiver-executor', waitOnFirstConnect: true, logger: consoleLogger('executor') });
   const executor = await Executor.start(nc, {
     topology: topologyFromEnv(),
     ...(concurrency ? { concurrency } : {}),

@@ -3,13 +3,13 @@ import { existsSync, readFileSync, renameSync, rmdirSync, writeFileSync } from '
 import { hostname, availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import { jetstream, jetstreamManager, type Consumer, type JetStreamClient, type JsMsg } from '@nats-io/jetstream';
+import { Kvm, type KV } from '@nats-io/kv';
 import type { NatsConnection, Subscription } from '@nats-io/transport-node';
 import { ulid } from 'ulid';
 import {
   consoleLogger,
   buckets,
   consumers,
-  controlMessage,
   decode,
   encode,
   ensureTopology,
@@ -18,10 +18,13 @@ import {
   runKill,
   segmentRelease,
   shmRoot,
-  stepFailed,
   stepReady,
   stepStarted,
-  stepSucceeded,
+  stepCompletion,
+  claimRecord,
+  readRunRecord,
+  readStepCompletion,
+  stepKey,
   streams,
   subjects,
   bundleDir,
@@ -37,7 +40,7 @@ import { RegionBroker, drainPool, regionsAvailable, releaseRegionIds, releaseSeg
 import { buildRunner, type RunnerBuild } from './build-runner.ts';
 import { collectGarbage } from './gc.ts';
 import type { RunnerJob, RunnerReply } from './protocol.ts';
-import { StepProcesses } from './step-processes.ts';
+import { StepProcesses, type WorkerOptions } from './step-processes.ts';
 import { FlightInputs, type ExecutorFlightOptions } from './flight-inputs.ts';
 import { closeExecutorTableStore, executorTableStore, runSystemStep, type SystemReply, type SystemStepContext } from './system-steps.ts';
 
@@ -66,6 +69,8 @@ export interface ExecutorOptions {
   flight?: ExecutorFlightOptions;
   /** Secret Flight tickets are signed with, the same on every host. @default QUIVER_CLUSTER_SECRET, else one kept in quiver-meta */
   clusterSecret?: string;
+  /** Limits of the long-lived step processes of steps with `isolation: 'worker'`. */
+  workers?: WorkerOptions;
 }
 
 
@@ -80,6 +85,11 @@ export class Executor {
   private readonly loops: Promise<void>[] = [];
   private readonly subscriptions: Subscription[] = [];
   private readonly linkedCode = new Map<string, string>();
+  /**
+   * `quiver-steps` for writing completions, with requests that give up after 2 s: a write lost to
+   * a NATS restart is retried soon rather than after the default 5 s.
+   */
+  private completions!: KV;
   private gcTimer: NodeJS.Timeout | null = null;
   /** Holds the fds of the regions this host's steps wrote, when the quiver module is loaded (kmod/). */
   private regionBroker: RegionBroker | null = null;
@@ -113,13 +123,16 @@ export class Executor {
     const js = jetstream(nc);
     const consumer = await js.consumers.get(streams.work, consumers.executors);
     const executor = new Executor(nc, js, topology, consumer, runner, hostId, shmDir, options, logger);
+    executor.completions = await new Kvm(jetstream(nc, { timeout: 2_000 })).open(buckets.steps);
     const placed = await js.consumers.get(streams.work, await ensureHostConsumer(jsm, hostId, topology));
     await executor.collectGarbage();
     if (regionsAvailable()) executor.regionBroker = RegionBroker.inDir(shmDir);
     executor.processes = new StepProcesses({
       runnerPath: runner.runnerPath,
+      execArgv: runner.execArgv,
       clusterId: topology.clusterId,
       ...(options.prewarm !== undefined ? { prewarm: options.prewarm } : {}),
+      ...(options.workers ? { workers: options.workers } : {}),
       onLog: (line) => nc.publish(subjects.log(line.runId), encode(logLine, line)),
     });
     executor.listen();
@@ -250,36 +263,16 @@ export class Executor {
     }
   }
 
+  /**
+   * One ready step, in stages: claim it (or drop it as a duplicate), announce it, prepare its code
+   * and inputs, execute it, record its completion. Two NATS round trips on the way: the claim
+   * (with the run's state, read alongside) and the completion record.
+   */
   private async process(ready: StepReady, msg: JsMsg): Promise<void> {
-    const key = `${ready.runId}.${ready.step}`;
-    // Redelivery after a crash must not run a finished step again: re-announce its completion instead.
-    const finished = await this.topology.steps.get(key);
-    if (finished?.string()) {
-      const completion = decode(controlMessage, `${buckets.steps}/${key}`, finished.value);
-      if (completion.type !== 'step.succeeded' && completion.type !== 'step.failed') throw new Error(`${buckets.steps}/${key} holds a ${completion.type}`);
-      await this.publishCompletion(completion, false);
-      msg.ack();
-      return;
-    }
-    const run = await this.topology.runs.get(ready.runId);
-    if (run && (run.json<{ view: { state: string } }>().view.state !== 'running')) {
-      msg.ack();
-      return;
-    }
     const attempt = msg.info.deliveryCount;
-    const claim = JSON.stringify({ executorId: this.executorId, attempt });
-    try {
-      await this.topology.claims.create(key, claim);
-    } catch (error) {
-      // Only "already claimed" is an answer; any other trouble is retried by redelivery.
-      if (!(await this.topology.claims.get(key))?.string()) throw error;
-      if (attempt === 1) {
-        // A second ready message for a step already claimed (a resumed orchestrator re-sent it).
-        msg.ack();
-        return;
-      }
-      // Redelivered: the executor that held it stopped acking (it died). Take it over.
-      await this.topology.claims.put(key, claim);
+    if ((await this.claim(ready, attempt)) === 'drop') {
+      msg.ack();
+      return;
     }
     const startedAt = Date.now();
     if (attempt >= this.topology.maxDeliver) {
@@ -290,75 +283,121 @@ export class Executor {
       });
       return;
     }
-    await this.js.publish(
-      subjects.stepStarted,
-      encode(stepStarted, { type: 'step.started', runId: ready.runId, step: ready.step, attempt, executorId: this.executorId, hostId: this.hostId, at: startedAt }),
-      { msgID: `${key}.started.${attempt}` },
-    );
+    this.announceStart(ready, attempt, startedAt);
     const heartbeat = setInterval(() => msg.working(), Math.max(200, Math.floor(this.topology.ackWaitMs / 3)));
     try {
-      let codePath: string;
-      try {
-        codePath = await this.ensureCode(ready.codeHash);
-      } catch (error) {
-        // Missing or corrupt code will not heal by redelivery: fail the step, saying why.
-        await this.fail(ready, msg, attempt, startedAt, { name: 'PipelineCodeError', code: 'ERR_PIPELINE_CODE', message: (error as Error).message });
+      const prepared = await this.prepare(ready);
+      if (prepared.kind === 'stopped') {
+        msg.nak();
         return;
       }
-      let fetchedBytes = 0;
-      let inputs = ready.inputs;
-      try {
-        ({ inputs, fetchedBytes } = await this.flight!.localize(withoutOrderOnlyInputs(ready)));
-      } catch (error) {
-        if (this.stopped) {
-          msg.nak();
-          return;
-        }
-        // The host holding the input is gone or failed mid-transfer: its data is out of reach.
-        await this.fail(ready, msg, attempt, startedAt, { name: (error as Error).name, code: (error as { code?: string }).code ?? 'ERR_FLIGHT_FETCH', message: (error as Error).message });
+      if (prepared.kind === 'failed') {
+        await this.fail(ready, msg, attempt, startedAt, prepared.error);
         return;
       }
-      const reply: SystemReply = ready.system
-        ? await runSystemStep(ready, ready.system, inputs, attempt, this.systemStepContext(ready))
-        : await this.runStep({ ...ready, inputs }, attempt, codePath);
+      const reply = await this.execute(ready, prepared.inputs, attempt, prepared.codePath);
       if (this.stopped) {
         // Killed by our own stop: not the step's fault. Another executor gets it.
         msg.nak();
         return;
       }
-      const ran = ready.system ? {} : { isolation: ready.isolation ?? 'process', ...('codeStartedAt' in reply && reply.codeStartedAt !== undefined ? { codeStartedAt: reply.codeStartedAt } : {}) };
-      if (reply.type === 'error') {
-        await this.fail(ready, msg, attempt, startedAt, reply.error, ran);
-        return;
-      }
-      const completion: StepCompletion = {
-        type: 'step.succeeded',
-        runId: ready.runId,
-        step: ready.step,
-        attempt,
-        executorId: this.executorId,
-        output: {
-          kind: 'shm',
-          hostId: this.hostId,
-          segments: reply.segments,
-          byteSize: reply.byteSize,
-          rows: reply.rows,
-          schema: reply.schema,
-        },
-        transport: fetchedBytes > 0 ? 'flight' : ready.inputs.length > 0 ? (inputsAreRegions(ready) ? 'region' : 'shm') : null,
-        inputCopiedBytes: reply.inputCopiedBytes + fetchedBytes,
-        ...(fetchedBytes > 0 ? { fetchedBytes } : {}),
-        ...(reply.scan ? { scan: reply.scan } : {}),
-        outputCopiedBytes: reply.outputCopiedBytes,
-        ...ran,
-        startedAt,
-        at: Date.now(),
-      };
-      await this.publishCompletion(completion, true);
-      msg.ack();
+      await this.complete(ready, msg, attempt, startedAt, reply, prepared.fetchedBytes);
     } finally {
       clearInterval(heartbeat);
     }
+  }
+
+  /**
+   * Claims the step for this executor, or says to drop the message: the run is over, the step
+   * has finished (a redelivery after a crash must not run it again), or it is a second ready
+   * message for a step another executor holds. A redelivered step whose claimant stopped acking
+   * (it died) is taken over.
+   */
+  private async claim(ready: StepReady, attempt: number): Promise<'run' | 'drop'> {
+    const key = stepKey(ready.runId, ready.step);
+    const claim = encode(claimRecord, { executorId: this.executorId, hostId: this.hostId, attempt, at: Date.now() });
+    const [created, run] = await Promise.all([
+      this.topology.claims.create(key, claim).then(
+        () => true,
+        (error: unknown) => error as Error,
+      ),
+      readRunRecord(this.topology.runs, ready.runId).catch((error: unknown) => {
+        // A malformed record must not keep a step from running: the orchestrator drives the run.
+        this.logger.warn((error as Error).message);
+        return null;
+      }),
+    ]);
+    if (run && run.state !== 'running') return 'drop';
+    if (created === true) return 'run';
+    // Only "already claimed" is an answer; any other trouble is retried by redelivery.
+    if (!(await this.topology.claims.get(key))?.string()) throw created;
+    if (await this.topology.steps.get(key).then((e) => !!e?.string())) return 'drop';
+    // A second ready message for a step already claimed (a resumed orchestrator re-sent it).
+    if (attempt === 1) return 'drop';
+    await this.topology.claims.put(key, claim);
+    return 'run';
+  }
+
+  /** For live views only (core NATS): losing it changes nothing, so it costs no round trip. */
+  private announceStart(ready: StepReady, attempt: number, at: number): void {
+    const started = { type: 'step.started' as const, runId: ready.runId, step: ready.step, attempt, executorId: this.executorId, hostId: this.hostId, at };
+    this.nc.publish(subjects.stepStarted, encode(stepStarted, started));
+  }
+
+  /** The step's code (fetched once per host) and its inputs on this host (fetched over Flight when elsewhere). */
+  private async prepare(
+    ready: StepReady,
+  ): Promise<{ kind: 'ready'; codePath: string; inputs: StepReady['inputs']; fetchedBytes: number } | { kind: 'failed'; error: StepError } | { kind: 'stopped' }> {
+    let codePath = '';
+    if (!ready.system) {
+      try {
+        codePath = await this.ensureCode(ready.codeHash);
+      } catch (error) {
+        // Missing or corrupt code will not heal by redelivery: fail the step, saying why.
+        return { kind: 'failed', error: { name: 'PipelineCodeError', code: 'ERR_PIPELINE_CODE', message: (error as Error).message } };
+      }
+    }
+    try {
+      const { inputs, fetchedBytes } = await this.flight!.localize(withoutOrderOnlyInputs(ready));
+      return { kind: 'ready', codePath, inputs, fetchedBytes };
+    } catch (error) {
+      if (this.stopped) return { kind: 'stopped' };
+      // The host holding the input is gone or failed mid-transfer: its data is out of reach.
+      return { kind: 'failed', error: { name: (error as Error).name, code: (error as { code?: string }).code ?? 'ERR_FLIGHT_FETCH', message: (error as Error).message } };
+    }
+  }
+
+  private execute(ready: StepReady, inputs: StepReady['inputs'], attempt: number, codePath: string): Promise<SystemReply> {
+    return ready.system ? runSystemStep(ready, ready.system, inputs, attempt, this.systemStepContext(ready)) : this.runStep({ ...ready, inputs }, attempt, codePath);
+  }
+
+  private async complete(ready: StepReady, msg: JsMsg, attempt: number, startedAt: number, reply: SystemReply, fetchedBytes: number): Promise<void> {
+    const ran = ready.system ? {} : { isolation: ready.isolation ?? 'process', ...('codeStartedAt' in reply && reply.codeStartedAt !== undefined ? { codeStartedAt: reply.codeStartedAt } : {}) };
+    if (reply.type === 'error') {
+      await this.fail(ready, msg, attempt, startedAt, reply.error, ran);
+      return;
+    }
+    const completion: StepCompletion = {
+      type: 'step.succeeded',
+      runId: ready.runId,
+      step: ready.step,
+      attempt,
+      executorId: this.executorId,
+      output: { kind: 'shm', hostId: this.hostId, segments: reply.segments, byteSize: reply.byteSize, rows: reply.rows, schema: reply.schema },
+      transport: fetchedBytes > 0 ? 'flight' : ready.inputs.length > 0 ? (inputsAreRegions(ready) ? 'region' : 'shm') : null,
+      inputCopiedBytes: reply.inputCopiedBytes + fetchedBytes,
+      ...(fetchedBytes > 0 ? { fetchedBytes } : {}),
+      ...(reply.scan ? { scan: reply.scan } : {}),
+      outputCopiedBytes: reply.outputCopiedBytes,
+      ...ran,
+      startedAt,
+      at: Date.now(),
+    };
+    if (!(await this.record(completion))) {
+      // Another executor finished this step first (it was placed again meanwhile): its output counts.
+      releaseSegments(reply.segments.map((s) => s.id), this.shmOptions());
+    }
+    msg.ack();
   }
 
   /** What a system step (scan, stage, commit) runs with: this host's shared memory, tables and the run's log. */
@@ -373,31 +412,34 @@ export class Executor {
   }
 
   private async fail(ready: StepReady, msg: JsMsg, attempt: number, startedAt: number, error: StepError, ran: Pick<StepFailed, 'isolation' | 'codeStartedAt'> = {}): Promise<void> {
-    const completion: StepCompletion = {
-      type: 'step.failed',
-      runId: ready.runId,
-      step: ready.step,
-      attempt,
-      executorId: this.executorId,
-      error,
-      ...ran,
-      startedAt,
-      at: Date.now(),
-    };
-    await this.publishCompletion(completion, true);
+    await this.record({ type: 'step.failed', runId: ready.runId, step: ready.step, attempt, executorId: this.executorId, error, ...ran, startedAt, at: Date.now() });
     msg.ack();
   }
 
-  /** Recorded first, so a redelivery finds it; published with a fixed id, so JetStream drops repeats. */
-  private async publishCompletion(completion: StepCompletion, record: boolean): Promise<void> {
-    const key = `${completion.runId}.${completion.step}`;
-    // Validated once, before anything is recorded: a malformed completion is never kept or sent.
-    const [subject, data] =
-      completion.type === 'step.succeeded'
-        ? [subjects.stepSucceeded, encode(stepSucceeded, completion)]
-        : [subjects.stepFailed, encode(stepFailed, completion)];
-    if (record) await this.topology.steps.put(key, data);
-    await this.js.publish(subject, data, { msgID: `${key}.done` });
+  /**
+   * Writes the step's completion to `quiver-steps`: the one fact the orchestrator drives the run
+   * by, read again by a redelivery so a finished step never runs twice. Created, never replaced:
+   * false when another executor's completion of the step is there already (the first one wins).
+   */
+  private async record(completion: StepCompletion): Promise<boolean> {
+    const key = stepKey(completion.runId, completion.step);
+    // Validated once, before anything is recorded: a malformed completion is never kept.
+    const data = encode(stepCompletion, completion);
+    for (let tries = 1; ; tries++) {
+      try {
+        await this.completions.create(key, data);
+        return true;
+      } catch (error) {
+        const there = await readStepCompletion(this.topology.steps, completion.runId, completion.step).catch(() => null);
+        // A try whose answer was lost may have written it: then it is this one.
+        if (there) return there.executorId === completion.executorId && there.attempt === completion.attempt;
+        // NATS is away (restarting, failing over): the step's work is done and must not be
+        // lost to a redelivery that would run it again, so keep trying while the step is ours.
+        if (this.stopped) throw error;
+        if (tries === 1 || tries % 20 === 0) this.logger.warn(`recording the completion of ${key} failed, retrying: ${(error as Error).message}`);
+        await new Promise((r) => setTimeout(r, 250));
+      }
+    }
   }
 
   /**

@@ -1,9 +1,9 @@
 /**
  * The executor's side of the Flight data plane. Each executor serves its host's segments with
- * a Flight server and announces itself (host id, endpoint, labels, capacity, load) in the
- * `quiver-hosts` bucket with heartbeats. Before a step runs, every input whose segments live
- * on another host is fetched with DoGet straight into a local segment, once per host: a
- * second child here maps the same copy. Copies are released when their run ends.
+ * a Flight server and announces it in the `quiver-hosts` bucket (host-registry.ts). Before a
+ * step runs, every input whose segments live on another host is fetched with DoGet straight
+ * into a local segment, once per host: a second child here maps the same copy. Copies are
+ * released when their run ends.
  */
 import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
@@ -12,10 +12,8 @@ import type { NatsConnection, Subscription } from '@nats-io/transport-node';
 import { ulid } from 'ulid';
 import { FlightClient, FlightServer, checkSecret, isComposed, signTicket, type StoredTable } from '../flight/index.ts';
 import {
-  HOST_TTL_MS,
-  controlMessage,
+  readStepCompletion,
   decode,
-  hostRecord,
   runView,
   subjects,
   type HostRecord,
@@ -25,6 +23,7 @@ import {
   type Topology,
 } from '../schemas/index.ts';
 import { type SegmentRef, listSegments, releaseSegments, removeSegments, renameSegment } from '../shm/index.ts';
+import { findLiveHost, HostRegistry } from './host-registry.ts';
 
 /** Flight settings of an executor. */
 export interface ExecutorFlightOptions {
@@ -59,7 +58,6 @@ export class InputFetchError extends Error {
   readonly code = 'ERR_FLIGHT_FETCH';
 }
 
-const HEARTBEAT_MS = Math.floor(HOST_TTL_MS / 4);
 const TICKET_TTL_MS = 5 * 60_000;
 
 /**
@@ -80,7 +78,6 @@ export async function clusterSecret(option: string | undefined, meta: Topology['
 }
 
 export class FlightInputs {
-  private heartbeat: NodeJS.Timeout | null = null;
   private readonly clients = new Map<string, FlightClient>();
   /** Local copies being made or made, by local segment id: a second child awaits the same copy. */
   private readonly copies = new Map<string, Promise<SegmentRef>>();
@@ -91,8 +88,8 @@ export class FlightInputs {
     private readonly topology: Topology,
     readonly server: FlightServer,
     private readonly secret: string,
-    private readonly announced: Omit<HostRecord, 'running' | 'at'>,
-    private readonly running: () => number,
+    private readonly hostId: string,
+    private readonly registry: HostRegistry,
     private readonly shmDir: string,
     private readonly options: ExecutorFlightOptions,
     private readonly logger: Logger,
@@ -124,38 +121,30 @@ export class FlightInputs {
       logger: args.logger,
       resolveOutput: (runId, step) => resolveOutput(args.topology, args.hostId, args.shmDir, runId, step),
     });
-    const inputs = new FlightInputs(
-      args.nc,
-      args.topology,
-      server,
-      secret,
-      {
-        hostId: args.hostId,
-        executorId: args.executorId,
-        flightEndpoint: server.location,
-        ...(server.bulkLocation ? { bulkEndpoint: server.bulkLocation } : {}),
-        labels: args.labels,
-        capacity: args.capacity,
-      },
-      args.running,
-      args.shmDir,
-      options,
-      args.logger,
-    );
-    await inputs.announce();
-    inputs.heartbeat = setInterval(() => void inputs.announce().catch((e) => args.logger.warn(`heartbeat failed: ${(e as Error).message}`)), HEARTBEAT_MS);
-    inputs.heartbeat.unref();
-    return inputs;
-  }
-
-  private async announce(): Promise<void> {
-    const record: HostRecord = { ...this.announced, running: this.running(), at: Date.now() };
-    await this.topology.hosts.put(this.announced.executorId, JSON.stringify(hostRecord.parse(record)));
+    let registry: HostRegistry;
+    try {
+      registry = await HostRegistry.start({
+        hosts: args.topology.hosts,
+        announced: {
+          hostId: args.hostId,
+          executorId: args.executorId,
+          flightEndpoint: server.location,
+          ...(server.bulkLocation ? { bulkEndpoint: server.bulkLocation } : {}),
+          labels: args.labels,
+          capacity: args.capacity,
+        },
+        running: args.running,
+        logger: args.logger,
+      });
+    } catch (error) {
+      await server.stop();
+      throw error;
+    }
+    return new FlightInputs(args.nc, args.topology, server, secret, args.hostId, registry, args.shmDir, options, args.logger);
   }
 
   async stop(): Promise<void> {
-    if (this.heartbeat) clearInterval(this.heartbeat);
-    await this.topology.hosts.delete(this.announced.executorId).catch(() => undefined);
+    await this.registry.stop();
     for (const c of this.clients.values()) c.close();
     for (const { watch } of this.copiesOfRun.values()) watch.unsubscribe();
     await this.server.stop();
@@ -171,7 +160,7 @@ export class FlightInputs {
     // Every stream of every remote input at once: one HTTP/2 stream each, sharing a connection per host.
     const inputs = await Promise.all(
       ready.inputs.map(async (input) => {
-        if (input.descriptor.hostId === this.announced.hostId) return input;
+        if (input.descriptor.hostId === this.hostId) return input;
         // An assembled table comes as one stream; a plain one as one stream per segment, each the same bytes as there.
         const streams = isComposed(input.descriptor) ? input.descriptor.segments.slice(0, 1) : input.descriptor.segments;
         const segments = await Promise.all(
@@ -189,7 +178,7 @@ export class FlightInputs {
             return ref;
           }),
         );
-        return { ...input, descriptor: { ...input.descriptor, hostId: this.announced.hostId, segments } };
+        return { ...input, descriptor: { ...input.descriptor, hostId: this.hostId, segments } };
       }),
     );
     return { inputs, fetchedBytes };
@@ -234,11 +223,8 @@ export class FlightInputs {
   }
 
   private async endpointOf(hostId: string): Promise<HostRecord> {
-    for await (const key of await this.topology.hosts.keys()) {
-      const entry = await this.topology.hosts.get(key);
-      const parsed = entry?.string() ? hostRecord.safeParse(entry.json()) : null;
-      if (parsed?.success && parsed.data.hostId === hostId) return parsed.data;
-    }
+    const host = await findLiveHost(this.topology.hosts, hostId);
+    if (host) return host;
     throw new InputFetchError(`host ${hostId}, which holds the input, has no live executor (it stopped heartbeating): its shared memory is out of reach`);
   }
 
@@ -288,11 +274,9 @@ export class FlightInputs {
 /** A run output held on this host, from its recorded completion; null once released. */
 async function resolveOutput(topology: Topology, hostId: string, shmDir: string, runId: string, step: string): Promise<StoredTable | null> {
   if (!/^[A-Za-z0-9_]+$/.test(runId) || !/^[A-Za-z0-9_]+$/.test(step)) return null;
-  const entry = await topology.steps.get(`${runId}.${step}`);
-  if (!entry?.string()) return null;
-  const completion = controlMessage.safeParse(entry.json());
-  if (!completion.success || completion.data.type !== 'step.succeeded') return null;
-  const output = completion.data.output;
+  const completion = await readStepCompletion(topology.steps, runId, step).catch(() => null);
+  if (completion?.type !== 'step.succeeded') return null;
+  const output = completion.output;
   if (output.hostId !== hostId) return null;
   // A released segment file has left its id (pooled or unlinked): answer NOT_FOUND rather than fail mapping it.
   const present = new Set(listSegments(shmDir).map((s) => s.id));

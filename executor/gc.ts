@@ -1,7 +1,7 @@
 import { readdirSync, readFileSync } from 'node:fs';
-import type { Logger, RunView, Topology } from '../schemas/index.ts';
+import { readRunRecord, type Logger, type RunRecord, type Topology } from '../schemas/index.ts';
 import { type RegionBroker, listSegments, releaseRegionIds, releaseSegments } from '../shm/index.ts';
-import { STEP_PROCESS_MARKER } from './protocol.ts';
+import { NO_RUN, STEP_PROCESS_MARKER } from './protocol.ts';
 
 export interface GcOptions {
   topology: Pick<Topology, 'runs' | 'clusterId'>;
@@ -17,29 +17,31 @@ export interface GcOptions {
  * Segment ids start with the run id, and step processes carry `quiver-step <cluster> <run>`.
  */
 export async function collectGarbage(options: GcOptions): Promise<{ segments: number; processes: number }> {
-  const views = new Map<string, RunView | null>();
-  const viewOf = async (runId: string): Promise<RunView | null> => {
-    if (!views.has(runId)) {
-      const entry = await options.topology.runs.get(runId);
-      views.set(runId, entry?.string() ? (entry.json<{ view: RunView }>().view ?? null) : null);
+  const records = new Map<string, RunRecord | null | 'unreadable'>();
+  const recordOf = async (runId: string): Promise<RunRecord | null | 'unreadable'> => {
+    if (!records.has(runId)) {
+      const record = await readRunRecord(options.topology.runs, runId).catch((error: unknown) => {
+        options.logger.warn(`${(error as Error).message}; gc leaves that run's segments alone`);
+        return 'unreadable' as const;
+      });
+      records.set(runId, record);
     }
-    return views.get(runId)!;
+    return records.get(runId)!;
   };
+  const going = (record: RunRecord | null | 'unreadable') => record === 'unreadable' || record?.state === 'running' || record?.state === 'queued';
 
   const doomed: string[] = [];
   // Region ids are segment ids too (files and regions of one output never mix).
   const ids = [...listSegments(options.shmDir).map((s) => s.id), ...(options.regions?.names() ?? [])];
   for (const id of ids) {
-    const runId = id.split('.')[0]!;
-    const view = await viewOf(runId);
-    if (!view) {
-      doomed.push(id);
-      continue;
-    }
-    if (view.state === 'running') continue;
-    const keptOutput = view.steps.some(
-      (s) => view.outputs.includes(s.name) && s.output?.segments.some((x) => x.id === id) && (view.keep || !view.outputsReleased),
-    );
+    const record = await recordOf(id.split('.')[0]!);
+    if (going(record)) continue;
+    const view = record === 'unreadable' ? null : record?.view;
+    const keptOutput =
+      record !== null &&
+      record !== 'unreadable' &&
+      (record.submit.keep || !record.outputsReleased) &&
+      !!view?.steps.some((s) => view.outputs.includes(s.name) && s.output?.segments.some((x) => x.id === id));
     if (!keptOutput) doomed.push(id);
   }
   if (doomed.length > 0) {
@@ -49,9 +51,11 @@ export async function collectGarbage(options: GcOptions): Promise<{ segments: nu
   }
 
   let processes = 0;
-  for (const { pid, runId } of stepProcesses(options.topology.clusterId)) {
-    const view = await viewOf(runId);
-    if (view?.state === 'running') continue;
+  for (const { pid, runId, step } of stepProcesses(options.topology.clusterId)) {
+    if (going(await recordOf(runId))) continue;
+    // A worker may have finished that step and taken another (of a live run) while we looked.
+    const now = stepOfProcess(pid, options.topology.clusterId);
+    if (now?.runId !== runId || now.step !== step) continue;
     try {
       process.kill(pid, 'SIGKILL');
       processes++;
@@ -63,24 +67,33 @@ export async function collectGarbage(options: GcOptions): Promise<{ segments: nu
   return { segments: doomed.length, processes };
 }
 
-/** Step processes of this cluster on this host, found by their command line. */
+/**
+ * Step processes of this cluster on this host running a step now, found by their command line.
+ * Spares (no step yet) and idle workers (between steps) belong to a live executor and die with it.
+ */
 export function stepProcesses(clusterId: string): { pid: number; runId: string; step: string }[] {
   const found: { pid: number; runId: string; step: string }[] = [];
   for (const entry of readdirSync('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
-    let argv: string[];
-    try {
-      // A step process rewrites its title (spaces) once it has a job; until then its argv has placeholders.
-      argv = readFileSync(`/proc/${entry}/cmdline`, 'utf8').split(/[\0 ]+/);
-    } catch {
-      continue;
-    }
-    const at = argv.indexOf(STEP_PROCESS_MARKER);
-    if (at < 0 || argv[at + 1] !== clusterId) continue;
-    const runId = argv[at + 2] ?? '';
-    // A spare (no job yet) belongs to a live executor and dies with it.
-    if (/^-+$/.test(runId)) continue;
-    found.push({ pid: Number(entry), runId, step: argv[at + 3] ?? '' });
+    const running = stepOfProcess(Number(entry), clusterId);
+    if (running) found.push({ pid: Number(entry), ...running });
   }
   return found;
+}
+
+/** The step process `pid` of this cluster runs now, or null (not one, or no step now). */
+function stepOfProcess(pid: number, clusterId: string): { runId: string; step: string } | null {
+  let argv: string[];
+  try {
+    // A step process rewrites its title (spaces) once it has a job; until then its argv has placeholders.
+    argv = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split(/[\0 ]+/);
+  } catch {
+    return null; // gone, or not ours to read
+  }
+  const at = argv.indexOf(STEP_PROCESS_MARKER);
+  if (at < 0 || argv[at + 1] !== clusterId) return null;
+  const runId = argv[at + 2] ?? '';
+  // Placeholders (a spare) or NO_RUN (an idle worker).
+  if (runId === NO_RUN || /^-+$/.test(runId)) return null;
+  return { runId, step: argv[at + 3] ?? '' };
 }

@@ -3,7 +3,32 @@ import type { FieldSummary, RunEventPayload, StepError, TableDescriptor } from '
 /** The marker in a step process's command line: `quiver-step <clusterId> <runId> <step>`. gc looks for it. */
 export const STEP_PROCESS_MARKER = 'quiver-step';
 
-/** What the executor sends a fresh step process: everything it needs, no data. */
+/**
+ * The run id a step process shows while it has no step: a spare that has run nothing yet, or an
+ * idle worker between steps. Both belong to a live executor and die with it, so gc leaves them.
+ */
+export const NO_RUN = '-';
+
+/**
+ * Placeholders for a step process's command line: the title it writes later (its run and step)
+ * can be no longer than the command line it started with.
+ */
+export function stepProcessArgs(clusterId: string): string[] {
+  return [STEP_PROCESS_MARKER, clusterId, '-'.repeat(26), '-'.repeat(64)];
+}
+
+/** The title of a step process running `step` of `runId`, or of one with no step now. */
+export function stepProcessTitle(clusterId: string, job: { runId: string; step: string } | null): string {
+  return job ? `${STEP_PROCESS_MARKER} ${clusterId} ${job.runId} ${job.step}` : `${STEP_PROCESS_MARKER} ${clusterId} ${NO_RUN} idle`;
+}
+
+/**
+ * `Symbol.for` key of the global through which pipeline code gets the step process's own Arrow
+ * (see build-runner.ts): one Arrow module per process, wherever it was loaded from.
+ */
+export const ARROW_GLOBAL = 'quiver.apache-arrow';
+
+/** What the executor sends a step process for one step: everything it needs, no data. */
 export interface RunnerJob {
   codePath: string;
   runId: string;
@@ -19,7 +44,7 @@ export interface RunnerJob {
   poolMaxBytes?: number;
 }
 
-/** What a step process answers once, before it exits. */
+/** What a step process answers for one step. */
 export type RunnerReply =
   | {
       type: 'result';
@@ -33,3 +58,26 @@ export type RunnerReply =
       codeStartedAt?: number;
     }
   | { type: 'error'; error: StepError; codeStartedAt?: number };
+
+/** Executor → step process. */
+export type RunnerRequest =
+  | {
+      type: 'job';
+      job: RunnerJob;
+      /**
+       * Written as the last line on stdout and on stderr once the step is done, so the executor
+       * knows every line the step printed has arrived. Random per job: a step cannot forge it.
+       */
+      endMarker: string;
+      /** A worker stays for the next step of its pipeline version; otherwise the process exits after this one. */
+      keepAlive: boolean;
+    }
+  /** A worker answers from its event loop: no answer for a while means it hangs. */
+  | { type: 'ping'; seq: number };
+
+/** Step process → executor. */
+export type RunnerMessage =
+  | { type: 'reply'; reply: RunnerReply; /** Resident set size after the step. */ rssBytes: number }
+  | { type: 'pong'; seq: number }
+  /** A worker's uncaught exception or unhandled rejection: it exits right after sending this. */
+  | { type: 'fatal'; error: StepError };

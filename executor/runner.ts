@@ -1,133 +1,147 @@
 /**
- * The entry point of a step process: one step, then exit. Bundled by the executor (esbuild) so a
- * step starts with plain `node`, no TypeScript loader on the hot path.
+ * The entry point of a step process. Bundled by the executor (esbuild) so a step starts with plain
+ * `node`, no TypeScript loader on the hot path; or, bundled with Arrow into one script, as a V8
+ * startup snapshot (build-runner.ts) whose heap already holds Arrow and this code. Its first job
+ * says what it is: a one-step process (run the step, answer, exit) or a worker (answer, then wait
+ * for the next step of the same pipeline version). Either way each step goes through {@link runJob}.
  */
-import { Table } from 'apache-arrow';
-import { type BorrowableInput, isViewOf, parentPid, readInput, setParentDeathSignal, writeOutput } from '../shm/index.ts';
-import { STEP_PROCESS_MARKER, type RunnerJob, type RunnerReply } from './protocol.ts';
+import { Writable } from 'node:stream';
+import { startupSnapshot } from 'node:v8';
+import { Script, constants as vmConstants } from 'node:vm';
+import * as arrow from 'apache-arrow';
+import { parentPid, setParentDeathSignal } from '../shm/index.ts';
+import { ARROW_GLOBAL, STEP_PROCESS_MARKER, stepProcessTitle, type RunnerJob, type RunnerMessage, type RunnerRequest } from './protocol.ts';
+import { runJob } from './run-job.ts';
+import { workerCrashed } from './step-errors.ts';
 
-const expectedParent = Number(process.env.QUIVER_EXECUTOR_PID);
-// Die with the executor, even when it is SIGKILLed: no orphaned step keeps running.
-setParentDeathSignal('SIGKILL');
-if (expectedParent && parentPid() !== expectedParent) process.exit(70);
+// Pipeline code links Arrow through a module that takes this one (build-runner.ts): one Arrow, so
+// `instanceof Table` holds, even when this Arrow came from a snapshot and not from its file.
+(globalThis as Record<symbol, unknown>)[Symbol.for(ARROW_GLOBAL)] = arrow;
 
-function reply(message: RunnerReply): Promise<void> {
-  return new Promise((resolve) => {
-    if (!process.send) return resolve();
-    process.send(message, undefined, {}, () => resolve());
+let clusterId = '';
+/** How pipeline code is imported: `import()` itself, except in a snapshot (below). */
+let load: (codePath: string) => Promise<unknown> = (codePath) => import(codePath);
+
+function send(message: RunnerMessage): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (!process.send || !process.connected) return reject(new Error('the executor is gone'));
+    process.send(message, undefined, {}, (error) => (error ? reject(error) : resolve()));
   });
 }
 
-function serializeError(error: unknown): RunnerReply & { type: 'error' } {
-  if (error instanceof Error) {
-    const code = (error as { code?: unknown }).code;
-    return {
-      type: 'error',
-      error: {
-        name: error.name,
-        message: error.message,
-        ...(error.stack ? { stack: error.stack } : {}),
-        ...(typeof code === 'string' ? { code } : {}),
-      },
-    };
-  }
-  return { type: 'error', error: { name: 'NonErrorThrown', message: `the step threw a non-Error value: ${describeValue(error)}` } };
-}
-
-function describeValue(value: unknown): string {
-  if (value === null) return 'null';
-  if (value === undefined) return 'undefined';
-  if (Array.isArray(value)) return `an array of length ${value.length}`;
-  if (typeof value === 'object') return `an object (${value.constructor?.name ?? 'Object'}) with keys [${Object.keys(value).slice(0, 5).join(', ')}]`;
-  if (typeof value === 'function') return 'a function';
-  return `${typeof value} ${String(value).slice(0, 80)}`;
-}
-
-/** Set just before the step function is called: a failure after it says when user code began. */
-let codeStartedAt: number | undefined;
-
-async function runJob(job: RunnerJob): Promise<RunnerReply> {
-  const mod = (await import(job.codePath)) as { default?: { steps?: Record<string, { fn?: unknown }> } };
-  const fn = mod.default?.steps?.[job.step]?.fn;
-  if (typeof fn !== 'function') {
-    return { type: 'error', error: { name: 'StepNotFound', code: 'ERR_STEP_NOT_FOUND', message: `the pipeline code has no step "${job.step}"` } };
-  }
-
-  const mappings: ArrayBuffer[] = [];
-  const inputs: Record<string, Table> = {};
-  // With regions, output columns passed through unchanged from these are referenced, not rewritten.
-  const borrowable: BorrowableInput[] = [];
-  let inputCopiedBytes = 0;
-  for (const input of job.inputs) {
-    const opened = readInput(input.descriptor.segments, { dir: job.shmDir });
-    mappings.push(...opened.mappings);
-    const have = opened.table.schema.fields.map((f) => f.name);
-    const missing = (input.columns ?? []).filter((c) => !have.includes(c));
-    if (missing.length > 0) {
-      return {
-        type: 'error',
-        error: {
-          name: 'UnknownColumnError',
-          code: 'ERR_UNKNOWN_COLUMN',
-          message: `input "${input.param}" of step "${job.step}" asks for column(s) ${missing.join(', ')}, which its parent did not produce; its columns are: ${have.join(', ')}`,
-        },
-      };
-    }
-    // A projection picks columns; their buffers stay where they are.
-    const table = input.columns ? opened.table.select(input.columns) : opened.table;
-    // Counted, not assumed: an input that is not a view of the mapping was copied somewhere.
-    if (!isViewOf(table, opened.mappings)) inputCopiedBytes += input.descriptor.byteSize;
-    inputs[input.param] = table;
-    borrowable.push({ table, segments: input.descriptor.segments });
-  }
-
-  const context = {
-    runId: job.runId,
-    step: job.step,
-    params: Object.freeze({ ...job.params }),
-    event: job.event ? Object.freeze({ ...job.event }) : null,
-    log: (...args: unknown[]) => console.log(...args),
-    isZeroCopy: (table: Table) => isViewOf(table, mappings),
-  };
-  codeStartedAt = performance.timeOrigin + performance.now();
-  const result: unknown = await (fn as (i: unknown, c: unknown) => unknown)(Object.freeze(inputs), context);
-  if (!(result instanceof Table)) {
-    return {
-      type: 'error',
-      error: {
-        name: 'StepResultError',
-        code: 'ERR_STEP_RESULT',
-        message: `step "${job.step}" returned ${describeValue(result)}; a step must return an Arrow Table (apache-arrow's Table, e.g. from tableFromArrays)`,
-      },
-    };
-  }
-  // Regions when the executor has a broker (the quiver module is loaded), else files: one copy.
-  const written = writeOutput(result, {
-    dir: job.shmDir,
-    idPrefix: job.outputIdPrefix,
-    ...(job.regionBroker ? { broker: job.regionBroker, inputs: borrowable } : {}),
-    ...(job.maxSegmentBytes ? { maxSegmentBytes: job.maxSegmentBytes } : {}),
-    ...(job.poolMaxBytes !== undefined ? { poolMaxBytes: job.poolMaxBytes } : {}),
+/**
+ * The streams as they were before any step ran: a step may replace process.stdout. Writes to a
+ * pipe queue when it is full, so the end marker goes through the same queue, after every line.
+ */
+let output: { stdout: NodeJS.WriteStream; stderr: NodeJS.WriteStream };
+const writeLine = (stream: NodeJS.WriteStream, line: string) =>
+  new Promise<void>((resolve, reject) => {
+    Writable.prototype.write.call(stream, `${line}\n`, 'utf8', (error?: Error | null) => (error ? reject(error) : resolve()));
   });
-  return {
-    type: 'result',
-    segments: written.segments,
-    byteSize: written.byteSize,
-    rows: written.rows,
-    schema: result.schema.fields.map((f) => ({ name: f.name, type: String(f.type), nullable: f.nullable })),
-    inputCopiedBytes,
-    outputCopiedBytes: written.copiedBytes,
-    codeStartedAt,
-  };
+
+/** The step running now, and the last one: what a worker's crash is blamed on. */
+let current: RunnerJob | null = null;
+let last: RunnerJob | null = null;
+
+/**
+ * What a worker's step may change for the process, put back after every call: environment and
+ * working directory as they were when the step function was called (changes made while its
+ * module was first imported stay, like the module's globals).
+ */
+let before: { env: Record<string, string | undefined>; cwd: string } | null = null;
+function restoreProcessState(): void {
+  if (!before) return;
+  for (const key of Object.keys(process.env)) if (!(key in before.env)) delete process.env[key];
+  for (const [key, value] of Object.entries(before.env)) if (process.env[key] !== value) process.env[key] = value;
+  if (process.cwd() !== before.cwd) process.chdir(before.cwd);
+  before = null;
 }
 
-process.once('message', (job: RunnerJob) => {
+/** Set by the first job: a worker outlives its steps. */
+let isWorker = false;
+let crashing = false;
+/** A worker's uncaught error ends it: it cannot know what state the step left behind. */
+function crash(thrown: unknown, origin: NodeJS.UncaughtExceptionOrigin): void {
+  if (crashing) return;
+  crashing = true;
+  const running = current !== null;
+  const blamed = current ?? last;
+  const error = workerCrashed(blamed?.step ?? null, running, origin, thrown);
+  // If the executor does not take the message within a second, go anyway.
+  setTimeout(() => process.exit(1), 1000).unref();
+  send({ type: 'fatal', error }).finally(() => process.exit(1));
+}
+
+async function handle(request: RunnerRequest & { type: 'job' }): Promise<void> {
+  const { job, endMarker, keepAlive } = request;
+  if (keepAlive && !isWorker) {
+    isWorker = true;
+    process.on('uncaughtException', crash);
+  }
+  current = job;
+  process.title = stepProcessTitle(clusterId, job);
+  const reply = await runJob(job, {
+    load,
+    beforeCall: () => {
+      if (keepAlive) before = { env: { ...process.env }, cwd: process.cwd() };
+    },
+  });
+  restoreProcessState();
+  // The executor forwards lines until it sees these: every line of the step is then ahead of its reply.
+  await Promise.all([writeLine(output.stdout, endMarker), writeLine(output.stderr, endMarker)]);
+  current = null;
+  last = job;
+  if (keepAlive) process.title = stepProcessTitle(clusterId, null);
+  await send({ type: 'reply', reply, rssBytes: process.memoryUsage.rss() });
+  if (!keepAlive) process.exit(0);
+}
+
+function main(fromSnapshot: boolean): void {
+  const expectedParent = Number(process.env.QUIVER_EXECUTOR_PID);
+  // Die with the executor, even when it is SIGKILLed: no orphaned step keeps running.
+  setParentDeathSignal('SIGKILL');
+  if (expectedParent && parentPid() !== expectedParent) process.exit(70);
   // gc finds step processes of dead runs by this title (`quiver-step <cluster> <run> <step>`).
-  const cluster = process.argv[process.argv.indexOf(STEP_PROCESS_MARKER) + 1];
-  process.title = `${STEP_PROCESS_MARKER} ${cluster} ${job.runId} ${job.step}`;
-  runJob(job)
-    .catch((error: unknown) => ({ ...serializeError(error), ...(codeStartedAt !== undefined ? { codeStartedAt } : {}) }))
-    .then(reply)
-    .then(() => process.exit(0), () => process.exit(1));
-});
-process.on('disconnect', () => process.exit(71));
+  clusterId = process.argv[process.argv.indexOf(STEP_PROCESS_MARKER) + 1] ?? '';
+  output = { stdout: process.stdout, stderr: process.stderr };
+  if (fromSnapshot) {
+    // Code deserialized from a snapshot has no module loader of its own for import(); a script
+    // compiled now gets the main one. Node 20 calls that experimental: keep the warning off the step's log.
+    const emitWarning = process.emitWarning;
+    process.emitWarning = () => undefined;
+    try {
+      load = new Script('(codePath) => import(codePath)', { importModuleDynamically: vmConstants.USE_MAIN_CONTEXT_DEFAULT_LOADER }).runInThisContext() as typeof load;
+    } finally {
+      process.emitWarning = emitWarning;
+    }
+  }
+  // build-runner.ts checks a new snapshot this way before any step starts from it.
+  if (process.env.QUIVER_RUNNER_SELF_CHECK) {
+    // The check module exports the Table it linked against: it must be this one.
+    void load(process.env.QUIVER_RUNNER_SELF_CHECK).then(
+      (mod) => {
+        const same = (mod as { default?: unknown }).default === arrow.Table;
+        process.stdout.write(`quiver-runner ${same ? 'ok' : 'two-arrows'} ${fromSnapshot ? 'snapshot' : 'plain'}\n`, () => process.exit(same ? 0 : 1));
+      },
+      (error: unknown) => {
+        process.stderr.write(`quiver-runner self-check failed: ${(error as Error).stack ?? String(error)}\n`, () => process.exit(1));
+      },
+    );
+    return;
+  }
+  process.on('message', (request: RunnerRequest) => {
+    if (request.type === 'ping') {
+      send({ type: 'pong', seq: request.seq }).catch(() => process.exit(71));
+    } else if (request.type === 'job') {
+      handle(request).catch((error: unknown) => {
+        // Nothing left to answer with (the executor is gone, or a restore failed): end the process.
+        if (isWorker) crash(error, 'uncaughtException');
+        else process.exit(1);
+      });
+    }
+  });
+  process.on('disconnect', () => process.exit(71));
+}
+
+if (startupSnapshot.isBuildingSnapshot()) startupSnapshot.setDeserializeMainFunction(() => main(true));
+else main(false);

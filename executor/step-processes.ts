@@ -1,95 +1,169 @@
-import { fork, type ChildProcess } from 'node:child_process';
-import { createInterface } from 'node:readline';
 import type { Isolation, LogLine } from '../schemas/index.ts';
-import { STEP_PROCESS_MARKER, type RunnerJob, type RunnerReply } from './protocol.ts';
+import type { RunnerJob, RunnerReply } from './protocol.ts';
+import { StepProcess } from './step-process.ts';
+
+/** Limits of the long-lived step processes that run steps with `isolation: 'worker'`. */
+export interface WorkerOptions {
+  /** Steps a worker runs before it is replaced by a new one. @default 1000 */
+  maxStepsPerWorker?: number;
+  /** A worker whose resident set is above this after a step is replaced (the step still succeeds). @default 1 GiB */
+  maxWorkerRssBytes?: number;
+  /** A worker with no step for this long exits. @default 60_000 */
+  workerIdleMs?: number;
+  /**
+   * A worker whose event loop does not answer for this long is killed and its step fails
+   * (ERR_WORKER_HUNG): any synchronous stretch of a step counts, writing its output too. @default 30_000
+   */
+  workerHangMs?: number;
+}
 
 /** Options for {@link StepProcesses}. */
 export interface StepProcessesOptions {
   /** The bundled runner (see build-runner.ts). */
   runnerPath: string;
+  /** Extra node arguments for every step process, e.g. `--snapshot-blob` (see build-runner.ts). @default none */
+  execArgv?: readonly string[];
   /** Written into each step process's title, where gc finds it. */
   clusterId: string;
   /** Step processes kept booted ahead of need (each has run nothing yet). 0 starts each on demand. @default 2 */
   prewarm?: number;
+  workers?: WorkerOptions;
   /** Every line a step prints, as it prints it. */
   onLog: (line: LogLine) => void;
 }
 
-interface RunningStep {
-  child: ChildProcess;
-  killedBecause: string | null;
+export const DEFAULT_PREWARM = 2;
+export const DEFAULT_MAX_STEPS_PER_WORKER = 1000;
+export const DEFAULT_MAX_WORKER_RSS_BYTES = 1024 ** 3;
+export const DEFAULT_WORKER_IDLE_MS = 60_000;
+export const DEFAULT_WORKER_HANG_MS = 30_000;
+
+type ResolvedOptions = Required<Omit<StepProcessesOptions, 'workers'>> & { workers: Required<WorkerOptions> };
+
+/** User options → defaults → checked options, in one place. Throws at once on a bad value. */
+export function resolveStepProcessesOptions(options: StepProcessesOptions): ResolvedOptions {
+  const count = (name: string, value: number | undefined, fallback: number, min: number): number => {
+    const v = value ?? fallback;
+    if (!Number.isSafeInteger(v) || v < min) throw new RangeError(`StepProcesses: ${name} must be an integer >= ${min}, got ${value}`);
+    return v;
+  };
+  const w = options.workers ?? {};
+  return {
+    runnerPath: options.runnerPath,
+    execArgv: options.execArgv ?? [],
+    clusterId: options.clusterId,
+    prewarm: count('prewarm', options.prewarm, DEFAULT_PREWARM, 0),
+    onLog: options.onLog,
+    workers: {
+      maxStepsPerWorker: count('workers.maxStepsPerWorker', w.maxStepsPerWorker, DEFAULT_MAX_STEPS_PER_WORKER, 1),
+      maxWorkerRssBytes: count('workers.maxWorkerRssBytes', w.maxWorkerRssBytes, DEFAULT_MAX_WORKER_RSS_BYTES, 1),
+      workerIdleMs: count('workers.workerIdleMs', w.workerIdleMs, DEFAULT_WORKER_IDLE_MS, 1),
+      workerHangMs: count('workers.workerHangMs', w.workerHangMs, DEFAULT_WORKER_HANG_MS, 10),
+    },
+  };
 }
 
-const DEFAULT_PREWARM = 2;
-const TERMINAL_SIGNALS = new Set(['SIGSEGV', 'SIGBUS']);
+interface IdleWorker {
+  worker: StepProcess;
+  timer: NodeJS.Timeout;
+}
 
 /**
- * The step processes of one executor: it hands each job to a process, forwards what the step
- * prints, and turns every way a process can end into one reply. Never throws for a step's fault.
+ * The step processes of one executor. `process` isolation: each step gets a fresh process (booted
+ * ahead of need). `worker` isolation: each pipeline version (one linked bundle, `job.codePath`)
+ * gets long-lived workers that import its code once and run its steps one at a time; as many as
+ * run at once, recycled by count, memory, idleness, crash and hang. Never throws for a step's fault.
  */
 export class StepProcesses {
-  private readonly running = new Map<string, Set<RunningStep>>();
-  private readonly spares: ChildProcess[] = [];
+  private readonly options: ResolvedOptions;
+  /** Steps running now, by run: what killRun kills. */
+  private readonly running = new Map<string, Set<StepProcess>>();
+  private readonly spares: StepProcess[] = [];
+  /** Idle workers by code path, the most recently used last. */
+  private readonly idle = new Map<string, IdleWorker[]>();
+  private readonly workers = new Set<StepProcess>();
   private stopped = false;
 
-  constructor(private readonly options: StepProcessesOptions) {
+  constructor(options: StepProcessesOptions) {
+    this.options = resolveStepProcessesOptions(options);
     this.refillSpares();
   }
 
+  /** Live workers, busy or idle. */
+  get workerCount(): number {
+    return this.workers.size;
+  }
+
   /** Runs one user step to its reply: a table's segments, or the error that ended it. */
-  run(job: RunnerJob, _isolation: Isolation): Promise<RunnerReply> {
-    const child = this.takeProcess();
-    const running: RunningStep = { child, killedBecause: null };
+  async run(job: RunnerJob, isolation: Isolation): Promise<RunnerReply> {
+    const keepAlive = isolation === 'worker';
+    const proc = keepAlive ? this.takeWorker(job.codePath) : this.takeProcess();
     const set = this.running.get(job.runId) ?? new Set();
-    set.add(running);
+    set.add(proc);
     this.running.set(job.runId, set);
-
-    const forward = (stream: 'stdout' | 'stderr', source: NodeJS.ReadableStream | null) => {
-      if (!source) return Promise.resolve();
-      const lines = createInterface({ input: source, crlfDelay: Infinity });
-      lines.on('line', (line) => this.options.onLog({ runId: job.runId, step: job.step, stream, line, at: Date.now() }));
-      return new Promise<void>((resolve) => lines.once('close', resolve));
-    };
-    const drained = Promise.all([forward('stdout', child.stdout), forward('stderr', child.stderr)]);
-
-    return new Promise<RunnerReply>((resolve) => {
-      let reply: RunnerReply | null = null;
-      child.on('message', (m: RunnerReply) => {
-        reply ??= m;
-      });
-      child.once('error', (error) => {
-        reply ??= { type: 'error', error: { name: 'SpawnError', code: 'ERR_STEP_SPAWN', message: `could not start the step process: ${error.message}` } };
-      });
-      child.once('exit', (code, signal) => {
-        // Every log line is published before the completion, so the terminal shows them in order.
-        void drained.then(() => {
-          set.delete(running);
-          if (set.size === 0) this.running.delete(job.runId);
-          if (running.killedBecause) {
-            resolve({ type: 'error', error: { name: 'StepKilled', code: 'ERR_STEP_KILLED', message: `step "${job.step}" was killed: ${running.killedBecause}` } });
-          } else if (reply) {
-            resolve(reply);
-          } else {
-            const how = signal ? `was killed by ${signal}` : `exited with code ${code}`;
-            const hint = signal && TERMINAL_SIGNALS.has(signal) ? ' (input tables are read-only shared memory: writing into their buffers is not allowed)' : '';
-            resolve({ type: 'error', error: { name: 'StepProcessDied', code: 'ERR_STEP_PROCESS', message: `the process of step "${job.step}" ${how} before returning a table${hint}` } });
-          }
-        });
-      });
-      child.send(job);
-    });
+    try {
+      const outcome = await proc.run(job, { keepAlive, hangMs: this.options.workers.workerHangMs });
+      if (keepAlive) this.afterWorkerStep(job.codePath, proc, outcome.reusable, outcome.rssBytes);
+      return outcome.reply;
+    } finally {
+      set.delete(proc);
+      if (set.size === 0 && this.running.get(job.runId) === set) this.running.delete(job.runId);
+    }
   }
 
-  /** Kills the steps of a run now running here; each ends with an error saying why. */
+  /** Kills the steps of a run now running here, workers included; each ends with an error saying why. */
   killRun(runId: string, why: string): void {
-    for (const s of this.running.get(runId) ?? []) this.kill(s, why);
+    for (const proc of this.running.get(runId) ?? []) proc.kill(why);
   }
 
-  /** Kills every step process: steps still running end with an error saying why. */
+  /** Kills every step process, workers and spares: steps still running end with an error saying why. */
   stop(why: string): void {
     this.stopped = true;
-    for (const steps of this.running.values()) for (const s of steps) this.kill(s, why);
-    for (const spare of this.spares.splice(0)) spare.kill('SIGKILL');
+    for (const procs of this.running.values()) for (const proc of procs) proc.kill(why);
+    for (const worker of this.workers) if (!worker.busy) worker.retire();
+    for (const spare of this.spares.splice(0)) spare.kill(why);
+  }
+
+  private takeWorker(codePath: string): StepProcess {
+    const idle = this.idle.get(codePath) ?? [];
+    while (idle.length > 0) {
+      const { worker, timer } = idle.pop()!;
+      clearTimeout(timer);
+      if (worker.alive) return worker;
+    }
+    const worker = this.takeProcess();
+    this.workers.add(worker);
+    worker.onExit(() => {
+      this.workers.delete(worker);
+      this.dropIdle(codePath, worker);
+    });
+    return worker;
+  }
+
+  /** Back to idle, or replaced: by count, by memory, or because it crashed. */
+  private afterWorkerStep(codePath: string, worker: StepProcess, reusable: boolean, rssBytes: number | null): void {
+    const limits = this.options.workers;
+    if (!reusable || !worker.alive) return; // dying already: its exit takes it out of the pool
+    if (this.stopped || worker.steps >= limits.maxStepsPerWorker || (rssBytes ?? 0) > limits.maxWorkerRssBytes) {
+      worker.retire();
+      return;
+    }
+    const timer = setTimeout(() => {
+      this.dropIdle(codePath, worker);
+      worker.retire();
+    }, limits.workerIdleMs);
+    timer.unref();
+    const idle = this.idle.get(codePath) ?? [];
+    idle.push({ worker, timer });
+    this.idle.set(codePath, idle);
+  }
+
+  private dropIdle(codePath: string, worker: StepProcess): void {
+    const idle = this.idle.get(codePath);
+    if (!idle) return;
+    const at = idle.findIndex((i) => i.worker === worker);
+    if (at >= 0) clearTimeout(idle.splice(at, 1)[0]!.timer);
+    if (idle.length === 0) this.idle.delete(codePath);
   }
 
   /**
@@ -97,38 +171,27 @@ export class StepProcesses {
    * so every step still gets a fresh process. Start-up (~170 ms of node and apache-arrow) moves
    * off the step's critical path.
    */
-  private takeProcess(): ChildProcess {
-    const spare = this.spares.shift();
+  private takeProcess(): StepProcess {
+    let spare: StepProcess | undefined;
+    while ((spare = this.spares.shift()) && !spare.alive);
     this.refillSpares();
-    return spare ?? this.spawnRunner();
+    return spare ?? this.spawn();
   }
 
   private refillSpares(): void {
-    const wanted = this.stopped ? 0 : (this.options.prewarm ?? DEFAULT_PREWARM);
+    const wanted = this.stopped ? 0 : this.options.prewarm;
     while (this.spares.length < wanted) {
-      const child = this.spawnRunner();
-      this.spares.push(child);
-      child.once('exit', () => {
-        const at = this.spares.indexOf(child);
+      const spare = this.spawn();
+      this.spares.push(spare);
+      spare.onExit(() => {
+        const at = this.spares.indexOf(spare);
         if (at >= 0) this.spares.splice(at, 1);
       });
     }
   }
 
-  private spawnRunner(): ChildProcess {
-    // The placeholders leave room for the runner to write its run and step into its title, where gc finds them.
-    return fork(this.options.runnerPath, [STEP_PROCESS_MARKER, this.options.clusterId, '-'.repeat(26), '-'.repeat(64)], {
-      stdio: ['ignore', 'pipe', 'pipe', 'ipc'],
-      // Not the executor's flags: a TypeScript loader or test runner would triple the start-up time.
-      // Source maps point step stack traces at the user's own files.
-      execArgv: ['--enable-source-maps'],
-      env: { ...process.env, QUIVER_EXECUTOR_PID: String(process.pid) },
-      serialization: 'json',
-    });
-  }
-
-  private kill(step: RunningStep, why: string): void {
-    step.killedBecause ??= why;
-    step.child.kill('SIGKILL');
+  private spawn(): StepProcess {
+    const { runnerPath, clusterId, execArgv, onLog } = this.options;
+    return new StepProcess({ runnerPath, clusterId, execArgv, onLog });
   }
 }

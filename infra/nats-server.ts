@@ -10,37 +10,94 @@ export interface NatsServerOptions {
   dir: string;
   /** nats-server binary. @default process.env.QUIVER_NATS_SERVER ?? 'nats-server' */
   binary?: string;
+  /**
+   * Port to listen on, e.g. the port of a server started before on the same `dir` (its clients
+   * reconnect to that port). @default -1: a free port picked by the server
+   */
+  port?: number;
   /** How long to wait for the server to listen. @default 10_000 */
   startTimeoutMs?: number;
   /** Remove `dir` when the server stops. @default true */
   removeDirOnStop?: boolean;
 }
 
-/** A private nats-server with JetStream, listening on a free loopback port. */
+/** A private nats-server with JetStream (file storage under its `dir`), listening on loopback. */
 export interface NatsServer {
   readonly url: string;
   readonly port: number;
+  /** The current process; a new one after {@link NatsServer.restart}. */
   readonly pid: number;
   /** Stops the server (SIGTERM, then SIGKILL) and removes its directory unless told not to. */
   stop(): Promise<void>;
+  /**
+   * Kills the server with SIGKILL, as a crash would (no clean JetStream shutdown), and waits for
+   * it to be gone. Its directory stays, for {@link NatsServer.restart}.
+   */
+  kill(): Promise<void>;
+  /**
+   * Starts the server again on the same port with the same storage, after {@link NatsServer.kill}
+   * (or kills it first). Clients that reconnect find their streams and buckets as last persisted.
+   * @throws QuiverInfraError after {@link NatsServer.stop}, or when the port is taken meanwhile.
+   */
+  restart(): Promise<void>;
 }
 
 const INSTALL_HINT = 'Install it with `apt-get install nats-server` (Debian) or set QUIVER_NATS_SERVER to its path.';
+/** nats-server's own "pick a free port". */
+const ANY_PORT = -1;
+
+/** One nats-server process. */
+interface Launched {
+  child: ChildProcess;
+  exited: Promise<unknown>;
+  port: number;
+}
 
 /**
- * Starts nats-server on port -1 (the server picks a free port) and reads the real port back from
- * its ports file: no race between choosing a port and binding it.
+ * Starts nats-server, on port -1 (the server picks a free port) unless given one, and reads the
+ * real port back from its ports file: no race between choosing a port and binding it.
  */
 export async function startNatsServer(options: NatsServerOptions): Promise<NatsServer> {
   const binary = options.binary ?? process.env.QUIVER_NATS_SERVER ?? 'nats-server';
   const startTimeoutMs = options.startTimeoutMs ?? 10_000;
   const removeDirOnStop = options.removeDirOnStop ?? true;
+  const wantedPort = options.port ?? ANY_PORT;
+  if (!Number.isInteger(wantedPort) || (wantedPort !== ANY_PORT && (wantedPort < 1 || wantedPort > 65_535))) {
+    throw new QuiverInfraError('ERR_NATS_SERVER_START', `port must be a whole number from 1 to 65535, or -1 for a free one; got ${wantedPort}`);
+  }
   const storeDir = join(options.dir, 'jetstream');
   const portsDir = join(options.dir, 'ports');
   mkdirSync(storeDir, { recursive: true });
   mkdirSync(portsDir, { recursive: true });
+  const launch = (port: number) => launchNatsServer(binary, storeDir, portsDir, port, startTimeoutMs);
 
-  const child = spawn(binary, ['-a', '127.0.0.1', '-p', '-1', '-js', '-sd', storeDir, '--ports_file_dir', portsDir], {
+  let current = await launch(wantedPort);
+  const port = current.port;
+  let stopped = false;
+  return {
+    url: `nats://127.0.0.1:${port}`,
+    port,
+    get pid() {
+      return current.child.pid ?? -1;
+    },
+    stop: async () => {
+      stopped = true;
+      await stopChild(current.child, current.exited);
+      if (removeDirOnStop) rmSync(options.dir, { recursive: true, force: true });
+    },
+    kill: async () => {
+      await killChild(current.child, current.exited);
+    },
+    restart: async () => {
+      if (stopped) throw new QuiverInfraError('ERR_NATS_SERVER_START', `nats-server on port ${port} was stopped; start a new one instead of restarting it`);
+      await killChild(current.child, current.exited);
+      current = await launch(port);
+    },
+  };
+}
+
+async function launchNatsServer(binary: string, storeDir: string, portsDir: string, wantedPort: number, startTimeoutMs: number): Promise<Launched> {
+  const child = spawn(binary, ['-a', '127.0.0.1', '-p', String(wantedPort), '-js', '-sd', storeDir, '--ports_file_dir', portsDir], {
     stdio: ['ignore', 'ignore', 'pipe'],
   });
   let stderr = '';
@@ -64,7 +121,7 @@ export async function startNatsServer(options: NatsServerOptions): Promise<NatsS
       const why = exitInfo.error
         ? `${exitInfo.error.message}. ${INSTALL_HINT}`
         : `it exited with ${exitInfo.signal ?? exitInfo.code}: ${stderr.trim() || '(no output)'}`;
-      throw new QuiverInfraError('ERR_NATS_SERVER_START', `nats-server could not start: ${why}`);
+      throw new QuiverInfraError('ERR_NATS_SERVER_START', `nats-server could not start${wantedPort === ANY_PORT ? '' : ` on port ${wantedPort}`}: ${why}`);
     }
     if (existsSync(portsFile)) {
       try {
@@ -85,16 +142,7 @@ export async function startNatsServer(options: NatsServerOptions): Promise<NatsS
       `nats-server did not report a port within ${startTimeoutMs} ms: ${stderr.trim() || '(no output)'}`,
     );
   }
-
-  return {
-    url: `nats://127.0.0.1:${port}`,
-    port,
-    pid: child.pid ?? -1,
-    stop: async () => {
-      await stopChild(child, exited);
-      if (removeDirOnStop) rmSync(options.dir, { recursive: true, force: true });
-    },
-  };
+  return { child, exited, port };
 }
 
 function binaryBaseName(binary: string): string {
@@ -107,4 +155,10 @@ async function stopChild(child: ChildProcess, exited: Promise<unknown>): Promise
   const timer = setTimeout(() => child.kill('SIGKILL'), 3000);
   await exited;
   clearTimeout(timer);
+}
+
+async function killChild(child: ChildProcess, exited: Promise<unknown>): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  child.kill('SIGKILL');
+  await exited;
 }

@@ -5,3 +5,5 @@ export type { RunMachine, RunSnapshot, RunContext, RunEvent, StepFacts } from '.
 export { Scheduler } from './scheduler.ts';
 export type { ScheduleState, SchedulerOptions } from './scheduler.ts';
 export { DEFAULT_LEASE_TTL_MS } from './orchestrator.ts';
+export { readRunView } from './run-store.ts';
+export { replayRun, type RunFacts } from './run-machine.ts';

@@ -1,14 +1,8 @@
 import { createHash } from 'node:crypto';
 import type { KV } from '@nats-io/kv';
 import { encodeTime } from 'ulid';
-import type { Logger } from '../schemas/index.ts';
+import { decode, encode, leaseRecord, type LeaseRecord, type Logger } from '../schemas/index.ts';
 
-/** What the lease key holds. */
-interface LeaseValue {
-  holder: string;
-  pid: number;
-  expiresAt: number;
-}
 
 export interface LeaseOptions {
   /** Who asks: shown in the lease and logs. */
@@ -34,6 +28,8 @@ export class Lease {
   private timer: NodeJS.Timeout | null = null;
   private stopped = false;
   private busy: Promise<void> = Promise.resolve();
+  /** When the lease this process holds runs out unless renewed. */
+  private heldUntil = 0;
 
   constructor(
     private readonly kv: KV,
@@ -70,28 +66,45 @@ export class Lease {
     }, Math.max(50, Math.floor(this.options.ttlMs / 3)));
   }
 
-  private value(): Uint8Array {
-    const v: LeaseValue = { holder: this.options.holder, pid: process.pid, expiresAt: this.options.now() + this.options.ttlMs };
-    return new TextEncoder().encode(JSON.stringify(v));
+  private value(): { data: Uint8Array; expiresAt: number } {
+    const v: LeaseRecord = { holder: this.options.holder, pid: process.pid, expiresAt: this.options.now() + this.options.ttlMs };
+    return { data: encode(leaseRecord, v), expiresAt: v.expiresAt };
   }
 
   private async step(): Promise<void> {
     if (this.stopped) return;
     try {
       if (this.leader) {
-        this.revision = await this.kv.update(this.key, this.value(), this.revision);
+        const next = this.value();
+        this.revision = await this.kv.update(this.key, next.data, this.revision);
+        this.heldUntil = next.expiresAt;
         return;
       }
       const entry = await this.kv.get(this.key);
+      const next = this.value();
       if (!entry || entry.operation !== 'PUT') {
-        this.revision = await this.kv.create(this.key, this.value());
+        this.revision = await this.kv.create(this.key, next.data);
       } else {
-        const current = entry.json<LeaseValue>();
-        if (current.expiresAt > this.options.now()) return;
-        this.options.logger.info(`lease ${this.key} of ${current.holder} expired; taking over`);
-        this.revision = await this.kv.update(this.key, this.value(), entry.revision);
+        let current: LeaseRecord | null = null;
+        try {
+          current = decode(leaseRecord, `${entry.bucket}/${entry.key}`, entry.value);
+        } catch (error) {
+          // A malformed lease leads nobody: replace it.
+          this.options.logger.warn((error as Error).message);
+        }
+        if (current && current.expiresAt > this.options.now()) return;
+        if (current) this.options.logger.info(`lease ${this.key} of ${current.holder} expired; taking over`);
+        this.revision = await this.kv.update(this.key, next.data, entry.revision);
       }
+      this.heldUntil = next.expiresAt;
     } catch (error) {
+      // NATS away (a restart, a failover) is no reason to let go while the lease still runs:
+      // nobody else can take it before it expires. Another holder's write is.
+      const takenOver = /wrong last sequence/i.test((error as Error).message);
+      if (this.leader && !takenOver && this.options.now() < this.heldUntil) {
+        this.options.logger.warn(`renewing the lease ${this.key} failed, still held for ${this.heldUntil - this.options.now()} ms: ${(error as Error).message}`);
+        return;
+      }
       if (this.leader) {
         this.options.logger.warn(`lost the lease ${this.key}: ${(error as Error).message}`);
         this.leader = false;

@@ -10,7 +10,7 @@ import { KvWatchInclude, type KV } from '@nats-io/kv';
 import {
   encode,
   hostRecord,
-  stepFailed,
+  stepCompletion,
   stepReady,
   streams,
   subjects,
@@ -138,7 +138,8 @@ export class Dispatcher {
         error: { name: 'PlacementError', code: 'ERR_NO_HOST', message: placed.error },
         at: this.now(),
       };
-      await this.js.publish(subjects.stepFailed, encode(stepFailed, failed), { msgID: `${key}.done` });
+      // Created, not put: a completion already there (the step ran after all) wins.
+      await this.kv.steps.create(key, encode(stepCompletion, failed)).catch(() => undefined);
       return;
     }
     for (const h of hosts) this.known.add(h.hostId);

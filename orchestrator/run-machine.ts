@@ -1,4 +1,4 @@
-import { and, assign, or, setup, stateIn, type SnapshotFrom } from 'xstate';
+import { and, assign, createActor, or, setup, stateIn, type Actor, type SnapshotFrom } from 'xstate';
 import type {
   Plan,
   RunState,
@@ -216,4 +216,26 @@ export function runStateOf(snapshot: RunSnapshot): RunState {
 /** Each step's state, read off the snapshot. */
 export function stepStatesOf(snapshot: RunSnapshot): Record<string, StepState> {
   return (snapshot.value as unknown as { steps: Record<string, StepState> }).steps;
+}
+
+/** What is durably known of a run's steps: completions (`quiver-steps`) and claims (`quiver-claims`). */
+export interface RunFacts {
+  completions: ReadonlyMap<string, StepSucceeded | StepFailed>;
+  claims: ReadonlyMap<string, { executorId: string; hostId: string; attempt: number; at: number }>;
+}
+
+/**
+ * Rebuilds a run's machine from its facts alone: what a new leader resumes from, and what a
+ * reader of a running run sees. Completions go in plan order (parents first), each after its
+ * step's claim, so the result does not depend on the order the facts were written in.
+ */
+export function replayRun(plan: Plan, runId: string, facts: RunFacts): Actor<RunMachine> {
+  const actor = createActor(createRunMachine(plan), { input: { runId } }).start();
+  for (const step of plan.steps) {
+    const claim = facts.claims.get(step.name);
+    if (claim) actor.send({ type: 'step.started', runId, step: step.name, ...claim });
+    const completion = facts.completions.get(step.name);
+    if (completion) actor.send(completion);
+  }
+  return actor;
 }

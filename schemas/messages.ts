@@ -244,8 +244,8 @@ export type StepSucceeded = z.infer<typeof stepSucceeded>;
 export type StepFailed = z.infer<typeof stepFailed>;
 export type StepCompletion = StepSucceeded | StepFailed;
 
-/** Everything the orchestrator consumes from the control stream. */
-export const controlMessage = z.discriminatedUnion('type', [runSubmit, runCancel, runRelease, stepStarted, stepSucceeded, stepFailed]);
+/** What clients ask of the orchestrator, on the control stream. */
+export const controlMessage = z.discriminatedUnion('type', [runSubmit, runCancel, runRelease]);
 export type ControlMessage = z.infer<typeof controlMessage>;
 
 /** A ready step, as executors claim it from the work queue. */

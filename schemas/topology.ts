@@ -9,9 +9,13 @@ export const subjects = {
   runSubmit: 'quiver.run.submit',
   runCancel: 'quiver.run.cancel',
   runRelease: 'quiver.run.release',
-  stepStarted: 'quiver.step.started',
-  stepSucceeded: 'quiver.step.succeeded',
-  stepFailed: 'quiver.step.failed',
+  /**
+   * A step's claim, as it happens (core NATS, not persisted): for live views only. What a run is
+   * driven by are step completions, records in the `quiver-steps` bucket.
+   */
+  stepStarted: 'quiver.live.started',
+  /** Where a step's completion is written: the `quiver-steps` bucket's subject for its key. */
+  stepCompletion: (runId: string, step: string) => `$KV.quiver-steps.${runId}.${step}`,
   /** A ready step any executor may take. */
   stepReady: 'quiver.work.ready.any',
   /** A ready step placed on one host (its data is there, or it is pinned there). */
@@ -44,6 +48,8 @@ export const consumers = {
   /** Work any executor may take. Named apart from the unfiltered `executors` of older clusters, which is removed. */
   executors: 'executors-any',
   triggers: 'triggers',
+  /** The orchestrator's reading of step completions, on the stream behind the `quiver-steps` bucket. */
+  facts: 'orchestrator-facts',
   /** Work placed on one host: shared by that host's executors (consumer names cannot hold dots). */
   executorsOnHost: (hostId: string) => `executors-host-${hostId.replace(/[^A-Za-z0-9_-]/g, (c) => `_${c.charCodeAt(0).toString(16)}`)}`,
 } as const;
@@ -115,7 +121,8 @@ export async function ensureTopology(nc: NatsConnection, jsm: JetStreamManager, 
   const wantedMaxDeliver = options.maxDeliver ?? DEFAULT_MAX_DELIVER;
   await ensureStream(jsm, {
     name: streams.control,
-    subjects: ['quiver.run.submit', 'quiver.run.cancel', 'quiver.run.release', 'quiver.step.*'],
+    // Only what clients ask for; step completions live in the quiver-steps bucket.
+    subjects: [subjects.runSubmit, subjects.runCancel, subjects.runRelease],
     retention: RetentionPolicy.Limits,
     max_age: ms(7 * 24 * 3600 * 1000),
     duplicate_window: ms(120_000),
@@ -179,6 +186,13 @@ export async function ensureTopology(nc: NatsConnection, jsm: JetStreamManager, 
     kvm.create(buckets.schedules, { history: 1 }),
     kvm.create(buckets.hosts, { history: 1, ttl: HOST_TTL_MS }),
   ]);
+  await ensureConsumer(jsm, `KV_${buckets.steps}`, {
+    durable_name: consumers.facts,
+    ack_policy: AckPolicy.Explicit,
+    deliver_policy: DeliverPolicy.New,
+    ack_wait: ms(5_000),
+    max_ack_pending: 10_000,
+  });
   const code = await new Objm(nc).create(buckets.code);
   const clusterId = await ensureClusterId(meta);
   return { runs, steps, claims, meta, pipelines, leases, schedules, hosts, code, clusterId, ackWaitMs, maxDeliver };
@@ -211,10 +225,17 @@ async function ensureClusterId(meta: KV): Promise<string> {
 }
 
 async function ensureStream(jsm: JetStreamManager, config: Parameters<JetStreamManager['streams']['add']>[0]): Promise<void> {
+  let existing;
   try {
-    await jsm.streams.info(config.name!);
+    existing = await jsm.streams.info(config.name!);
   } catch {
     await jsm.streams.add(config);
+    return;
+  }
+  // A cluster made by an older Quiver may capture subjects that moved elsewhere.
+  const wanted = [...(config.subjects ?? [])].sort();
+  if (JSON.stringify([...existing.config.subjects].sort()) !== JSON.stringify(wanted)) {
+    await jsm.streams.update(config.name!, { ...existing.config, subjects: wanted });
   }
 }
 

@@ -1,9 +1,10 @@
 import { jetstream, jetstreamManager, type JetStreamClient } from '@nats-io/jetstream';
 import type { KV } from '@nats-io/kv';
-import { connect, type NatsConnection, type Subscription } from '@nats-io/transport-node';
+import type { NatsConnection, Subscription } from '@nats-io/transport-node';
 import type { Table } from 'apache-arrow';
 import { ulid } from 'ulid';
 import {
+  connectForever,
   deadEvent,
   decode,
   deployment as deploymentSchema,
@@ -18,6 +19,7 @@ import {
   runRelease,
   runSubmit,
   runView,
+  runRecord,
   shmRoot,
   subjects,
   type DeadEvent,
@@ -31,6 +33,7 @@ import {
   type TopologyOptions,
 } from '../schemas/index.ts';
 import { FlightClient } from '../flight/index.ts';
+import { readRunView } from '../orchestrator/index.ts';
 import { readInput } from '../shm/index.ts';
 import type { LoadedPipeline } from './load.ts';
 import { prepareSources } from './sources.ts';
@@ -135,7 +138,7 @@ export class QuiverClient {
 
   /** Connects (or wraps an existing connection) and makes sure the streams and buckets exist. */
   static async connect(options: ClientOptions & { nc?: NatsConnection; ownConnection?: boolean } = {}): Promise<QuiverClient> {
-    const nc = options.nc ?? (await connect({ servers: options.natsUrl ?? process.env.QUIVER_NATS_URL ?? 'nats://127.0.0.1:4222' }));
+    const nc = options.nc ?? (await connectForever(options.natsUrl ?? process.env.QUIVER_NATS_URL ?? 'nats://127.0.0.1:4222'));
     const topology = await ensureTopology(nc, await jetstreamManager(nc), options.topology);
     const owns = options.ownConnection ?? !options.nc;
     return new QuiverClient(nc, jetstream(nc), topology, owns, options.submittedBy ?? process.env.USER ?? 'user');
@@ -347,11 +350,9 @@ export class QuiverClient {
     await this.js.publish(subjects.runRelease, encode(runRelease, { type: 'run.release', runId }), { msgID: `${runId}.release` });
   }
 
-  /** The run's view as last persisted by the orchestrator, or null for an unknown run. */
-  async getRun(runId: string): Promise<RunView | null> {
-    const entry = await this.topology.runs.get(runId);
-    if (!entry?.string()) return null;
-    return runView.parse(entry.json<{ view: unknown }>().view);
+  /** The run as recorded now (its record and its steps' completions), or null for an unknown run. */
+  getRun(runId: string): Promise<RunView | null> {
+    return readRunView(this.topology, runId);
   }
 
   /**
@@ -404,8 +405,8 @@ export class QuiverClient {
     try {
       for await (const entry of watch) {
         if (!entry.string()) continue;
-        const view = runView.parse(entry.json<{ view: unknown }>().view);
-        if (isFinished(view.state)) {
+        const { view } = decode(runRecord, `${entry.bucket}/${entry.key}`, entry.value);
+        if (view && isFinished(view.state)) {
           // Status messages published before the final record may still be in flight.
           await this.nc.flush();
           return view;

@@ -1,11 +1,11 @@
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
-import { connect, type NatsConnection } from '@nats-io/transport-node';
+import type { NatsConnection } from '@nats-io/transport-node';
 import { ulid } from 'ulid';
 import { Executor, type ExecutorOptions } from '../executor/index.ts';
 import { startNatsServer, type NatsServer } from '../infra/index.ts';
 import { Orchestrator } from '../orchestrator/index.ts';
-import { quiverHome, silentLogger, type Logger, type TopologyOptions } from '../schemas/index.ts';
+import { connectForever, quiverHome, silentLogger, type Logger, type TopologyOptions } from '../schemas/index.ts';
 import { removeDir } from '../shm/index.ts';
 import { QuiverClient } from './client.ts';
 
@@ -41,7 +41,7 @@ export async function startLocalCluster(options: LocalClusterOptions = {}): Prom
   const logger = options.logger ?? silentLogger;
   const connections: NatsConnection[] = [];
   const open = async () => {
-    const nc = await connect({ servers: server.url });
+    const nc = await connectForever(server.url, { logger });
     connections.push(nc);
     return nc;
   };

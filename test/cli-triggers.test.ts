@@ -43,7 +43,7 @@ describe('quiver up, deploy, publish, runs, events', () => {
       const shown = await cli('runs', 'show', run.runId);
       assert.equal(shown.code, 0, shown.stderr);
       assert.match(shown.stdout, /started by event orders\.uploaded #cli-1/);
-      assert.match(shown.stdout, /orders\s+succeeded\s+3\s/);
+      assert.match(shown.stdout, /orders\s+succeeded\s+process\s+3\s/);
 
       const dead = await cli('events', 'dead');
       assert.match(dead.stdout, /orders\.uploaded\s+cli-bad\s+orders\s+fails the event schema of pipeline orders: \/count must be integer/);

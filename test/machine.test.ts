@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { createActor } from 'xstate';
-import { createRunMachine, runStateOf, stepStatesOf } from '../orchestrator/index.ts';
+import { createRunMachine, replayRun, runStateOf, stepStatesOf } from '../orchestrator/index.ts';
 import type { Plan, TableDescriptor } from '../schemas/index.ts';
 
 const runId = '01JD0000000000000000000000';
@@ -92,5 +92,45 @@ describe('run machine', () => {
     resumed.send(succeeded('c'));
     resumed.send(succeeded('d'));
     assert.equal(runStateOf(resumed.getSnapshot()), 'succeeded');
+  });
+
+  it('rebuilds a run from its recorded facts alone, whatever order they were written in', () => {
+    // Live: a and c finish, b fails after d was skipped... as the orchestrator saw it.
+    const live = createActor(createRunMachine(diamond), { input: { runId } }).start();
+    live.send(started('a'));
+    live.send(succeeded('a'));
+    live.send(started('b'));
+    live.send(started('c'));
+    live.send(succeeded('c', 5));
+    const claim = { executorId: 'e', hostId: 'h', attempt: 1, at: 1 };
+    // Recorded facts, listed children first: replay must not depend on that order.
+    const facts = {
+      completions: new Map([
+        ['c', succeeded('c', 5)],
+        ['a', succeeded('a')],
+      ]),
+      claims: new Map([
+        ['c', claim],
+        ['b', claim],
+        ['a', claim],
+      ]),
+    };
+    const replayed = replayRun(diamond, runId, facts);
+    assert.deepEqual(stepStatesOf(replayed.getSnapshot()), stepStatesOf(live.getSnapshot()));
+    assert.deepEqual(stepStatesOf(replayed.getSnapshot()), { a: 'succeeded', b: 'running', c: 'succeeded', d: 'waiting' });
+    assert.deepEqual(replayed.getSnapshot().context, live.getSnapshot().context);
+    // And it goes on from there like the live one.
+    for (const actor of [live, replayed]) {
+      actor.send(succeeded('b'));
+      actor.send(succeeded('d'));
+      assert.equal(runStateOf(actor.getSnapshot()), 'succeeded');
+    }
+  });
+
+  it('replays a failure into skipped descendants and a failed run', () => {
+    const facts = { completions: new Map<string, ReturnType<typeof succeeded> | ReturnType<typeof failed>>([['a', succeeded('a')], ['b', failed('b')], ['c', succeeded('c')]]), claims: new Map() };
+    const replayed = replayRun(diamond, runId, facts);
+    assert.deepEqual(stepStatesOf(replayed.getSnapshot()), { a: 'succeeded', b: 'failed', c: 'succeeded', d: 'skipped' });
+    assert.equal(runStateOf(replayed.getSnapshot()), 'failed');
   });
 });

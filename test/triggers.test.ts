@@ -3,7 +3,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
-import { isFinished, type RunView } from '../schemas/index.ts';
+import { isFinished, runRecord, type RunView } from '../schemas/index.ts';
 import { loadPipeline, NotDeployedError, TriggerError, type QuiverClient } from '../sdk/index.ts';
 import { fixture, repoRoot, waitFor, withCluster } from './helpers.ts';
 
@@ -129,7 +129,7 @@ export default pipeline(${JSON.stringify(name)}, { out: step(() => tableFromArra
         const watch = await client.topology.runs.watch();
         void (async () => {
           for await (const entry of watch) {
-            if (entry.operation === 'PUT' && isFinished(entry.json<{ view: RunView }>().view.state)) finished.add(entry.key);
+            if (entry.operation === 'PUT' && isFinished(runRecord.parse(entry.json()).state)) finished.add(entry.key);
           }
         })();
         try {

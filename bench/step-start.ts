@@ -1,0 +1,80 @@
+/**
+ * Step start-up benchmark: the time from handing a job to a step process until the step function
+ * is called (the runner's `codeStartedAt`), and the CPU each step costs in its step processes,
+ * for step processes started plainly and from the runner's V8 startup snapshot, side by side:
+ *
+ *   cold       no spare: the step waits for node, Arrow and the runner to boot
+ *   prewarmed  a spare booted ahead of need (the executor's default), so only the step's own work remains
+ *   worker     isolation 'worker': the pipeline version's long-lived process runs it
+ *
+ * The step itself does nothing (a one-row table), so what is measured is the platform. CPU is
+ * the user+system time of this process's exited children (/proc/self/stat), per step.
+ *
+ * Run: node --import tsx bench/step-start.ts [--steps 30] [--gap-ms 400]
+ */
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { buildRunner } from '../executor/build-runner.ts';
+import type { RunnerJob } from '../executor/protocol.ts';
+import { StepProcesses } from '../executor/step-processes.ts';
+import type { Isolation } from '../schemas/index.ts';
+import { removeDir } from '../shm/index.ts';
+
+const { values } = parseArgs({ options: { steps: { type: 'string', default: '30' }, 'gap-ms': { type: 'string', default: '400' } } });
+const steps = Number(values.steps);
+const gapMs = Number(values['gap-ms']);
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** User+system CPU of exited children, in ms (clock ticks of 10 ms, summed over many steps). */
+function childrenCpuMs(): number {
+  const fields = readFileSync('/proc/self/stat', 'utf8').split(') ')[1]!.split(' ');
+  // After "pid (comm) ": state is field 3, cutime field 16, cstime field 17.
+  return (Number(fields[13]) + Number(fields[14])) * 10;
+}
+
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+const p90 = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length * 0.9)]!;
+
+const dir = mkdtempSync(join(tmpdir(), 'quiver-bench-start-'));
+const shmDir = `/dev/shm/quiver-bench-start-${process.pid}`;
+try {
+  const plain = await buildRunner(join(dir, 'build'), { snapshot: false });
+  const snap = await buildRunner(join(dir, 'build'), { snapshot: true });
+  if (!snap.snapshot.used) console.log(`no snapshot: ${snap.snapshot.reason}`);
+  const codePath = join(dir, 'noop.mjs');
+  const source = `import { tableFromArrays } from 'apache-arrow';\nexport default { steps: { noop: { fn: () => tableFromArrays({ v: Int32Array.of(1) }) } } };\n`;
+  writeFileSync(codePath, await plain.linkCode(new TextEncoder().encode(source), codePath));
+
+  const rows: string[] = [];
+  for (const [start, runner] of [['plain', plain], ['snapshot', snap]] as const) {
+    for (const [mode, isolation, prewarm] of [['cold', 'process', 0], ['prewarmed', 'process', 1], ['worker', 'worker', 0]] as [string, Isolation, number][]) {
+      const processes = new StepProcesses({ runnerPath: runner.runnerPath, execArgv: runner.execArgv, clusterId: 'bench', prewarm, onLog: () => undefined });
+      const latencies: number[] = [];
+      await sleep(gapMs);
+      const cpuBefore = childrenCpuMs();
+      for (let i = 0; i < steps + 1; i++) {
+        const job: RunnerJob = { codePath, runId: `bench${i}`, step: 'noop', params: {}, event: null, inputs: [], shmDir, outputIdPrefix: `bench-${start}-${mode}-${i}` };
+        const sent = performance.timeOrigin + performance.now();
+        const reply = await processes.run(job, isolation);
+        if (reply.type !== 'result') throw new Error(JSON.stringify(reply));
+        // The first worker step imports the code and boots the worker: reported apart.
+        if (!(isolation === 'worker' && i === 0)) latencies.push(reply.codeStartedAt! - sent);
+        await sleep(gapMs);
+      }
+      processes.stop('the benchmark is done');
+      await sleep(500);
+      // The spare started last never ran a step, and the worker's boot is shared by all its steps.
+      const cpu = (childrenCpuMs() - cpuBefore) / (steps + 1);
+      rows.push(`${start.padEnd(9)} ${mode.padEnd(10)} ${median(latencies).toFixed(1).padStart(8)} ${p90(latencies).toFixed(1).padStart(8)} ${cpu.toFixed(0).padStart(8)}`);
+      removeDir(shmDir);
+    }
+  }
+  console.log(`${steps} steps each, ${gapMs} ms apart; job sent → step function called (ms), CPU of step processes per step (ms)`);
+  console.log('start     mode         median      p90      cpu');
+  for (const row of rows) console.log(row);
+} finally {
+  rmSync(dir, { recursive: true, force: true });
+  removeDir(shmDir);
+}

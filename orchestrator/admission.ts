@@ -1,0 +1,154 @@
+/**
+ * Admission: one `admit()` for every run, whoever started it (a user, an event, a schedule). A
+ * run starts at once, waits in its pipeline's queue behind others (`maxConcurrentRuns`, schedule
+ * `overlap: 'queue'`), or, for a scheduled tick with `overlap: 'skip'`, is dropped.
+ */
+import { encode, runView, subjects, type Deployment, type Logger, type RunRecord, type RunSubmit } from '../schemas/index.ts';
+import type { NatsConnection } from '@nats-io/transport-node';
+import type { RunStore } from './run-store.ts';
+import type { Runs } from './runs.ts';
+import { unstartedView } from './views.ts';
+
+export interface AdmissionOptions {
+  store: RunStore;
+  runs: Runs;
+  nc: NatsConnection;
+  logger: Logger;
+  now: () => number;
+}
+
+export class Admission {
+  /** Per pipeline, runs waiting for a free place, oldest first. */
+  private readonly queues = new Map<string, RunRecord[]>();
+  private lastSequence = 0;
+
+  constructor(private readonly options: AdmissionOptions) {}
+
+  /** Admits a run unless it is known: a submission may come twice (redelivery, a second leader). */
+  async admit(submit: RunSubmit): Promise<void> {
+    const { store, runs, logger, now } = this.options;
+    if (runs.has(submit.runId) || this.queued(submit.runId)) return;
+    const pipeline = submit.plan.pipeline;
+    if (submit.trigger?.kind === 'schedule' && submit.admission?.overlap === 'skip' && this.scheduledRunGoing(pipeline)) {
+      logger.info(`tick ${new Date(submit.trigger.tick).toISOString()} of ${pipeline} skipped: the previous scheduled run still goes (overlap: skip)`);
+      return;
+    }
+    // Unique and increasing: the order queued runs keep across leaders.
+    this.lastSequence = Math.max(now() * 1000, this.lastSequence + 1);
+    const startsNow = !this.queues.has(pipeline) && this.hasRoomFor(submit);
+    const record: RunRecord = {
+      submit,
+      state: startsNow ? 'running' : 'queued',
+      sequence: this.lastSequence,
+      startedAt: startsNow ? now() : null,
+      finishedAt: null,
+      // Nobody waits to read the outputs of a run an event or a schedule started.
+      outputsReleased: (submit.trigger?.kind ?? 'user') !== 'user',
+      view: null,
+    };
+    // Created, not put: the one write that admits the run also finds a second submission of it.
+    if (!(await store.create(record))) return;
+    logger.info(`run ${submit.runId} of ${pipeline} submitted by ${submit.submittedBy}${startsNow ? '' : ', queued'}`);
+    if (startsNow) {
+      await runs.start(record);
+      return;
+    }
+    this.enqueue(record);
+    this.publish(record);
+  }
+
+  /** Ends a run still waiting in its queue; false when it is not queued here. */
+  async cancelQueued(runId: string, reason: string): Promise<boolean> {
+    for (const [pipeline, queue] of this.queues) {
+      const index = queue.findIndex((q) => q.submit.runId === runId);
+      if (index < 0) continue;
+      const [waiting] = queue.splice(index, 1) as [RunRecord];
+      if (queue.length === 0) this.queues.delete(pipeline);
+      const record: RunRecord = { ...waiting, state: 'cancelled', finishedAt: this.options.now() };
+      record.view = unstartedView(record);
+      this.options.logger.info(`queued run ${runId} cancelled: ${reason}`);
+      await this.options.store.put(record);
+      this.publish(record);
+      return true;
+    }
+    return false;
+  }
+
+  /** Starts queued runs of the pipeline, in order, while there is room. */
+  async startQueued(pipeline: string): Promise<void> {
+    const queue = this.queues.get(pipeline);
+    while (queue && queue.length > 0 && this.hasRoomFor(queue[0]!.submit)) {
+      const next: RunRecord = { ...queue.shift()!, state: 'running', startedAt: this.options.now() };
+      await this.options.store.put(next);
+      await this.options.runs.start(next);
+    }
+    if (queue?.length === 0) this.queues.delete(pipeline);
+  }
+
+  /** Takes up the queues a previous leader left (records in state queued), then starts what has room. */
+  async restore(queued: RunRecord[]): Promise<void> {
+    for (const record of [...queued].sort((a, b) => a.sequence - b.sequence)) {
+      this.lastSequence = Math.max(this.lastSequence, record.sequence);
+      this.enqueue(record);
+    }
+    for (const pipeline of [...this.queues.keys()]) await this.startQueued(pipeline);
+  }
+
+  clear(): void {
+    this.queues.clear();
+  }
+
+  private enqueue(record: RunRecord): void {
+    const pipeline = record.submit.plan.pipeline;
+    this.queues.set(pipeline, [...(this.queues.get(pipeline) ?? []), record]);
+  }
+
+  private queued(runId: string): boolean {
+    for (const queue of this.queues.values()) if (queue.some((q) => q.submit.runId === runId)) return true;
+    return false;
+  }
+
+  private publish(record: RunRecord): void {
+    this.options.nc.publish(subjects.status(record.submit.runId), encode(runView, record.view ?? unstartedView(record)));
+  }
+
+  private scheduledRunGoing(pipeline: string): boolean {
+    const scheduled = (s: RunSubmit) => s.plan.pipeline === pipeline && s.trigger?.kind === 'schedule';
+    return this.options.runs.going(pipeline).some(scheduled) || (this.queues.get(pipeline) ?? []).some((q) => scheduled(q.submit));
+  }
+
+  private hasRoomFor(submit: RunSubmit): boolean {
+    const going = this.options.runs.going(submit.plan.pipeline);
+    const max = submit.admission?.maxConcurrentRuns;
+    if (max && going.length >= max) return false;
+    if (submit.trigger?.kind === 'schedule' && submit.admission?.overlap === 'queue') {
+      return !going.some((s) => s.trigger?.kind === 'schedule');
+    }
+    return true;
+  }
+}
+
+/** The submission of a run of a deployed pipeline, started by an event or a schedule tick. */
+export function deployedRun(
+  deployment: Deployment,
+  runId: string,
+  trigger: NonNullable<RunSubmit['trigger']>,
+  submittedBy: string,
+  submittedAt: number,
+  event?: RunSubmit['event'],
+): RunSubmit {
+  return {
+    type: 'run.submit',
+    runId,
+    plan: deployment.plan,
+    codeHash: deployment.codeHash,
+    params: {},
+    keep: false,
+    submittedAt,
+    submittedBy,
+    trigger,
+    version: deployment.version,
+    admission: { maxConcurrentRuns: deployment.maxConcurrentRuns, overlap: deployment.schedule?.overlap ?? null },
+    ...(event ? { event } : {}),
+  };
+}

@@ -1,0 +1,225 @@
+/**
+ * The runs this leader drives: one xstate machine each, fed by step completions (records in
+ * `quiver-steps`), live step starts and cancellations. After each transition it sends the steps
+ * that became ready, hands back segments no step needs any more, and publishes the run's view;
+ * when the run ends it writes the run's record once, with its final view.
+ */
+import type { NatsConnection } from '@nats-io/transport-node';
+import type { Actor } from 'xstate';
+import {
+  encode,
+  runKill,
+  runView,
+  segmentRelease,
+  subjects,
+  type Logger,
+  type PlanStep,
+  type RunRecord,
+  type RunSubmit,
+  type StepCompletion,
+  type StepReady,
+  type StepStarted,
+} from '../schemas/index.ts';
+import { childrenOf, outputSteps } from '../planner/index.ts';
+import type { Dispatcher } from './placement.ts';
+import { createRunMachine, replayRun, runStateOf, stepStatesOf, type RunFacts, type RunMachine, type RunSnapshot } from './run-machine.ts';
+import type { RunStore } from './run-store.ts';
+import { machineView } from './views.ts';
+import { createActor } from 'xstate';
+
+const SETTLED = new Set(['succeeded', 'failed', 'skipped', 'cancelled']);
+/** A ready step whose publish failed (NATS away) is sent again after this long. */
+const DISPATCH_RETRY_MS = 500;
+
+interface LiveRun {
+  record: RunRecord;
+  actor: Actor<RunMachine>;
+  /** Segments handed back to their hosts (again after a restart: releasing twice is harmless). */
+  released: Set<string>;
+  /** Steps whose ready message this process has sent (re-sent after a restart: JetStream and claims dedupe). */
+  dispatched: Set<string>;
+}
+
+export interface RunsOptions {
+  store: RunStore;
+  dispatcher: Dispatcher;
+  nc: NatsConnection;
+  logger: Logger;
+  now: () => number;
+  /** A run of this pipeline ended: queued runs may start. */
+  onEnded: (pipeline: string) => Promise<void>;
+}
+
+export class Runs {
+  private readonly live = new Map<string, LiveRun>();
+  private stopped = false;
+
+  constructor(private readonly options: RunsOptions) {}
+
+  has(runId: string): boolean {
+    return this.live.has(runId);
+  }
+
+  /** The submissions of the runs of `pipeline` going now. */
+  going(pipeline: string): RunSubmit[] {
+    return [...this.live.values()].filter((r) => r.record.submit.plan.pipeline === pipeline).map((r) => r.record.submit);
+  }
+
+  /** Starts a run whose record (state running) is written. */
+  async start(record: RunRecord): Promise<void> {
+    const actor = createActor(createRunMachine(record.submit.plan), { input: { runId: record.submit.runId } });
+    await this.afterTransition(this.track(record, actor.start()));
+  }
+
+  /** Takes up a run a previous leader drove, from its record and its steps' facts. */
+  async resume(record: RunRecord, facts: RunFacts): Promise<void> {
+    const run = this.track(record, replayRun(record.submit.plan, record.submit.runId, facts));
+    // Where running steps run lived only in the old leader's memory: a host that dies now must
+    // still have its steps placed again.
+    const snapshot = run.actor.getSnapshot();
+    const states = stepStatesOf(snapshot);
+    for (const step of record.submit.plan.steps) {
+      const hostId = facts.claims.get(step.name)?.hostId;
+      if (states[step.name] !== 'running' || !hostId) continue;
+      const { message, planStep } = readyMessage(run, step.name, snapshot);
+      // Only work placed on a host's own queue strands there; the shared queue redelivers.
+      const placedOnHost = planStep.host !== undefined || message.inputs.some((i) => i.descriptor.hostId === hostId);
+      if (placedOnHost) this.options.dispatcher.remember(message, planStep, hostId);
+    }
+    this.options.logger.info(`resumed run ${record.submit.runId} of ${record.submit.plan.pipeline}`);
+    await this.afterTransition(run);
+  }
+
+  /** A step's completion, a live start, or a cancellation; events of runs not driven here are dropped. */
+  async apply(event: StepCompletion | StepStarted | { type: 'run.cancel'; runId: string; reason: string }): Promise<boolean> {
+    const run = this.live.get(event.runId);
+    if (!run) return false;
+    run.actor.send(event);
+    await this.afterTransition(run);
+    return true;
+  }
+
+  /** The client read the result (or gave up): outputs go once the run ends, unless it keeps them. */
+  markOutputsReleased(runId: string): boolean {
+    const run = this.live.get(runId);
+    if (!run) return false;
+    run.record.outputsReleased = true;
+    return true;
+  }
+
+  /** Forgets every run (the lead moved elsewhere); the records stay for the next leader. */
+  stopAll(): void {
+    this.stopped = true;
+    for (const run of this.live.values()) run.actor.stop();
+    this.live.clear();
+  }
+
+  private track(record: RunRecord, actor: Actor<RunMachine>): LiveRun {
+    this.stopped = false;
+    const run: LiveRun = { record: { ...record }, actor, released: new Set(), dispatched: new Set() };
+    this.live.set(record.submit.runId, run);
+    return run;
+  }
+
+  /** Act on the machine's new state. Nothing here is written per transition: the facts are the executors' records. */
+  private async afterTransition(run: LiveRun): Promise<void> {
+    const snapshot = run.actor.getSnapshot();
+    const state = runStateOf(snapshot);
+    const { plan, runId } = run.record.submit;
+    const states = stepStatesOf(snapshot);
+
+    const outputs = outputSteps(plan);
+    const toRelease = new Map<string, string[]>();
+    for (const step of plan.steps) {
+      const output = snapshot.context.steps[step.name]?.output;
+      if (!output || states[step.name] !== 'succeeded') continue;
+      // A segment may go once no child can still map it; run outputs wait for the client.
+      const noLongerNeeded = childrenOf(plan, step.name).every((c) => SETTLED.has(states[c]!));
+      if (outputs.includes(step.name) || !noLongerNeeded) continue;
+      for (const segment of output.segments) {
+        if (run.released.has(segment.id)) continue;
+        run.released.add(segment.id);
+        addTo(toRelease, output.hostId, segment.id);
+      }
+    }
+
+    if (state !== 'running') {
+      run.record = { ...run.record, state, finishedAt: this.options.now() };
+      run.record.view = machineView(run.record, snapshot);
+      if (run.record.outputsReleased && !run.record.submit.keep) {
+        for (const name of outputs) {
+          const output = snapshot.context.steps[name]?.output;
+          for (const segment of output?.segments ?? []) addTo(toRelease, output!.hostId, segment.id);
+        }
+      }
+      // Persist first, then act: a crash in between ends the run again on resume.
+      await this.options.store.put(run.record);
+    }
+
+    for (const step of plan.steps) {
+      if (states[step.name] === 'ready' && !run.dispatched.has(step.name)) {
+        run.dispatched.add(step.name);
+        this.dispatch(run, step.name, snapshot);
+      }
+    }
+    publishReleases(this.options.nc, toRelease);
+    if (state === 'cancelled') this.options.nc.publish(subjects.runKill, encode(runKill, { type: 'run.kill', runId }));
+    this.options.nc.publish(subjects.status(runId), encode(runView, run.record.view ?? machineView(run.record, snapshot)));
+    if (state !== 'running') {
+      this.options.logger.info(`run ${runId} ${state}`);
+      run.actor.stop();
+      this.live.delete(runId);
+      this.options.dispatcher.forgetRun(runId);
+      await this.options.onEnded(plan.pipeline);
+    }
+  }
+
+  /**
+   * Sends a ready step without holding up the next message: its publish is retried until it is
+   * stored, or the run is no longer driven here (a new leader sends it again on resume).
+   */
+  private dispatch(run: LiveRun, step: string, snapshot: RunSnapshot): void {
+    const { message, planStep } = readyMessage(run, step, snapshot);
+    const send = (): void => {
+      this.options.dispatcher.dispatch(message, planStep).catch((error: unknown) => {
+        if (this.stopped || this.live.get(message.runId) !== run) return;
+        this.options.logger.warn(`sending ready step ${step} of run ${message.runId} failed, retrying: ${(error as Error).message}`);
+        setTimeout(send, DISPATCH_RETRY_MS).unref();
+      });
+    };
+    send();
+  }
+}
+
+export function readyMessage(run: { record: RunRecord }, step: string, snapshot: RunSnapshot): { message: StepReady; planStep: PlanStep } {
+  const { submit } = run.record;
+  const planStep = submit.plan.steps.find((s) => s.name === step)!;
+  const inputs = planStep.inputs.map((i) => {
+    const descriptor = snapshot.context.steps[i.step]?.output;
+    if (!descriptor) throw new Error(`step ${step} is ready but parent ${i.step} has no output`);
+    return { ...i, descriptor };
+  });
+  const message: StepReady = {
+    type: 'step.ready',
+    runId: submit.runId,
+    step,
+    pipeline: submit.plan.pipeline,
+    codeHash: submit.codeHash,
+    params: submit.params,
+    inputs,
+    ...(submit.event ? { event: submit.event } : {}),
+    ...(planStep.system ? { system: planStep.system } : {}),
+    ...(planStep.isolation ? { isolation: planStep.isolation } : {}),
+  };
+  return { message, planStep };
+}
+
+function addTo(byHost: Map<string, string[]>, hostId: string, segment: string): void {
+  byHost.set(hostId, [...(byHost.get(hostId) ?? []), segment]);
+}
+
+export function publishReleases(nc: NatsConnection, byHost: Map<string, string[]>): void {
+  for (const [hostId, segments] of byHost) {
+    nc.publish(subjects.segmentRelease(hostId), encode(segmentRelease, { type: 'segments.release', hostId, segments }));
+  }
+}
