@@ -16,6 +16,7 @@
  * An older checkout: `git worktree add /tmp/quiver-before <commit>`, then link this tree's
  * node_modules and shm/addon/build into it.
  */
+import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -88,7 +89,7 @@ export default pipeline('control_path', {
     const orchestratorNc = await open('orchestrator');
     const executorNc = await open('executor');
     const orchestrator = await Orchestrator.start(orchestratorNc, { logger: silentLogger });
-    const executor = await Executor.start(executorNc, { concurrency: 1, logger: silentLogger, flight: { host: '127.0.0.1', advertiseHost: '127.0.0.1' }, clusterSecret: 'bench' });
+    const executor = await Executor.start(executorNc, { concurrency: 1, logger: silentLogger, flight: { host: '127.0.0.1', advertiseHost: '127.0.0.1' }, clusterSecret: randomBytes(32).toString('hex') });
     const client = await QuiverClient.connect({ nc: await open('client') });
     const loaded = await loadPipeline(file);
     const runOnce = async () => {

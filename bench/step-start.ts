@@ -1,7 +1,6 @@
 /**
  * Step start-up benchmark: the time from handing a job to a step process until the step function
- * is called (the runner's `codeStartedAt`), and the CPU each step costs in its step processes,
- * for step processes started plainly and from the runner's V8 startup snapshot, side by side:
+ * is called (the runner's `codeStartedAt`), and the CPU each step costs in its step processes:
  *
  *   cold       no spare: the step waits for node, Arrow and the runner to boot
  *   prewarmed  a spare booted ahead of need (the executor's default), so only the step's own work remains
@@ -40,39 +39,35 @@ const p90 = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length
 const dir = mkdtempSync(join(tmpdir(), 'quiver-bench-start-'));
 const shmDir = `/dev/shm/quiver-bench-start-${process.pid}`;
 try {
-  const plain = await buildRunner(join(dir, 'build'), { snapshot: false });
-  const snap = await buildRunner(join(dir, 'build'), { snapshot: true });
-  if (!snap.snapshot.used) console.log(`no snapshot: ${snap.snapshot.reason}`);
+  const runner = await buildRunner(join(dir, 'build'));
   const codePath = join(dir, 'noop.mjs');
   const source = `import { tableFromArrays } from 'apache-arrow';\nexport default { steps: { noop: { fn: () => tableFromArrays({ v: Int32Array.of(1) }) } } };\n`;
-  writeFileSync(codePath, await plain.linkCode(new TextEncoder().encode(source), codePath));
+  writeFileSync(codePath, await runner.linkCode(new TextEncoder().encode(source), codePath));
 
   const rows: string[] = [];
-  for (const [start, runner] of [['plain', plain], ['snapshot', snap]] as const) {
-    for (const [mode, isolation, prewarm] of [['cold', 'process', 0], ['prewarmed', 'process', 1], ['worker', 'worker', 0]] as [string, Isolation, number][]) {
-      const processes = new StepProcesses({ runnerPath: runner.runnerPath, execArgv: runner.execArgv, clusterId: 'bench', prewarm, onLog: () => undefined });
-      const latencies: number[] = [];
+  for (const [mode, isolation, prewarm] of [['cold', 'process', 0], ['prewarmed', 'process', 1], ['worker', 'worker', 0]] as [string, Isolation, number][]) {
+    const processes = new StepProcesses({ runnerPath: runner.runnerPath, clusterId: 'bench', prewarm, onLog: () => undefined });
+    const latencies: number[] = [];
+    await sleep(gapMs);
+    const cpuBefore = childrenCpuMs();
+    for (let i = 0; i < steps + 1; i++) {
+      const job: RunnerJob = { codePath, runId: `bench${i}`, step: 'noop', params: {}, event: null, inputs: [], shmDir, outputIdPrefix: `bench-${mode}-${i}` };
+      const sent = performance.timeOrigin + performance.now();
+      const reply = await processes.run(job, isolation);
+      if (reply.type !== 'result') throw new Error(JSON.stringify(reply));
+      // The first worker step boots the worker and imports the code: left out of the latencies.
+      if (!(isolation === 'worker' && i === 0)) latencies.push(reply.codeStartedAt! - sent);
       await sleep(gapMs);
-      const cpuBefore = childrenCpuMs();
-      for (let i = 0; i < steps + 1; i++) {
-        const job: RunnerJob = { codePath, runId: `bench${i}`, step: 'noop', params: {}, event: null, inputs: [], shmDir, outputIdPrefix: `bench-${start}-${mode}-${i}` };
-        const sent = performance.timeOrigin + performance.now();
-        const reply = await processes.run(job, isolation);
-        if (reply.type !== 'result') throw new Error(JSON.stringify(reply));
-        // The first worker step imports the code and boots the worker: reported apart.
-        if (!(isolation === 'worker' && i === 0)) latencies.push(reply.codeStartedAt! - sent);
-        await sleep(gapMs);
-      }
-      processes.stop('the benchmark is done');
-      await sleep(500);
-      // The spare started last never ran a step, and the worker's boot is shared by all its steps.
-      const cpu = (childrenCpuMs() - cpuBefore) / (steps + 1);
-      rows.push(`${start.padEnd(9)} ${mode.padEnd(10)} ${median(latencies).toFixed(1).padStart(8)} ${p90(latencies).toFixed(1).padStart(8)} ${cpu.toFixed(0).padStart(8)}`);
-      removeDir(shmDir);
     }
+    processes.stop('the benchmark is done');
+    await sleep(500);
+    // The spare started last never ran a step, and the worker's boot is shared by all its steps.
+    const cpu = (childrenCpuMs() - cpuBefore) / (steps + 1);
+    rows.push(`${mode.padEnd(10)} ${median(latencies).toFixed(1).padStart(8)} ${p90(latencies).toFixed(1).padStart(8)} ${cpu.toFixed(0).padStart(8)}`);
+    removeDir(shmDir);
   }
   console.log(`${steps} steps each, ${gapMs} ms apart; job sent → step function called (ms), CPU of step processes per step (ms)`);
-  console.log('start     mode         median      p90      cpu');
+  console.log('mode         median      p90      cpu');
   for (const row of rows) console.log(row);
 } finally {
   rmSync(dir, { recursive: true, force: true });

@@ -129,7 +129,6 @@ export class Executor {
     if (regionsAvailable()) executor.regionBroker = RegionBroker.inDir(shmDir);
     executor.processes = new StepProcesses({
       runnerPath: runner.runnerPath,
-      execArgv: runner.execArgv,
       clusterId: topology.clusterId,
       ...(options.prewarm !== undefined ? { prewarm: options.prewarm } : {}),
       ...(options.workers ? { workers: options.workers } : {}),

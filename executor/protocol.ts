@@ -22,12 +22,6 @@ export function stepProcessTitle(clusterId: string, job: { runId: string; step: 
   return job ? `${STEP_PROCESS_MARKER} ${clusterId} ${job.runId} ${job.step}` : `${STEP_PROCESS_MARKER} ${clusterId} ${NO_RUN} idle`;
 }
 
-/**
- * `Symbol.for` key of the global through which pipeline code gets the step process's own Arrow
- * (see build-runner.ts): one Arrow module per process, wherever it was loaded from.
- */
-export const ARROW_GLOBAL = 'quiver.apache-arrow';
-
 /** What the executor sends a step process for one step: everything it needs, no data. */
 export interface RunnerJob {
   codePath: string;

@@ -7,8 +7,6 @@ import { type BorrowableInput, isViewOf, readInput, unmapSegments, writeOutput }
 import type { RunnerJob, RunnerReply } from './protocol.ts';
 
 export interface JobHooks {
-  /** Imports the pipeline code. @default import() */
-  load?: (codePath: string) => Promise<unknown>;
   /** Called right before the step function, after the pipeline code was imported and the inputs mapped. */
   beforeCall?: () => void;
 }
@@ -22,7 +20,7 @@ export async function runJob(job: RunnerJob, hooks: JobHooks = {}): Promise<Runn
   let codeStartedAt: number | undefined;
   try {
     // Imported once per process: a worker's later steps find the module (and its globals) in the cache.
-    const mod = (await (hooks.load ?? ((p: string) => import(p)))(job.codePath)) as { default?: { steps?: Record<string, { fn?: unknown }> } };
+    const mod = (await import(job.codePath)) as { default?: { steps?: Record<string, { fn?: unknown }> } };
     const fn = mod.default?.steps?.[job.step]?.fn;
     if (typeof fn !== 'function') {
       return { type: 'error', error: { name: 'StepNotFound', code: 'ERR_STEP_NOT_FOUND', message: `the pipeline code has no step "${job.step}"` } };

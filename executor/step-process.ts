@@ -9,8 +9,6 @@ import { stepKilled, stepProcessDied, stepSpawnFailed, workerDied, workerHung } 
 export interface SpawnOptions {
   runnerPath: string;
   clusterId: string;
-  /** Extra arguments for node, before the runner (e.g. a startup snapshot). */
-  execArgv?: readonly string[];
   onLog: (line: LogLine) => void;
 }
 
@@ -68,7 +66,7 @@ export class StepProcess {
       stdio: ['ignore', 'pipe', 'pipe', 'ipc'],
       // Not the executor's flags: a TypeScript loader or test runner would triple the start-up time.
       // Source maps point step stack traces at the user's own files.
-      execArgv: ['--enable-source-maps', ...(options.execArgv ?? [])],
+      execArgv: ['--enable-source-maps'],
       env: { ...process.env, QUIVER_EXECUTOR_PID: String(process.pid) },
       serialization: 'json',
     });

@@ -21,8 +21,6 @@ export interface WorkerOptions {
 export interface StepProcessesOptions {
   /** The bundled runner (see build-runner.ts). */
   runnerPath: string;
-  /** Extra node arguments for every step process, e.g. `--snapshot-blob` (see build-runner.ts). @default none */
-  execArgv?: readonly string[];
   /** Written into each step process's title, where gc finds it. */
   clusterId: string;
   /** Step processes kept booted ahead of need (each has run nothing yet). 0 starts each on demand. @default 2 */
@@ -50,7 +48,6 @@ export function resolveStepProcessesOptions(options: StepProcessesOptions): Reso
   const w = options.workers ?? {};
   return {
     runnerPath: options.runnerPath,
-    execArgv: options.execArgv ?? [],
     clusterId: options.clusterId,
     prewarm: count('prewarm', options.prewarm, DEFAULT_PREWARM, 0),
     onLog: options.onLog,
@@ -126,11 +123,14 @@ export class StepProcesses {
 
   private takeWorker(codePath: string): StepProcess {
     const idle = this.idle.get(codePath) ?? [];
-    while (idle.length > 0) {
+    let reused: StepProcess | null = null;
+    while (!reused && idle.length > 0) {
       const { worker, timer } = idle.pop()!;
       clearTimeout(timer);
-      if (worker.alive) return worker;
+      if (worker.alive) reused = worker;
     }
+    if (idle.length === 0) this.idle.delete(codePath);
+    if (reused) return reused;
     const worker = this.takeProcess();
     this.workers.add(worker);
     worker.onExit(() => {
@@ -191,7 +191,7 @@ export class StepProcesses {
   }
 
   private spawn(): StepProcess {
-    const { runnerPath, clusterId, execArgv, onLog } = this.options;
-    return new StepProcess({ runnerPath, clusterId, execArgv, onLog });
+    const { runnerPath, clusterId, onLog } = this.options;
+    return new StepProcess({ runnerPath, clusterId, onLog });
   }
 }

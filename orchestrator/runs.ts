@@ -146,11 +146,14 @@ export class Runs {
     if (state !== 'running') {
       run.record = { ...run.record, state, finishedAt: this.options.now() };
       run.record.view = machineView(run.record, snapshot);
-      if (run.record.outputsReleased && !run.record.submit.keep) {
-        for (const name of outputs) {
-          const output = snapshot.context.steps[name]?.output;
-          for (const segment of output?.segments ?? []) addTo(toRelease, output!.hostId, segment.id);
-        }
+      // Every segment the run no longer needs, again: a release sent while NATS was away is
+      // lost (core NATS), and releasing twice is harmless.
+      toRelease.clear();
+      const outputsGo = run.record.outputsReleased && !run.record.submit.keep;
+      for (const step of plan.steps) {
+        const output = snapshot.context.steps[step.name]?.output;
+        if (!output || (outputs.includes(step.name) && !outputsGo)) continue;
+        for (const segment of output.segments) addTo(toRelease, output.hostId, segment.id);
       }
       // Persist first, then act: a crash in between ends the run again on resume.
       await this.options.store.put(run.record);

@@ -70,9 +70,13 @@ export interface StepOptions {
   readonly host?: string;
   /**
    * `'process'`: a fresh process for this step (nothing survives from other steps). `'worker'`:
-   * a long-lived step process of this pipeline version runs it, one step after another: module
-   * globals (caches, clients) survive between calls; inputs and `ctx` never do. Overrides the
-   * pipeline's `isolation`. @default the pipeline's, else 'process'
+   * a long-lived step process of this pipeline version runs it, one step after another, for any
+   * run: module globals (caches, clients), `globalThis` and changed built-ins survive between
+   * calls; inputs (unmapped when the step returns), `ctx`, `process.env` and the working
+   * directory (both put back after each call) do not. A step that exits the process or leaves an
+   * uncaught error fails and its worker is replaced; one that blocks the event loop longer than
+   * the executor's `workerHangMs` (30 s) is killed. Overrides the pipeline's `isolation`.
+   * See docs/architecture.md, "Isolation levels". @default the pipeline's, else 'process'
    */
   readonly isolation?: 'process' | 'worker';
 }

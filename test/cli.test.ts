@@ -41,7 +41,7 @@ describe('quiver run', () => {
     const { code, stdout } = await runCli(['run', fixture('transactions-generated.ts'), '--params', 'rows=20000'], { env });
     assert.equal(code, 0, stdout);
     assert.match(stdout, /euro_selection\s+● running/);
-    assert.match(stdout, /step\s+state\s+rows\s+bytes\s+transport\s+copied\s+time/);
+    assert.match(stdout, /step\s+state\s+isolation\s+rows\s+bytes\s+transport\s+copied\s+time/);
     assert.match(stdout, /usd_by_country:\ncountry\s+usd\s+transactions/);
     assert.match(stdout, /run succeeded/);
   });

@@ -150,7 +150,14 @@ describe("isolation: 'worker'", () => {
         assert.deepEqual(run.logs.filter((l) => l.step === 'numbers').map((l) => l.line), ['numbers: 100000 rows']);
         assert.equal(run.logs.filter((l) => l.step === 'fresh').length, 0);
       }
-      assert.equal(stepProcessesOf(basename(cluster.executor.shmDir)).includes(Number(first.summary.pid)), true, 'the worker waits for the next step');
+      // Idle between steps, under a title gc leaves alone although the runs it served are over.
+      const workerPid = Number(first.summary.pid);
+      assert.match(readFileSync(`/proc/${workerPid}/cmdline`, 'utf8'), /^quiver-step \S+ - idle/);
+      await cluster.executor.collectGarbage();
+      assert.ok(isAlive(workerPid), 'gc spared the idle worker');
+      const third = await runFile(cluster, home, fixture('isolation-worker.ts'), { release: false });
+      assert.equal(rowOf(cluster, third.view, 'summary').pid, workerPid);
+      await cluster.client.release(third.view.runId);
     });
   });
 

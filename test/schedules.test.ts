@@ -208,6 +208,8 @@ describe('schedules with two orchestrators', () => {
     const orchestrators = [startDaemon('orchestrator', server.url, env), startDaemon('orchestrator', server.url, env)];
     const client = await QuiverClient.connect({ natsUrl: server.url });
     try {
+      // A leader first: ticks of a deployment made while none runs are missed ones (catchUp).
+      await waitFor('an orchestrator to lead', async () => !!(await client.topology.leases.get('orchestrator'))?.string(), 20_000);
       // No executor: runs stay running, which is all this test needs to count them.
       const deployed = await client.deploy(await loadPipeline(scheduledPipeline(dir, 'allow')));
       await waitFor('three scheduled runs', async () => (await client.listRuns()).length >= 3, 20_000);
