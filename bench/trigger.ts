@@ -1,155 +1,524 @@
 /**
- * Trigger benchmark: from publishing an event to the first step of its run starting, and how
- * many runs start and finish per second, side by side with BullMQ's FlowProducer running an
- * equivalent three-step flow on a Redis on this machine.
+ * Trigger benchmark: what a user feels from publishing an event to the first line of their step
+ * function running, and how many runs finish per second, for three routes side by side:
  *
- *   quiver  a deployed three-step chain started by `orders.*` events, on the embedded cluster
- *           (private nats-server, orchestrator and executor in this process). Each step runs in
- *           a fresh process, as every Quiver step does.
- *   bullmq  a FlowProducer flow third ← second ← first on one queue (BullMQ runs children
- *           first), processed by a Worker in this process: no process per step.
+ *   quiver process  a deployed three-step chain first → second → third (each passes a one-row
+ *                   Arrow table on), started by `bench.process.*` events, `isolation: 'process'`:
+ *                   every step in a fresh process.
+ *   quiver worker   the same chain as its own pipeline, started by `bench.worker.*` events,
+ *                   `isolation: 'worker'`: long-lived step processes per pipeline version.
+ *   bullmq          a FlowProducer flow third ← second ← first on one queue (BullMQ runs children
+ *                   first), processed by a Worker in this process: no process per step.
  *
- * Latency: one event at a time; "started" is when this process hears the first step start
- * (Quiver: the step.started message; BullMQ: the worker callback). Throughput: a burst of
- * events at once; runs admitted/s counts runs whose first step was handed to workers (Quiver:
- * dispatched on the work queue; BullMQ: the flow added), runs started/s first steps started,
- * runs finished/s last steps done.
+ * Both quiver routes run on ONE embedded cluster (startLocalCluster: private nats-server,
+ * orchestrator and executor in this process), one route after the other; the cluster is
+ * stopped before the BullMQ route runs, so idle step processes do not share its CPU.
  *
- * Run: npm run bench:trigger [-- --latency 200 --burst 300 --concurrency 4]
+ * What is timed, per event: publish → the first line of the first step's function.
+ *   start  `performance.timeOrigin + performance.now()` taken right before `client.publish`
+ *          (BullMQ: before `flows.add`).
+ *   end    Quiver: the first step's `codeStartedAt` in the run's finished view (epoch ms taken in
+ *          the step process right before the step function is called; the clocks of two
+ *          processes on one host agree to well under a millisecond). BullMQ: the worker
+ *          callback's first line, for the `first` job.
+ * Runs are observed only through their run views (core NATS `quiver.status.>`, decoded with the
+ * `runView` schema), cross-checked against `client.listRuns` (KV) after each phase, since
+ * status messages are not durable.
+ *
+ * Per route:
+ *   1. warm-up: one event after deploy (its latency is printed as "cold", not counted);
+ *   2. latency: --latency events one at a time, each run waited for: p50, p90, p99;
+ *   3. burst: --burst events published at once: runs finished per second, from the first
+ *      publish to the last run heard finished;
+ *   4. exactly once, over every event the route published: each event id has exactly one run,
+ *      every run succeeded, and each step's user code ran exactly once per event. The step
+ *      functions (BullMQ: the worker callback) append `<event id> <step>` to a marks file.
+ * After both quiver routes: the cluster's shared-memory folder must hold no segments once the
+ * runs are done (runs started by events release their outputs when they end); the pool of
+ * released segments kept for reuse is listed but is not a leak.
+ * Exits non-zero when a check fails or a route breaks; stops the cluster, removes its temp dir
+ * and obliterates the BullMQ queue in every case (also on Ctrl-C).
+ *
+ * --concurrency: steps the executor runs at once and the BullMQ worker's concurrency. Default:
+ * the number of cores (2 on the 2-core bench machine), which is the executor's own default and
+ * what a user gets; more step processes than cores only queue for the CPU, which the
+ * orchestrator, nats-server and this process also need. BullMQ gets the same for parity (its
+ * jobs do no work, so it only bounds the jobs in flight).
+ *
+ * Run: npm run bench:trigger [-- --latency 200 --burst 1000 --concurrency 2]
  * Redis: REDIS_URL, else 127.0.0.1:6379, else a redis-server the bench starts on a free port.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { writeFileSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync, appendFileSync } from 'node:fs';
 import { createServer, Socket } from 'node:net';
-import { tmpdir } from 'node:os';
+import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-import { FlowProducer, Worker, type Job } from 'bullmq';
+import { FlowProducer, Queue, Worker, type Job } from 'bullmq';
 import { Redis } from 'ioredis';
-import { decode, silentLogger, stepReady, stepStarted, stepSucceeded, subjects } from '../schemas/index.ts';
-import { loadPipeline, startLocalCluster } from '../sdk/index.ts';
+import { decode, isFinished, runView, silentLogger, subjects, type RunView } from '../schemas/index.ts';
+import { loadPipeline, startLocalCluster, type QuiverClient } from '../sdk/index.ts';
 
 const { values } = parseArgs({
   options: {
     latency: { type: 'string', default: '200' },
-    burst: { type: 'string', default: '300' },
-    concurrency: { type: 'string', default: '4' },
+    burst: { type: 'string', default: '1000' },
+    concurrency: { type: 'string', default: String(availableParallelism()) },
   },
 });
 const LATENCY_EVENTS = Number(values.latency);
 const BURST = Number(values.burst);
 const CONCURRENCY = Number(values.concurrency);
+for (const [flag, n, min] of [['latency', LATENCY_EVENTS, 1], ['burst', BURST, 1], ['concurrency', CONCURRENCY, 1]] as const) {
+  if (!Number.isInteger(n) || n < min) throw new Error(`--${flag} must be an integer ≥ ${min}`);
+}
 const repoRoot = fileURLToPath(new URL('..', import.meta.url));
+const STEPS = ['first', 'second', 'third'] as const;
+/** A latency event's run not heard finished for this long is looked up in KV, then given up on. */
+const LATENCY_STALL_MS = 20_000;
+/** The burst is given up on when no run of it finished for this long. */
+const BURST_STALL_MS = 60_000;
 
-interface Figures {
-  p50: number;
-  p99: number;
-  /** Runs whose first step was handed to workers (Quiver: dispatched on the work queue; BullMQ: flow added). */
-  admittedPerSecond: number;
-  startedPerSecond: number;
-  finishedPerSecond: number;
-}
+/** Epoch milliseconds, sub-millisecond: the clock codeStartedAt is taken with. */
+const now = () => performance.timeOrigin + performance.now();
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-const percentile = (sorted: number[], p: number) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!;
+// ---------------------------------------------------------------------------------------------
+// Cleanup: everything started registers how to undo it; undone in reverse, on success, failure
+// and signals alike.
 
-/** Waits until `count()` reaches `target`, polling cheaply; returns when it did. */
-async function until(count: () => number, target: number, timeoutMs: number, what: string): Promise<number> {
-  const deadline = Date.now() + timeoutMs;
-  while (count() < target) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}: ${count()} of ${target}`);
-    await new Promise((r) => setTimeout(r, 1));
+const cleanups: { what: string; run: () => unknown }[] = [];
+const onCleanup = (what: string, run: () => unknown) => void cleanups.push({ what, run });
+async function cleanUp(): Promise<void> {
+  while (cleanups.length > 0) {
+    const { what, run } = cleanups.pop()!;
+    try {
+      await withTimeout(Promise.resolve().then(run), 30_000, what);
+    } catch (error) {
+      console.error(`cleanup: ${what} failed: ${(error as Error).message}`);
+    }
   }
-  return performance.now();
+}
+async function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`${what} took over ${ms} ms`)), ms)));
+  try {
+    return await Promise.race([p, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+  process.once(signal, () => {
+    console.error(`\n${signal}: cleaning up`);
+    void cleanUp().finally(() => process.exit(130));
+  });
 }
 
-/** What a route reports as it goes; its callbacks count, {@link measure} reads. */
-interface Counters {
-  admitted: number;
-  started: number;
-  finished: number;
-  /** When the last first step started. */
-  lastStartAt: number;
-}
-const counters = (): Counters => ({ admitted: 0, started: 0, finished: 0, lastStartAt: 0 });
+// ---------------------------------------------------------------------------------------------
+// Routes and the one measuring loop they share.
 
-/** One event at a time for latency, then a burst for throughput: the same for every route. */
-async function measure(c: Counters, one: (i: number) => Promise<unknown>, burstOne: (i: number) => Promise<unknown>): Promise<Figures> {
+/** Wakes waiters whenever a run finishes. */
+class Progress {
+  private waiters: (() => void)[] = [];
+  notify(): void {
+    const waiters = this.waiters;
+    this.waiters = [];
+    for (const w of waiters) w();
+  }
+  /** Resolves at the next notification, or after `ms`. */
+  next(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const timer = setTimeout(resolve, ms);
+      this.waiters.push(() => (clearTimeout(timer), resolve()));
+    });
+  }
+}
+
+interface Check {
+  ok: boolean;
+  lines: string[];
+}
+
+interface Route {
+  readonly label: string;
+  /** Event ids are prefixed with it: unique across routes (JetStream dedups ids per stream). */
+  readonly key: string;
+  readonly progress: Progress;
+  publish(id: string, phase: 'warmup' | 'latency' | 'burst', i: number): Promise<unknown>;
+  /** True once a run of this event was seen finished. */
+  finished(id: string): boolean;
+  /** When the first step's code started, for the event's (first) finished run. */
+  firstCodeAt(id: string): number | undefined;
+  /** When this process heard the event's run finish. */
+  finishedAt(id: string): number | undefined;
+  /** Looks for finished runs the live feed missed. */
+  recover?(): Promise<void>;
+  /** Exactly once, for these events. */
+  verify(ids: readonly string[]): Promise<Check>;
+}
+
+interface Result {
+  label: string;
+  cold: number;
+  /** Sorted, ms. */
+  latencies: number[];
+  burstFinished: number;
+  burstSeconds: number;
+  runsPerSecond: number;
+  /** publish → first code within the burst (queueing included), sorted. */
+  burstLatencies: number[];
+  check: Check;
+}
+
+const percentile = (sorted: number[], p: number) =>
+  sorted.length === 0 ? NaN : sorted[Math.min(sorted.length - 1, Math.ceil((p / 100) * sorted.length) - 1)]!;
+
+/** Waits until every id has a finished run; false when none finished for `stallMs` (after one recovery). */
+async function waitFinished(route: Route, ids: readonly string[], stallMs: number): Promise<boolean> {
+  const pending = new Set(ids.filter((id) => !route.finished(id)));
+  let lastProgress = now();
+  let recovered = false;
+  while (pending.size > 0) {
+    if (now() - lastProgress > stallMs) {
+      if (recovered || !route.recover) return false;
+      recovered = true;
+      await route.recover();
+      lastProgress = now();
+    } else {
+      await route.progress.next(Math.min(1000, stallMs));
+    }
+    const before = pending.size;
+    for (const id of pending) if (route.finished(id)) pending.delete(id);
+    if (pending.size < before) lastProgress = now();
+  }
+  return true;
+}
+
+async function measure(route: Route): Promise<Result> {
+  const ids: string[] = [];
+  const log = (line: string) => console.log(`[${route.label}] ${line}`);
+
+  const warm = `${route.key}-warmup`;
+  ids.push(warm);
+  const warmAt = now();
+  await route.publish(warm, 'warmup', 0);
+  if (!(await waitFinished(route, [warm], LATENCY_STALL_MS))) throw new Error(`${route.label}: the warm-up run did not finish`);
+  const cold = route.firstCodeAt(warm)! - warmAt;
+  log(`warm-up: ${cold.toFixed(1)} ms publish → first code`);
+
   const latencies: number[] = [];
+  const latencyStart = now();
   for (let i = 0; i < LATENCY_EVENTS; i++) {
-    const before = c.started;
-    const t0 = performance.now();
-    await one(i);
-    await until(() => c.started, before + 1, 30_000, 'the first step');
-    latencies.push(c.lastStartAt - t0);
-    await until(() => c.finished, before + 1, 30_000, 'the run to finish');
+    const id = `${route.key}-latency-${i}`;
+    ids.push(id);
+    const publishedAt = now();
+    await route.publish(id, 'latency', i);
+    if (!(await waitFinished(route, [id], LATENCY_STALL_MS))) throw new Error(`${route.label}: the run of ${id} did not finish`);
+    const codeAt = route.firstCodeAt(id);
+    if (codeAt === undefined) throw new Error(`${route.label}: the run of ${id} has no codeStartedAt for its first step`);
+    latencies.push(codeAt - publishedAt);
   }
-  const base = { ...c };
-  const t0 = performance.now();
-  await Promise.all(Array.from({ length: BURST }, (_, i) => burstOne(i)));
-  const allAdmitted = await until(() => c.admitted - base.admitted, BURST, 600_000, 'the burst to be admitted');
-  const allStarted = await until(() => c.started - base.started, BURST, 600_000, 'the burst to start');
-  const allFinished = await until(() => c.finished - base.finished, BURST, 600_000, 'the burst to finish');
+  log(`latency: ${LATENCY_EVENTS} events one at a time in ${((now() - latencyStart) / 1000).toFixed(1)} s`);
+
+  const burstIds = Array.from({ length: BURST }, (_, i) => `${route.key}-burst-${i}`);
+  ids.push(...burstIds);
+  const publishedAt = new Map<string, number>();
+  const burstStart = now();
+  await Promise.all(
+    burstIds.map((id, i) => {
+      publishedAt.set(id, now());
+      return route.publish(id, 'burst', i);
+    }),
+  );
+  const allPublished = now();
+  const complete = await waitFinished(route, burstIds, BURST_STALL_MS);
+  const done = burstIds.filter((id) => route.finished(id));
+  const lastFinished = Math.max(...done.map((id) => route.finishedAt(id)!));
+  const burstSeconds = (lastFinished - burstStart) / 1000;
+  const burstLatencies = done.map((id) => route.firstCodeAt(id)! - publishedAt.get(id)!).sort((a, b) => a - b);
+  log(
+    `burst: ${BURST} published in ${(allPublished - burstStart).toFixed(0)} ms, ${done.length} finished in ${burstSeconds.toFixed(1)} s` +
+      (complete ? '' : ` (gave up: none finished for ${BURST_STALL_MS / 1000} s)`) +
+      `; publish → first code while queued: p50 ${percentile(burstLatencies, 50).toFixed(0)} ms, max ${burstLatencies.at(-1)?.toFixed(0)} ms`,
+  );
+
+  const check = await route.verify(ids);
+  log(`exactly once over ${ids.length} events: ${check.ok ? 'ok' : 'FAIL'}`);
+  for (const line of check.lines) log(`  ${line}`);
   latencies.sort((a, b) => a - b);
   return {
-    p50: percentile(latencies, 50),
-    p99: percentile(latencies, 99),
-    admittedPerSecond: BURST / ((allAdmitted - t0) / 1000),
-    startedPerSecond: BURST / ((allStarted - t0) / 1000),
-    finishedPerSecond: BURST / ((allFinished - t0) / 1000),
+    label: route.label,
+    cold,
+    latencies,
+    burstFinished: done.length,
+    burstSeconds,
+    runsPerSecond: done.length / burstSeconds,
+    burstLatencies,
+    check,
   };
 }
 
-async function benchQuiver(): Promise<Figures> {
-  const dir = mkdtempSync(join(tmpdir(), 'quiver-bench-trigger-'));
-  const file = join(dir, 'chain.ts');
-  writeFileSync(
-    file,
-    `import { tableFromArrays } from 'apache-arrow';
-import { pipeline, step } from ${JSON.stringify(join(repoRoot, 'sdk', 'index.ts'))};
-export default pipeline('bench_chain', {
-  first: step(() => tableFromArrays({ v: Int32Array.of(1) })),
-  second: step({ t: 'first' }, ({ t }) => t),
-  third: step({ t: 'second' }, ({ t }) => t),
-}, { on: { event: 'orders.*' } });
-`,
-  );
-  const cluster = await startLocalCluster({ home: dir, logger: silentLogger, executor: { concurrency: CONCURRENCY } });
-  try {
-    const { client } = cluster;
-    await client.deploy(await loadPipeline(file));
-    const c = counters();
-    cluster.client.nc.subscribe('quiver.work.>', {
-      callback: (_e, msg) => {
-        if (decode(stepReady, msg.subject, msg.data).step === 'first') c.admitted++;
-      },
-    });
-    cluster.client.nc.subscribe(subjects.stepStarted, {
-      callback: (_e, msg) => {
-        const s = decode(stepStarted, msg.subject, msg.data);
-        if (s.step === 'first' && s.attempt === 1) {
-          c.started++;
-          c.lastStartAt = performance.now();
-        }
-      },
-    });
-    cluster.client.nc.subscribe(subjects.stepSucceeded, {
-      callback: (_e, msg) => {
-        if (decode(stepSucceeded, msg.subject, msg.data).step === 'third') c.finished++;
-      },
-    });
-    await cluster.client.nc.flush();
-
-    return await measure(
-      c,
-      (i) => client.publish('orders.one', { i }, { id: `latency-${i}` }),
-      (i) => client.publish('orders.burst', { i }, { id: `burst-${i}` }),
-    );
-  } finally {
-    await cluster.stop();
-    rmSync(dir, { recursive: true, force: true });
+/** Problems grouped by kind, with a few examples each. */
+class Problems {
+  private readonly kinds = new Map<string, { count: number; examples: string[] }>();
+  add(kind: string, example: string): void {
+    const k = this.kinds.get(kind) ?? { count: 0, examples: [] };
+    k.count++;
+    if (k.examples.length < 3) k.examples.push(example);
+    this.kinds.set(kind, k);
+  }
+  get empty(): boolean {
+    return this.kinds.size === 0;
+  }
+  lines(): string[] {
+    return [...this.kinds].map(([kind, { count, examples }]) => `${kind}: ${count} (e.g. ${examples.join(', ')})`);
   }
 }
+
+/** Each event id appears exactly once per step in the marks file, and no other id appears. */
+function checkMarks(path: string, ids: readonly string[], problems: Problems): void {
+  const counts = new Map<string, number>();
+  const text = existsSync(path) ? readFileSync(path, 'utf8') : '';
+  for (const line of text.split('\n')) if (line) counts.set(line, (counts.get(line) ?? 0) + 1);
+  const expected = new Set<string>();
+  for (const id of ids) {
+    for (const step of STEPS) {
+      const mark = `${id} ${step}`;
+      expected.add(mark);
+      const n = counts.get(mark) ?? 0;
+      if (n === 0) problems.add('user code never ran', mark);
+      else if (n > 1) problems.add('user code ran more than once', `${mark} ×${n}`);
+    }
+  }
+  for (const mark of counts.keys()) if (!expected.has(mark)) problems.add('user code ran for an unknown event', mark);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quiver
+
+/** One deployed pipeline on the shared cluster, observed through its run views. */
+class QuiverRoute implements Route {
+  readonly progress = new Progress();
+  /** Finished runs, by run id: the latest view and when this process first heard it finished. */
+  private readonly runs = new Map<string, { view: RunView; heardAt: number }>();
+  private readonly runsByEvent = new Map<string, string[]>();
+  private readonly duplicates: string[] = [];
+  private missedByStatus = 0;
+
+  constructor(
+    readonly label: string,
+    readonly key: string,
+    readonly pipeline: string,
+    private readonly subjectPrefix: string,
+    private readonly marks: string,
+    private readonly client: QuiverClient,
+  ) {}
+
+  /** A view off the status feed (or KV): kept when it is a finished run of this pipeline's events. */
+  see(view: RunView, heardAt: number): void {
+    if (view.pipeline !== this.pipeline || !isFinished(view.state) || view.trigger.kind !== 'event') return;
+    const known = this.runs.get(view.runId);
+    if (known) {
+      known.view = view;
+      return;
+    }
+    this.runs.set(view.runId, { view, heardAt });
+    const byEvent = this.runsByEvent.get(view.trigger.eventId) ?? [];
+    byEvent.push(view.runId);
+    this.runsByEvent.set(view.trigger.eventId, byEvent);
+    this.progress.notify();
+  }
+
+  async publish(id: string, phase: string, i: number): Promise<unknown> {
+    const result = await this.client.publish(`${this.subjectPrefix}.${phase}`, { i }, { id });
+    if (result.duplicate) this.duplicates.push(id);
+    return result;
+  }
+
+  finished(id: string): boolean {
+    return this.runsByEvent.has(id);
+  }
+
+  private firstRun(id: string) {
+    const runId = this.runsByEvent.get(id)?.[0];
+    return runId === undefined ? undefined : this.runs.get(runId);
+  }
+
+  firstCodeAt(id: string): number | undefined {
+    return this.firstRun(id)?.view.steps.find((s) => s.name === 'first')?.codeStartedAt ?? undefined;
+  }
+
+  finishedAt(id: string): number | undefined {
+    return this.firstRun(id)?.heardAt;
+  }
+
+  async recover(): Promise<void> {
+    for (const view of await this.client.listRuns({ pipeline: this.pipeline })) {
+      if (!this.runs.has(view.runId) && isFinished(view.state)) {
+        this.missedByStatus++;
+        this.see(view, view.finishedAt ?? now());
+      }
+    }
+  }
+
+  async verify(ids: readonly string[]): Promise<Check> {
+    const problems = new Problems();
+    const notes: string[] = [];
+    // KV is the record: every run of this pipeline, finished or not.
+    const stored = await this.client.listRuns({ pipeline: this.pipeline });
+    const storedById = new Map(stored.map((v) => [v.runId, v]));
+    const runsByEvent = new Map<string, Set<string>>();
+    const add = (eventId: string, runId: string) => runsByEvent.set(eventId, (runsByEvent.get(eventId) ?? new Set()).add(runId));
+    for (const [eventId, runIds] of this.runsByEvent) for (const runId of runIds) add(eventId, runId);
+    for (const view of stored) {
+      if (view.trigger.kind === 'event') add(view.trigger.eventId, view.runId);
+      else problems.add('run not started by an event', view.runId);
+      if (isFinished(view.state) && !this.runs.has(view.runId)) this.missedByStatus++;
+    }
+    const wanted = new Set(ids);
+    let retried = 0;
+    for (const id of ids) {
+      const runIds = [...(runsByEvent.get(id) ?? [])];
+      if (runIds.length === 0) problems.add('event with no run', id);
+      else if (runIds.length > 1) problems.add('event with several runs', `${id} ×${runIds.length}`);
+      for (const runId of runIds) {
+        const view = storedById.get(runId) ?? this.runs.get(runId)?.view;
+        if (!storedById.has(runId)) problems.add('run heard on the status feed but not in KV', runId);
+        if (!view) continue;
+        if (view.state !== 'succeeded') problems.add(`run ${view.state}`, `${id} (${runId})`);
+        for (const step of view.steps) {
+          if (step.state !== 'succeeded') problems.add(`step ${step.state}`, `${id} ${step.name}`);
+          if (step.attempt > 1) retried++;
+        }
+      }
+    }
+    for (const eventId of runsByEvent.keys()) if (!wanted.has(eventId)) problems.add('run for an event not published', eventId);
+    for (const id of this.duplicates) problems.add('publish reported a duplicate', id);
+    checkMarks(this.marks, ids, problems);
+    if (retried > 0) notes.push(`${retried} step(s) needed more than one attempt`);
+    if (this.missedByStatus > 0) notes.push(`${this.missedByStatus} finished run(s) found only in KV, not on the status feed`);
+    const isolations = new Set(stored.flatMap((v) => v.steps.map((s) => s.isolation ?? 'none')));
+    notes.push(`${stored.length} runs in KV; steps ran with isolation: ${[...isolations].join(', ')}`);
+    return { ok: problems.empty, lines: [...problems.lines(), ...notes] };
+  }
+}
+
+function pipelineFile(dir: string, name: string, isolation: 'process' | 'worker', subjectPrefix: string, marks: string): string {
+  const file = join(dir, `${name}.ts`);
+  // Each step's first line marks that its user code ran for this event.
+  const mark = (step: string) => `appendFileSync(MARKS, \`\${ctx.event?.id} ${step}\\n\`);`;
+  writeFileSync(
+    file,
+    `import { appendFileSync } from 'node:fs';
+import { tableFromArrays } from 'apache-arrow';
+import { pipeline, step } from ${JSON.stringify(join(repoRoot, 'sdk', 'index.ts'))};
+const MARKS = ${JSON.stringify(marks)};
+export default pipeline(${JSON.stringify(name)}, {
+  first: step((_inputs, ctx) => {
+    ${mark('first')}
+    return tableFromArrays({ v: Int32Array.of(1) });
+  }),
+  second: step({ t: 'first' }, ({ t }, ctx) => {
+    ${mark('second')}
+    return t;
+  }),
+  third: step({ t: 'second' }, ({ t }, ctx) => {
+    ${mark('third')}
+    return t;
+  }),
+}, { on: { event: ${JSON.stringify(`${subjectPrefix}.*`)} }, isolation: ${JSON.stringify(isolation)} });
+`,
+  );
+  return file;
+}
+
+/** Every file under `dir`, relative, with its size. */
+function listFiles(dir: string, prefix = ''): { path: string; bytes: number }[] {
+  if (!existsSync(dir)) return [];
+  return readdirSync(dir, { withFileTypes: true }).flatMap((entry) => {
+    const path = join(dir, entry.name);
+    const rel = prefix ? `${prefix}/${entry.name}` : entry.name;
+    return entry.isDirectory() ? listFiles(path, rel) : [{ path: rel, bytes: statSync(path).size }];
+  });
+}
+
+interface ShmCheck {
+  ok: boolean;
+  line: string;
+}
+
+/** After the runs are done their outputs are released: waits a little for the releases to land. */
+async function checkShm(shmDir: string): Promise<ShmCheck> {
+  const deadline = now() + 15_000;
+  let files = listFiles(shmDir);
+  const segments = () => files.filter((f) => !f.path.startsWith('pool/'));
+  while (segments().length > 0 && now() < deadline) {
+    await sleep(250);
+    files = listFiles(shmDir);
+  }
+  const left = segments();
+  const pool = files.filter((f) => f.path.startsWith('pool/'));
+  const kib = (fs: { bytes: number }[]) => (fs.reduce((s, f) => s + f.bytes, 0) / 1024).toFixed(0);
+  const poolNote = `pool of released segments kept for reuse: ${pool.length} file(s), ${kib(pool)} KiB`;
+  if (left.length === 0) return { ok: true, line: `shared memory ${shmDir}: ok, no segments left (${poolNote})` };
+  return {
+    ok: false,
+    line: `shared memory ${shmDir}: FAIL, ${left.length} file(s) left, ${kib(left)} KiB (e.g. ${left.slice(0, 5).map((f) => f.path).join(', ')}); ${poolNote}`,
+  };
+}
+
+async function benchQuiver(): Promise<{ results: (Result | Error)[]; shm: ShmCheck | Error }> {
+  const dir = mkdtempSync(join(tmpdir(), 'quiver-bench-trigger-'));
+  onCleanup(`remove ${dir}`, () => rmSync(dir, { recursive: true, force: true }));
+  const defs = [
+    { label: 'quiver process', key: 'process', pipeline: 'bench_process', isolation: 'process', subjectPrefix: 'bench.process' },
+    { label: 'quiver worker', key: 'worker', pipeline: 'bench_worker', isolation: 'worker', subjectPrefix: 'bench.worker' },
+  ] as const;
+
+  const cluster = await startLocalCluster({ home: dir, logger: silentLogger, executor: { concurrency: CONCURRENCY } });
+  onCleanup('stop the embedded cluster', () => cluster.stop());
+  const { client } = cluster;
+  const routes = defs.map((d) => {
+    const marks = join(dir, `${d.pipeline}.marks`);
+    return { def: d, file: pipelineFile(dir, d.pipeline, d.isolation, d.subjectPrefix, marks), route: new QuiverRoute(d.label, d.key, d.pipeline, d.subjectPrefix, marks, client) };
+  });
+  let undecodable = 0;
+  const status = cluster.client.nc.subscribe(subjects.statusAll, {
+    callback: (error, msg) => {
+      if (error) return;
+      const heardAt = now();
+      let view: RunView;
+      try {
+        view = decode(runView, msg.subject, msg.data);
+      } catch {
+        undecodable++;
+        return;
+      }
+      for (const { route } of routes) route.see(view, heardAt);
+    },
+  });
+  onCleanup('unsubscribe from run views', () => status.unsubscribe());
+  await cluster.client.nc.flush();
+  for (const { file } of routes) await client.deploy(await loadPipeline(file));
+
+  const results: (Result | Error)[] = [];
+  for (const { route } of routes) {
+    try {
+      results.push(await measure(route));
+    } catch (error) {
+      console.error(`[${route.label}] failed: ${(error as Error).stack ?? error}`);
+      results.push(error as Error);
+    }
+  }
+  if (undecodable > 0) console.log(`[quiver] ${undecodable} status message(s) did not decode as a run view`);
+  const shm = await checkShm(cluster.executor.shmDir).catch((e: Error) => e);
+  return { results, shm };
+}
+
+// ---------------------------------------------------------------------------------------------
+// BullMQ
 
 async function reachable(host: string, port: number): Promise<boolean> {
   return new Promise((resolve) => {
@@ -182,70 +551,151 @@ async function findRedis(): Promise<{ host: string; port: number; stop(): void }
   const child: ChildProcess = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' });
   const deadline = Date.now() + 5000;
   while (!(await reachable('127.0.0.1', port))) {
-    if (Date.now() > deadline) throw new Error('no Redis on 127.0.0.1:6379 and redis-server did not start; install redis-server or set REDIS_URL');
+    if (Date.now() > deadline) {
+      child.kill();
+      throw new Error('no Redis on 127.0.0.1:6379 and redis-server did not start; install redis-server or set REDIS_URL');
+    }
     await new Promise((r) => setTimeout(r, 50));
   }
   return { host: '127.0.0.1', port, stop: () => child.kill() };
 }
 
-async function benchBullMQ(): Promise<Figures> {
+async function benchBullMQ(): Promise<Result> {
   const redis = await findRedis();
+  onCleanup('stop the redis-server the bench started', () => redis.stop());
   // BullMQ wants ready-made clients in an ES module; workers block, so no retry limit.
   const connection = () => new Redis({ host: redis.host, port: redis.port, maxRetriesPerRequest: null });
   const queueName = `quiver-bench-${process.pid}`;
+  const dir = mkdtempSync(join(tmpdir(), 'quiver-bench-trigger-bullmq-'));
+  onCleanup(`remove ${dir}`, () => rmSync(dir, { recursive: true, force: true }));
+  const marks = join(dir, 'bullmq.marks');
+
+  const queue = new Queue(queueName, { connection: connection() });
+  onCleanup(`obliterate the bullmq queue ${queueName}`, async () => {
+    await queue.obliterate({ force: true });
+    await queue.close();
+  });
   const flows = new FlowProducer({ connection: connection() });
-  const c = counters();
+  onCleanup('close the flow producer', () => flows.close());
+
+  const progress = new Progress();
+  const firstAt = new Map<string, number>();
+  const finishedAt = new Map<string, number>();
+  const completions = new Map<string, number>();
+  const failures = new Problems();
   const worker = new Worker(
     queueName,
-    async (job: Job) => {
-      if (job.name === 'first') {
-        c.started++;
-        c.lastStartAt = performance.now();
-      }
+    async (job: Job<{ eventId: string }>) => {
+      const at = now();
+      appendFileSync(marks, `${job.data.eventId} ${job.name}\n`);
+      if (job.name === 'first' && !firstAt.has(job.data.eventId)) firstAt.set(job.data.eventId, at);
       return 1;
     },
     { connection: connection(), concurrency: CONCURRENCY },
   );
-  worker.on('completed', (job) => {
-    if (job.name === 'third') c.finished++;
+  onCleanup('close the bullmq worker', () => worker.close());
+  worker.on('completed', (job: Job<{ eventId: string }>) => {
+    if (job.name !== 'third') return;
+    const id = job.data.eventId;
+    completions.set(id, (completions.get(id) ?? 0) + 1);
+    if (!finishedAt.has(id)) finishedAt.set(id, now());
+    progress.notify();
   });
+  worker.on('failed', (job: Job<{ eventId: string }> | undefined, error: Error) => failures.add('job failed', `${job?.data.eventId} ${job?.name}: ${error.message}`));
   await worker.waitUntilReady();
-  const flow = (i: number, kind: string) => ({
-    name: 'third',
-    queueName,
-    data: { i, kind },
-    opts: { removeOnComplete: true },
-    children: [{ name: 'second', queueName, data: {}, opts: { removeOnComplete: true }, children: [{ name: 'first', queueName, data: {}, opts: { removeOnComplete: true } }] }],
-  });
-  try {
-    // A flow is handed to workers once it is added.
-    const add = async (i: number, kind: string) => {
-      await flows.add(flow(i, kind));
-      c.admitted++;
-    };
-    return await measure(
-      c,
-      (i) => add(i, 'latency'),
-      (i) => add(i, 'burst'),
-    );
-  } finally {
-    await worker.close();
-    await flows.close();
-    redis.stop();
-  }
+
+  const job = (name: string, eventId: string) => ({ name, queueName, data: { eventId }, opts: { removeOnComplete: true } });
+  const route: Route = {
+    label: 'bullmq',
+    key: 'bullmq',
+    progress,
+    publish: (id) => flows.add({ ...job('third', id), children: [{ ...job('second', id), children: [job('first', id)] }] }),
+    finished: (id) => finishedAt.has(id),
+    firstCodeAt: (id) => firstAt.get(id),
+    finishedAt: (id) => finishedAt.get(id),
+    verify: async (ids) => {
+      const problems = new Problems();
+      for (const line of failures.lines()) problems.add('failures', line);
+      for (const id of ids) {
+        const n = completions.get(id) ?? 0;
+        if (n === 0) problems.add('flow never completed', id);
+        else if (n > 1) problems.add('flow completed more than once', `${id} ×${n}`);
+      }
+      checkMarks(marks, ids, problems);
+      return { ok: problems.empty, lines: problems.lines() };
+    },
+  };
+  return await measure(route);
 }
 
-const quiver = await benchQuiver();
-const bullmq = await benchBullMQ();
-const row = (name: string, f: Figures) =>
-  `${name.padEnd(8)} ${f.p50.toFixed(1).padStart(9)} ${f.p99.toFixed(1).padStart(9)} ${f.admittedPerSecond.toFixed(1).padStart(15)} ${f.startedPerSecond.toFixed(1).padStart(14)} ${f.finishedPerSecond.toFixed(1).padStart(15)}`;
-console.log(`\ntrigger → first step started (${LATENCY_EVENTS} events one at a time), and a burst of ${BURST} (worker concurrency ${CONCURRENCY})`);
-console.log(
-  `${'route'.padEnd(8)} ${'p50 ms'.padStart(9)} ${'p99 ms'.padStart(9)} ${'runs admitted/s'.padStart(15)} ${'runs started/s'.padStart(14)} ${'runs finished/s'.padStart(15)}`,
-);
-console.log(row('quiver', quiver));
-console.log(row('bullmq', bullmq));
-console.log(
-  `quiver/bullmq: p50 ${(quiver.p50 / bullmq.p50).toFixed(2)}x, p99 ${(quiver.p99 / bullmq.p99).toFixed(2)}x, admitted/s ${(quiver.admittedPerSecond / bullmq.admittedPerSecond).toFixed(2)}x, started/s ${(quiver.startedPerSecond / bullmq.startedPerSecond).toFixed(2)}x, finished/s ${(quiver.finishedPerSecond / bullmq.finishedPerSecond).toFixed(2)}x`,
-);
-process.exit(0);
+// ---------------------------------------------------------------------------------------------
+
+const GOALS = {
+  'quiver worker': { p50: 5, p99: 30, runsPerSecond: 300 },
+  'quiver process': { p50: 15, p99: 60, runsPerSecond: 30 },
+} as const;
+
+function report(results: (Result | Error)[], bullmq: Result | Error, shm: ShmCheck | Error): boolean {
+  const fmt = (n: number, digits = 1) => (Number.isFinite(n) ? n.toFixed(digits) : '-');
+  console.log(
+    `\npublish → first line of the first step (${LATENCY_EVENTS} events one at a time), and a burst of ${BURST} events at once; concurrency ${CONCURRENCY}`,
+  );
+  console.log(`${'route'.padEnd(15)} ${'p50 ms'.padStart(8)} ${'p90 ms'.padStart(8)} ${'p99 ms'.padStart(8)} ${'runs finished/s'.padStart(16)} ${'exactly-once'.padStart(13)} ${'cold ms'.padStart(8)}`);
+  const labels = ['quiver process', 'quiver worker', 'bullmq'];
+  let ok = true;
+  [...results, bullmq].forEach((r, i) => {
+    if (r instanceof Error) {
+      ok = false;
+      console.log(`${labels[i]!.padEnd(15)} error: ${r.message}`);
+      return;
+    }
+    ok &&= r.check.ok && r.burstFinished === BURST;
+    const p = (q: number) => fmt(percentile(r.latencies, q)).padStart(8);
+    console.log(
+      `${r.label.padEnd(15)} ${p(50)} ${p(90)} ${p(99)} ${fmt(r.runsPerSecond).padStart(16)} ${(r.check.ok ? 'ok' : 'FAIL').padStart(13)} ${fmt(r.cold).padStart(8)}`,
+    );
+  });
+  for (const r of results) {
+    if (r instanceof Error || bullmq instanceof Error) continue;
+    const ratio = (a: number, b: number) => `${a / b >= 0.1 || !Number.isFinite(a / b) ? fmt(a / b, 2) : (a / b).toPrecision(2)}x`;
+    const p50 = (x: Result) => percentile(x.latencies, 50);
+    const p99 = (x: Result) => percentile(x.latencies, 99);
+    console.log(
+      `${r.label} / bullmq: p50 ${ratio(p50(r), p50(bullmq))}, p99 ${ratio(p99(r), p99(bullmq))}, runs/s ${ratio(r.runsPerSecond, bullmq.runsPerSecond)}`,
+    );
+  }
+  const goal = (label: keyof typeof GOALS) => {
+    const g = GOALS[label];
+    const r = results.find((x): x is Result => !(x instanceof Error) && x.label === label);
+    const mark = (met: boolean | undefined) => (met === undefined ? '?' : met ? 'met' : 'missed');
+    return (
+      `${label.replace('quiver ', '')} p50 ≤ ${g.p50} ms (${mark(r && percentile(r.latencies, 50) <= g.p50)}), ` +
+      `p99 ≤ ${g.p99} ms (${mark(r && percentile(r.latencies, 99) <= g.p99)}), ` +
+      `≥ ${g.runsPerSecond} runs/s (${mark(r && r.runsPerSecond >= g.runsPerSecond)})`
+    );
+  };
+  console.log(`goals: ${goal('quiver worker')}; ${goal('quiver process')}`);
+  if (shm instanceof Error) {
+    ok = false;
+    console.log(`shared memory check failed: ${shm.message}`);
+  } else {
+    ok &&= shm.ok;
+    console.log(shm.line);
+  }
+  return ok;
+}
+
+let exitCode = 1;
+try {
+  const quiver = await benchQuiver().catch((e: Error) => ({ results: [e, e], shm: e }));
+  // Stops the cluster (and its step processes) before BullMQ runs.
+  await cleanUp();
+  const bullmq = await benchBullMQ().catch((e: Error) => (console.error(`[bullmq] failed: ${e.stack ?? e}`), e));
+  await cleanUp();
+  exitCode = report(quiver.results, bullmq, quiver.shm) ? 0 : 1;
+} catch (error) {
+  console.error(error);
+} finally {
+  await cleanUp();
+}
+process.exit(exitCode);

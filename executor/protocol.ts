@@ -67,7 +67,12 @@ export type RunnerRequest =
       keepAlive: boolean;
     }
   /** A worker answers from its event loop: no answer for a while means it hangs. */
-  | { type: 'ping'; seq: number };
+  | { type: 'ping'; seq: number }
+  /**
+   * To a booted spare: import this pipeline version's code now, so a step of it finds the module
+   * compiled. A failing import is left for the step to report.
+   */
+  | { type: 'preload'; codePath: string };
 
 /** Step process → executor. */
 export type RunnerMessage =

@@ -95,6 +95,8 @@ async function handle(request: RunnerRequest & { type: 'job' }): Promise<void> {
 process.on('message', (request: RunnerRequest) => {
   if (request.type === 'ping') {
     send({ type: 'pong', seq: request.seq }).catch(() => process.exit(71));
+  } else if (request.type === 'preload') {
+    import(request.codePath).catch(() => undefined);
   } else if (request.type === 'job') {
     handle(request).catch((error: unknown) => {
       // Nothing left to answer with (the executor is gone, or a restore failed): end the process.

@@ -113,6 +113,11 @@ export class StepProcess {
     return this.active !== null;
   }
 
+  /** Has a spare import a pipeline version's code ahead of its step (see RunnerRequest 'preload'). */
+  preload(codePath: string): void {
+    if (this.child.connected) this.child.send({ type: 'preload', codePath } satisfies RunnerRequest, () => undefined);
+  }
+
   /** Called once when the process exits (at once if it has). */
   onExit(handler: () => void): void {
     if (this.exited) handler();

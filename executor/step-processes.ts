@@ -79,6 +79,8 @@ export class StepProcesses {
   /** Idle workers by code path, the most recently used last. */
   private readonly idle = new Map<string, IdleWorker[]>();
   private readonly workers = new Set<StepProcess>();
+  /** The pipeline version a fresh process last ran: spares import its code while they wait. */
+  private likelyCode: string | null = null;
   private stopped = false;
 
   constructor(options: StepProcessesOptions) {
@@ -94,7 +96,7 @@ export class StepProcesses {
   /** Runs one user step to its reply: a table's segments, or the error that ended it. */
   async run(job: RunnerJob, isolation: Isolation): Promise<RunnerReply> {
     const keepAlive = isolation === 'worker';
-    const proc = keepAlive ? this.takeWorker(job.codePath) : this.takeProcess();
+    const proc = keepAlive ? this.takeWorker(job.codePath) : this.takeProcess(job.codePath);
     const set = this.running.get(job.runId) ?? new Set();
     set.add(proc);
     this.running.set(job.runId, set);
@@ -131,7 +133,7 @@ export class StepProcesses {
     }
     if (idle.length === 0) this.idle.delete(codePath);
     if (reused) return reused;
-    const worker = this.takeProcess();
+    const worker = this.takeProcess(codePath);
     this.workers.add(worker);
     worker.onExit(() => {
       this.workers.delete(worker);
@@ -167,13 +169,18 @@ export class StepProcesses {
   }
 
   /**
-   * A step process started ahead of time: booted and past its imports, but it has run nothing,
-   * so every step still gets a fresh process. Start-up (~170 ms of node and apache-arrow) moves
-   * off the step's critical path.
+   * A step process started ahead of time: booted, past its imports, and with the code of the
+   * pipeline version that ran last already imported, but it has run no step, so every step still
+   * gets a fresh process. Start-up (~170 ms of node and apache-arrow, then compiling the
+   * pipeline's bundle) moves off the step's critical path.
    */
-  private takeProcess(): StepProcess {
+  private takeProcess(codePath: string): StepProcess {
     let spare: StepProcess | undefined;
     while ((spare = this.spares.shift()) && !spare.alive);
+    if (codePath !== this.likelyCode) {
+      this.likelyCode = codePath;
+      for (const waiting of this.spares) waiting.preload(codePath);
+    }
     this.refillSpares();
     return spare ?? this.spawn();
   }
@@ -182,6 +189,7 @@ export class StepProcesses {
     const wanted = this.stopped ? 0 : this.options.prewarm;
     while (this.spares.length < wanted) {
       const spare = this.spawn();
+      if (this.likelyCode) spare.preload(this.likelyCode);
       this.spares.push(spare);
       spare.onExit(() => {
         const at = this.spares.indexOf(spare);
