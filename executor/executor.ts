@@ -22,7 +22,7 @@ import {
   stepStarted,
   stepCompletion,
   claimRecord,
-  readRunRecord,
+  readRunState,
   readStepCompletion,
   stepKey,
   streams,
@@ -320,13 +320,13 @@ export class Executor {
         () => true,
         (error: unknown) => error as Error,
       ),
-      readRunRecord(this.topology.runs, ready.runId).catch((error: unknown) => {
+      readRunState(this.topology.runs, ready.runId).catch((error: unknown) => {
         // A malformed record must not keep a step from running: the orchestrator drives the run.
         this.logger.warn((error as Error).message);
         return null;
       }),
     ]);
-    if (run && run.state !== 'running') return 'drop';
+    if (run && run !== 'running') return 'drop';
     if (created === true) return 'run';
     // Only "already claimed" is an answer; any other trouble is retried by redelivery.
     if (!(await this.topology.claims.get(key))?.string()) throw created;

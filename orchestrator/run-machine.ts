@@ -202,6 +202,25 @@ export function createRunMachine(plan: Plan) {
 }
 
 export type RunMachine = ReturnType<typeof createRunMachine>;
+
+/** Machines of recent plans: runs of one deployed version share one (a machine holds no run state). */
+const machines = new Map<string, RunMachine>();
+const MACHINES_KEPT = 64;
+
+/** {@link createRunMachine}, built once per distinct plan. */
+export function runMachineOf(plan: Plan): RunMachine {
+  const key = JSON.stringify(plan);
+  let machine = machines.get(key);
+  if (machine) {
+    // Most recently used last: the first key is the one to drop.
+    machines.delete(key);
+  } else {
+    machine = createRunMachine(plan);
+    if (machines.size >= MACHINES_KEPT) machines.delete(machines.keys().next().value!);
+  }
+  machines.set(key, machine);
+  return machine;
+}
 export type RunSnapshot = SnapshotFrom<RunMachine>;
 
 function patch(context: RunContext, step: string, facts: Partial<StepFacts>): Partial<RunContext> {
@@ -230,7 +249,7 @@ export interface RunFacts {
  * step's claim, so the result does not depend on the order the facts were written in.
  */
 export function replayRun(plan: Plan, runId: string, facts: RunFacts): Actor<RunMachine> {
-  const actor = createActor(createRunMachine(plan), { input: { runId } }).start();
+  const actor = createActor(runMachineOf(plan), { input: { runId } }).start();
   for (const step of plan.steps) {
     const claim = facts.claims.get(step.name);
     if (claim) actor.send({ type: 'step.started', runId, step: step.name, ...claim });

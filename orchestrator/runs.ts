@@ -22,7 +22,7 @@ import {
 } from '../schemas/index.ts';
 import { childrenOf, outputSteps } from '../planner/index.ts';
 import type { Dispatcher } from './placement.ts';
-import { createRunMachine, replayRun, runStateOf, stepStatesOf, type RunFacts, type RunMachine, type RunSnapshot } from './run-machine.ts';
+import { replayRun, runMachineOf, runStateOf, stepStatesOf, type RunFacts, type RunMachine, type RunSnapshot } from './run-machine.ts';
 import type { RunStore } from './run-store.ts';
 import { machineView } from './views.ts';
 import { createActor } from 'xstate';
@@ -67,7 +67,7 @@ export class Runs {
 
   /** Starts a run whose record (state running) is written. */
   async start(record: RunRecord): Promise<void> {
-    const actor = createActor(createRunMachine(record.submit.plan), { input: { runId: record.submit.runId } });
+    const actor = createActor(runMachineOf(record.submit.plan), { input: { runId: record.submit.runId } });
     await this.afterTransition(this.track(record, actor.start()));
   }
 

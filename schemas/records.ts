@@ -69,6 +69,17 @@ export async function readStepCompletion(steps: KV, runId: string, step: string)
   return decode(stepCompletion, `${entry.bucket}/${key}`, entry.value);
 }
 
+/**
+ * Only the state of a run's record: what an executor checks before it runs a step, without
+ * validating the whole submission (plan, event) on every step.
+ */
+export async function readRunState(runs: KV, runId: string): Promise<RunRecord['state'] | null> {
+  const entry = await runs.get(runId);
+  if (!entry || entry.operation !== 'PUT' || entry.length === 0) return null;
+  return decode(runStateOnly, `${entry.bucket}/${runId}`, entry.value).state;
+}
+const runStateOnly = runRecord.pick({ state: true });
+
 /** Who claimed a step, or null. Throws InvalidMessageError when it is malformed. */
 export async function readClaim(claims: KV, runId: string, step: string): Promise<ClaimRecord | null> {
   const key = stepKey(runId, step);
