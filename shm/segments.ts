@@ -81,14 +81,25 @@ function fileSize(path: string): number | null {
   }
 }
 
+/**
+ * Files the pool keeps at most, whatever their bytes: every claim and release lists the pool, so
+ * after a burst of small outputs a pool of thousands of files would cost more than it saves.
+ */
+export const POOL_MAX_FILES = 256;
+
 export function releaseSegmentIds(ids: readonly string[], opts: ResolvedShmOptions): void {
-  let pooled = opts.poolMaxBytes > 0 ? poolBytes(listPool(opts.dir)) : 0;
+  const pool = opts.poolMaxBytes > 0 ? listPool(opts.dir) : [];
+  let pooled = poolBytes(pool);
+  let files = pool.length;
   for (const id of ids) {
     const path = segmentPath(opts.dir, id);
     const size = fileSize(path);
     if (size === null) continue;
-    if (opts.poolMaxBytes > 0 && size > 0 && pooled + size <= opts.poolMaxBytes) {
-      if (addToPool(opts.dir, path, size)) pooled += size;
+    if (opts.poolMaxBytes > 0 && size > 0 && pooled + size <= opts.poolMaxBytes && files < POOL_MAX_FILES) {
+      if (addToPool(opts.dir, path, size)) {
+        pooled += size;
+        files++;
+      }
     } else {
       unlinkIfPresent(path);
     }

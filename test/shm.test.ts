@@ -302,6 +302,18 @@ test('an empty table round-trips with its schema', { timeout: TEST_TIMEOUT }, (t
   }
 });
 
+test('the pool keeps a bounded number of files: after a burst of small releases the rest are unlinked', { timeout: TEST_TIMEOUT }, (t) => {
+  const dir = tempDir(t);
+  const many = Array.from({ length: 300 }, (_, k) => writeTableToShm(tableFromArrays({ x: Int32Array.of(k) }), { dir, idPrefix: `burst${k}` }));
+  releaseSegments(
+    many.flatMap((w) => w.segments),
+    { dir },
+  );
+  assert.deepEqual(listSegments(dir), []);
+  assert.equal(poolUsage(dir).segments, 256);
+  assert.equal(readdirSync(join(dir, 'pool')).length, 256);
+});
+
 test('released segments are reused from the pool, within its size band and cap', { timeout: TEST_TIMEOUT }, (t) => {
   const dir = tempDir(t);
   const make = (n: number, seed: number) => tableFromArrays({ x: Float64Array.from({ length: n }, (_, i) => i * seed) });
