@@ -2,7 +2,7 @@ import { createHash } from 'node:crypto';
 import { existsSync, readFileSync, renameSync, rmdirSync, writeFileSync } from 'node:fs';
 import { hostname, availableParallelism } from 'node:os';
 import { join } from 'node:path';
-import { jetstream, jetstreamManager, type Consumer, type JetStreamClient, type JsMsg } from '@nats-io/jetstream';
+import { jetstream, jetstreamManager, type Consumer, type JsMsg } from '@nats-io/jetstream';
 import { Kvm, type KV } from '@nats-io/kv';
 import type { NatsConnection, Subscription } from '@nats-io/transport-node';
 import { ulid } from 'ulid';
@@ -101,7 +101,6 @@ export class Executor {
 
   private constructor(
     private readonly nc: NatsConnection,
-    private readonly js: JetStreamClient,
     private readonly topology: Topology,
     private readonly consumer: Consumer,
     private readonly runner: RunnerBuild,
@@ -122,7 +121,7 @@ export class Executor {
     const runner = await buildRunner(bundleDir('build'));
     const js = jetstream(nc);
     const consumer = await js.consumers.get(streams.work, consumers.executors);
-    const executor = new Executor(nc, js, topology, consumer, runner, hostId, shmDir, options, logger);
+    const executor = new Executor(nc, topology, consumer, runner, hostId, shmDir, options, logger);
     executor.completions = await new Kvm(jetstream(nc, { timeout: 2_000 })).open(buckets.steps);
     const placed = await js.consumers.get(streams.work, await ensureHostConsumer(jsm, hostId, topology));
     await executor.collectGarbage();

@@ -74,7 +74,7 @@ export class Orchestrator {
     private readonly nc: NatsConnection,
     private readonly js: JetStreamClient,
     jsm: JetStreamManager,
-    private readonly topology: Topology,
+    topology: Topology,
     private readonly logger: Logger,
     private readonly now: () => number,
     leases: KV,

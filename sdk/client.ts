@@ -409,6 +409,8 @@ export class QuiverClient {
         if (view && isFinished(view.state)) {
           // Status messages published before the final record may still be in flight.
           await this.nc.flush();
+          // The final status is published after the record: events() ends with it either way.
+          if (!queue.sawFinalStatus) queue.push({ type: 'status', view });
           return view;
         }
       }
@@ -426,9 +428,12 @@ class EventQueue implements AsyncIterable<RunEvent> {
   private readonly items: RunEvent[] = [];
   private waiting: ((r: IteratorResult<RunEvent>) => void) | null = null;
   private ended = false;
+  /** A status of the finished run has been queued. */
+  sawFinalStatus = false;
 
   push(event: RunEvent): void {
     if (this.ended) return;
+    if (event.type === 'status' && isFinished(event.view.state)) this.sawFinalStatus = true;
     if (this.waiting) {
       const w = this.waiting;
       this.waiting = null;
