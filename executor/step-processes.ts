@@ -11,6 +11,11 @@ export interface WorkerOptions {
   /** A worker with no step for this long exits. @default 60_000 */
   workerIdleMs?: number;
   /**
+   * Idle workers kept at most, over every pipeline version: past it the one idle longest exits,
+   * so many versions deployed and run once each do not each keep a process. @default 8
+   */
+  maxIdleWorkers?: number;
+  /**
    * A worker whose event loop does not answer for this long is killed and its step fails
    * (ERR_WORKER_HUNG): any synchronous stretch of a step counts, writing its output too. @default 30_000
    */
@@ -35,6 +40,7 @@ export const DEFAULT_MAX_STEPS_PER_WORKER = 1000;
 export const DEFAULT_MAX_WORKER_RSS_BYTES = 1024 ** 3;
 export const DEFAULT_WORKER_IDLE_MS = 60_000;
 export const DEFAULT_WORKER_HANG_MS = 30_000;
+export const DEFAULT_MAX_IDLE_WORKERS = 8;
 
 type ResolvedOptions = Required<Omit<StepProcessesOptions, 'workers'>> & { workers: Required<WorkerOptions> };
 
@@ -56,6 +62,7 @@ export function resolveStepProcessesOptions(options: StepProcessesOptions): Reso
       maxWorkerRssBytes: count('workers.maxWorkerRssBytes', w.maxWorkerRssBytes, DEFAULT_MAX_WORKER_RSS_BYTES, 1),
       workerIdleMs: count('workers.workerIdleMs', w.workerIdleMs, DEFAULT_WORKER_IDLE_MS, 1),
       workerHangMs: count('workers.workerHangMs', w.workerHangMs, DEFAULT_WORKER_HANG_MS, 10),
+      maxIdleWorkers: count('workers.maxIdleWorkers', w.maxIdleWorkers, DEFAULT_MAX_IDLE_WORKERS, 0),
     },
   };
 }
@@ -63,6 +70,8 @@ export function resolveStepProcessesOptions(options: StepProcessesOptions): Reso
 interface IdleWorker {
   worker: StepProcess;
   timer: NodeJS.Timeout;
+  /** When it became idle, in order: the first to go when too many are idle. */
+  since: number;
 }
 
 /**
@@ -79,6 +88,7 @@ export class StepProcesses {
   /** Idle workers by code path, the most recently used last. */
   private readonly idle = new Map<string, IdleWorker[]>();
   private readonly workers = new Set<StepProcess>();
+  private idleSequence = 0;
   /** The pipeline version a fresh process last ran: spares import its code while they wait. */
   private likelyCode: string | null = null;
   private stopped = false;
@@ -156,8 +166,19 @@ export class StepProcesses {
     }, limits.workerIdleMs);
     timer.unref();
     const idle = this.idle.get(codePath) ?? [];
-    idle.push({ worker, timer });
+    idle.push({ worker, timer, since: ++this.idleSequence });
     this.idle.set(codePath, idle);
+    this.keepIdleWithinLimit();
+  }
+
+  private keepIdleWithinLimit(): void {
+    for (;;) {
+      const all = [...this.idle.entries()].flatMap(([codePath, list]) => list.map((entry) => ({ codePath, entry })));
+      if (all.length <= this.options.workers.maxIdleWorkers) return;
+      const oldest = all.reduce((a, b) => (b.entry.since < a.entry.since ? b : a));
+      this.dropIdle(oldest.codePath, oldest.entry.worker);
+      oldest.entry.worker.retire();
+    }
   }
 
   private dropIdle(codePath: string, worker: StepProcess): void {

@@ -105,6 +105,38 @@ describe('StepProcesses, without a cluster', () => {
       removeDir(shmDir);
     }
   });
+  it('keeps at most maxIdleWorkers idle workers over every pipeline version, letting the one idle longest go', TIMEOUT, async () => {
+    const home = tempHome();
+    const runner = await buildRunner(bundleDir('build'));
+    const versions = await Promise.all(
+      [1, 2, 3].map(async (v) => {
+        const codePath = join(home.dir, `version${v}.mjs`);
+        const source = `import { tableFromArrays } from 'apache-arrow';
+          export default { steps: { pid: { fn: () => tableFromArrays({ pid: Int32Array.of(process.pid), v: Int32Array.of(${v}) }) } } };`;
+        writeFileSync(codePath, await runner.linkCode(new TextEncoder().encode(source), codePath));
+        return codePath;
+      }),
+    );
+    const shmDir = join(TEST_SHM_ROOT, `isolation-idle-${process.pid}`);
+    mkdirSync(shmDir, { recursive: true });
+    const processes = new StepProcesses({ runnerPath: runner.runnerPath, clusterId: 'isolation-idle', prewarm: 0, workers: { maxIdleWorkers: 2 }, onLog: () => {} });
+    const run = (codePath: string, n: number) =>
+      processes.run({ codePath, runId: `idle${n}`, step: 'pid', params: {}, event: null, inputs: [], shmDir, outputIdPrefix: `idle${n}.pid.1` }, 'worker');
+    try {
+      for (const [n, codePath] of versions.entries()) assert.equal((await run(codePath, n)).type, 'result');
+      // Three versions ran, one worker each; two may stay idle, so the first version's went.
+      await waitFor('the oldest idle worker to exit', () => processes.workerCount === 2, 5000);
+      assert.equal(stepProcessesOf('isolation-idle').length, 2);
+      // The latest two are still warm: running them again starts no process.
+      for (const [n, codePath] of versions.slice(1).entries()) assert.equal((await run(codePath, 10 + n)).type, 'result');
+      assert.equal(processes.workerCount, 2);
+    } finally {
+      processes.stop('the test ended');
+      await waitFor('the workers to exit', () => stepProcessesOf('isolation-idle').length === 0, 5000);
+      home.remove();
+      removeDir(shmDir);
+    }
+  });
 });
 
 describe("isolation: 'worker'", () => {
