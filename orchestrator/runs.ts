@@ -5,7 +5,7 @@
  * when the run ends it writes the run's record once, with its final view.
  */
 import type { NatsConnection } from '@nats-io/transport-node';
-import type { Actor } from 'xstate';
+import { createActor, type Actor } from 'xstate';
 import {
   encode,
   runKill,
@@ -25,7 +25,6 @@ import type { Dispatcher } from './placement.ts';
 import { replayRun, runMachineOf, runStateOf, stepStatesOf, type RunFacts, type RunMachine, type RunSnapshot } from './run-machine.ts';
 import type { RunStore } from './run-store.ts';
 import { machineView } from './views.ts';
-import { createActor } from 'xstate';
 
 const SETTLED = new Set(['succeeded', 'failed', 'skipped', 'cancelled']);
 /** A ready step whose publish failed (NATS away) is sent again after this long. */
