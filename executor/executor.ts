@@ -23,6 +23,7 @@ import {
   stepCompletion,
   claimRecord,
   readRunState,
+  readClaim,
   readStepCompletion,
   stepKey,
   streams,
@@ -328,8 +329,11 @@ export class Executor {
     if (run && run !== 'running') return 'drop';
     if (created === true) return 'run';
     // Only "already claimed" is an answer; any other trouble is retried by redelivery.
-    if (!(await this.topology.claims.get(key))?.string()) throw created;
+    const holder = await readClaim(this.topology.claims, ready.runId, ready.step).catch(() => null);
+    if (!holder) throw created;
     if (await this.topology.steps.get(key).then((e) => !!e?.string())) return 'drop';
+    // A create whose answer was lost (NATS restarting) may have stored this very claim.
+    if (holder.executorId === this.executorId && holder.attempt === attempt) return 'run';
     // A second ready message for a step already claimed (a resumed orchestrator re-sent it).
     if (attempt === 1) return 'drop';
     await this.topology.claims.put(key, claim);

@@ -36,8 +36,10 @@ export class RunStore {
       await this.topology.runs.create(record.submit.runId, encode(runRecord, record));
       return true;
     } catch (error) {
-      if ((await this.topology.runs.get(record.submit.runId))?.string()) return false;
-      throw error;
+      const stored = await this.read(record.submit.runId).catch(() => null);
+      if (!stored) throw error;
+      // A create whose answer was lost (NATS restarting) may have stored this very record.
+      return stored.sequence === record.sequence && stored.submit.submittedAt === record.submit.submittedAt;
     }
   }
 
