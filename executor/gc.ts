@@ -35,13 +35,10 @@ export async function collectGarbage(options: GcOptions): Promise<{ segments: nu
   const ids = [...listSegments(options.shmDir).map((s) => s.id), ...(options.regions?.names() ?? [])];
   for (const id of ids) {
     const record = await recordOf(id.split('.')[0]!);
-    if (going(record)) continue;
-    const view = record === 'unreadable' ? null : record?.view;
-    const keptOutput =
-      record !== null &&
-      record !== 'unreadable' &&
-      (record.submit.keep || !record.outputsReleased) &&
-      !!view?.steps.some((s) => view.outputs.includes(s.name) && s.output?.segments.some((x) => x.id === id));
+    if (record === 'unreadable' || going(record)) continue;
+    // A run no orchestrator knows keeps nothing; an ended one keeps outputs not yet read, or kept.
+    const view = record?.view;
+    const keptOutput = !!record && (record.submit.keep || !record.outputsReleased) && !!view?.steps.some((s) => view.outputs.includes(s.name) && s.output?.segments.some((x) => x.id === id));
     if (!keptOutput) doomed.push(id);
   }
   if (doomed.length > 0) {

@@ -2,3 +2,4 @@ export { Executor } from './executor.ts';
 export type { ExecutorOptions } from './executor.ts';
 export { collectGarbage, stepProcesses } from './gc.ts';
 export { InputFetchError, type ExecutorFlightOptions } from './flight-inputs.ts';
+export { findLiveHost } from './host-registry.ts';

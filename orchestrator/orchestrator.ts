@@ -23,7 +23,7 @@ import { Admission, deployedRun } from './admission.ts';
 import { EventTriggers } from './event-triggers.ts';
 import { deterministicUlid, Lease } from './lease.ts';
 import { Dispatcher } from './placement.ts';
-import { publishReleases, Runs } from './runs.ts';
+import { addTo, publishReleases, Runs } from './runs.ts';
 import { RunStore } from './run-store.ts';
 import { Scheduler } from './scheduler.ts';
 
@@ -143,7 +143,7 @@ export class Orchestrator {
         if (error) return;
         try {
           const started = decode(stepStarted, msg.subject, msg.data);
-          void this.serially(async () => void (await this.runs.apply(started)));
+          void this.serially(() => this.runs.apply(started));
         } catch (e) {
           this.logger.warn((e as Error).message);
         }
@@ -172,8 +172,8 @@ export class Orchestrator {
   }
 
   /** Runs `work` after everything handed in before it; its failure is its caller's, never the chain's. */
-  private serially(work: () => Promise<void>): Promise<void> {
-    const turn = this.handling.then(work);
+  private serially(work: () => Promise<unknown>): Promise<void> {
+    const turn = this.handling.then(work).then(() => undefined);
     this.handling = turn.catch(() => {});
     return turn;
   }
@@ -266,7 +266,7 @@ export class Orchestrator {
     if (!record.submit.keep && record.view) {
       for (const step of record.view.steps) {
         if (!step.output || !record.view.outputs.includes(step.name)) continue;
-        byHost.set(step.output.hostId, [...(byHost.get(step.output.hostId) ?? []), ...step.output.segments.map((s) => s.id)]);
+        for (const segment of step.output.segments) addTo(byHost, step.output.hostId, segment.id);
       }
     }
     await this.store.put(record);

@@ -216,7 +216,7 @@ export function readyMessage(run: { record: RunRecord }, step: string, snapshot:
   return { message, planStep };
 }
 
-function addTo(byHost: Map<string, string[]>, hostId: string, segment: string): void {
+export function addTo(byHost: Map<string, string[]>, hostId: string, segment: string): void {
   byHost.set(hostId, [...(byHost.get(hostId) ?? []), segment]);
 }
 

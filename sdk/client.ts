@@ -11,7 +11,6 @@ import {
   encode,
   ensureTopology,
   EVENT_SUBJECT_PATTERN,
-  hostRecord,
   isFinished,
   streams,
   logLine,
@@ -24,7 +23,6 @@ import {
   subjects,
   type DeadEvent,
   type Deployment,
-  type HostRecord,
   type LogLine,
   type RunSubmit,
   type RunView,
@@ -33,6 +31,7 @@ import {
   type TopologyOptions,
 } from '../schemas/index.ts';
 import { FlightClient } from '../flight/index.ts';
+import { findLiveHost } from '../executor/index.ts';
 import { readRunView } from '../orchestrator/index.ts';
 import { readInput } from '../shm/index.ts';
 import type { LoadedPipeline } from './load.ts';
@@ -380,12 +379,7 @@ export class QuiverClient {
     } catch {
       // Not on this host: ask the one that has it.
     }
-    const hosts: HostRecord[] = [];
-    for await (const key of await this.topology.hosts.keys()) {
-      const parsed = hostRecord.safeParse((await this.topology.hosts.get(key))?.json());
-      if (parsed.success && parsed.data.hostId === facts.output.hostId) hosts.push(parsed.data);
-    }
-    const host = hosts[0];
+    const host = await findLiveHost(this.topology.hosts, facts.output.hostId);
     if (!host) throw new OutputNotFoundError(`step "${step}" of run ${runId} lives on host ${facts.output.hostId}, where no executor runs now`);
     const flight = new FlightClient(host.flightEndpoint, {
       ...(host.bulkEndpoint ? { bulkLocation: host.bulkEndpoint } : {}),
