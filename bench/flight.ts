@@ -27,9 +27,11 @@ import { Float64, Int32, RecordBatch, Table, makeData, tableFromIPC, tableToIPC 
 import { Compression, Table as WasmTable, WriterPropertiesBuilder, readParquet, writeParquet } from 'parquet-wasm';
 import { ulid } from 'ulid';
 import { Client, Metadata, Server, ServerCredentials, credentials, type ServerWritableStream } from '@grpc/grpc-js';
-import { FlightClient, FlightServer, TRANSFER_CHANNEL_OPTIONS, type StoredTable } from '../flight/index.ts';
+import { FlightClient, FlightServer, TRANSFER_CHANNEL_OPTIONS, flightAccessToken, type StoredTable } from '../flight/index.ts';
 import { type SegmentRef, mapSegment, mapWritableSegment, releaseSegments, removeDir, removeSegments, unmapSegments, writeTableToShm } from '../shm/index.ts';
 
+/** The serving child gets it with its job; the clients here present its access token. */
+const BENCH_SECRET = randomBytes(32).toString('hex');
 const GIB = 1024 ** 3;
 const self = fileURLToPath(import.meta.url);
 const arg = (name: string, fallback: number) => {
@@ -163,7 +165,7 @@ async function serverPeak(server: ChildProcess): Promise<number> {
 }
 
 async function flightFetch(server: ChildProcess, location: string, bulkLocation: string | null, path: string, streams: number, dir: string): Promise<{ seconds: number; bytes: number; serverPeak: number; clientPeak: number }> {
-  const clients = Array.from({ length: streams }, () => new FlightClient(location, bulkLocation ? { bulkLocation } : {}));
+  const clients = Array.from({ length: streams }, () => new FlightClient(location, { accessToken: flightAccessToken(BENCH_SECRET), ...(bulkLocation ? { bulkLocation } : {}) }));
   const info = await clients[0]!.getFlightInfo(path);
   await serverPeak(server);
   // Growth over the start: garbage of earlier routes (the raw socket's chunks) is not this one's.
@@ -211,7 +213,7 @@ async function main(): Promise<void> {
 
     const server = start('serve');
     children.push(server);
-    server.send({ dir, secret: randomBytes(32).toString('hex'), outputs: { [`${runId}/one`]: stored(one), [`${runId}/split`]: stored(split) } } satisfies ServeJob);
+    server.send({ dir, secret: BENCH_SECRET, outputs: { [`${runId}/one`]: stored(one), [`${runId}/split`]: stored(split) } } satisfies ServeJob);
     const { location, bulkLocation } = await new Promise<{ location: string; bulkLocation: string }>((r) => server.once('message', (m) => r(m as never)));
 
     const rows: { route: string; streams: number; gibPerS: number[]; rss: string }[] = [

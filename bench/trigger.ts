@@ -33,6 +33,10 @@
  *   4. exactly once, over every event the route published: each event id has exactly one run,
  *      every run succeeded, and each step's user code ran exactly once per event. The step
  *      functions (BullMQ: the worker callback) append `<event id> <step>` to a marks file.
+ * Per route, the CPU each process used during the burst, per run finished: this process (the
+ * embedded orchestrator and executor, the client; BullMQ: its worker and producer), nats-server
+ * or redis-server, and the step processes. On a 2-core machine runs/s can be no more than
+ * 2,000 ms / the total.
  * After both quiver routes: the cluster's shared-memory folder must hold no segments once the
  * runs are done (runs started by events release their outputs when they end); the pool of
  * released segments kept for reuse is listed but is not a leak.
@@ -45,7 +49,7 @@
  * orchestrator, nats-server and this process also need. BullMQ gets the same for parity (its
  * jobs do no work, so it only bounds the jobs in flight).
  *
- * Run: npm run bench:trigger [-- --latency 200 --burst 1000 --concurrency 2]
+ * Run: npm run bench:trigger [-- --latency 200 --burst 1000 --concurrency 2 --routes process,worker,bullmq]
  * Redis: REDIS_URL, else 127.0.0.1:6379, else a redis-server the bench starts on a free port.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -65,12 +69,17 @@ const { values } = parseArgs({
     latency: { type: 'string', default: '200' },
     burst: { type: 'string', default: '1000' },
     concurrency: { type: 'string', default: String(availableParallelism()) },
+    routes: { type: 'string', default: 'process,worker,bullmq' },
+    'latency-gap-ms': { type: 'string', default: '250' },
   },
 });
+const ROUTES = new Set(values.routes.split(',').map((r) => r.trim()));
+for (const r of ROUTES) if (!['process', 'worker', 'bullmq'].includes(r)) throw new Error(`--routes takes process, worker and bullmq, comma-separated: not ${r}`);
 const LATENCY_EVENTS = Number(values.latency);
 const BURST = Number(values.burst);
 const CONCURRENCY = Number(values.concurrency);
-for (const [flag, n, min] of [['latency', LATENCY_EVENTS, 1], ['burst', BURST, 1], ['concurrency', CONCURRENCY, 1]] as const) {
+const LATENCY_GAP_MS = Number(values['latency-gap-ms']);
+for (const [flag, n, min] of [['latency', LATENCY_EVENTS, 1], ['burst', BURST, 1], ['concurrency', CONCURRENCY, 1], ['latency-gap-ms', LATENCY_GAP_MS, 0]] as const) {
   if (!Number.isInteger(n) || n < min) throw new Error(`--${flag} must be an integer ≥ ${min}`);
 }
 const repoRoot = fileURLToPath(new URL('..', import.meta.url));
@@ -196,6 +205,75 @@ async function waitFinished(route: Route, ids: readonly string[], stallMs: numbe
   return true;
 }
 
+
+/**
+ * CPU time by process over a phase: this process (the client, orchestrator and executor of the
+ * embedded cluster), and each descendant by kind (nats-server, step processes). Sampled from
+ * /proc every 250 ms, so a step process that exits mid-phase keeps what it used until its last
+ * sample (a worker recycled after maxStepsPerWorker loses at most 250 ms of CPU). The meter's
+ * own CPU is taken off this process's.
+ */
+class CpuMeter {
+  private readonly used = new Map<number, { kind: string; first: number; last: number }>();
+  private timer: NodeJS.Timeout | undefined;
+  private readonly ticksPerMs = 100 / 1000;
+  start(): void {
+    this.sample();
+    this.timer = setInterval(() => this.sample(), 250);
+  }
+  stop(): Map<string, number> {
+    clearInterval(this.timer);
+    this.sample();
+    const byKind = new Map<string, number>();
+    for (const { kind, first, last } of this.used.values()) byKind.set(kind, (byKind.get(kind) ?? 0) + (last - first) / this.ticksPerMs);
+    // The meter's own reading of /proc is not the route's.
+    byKind.set('main', Math.max(0, (byKind.get('main') ?? 0) - this.ownMs));
+    return byKind;
+  }
+  private ownMs = 0;
+  private sample(): void {
+    const before = process.cpuUsage();
+    try {
+      this.read();
+    } finally {
+      const spent = process.cpuUsage(before);
+      this.ownMs += (spent.user + spent.system) / 1000;
+    }
+  }
+  private read(): void {
+    const parents = new Map<number, number>();
+    const stats = new Map<number, { ticks: number; cmd: string }>();
+    for (const entry of readdirSync('/proc')) {
+      const pid = Number(entry);
+      if (!Number.isInteger(pid)) continue;
+      try {
+        const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+        const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+        parents.set(pid, Number(fields[1]));
+        stats.set(pid, { ticks: Number(fields[11]) + Number(fields[12]), cmd: stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')')) });
+      } catch {
+        // exited between the listing and the read
+      }
+    }
+    const descends = (pid: number): boolean => {
+      for (let p: number | undefined = pid; p !== undefined && p > 1; p = parents.get(p)) if (p === process.pid) return true;
+      return false;
+    };
+    for (const [pid, { ticks, cmd }] of stats) {
+      // BullMQ's Redis is the machine's when one runs on 6379: its CPU is the route's all the same.
+      const isRedis = cmd.startsWith('redis-server');
+      if (!isRedis && !descends(pid)) continue;
+      const kind = pid === process.pid ? 'main' : isRedis ? 'redis-server' : cmd.includes('nats-server') ? 'nats-server' : cmd.startsWith('quiver-step') || cmd === 'node' ? 'step processes' : 'other';
+      const known = this.used.get(pid);
+      if (known) known.last = ticks;
+      // A process first seen mid-phase started in it: all its CPU counts.
+      else this.used.set(pid, { kind, first: this.used.size === 0 || pid === process.pid ? ticks : this.started ? 0 : ticks, last: ticks });
+    }
+    this.started = true;
+  }
+  private started = false;
+}
+
 async function measure(route: Route): Promise<Result> {
   const ids: string[] = [];
   const log = (line: string) => console.log(`[${route.label}] ${line}`);
@@ -211,6 +289,7 @@ async function measure(route: Route): Promise<Result> {
   const latencies: number[] = [];
   const latencyStart = now();
   for (let i = 0; i < LATENCY_EVENTS; i++) {
+    await sleep(LATENCY_GAP_MS);
     const id = `${route.key}-latency-${i}`;
     ids.push(id);
     const publishedAt = now();
@@ -225,6 +304,8 @@ async function measure(route: Route): Promise<Result> {
   const burstIds = Array.from({ length: BURST }, (_, i) => `${route.key}-burst-${i}`);
   ids.push(...burstIds);
   const publishedAt = new Map<string, number>();
+  const cpu = new CpuMeter();
+  cpu.start();
   const burstStart = now();
   await Promise.all(
     burstIds.map((id, i) => {
@@ -234,6 +315,7 @@ async function measure(route: Route): Promise<Result> {
   );
   const allPublished = now();
   const complete = await waitFinished(route, burstIds, BURST_STALL_MS);
+  const cpuByKind = cpu.stop();
   const done = burstIds.filter((id) => route.finished(id));
   const lastFinished = Math.max(...done.map((id) => route.finishedAt(id)!));
   const burstSeconds = (lastFinished - burstStart) / 1000;
@@ -244,6 +326,8 @@ async function measure(route: Route): Promise<Result> {
       `; publish → first code while queued: p50 ${percentile(burstLatencies, 50).toFixed(0)} ms, max ${burstLatencies.at(-1)?.toFixed(0)} ms`,
   );
 
+  const cpuPerRun = [...cpuByKind].map(([kind, ms]) => `${kind} ${(ms / Math.max(1, done.length)).toFixed(2)}`).join(', ');
+  log(`burst CPU per run finished, ms: ${cpuPerRun} (total ${([...cpuByKind.values()].reduce((a, b) => a + b, 0) / Math.max(1, done.length)).toFixed(2)})`);
   const check = await route.verify(ids);
   log(`exactly once over ${ids.length} events: ${check.ok ? 'ok' : 'FAIL'}`);
   for (const line of check.lines) log(`  ${line}`);
@@ -472,10 +556,10 @@ async function checkShm(shmDir: string): Promise<ShmCheck> {
 async function benchQuiver(): Promise<{ results: (Result | Error)[]; shm: ShmCheck | Error }> {
   const dir = mkdtempSync(join(tmpdir(), 'quiver-bench-trigger-'));
   onCleanup(`remove ${dir}`, () => rmSync(dir, { recursive: true, force: true }));
-  const defs = [
+  const defs = ([
     { label: 'quiver process', key: 'process', pipeline: 'bench_process', isolation: 'process', subjectPrefix: 'bench.process' },
     { label: 'quiver worker', key: 'worker', pipeline: 'bench_worker', isolation: 'worker', subjectPrefix: 'bench.worker' },
-  ] as const;
+  ] as const).filter((d) => ROUTES.has(d.key));
 
   const cluster = await startLocalCluster({ home: dir, logger: silentLogger, executor: { concurrency: CONCURRENCY } });
   onCleanup('stop the embedded cluster', () => cluster.stop());
@@ -641,10 +725,11 @@ function report(results: (Result | Error)[], bullmq: Result | Error, shm: ShmChe
     `\npublish → first line of the first step (${LATENCY_EVENTS} events one at a time), and a burst of ${BURST} events at once; concurrency ${CONCURRENCY}`,
   );
   console.log(`${'route'.padEnd(15)} ${'p50 ms'.padStart(8)} ${'p90 ms'.padStart(8)} ${'p99 ms'.padStart(8)} ${'runs finished/s'.padStart(16)} ${'exactly-once'.padStart(13)} ${'cold ms'.padStart(8)}`);
-  const labels = ['quiver process', 'quiver worker', 'bullmq'];
+  const labels = [...['quiver process', 'quiver worker'].filter((l) => ROUTES.has(l.replace('quiver ', ''))), 'bullmq'];
   let ok = true;
   [...results, bullmq].forEach((r, i) => {
     if (r instanceof Error) {
+      if (labels[i] === 'bullmq' && !ROUTES.has('bullmq')) return;
       ok = false;
       console.log(`${labels[i]!.padEnd(15)} error: ${r.message}`);
       return;
@@ -690,7 +775,9 @@ try {
   const quiver = await benchQuiver().catch((e: Error) => ({ results: [e, e], shm: e }));
   // Stops the cluster (and its step processes) before BullMQ runs.
   await cleanUp();
-  const bullmq = await benchBullMQ().catch((e: Error) => (console.error(`[bullmq] failed: ${e.stack ?? e}`), e));
+  const bullmq = ROUTES.has('bullmq')
+    ? await benchBullMQ().catch((e: Error) => (console.error(`[bullmq] failed: ${e.stack ?? e}`), e))
+    : new Error('not run (--routes)');
   await cleanUp();
   exitCode = report(quiver.results, bullmq, quiver.shm) ? 0 : 1;
 } catch (error) {

@@ -3,9 +3,22 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import { nextTick } from '../planner/index.ts';
-import { consoleLogger, isFinished, quiverHome, type Deployment, type RunView } from '../schemas/index.ts';
+import {
+  connectOnce,
+  consoleLogger,
+  isFinished,
+  natsConnectionOptions,
+  quiverHome,
+  resolveClusterSecret,
+  storedCredentialsFile,
+  writeStoredCredentials,
+  type Deployment,
+  type RunView,
+} from '../schemas/index.ts';
 import { loadPipeline, QuiverClient, startLocalCluster } from '../sdk/index.ts';
 import { formatDuration, summaryTable, textTable } from './format.ts';
+import { serveUiBeside } from './ui.ts';
+import type { UiServer } from '../ui/index.ts';
 
 /** A command-line mistake: reported with the usage, exit code 2. */
 export class UsageError extends Error {
@@ -24,19 +37,31 @@ const urlFile = () => join(clusterDir(), 'url');
 
 /**
  * The NATS of the cluster this machine talks to: QUIVER_NATS_URL, else the one `quiver up`
- * started (when it still answers), else null.
+ * started (when it still answers), else null. Credentials as {@link natsConnectionOptions}
+ * resolves them: the variables, else the ones `quiver up` stored for its server.
  */
 export async function findCluster(): Promise<{ url: string; nc: NatsConnection } | null> {
   const explicit = process.env.QUIVER_NATS_URL;
-  if (explicit) return { url: explicit, nc: await connect({ servers: explicit }) };
+  if (explicit) return { url: explicit, nc: await connect({ servers: explicit, ...natsConnectionOptions({ url: explicit }) }) };
   if (!existsSync(urlFile())) return null;
   const url = readFileSync(urlFile(), 'utf8').trim();
   try {
-    return { url, nc: await connect({ servers: url, timeout: 1000, maxReconnectAttempts: 0 }) };
-  } catch {
+    return { url, nc: await connectOnce(url, { timeoutMs: 1000 }) };
+  } catch (error) {
+    // Something answers but refuses us: say so rather than start a second cluster beside it.
+    if (isAuthorizationError(error)) {
+      throw new NoClusterError(`the cluster at ${url} refused the credentials in ${storedCredentialsFile(quiverHome())}: restart \`quiver up\` to make new ones`);
+    }
     // Left behind by a `quiver up` that was killed: nothing listens there any more.
     return null;
   }
+}
+
+function isAuthorizationError(error: unknown): boolean {
+  for (let e = error as { name?: string; message?: string; cause?: unknown } | undefined; e; e = e.cause as typeof e) {
+    if (/authori[sz]ation/i.test(`${e.name ?? ''} ${e.message ?? ''}`)) return true;
+  }
+  return false;
 }
 
 async function clusterClient(command: string): Promise<QuiverClient> {
@@ -60,7 +85,7 @@ async function withClient<T>(command: string, body: (client: QuiverClient) => Pr
 
 /** `quiver up`: a local cluster whose state survives restarts, for deployed pipelines. */
 export async function upCommand(args: string[], untilSignal: () => Promise<unknown>): Promise<number> {
-  const { values } = parseArgs({ args, options: { concurrency: { type: 'string' } } });
+  const { values } = parseArgs({ args, options: { concurrency: { type: 'string' }, 'ui-port': { type: 'string' }, 'no-ui': { type: 'boolean', default: false } } });
   const concurrency = values.concurrency === undefined ? undefined : Number(values.concurrency);
   if (concurrency !== undefined && (!Number.isInteger(concurrency) || concurrency < 1)) {
     throw new UsageError(`--concurrency takes a whole number ≥ 1, got "${values.concurrency}"`);
@@ -70,18 +95,26 @@ export async function upCommand(args: string[], untilSignal: () => Promise<unkno
     await running.nc.close();
     throw new UsageError(`a cluster already answers at ${running.url}; stop it first`);
   }
-  mkdirSync(clusterDir(), { recursive: true });
+  mkdirSync(clusterDir(), { recursive: true, mode: 0o700 });
+  // From the home (or QUIVER_CLUSTER_SECRET): executors started beside this cluster share it.
+  const clusterSecret = resolveClusterSecret();
   const cluster = await startLocalCluster({
     persistentDir: join(clusterDir(), 'nats'),
     logger: consoleLogger('quiver'),
-    ...(concurrency ? { executor: { concurrency } } : {}),
+    executor: { clusterSecret, ...(concurrency ? { concurrency } : {}) },
   });
+  // The credentials first: a command that finds the url must find them too.
+  writeStoredCredentials(quiverHome(), { url: cluster.server.url, seed: cluster.server.credentials!.seed });
   writeFileSync(urlFile(), cluster.server.url + '\n');
-  console.error(`quiver cluster up at ${cluster.server.url} (state in ${clusterDir()}); Ctrl-C stops it`);
+  console.error(`quiver cluster up at ${cluster.server.url} (state in ${clusterDir()}, credentials in ${storedCredentialsFile(quiverHome())}); Ctrl-C stops it`);
+  let ui: UiServer | null = null;
   try {
+    ui = await serveUiBeside(cluster.client, { port: values['ui-port'], off: values['no-ui'] });
     await untilSignal();
   } finally {
+    await ui?.close();
     rmSync(urlFile(), { force: true });
+    rmSync(storedCredentialsFile(quiverHome()), { force: true });
     await cluster.stop();
   }
   return 0;

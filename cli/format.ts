@@ -34,7 +34,7 @@ export function summaryTable(view: RunView): string {
     ['step', 'state', 'isolation', 'rows', 'bytes', 'transport', 'copied', 'time'],
     view.steps.map((s) => [
       s.name,
-      s.state,
+      s.state === 'succeeded' && s.transport === 'cache' ? 'cached' : s.state,
       s.isolation ?? '-',
       s.rows === null ? '-' : s.rows.toLocaleString('en-US'),
       formatBytes(s.bytes),

@@ -3,9 +3,10 @@ import { parseArgs } from 'node:util';
 import { connect } from '@nats-io/transport-node';
 import { jetstreamManager } from '@nats-io/jetstream';
 import { collectGarbage, Executor } from '../executor/index.ts';
+import { parseListenAddress } from '../flight/index.ts';
 import { Orchestrator } from '../orchestrator/index.ts';
 import { PlanError } from '../planner/index.ts';
-import { connectForever, consoleLogger, ensureTopology, NAME_PATTERN, shmRoot, silentLogger, type RunView, type StepState } from '../schemas/index.ts';
+import { CACHE_MODES, connectForever, consoleLogger, ensureTopology, NAME_PATTERN, natsConnectionOptions, shmRoot, silentLogger, type CacheMode, type RunView, type StepState } from '../schemas/index.ts';
 import {
   InvalidEventError,
   loadPipeline,
@@ -29,20 +30,30 @@ import {
   UsageError,
 } from './cluster.ts';
 import { formatBytes, formatDuration, previewTable, stepDuration, summaryTable } from './format.ts';
+import { BRANCH_USAGE, branchCommand, ExpectationLog, tagCommand, transactionHint } from './branch.ts';
 import { TABLE_USAGE, tableCommand } from './table.ts';
+import { UI_USAGE, uiCommand } from './ui.ts';
+import { UiOptionError, UiTokenRequiredError } from '../ui/index.ts';
 import { StorageError } from '../storage/index.ts';
 
 const USAGE = `Usage: quiver <command> [options]
 
 Commands:
-  run FILE|NAME [--json] [--params key=value]... [--keep]
+  run FILE|NAME [--json] [--params key=value]... [--keep] [--branch NAME] [--transaction]
+                 [--cache readwrite|read|off]
                  Run a pipeline file (or a deployed pipeline by name) and show each
                  step's state and logs live. With no cluster (QUIVER_NATS_URL or
                  \`quiver up\`), a private nats-server, orchestrator and executor are
-                 started for the run and stopped after it.
-  up [--concurrency N]
+                 started for the run and stopped after it. --branch: read and
+                 write tables on that branch; --transaction: write to run/<runId>,
+                 merged only when every step and expectation passes. --cache:
+                 reuse outputs of steps whose code, inputs and params did not
+                 change and keep what is computed (readwrite, the default), only
+                 reuse (read), or compute everything (off).
+  up [--concurrency N] [--ui-port P] [--no-ui]
                  Start a local cluster that keeps its state (deployments, runs,
                  events) under QUIVER_HOME/cluster; the commands below find it.
+                 It serves the web UI too (see \`quiver ui\`) and prints its address.
   deploy FILE    Deploy a pipeline with the triggers its file declares (a new
                  version when the code or triggers changed).
   pipelines [--json]
@@ -57,11 +68,15 @@ Commands:
                  List runs, newest first: trigger, state, duration.
   runs show ID   One run's step table and errors.
   orchestrator   Run the orchestrator daemon against QUIVER_NATS_URL.
-  executor [--concurrency N] [--host-id ID] [--labels a,b]
+  executor [--concurrency N] [--host-id ID] [--labels a,b] [--flight-listen ADDR]
                  Run an executor daemon against QUIVER_NATS_URL. Steps pinned with
-                 step(..., { host: 'a' }) run on executors labelled a.
+                 step(..., { host: 'a' }) run on executors labelled a. Flight listens on
+                 ADDR (host[:port]; default QUIVER_FLIGHT_LISTEN, else every address), and
+                 every call needs the cluster's token (docs/security-flight.md).
   gc             Remove shared memory and step processes of runs that are no longer alive.
 ${TABLE_USAGE}
+${BRANCH_USAGE}
+${UI_USAGE}
 
 Environment:
   QUIVER_NATS_URL   an existing NATS with JetStream (default: embedded private server)
@@ -70,6 +85,7 @@ Environment:
   QUIVER_STORAGE    where tables live: a directory or s3://bucket/prefix
                     (default: QUIVER_HOME/storage; S3 settings in storage/README.md)
   QUIVER_LEASE_TTL_MS  how long a silent leading orchestrator keeps the lead (default 5000)
+  QUIVER_UI_TOKEN   the secret the web UI requires (needed to listen beyond 127.0.0.1)
 `;
 
 
@@ -98,8 +114,14 @@ export async function main(argv: string[]): Promise<number> {
       return eventsCommand(rest);
     case 'runs':
       return runsCommand(rest);
+    case 'branch':
+      return branchCommand(rest);
+    case 'tag':
+      return tagCommand(rest);
     case 'table':
       return tableCommand(rest);
+    case 'ui':
+      return uiCommand(rest, untilSignal);
     case undefined:
     case '-h':
     case '--help':
@@ -129,10 +151,15 @@ async function runCommand(args: string[]): Promise<number> {
       json: { type: 'boolean', default: false },
       keep: { type: 'boolean', default: false },
       params: { type: 'string', multiple: true, default: [] },
+      branch: { type: 'string' },
+      transaction: { type: 'boolean' },
+      cache: { type: 'string', default: 'readwrite' },
     },
   });
   const file = positionals[0];
   if (!file || positionals.length > 1) throw new UsageError('run takes one pipeline file, or the name of a deployed pipeline');
+  const cache = values.cache as CacheMode;
+  if (!CACHE_MODES.includes(cache)) throw new UsageError(`--cache takes ${CACHE_MODES.join(', ')}; got "${values.cache}"`);
   const params = parseParams(values.params ?? []);
   // With --json, stdout carries only the final JSON object; the live view goes to stderr.
   const out = values.json ? process.stderr : process.stdout;
@@ -154,7 +181,14 @@ async function runCommand(args: string[]): Promise<number> {
     client = cluster.client;
   }
   try {
-    const handle = await client.run(loaded ?? file, { params, keep: values.keep ?? false });
+    const handle = await client.run(loaded ?? file, {
+      params,
+      keep: values.keep ?? false,
+      ...(values.branch !== undefined ? { branch: values.branch } : {}),
+      ...(values.transaction !== undefined ? { transaction: values.transaction } : {}),
+      cache,
+    });
+    const expectations = new ExpectationLog();
     const plan = loaded?.plan ?? (await client.getDeployment(file))!.plan;
     say(`run ${handle.id}: ${plan.pipeline} (${plan.steps.length} steps)${cluster ? ' on an embedded NATS' : ` on ${natsUrl}`}`);
     let interrupted = 0;
@@ -177,6 +211,7 @@ async function runCommand(args: string[]): Promise<number> {
           say(`${event.log.step.padEnd(width)} ● running`);
         }
         say(`${event.log.step.padEnd(width)} │ ${event.log.line}`);
+        expectations.log(event.log.step, event.log.line);
         continue;
       }
       for (const step of event.view.steps) {
@@ -184,7 +219,7 @@ async function runCommand(args: string[]): Promise<number> {
         lastState.set(step.name, step.state);
         if (step.state === 'waiting') continue;
         let detail = '';
-        if (step.state === 'succeeded') detail = `${(step.rows ?? 0).toLocaleString('en-US')} rows, ${formatBytes(step.bytes)}, ${formatDuration(stepDuration(step))}`;
+        if (step.state === 'succeeded') detail = `${(step.rows ?? 0).toLocaleString('en-US')} rows, ${formatBytes(step.bytes)}, ${step.transport === 'cache' ? 'cached, nothing ran' : formatDuration(stepDuration(step))}`;
         if (step.state === 'running') detail = `on ${step.hostId}${step.attempt > 1 ? ` (attempt ${step.attempt})` : ''}`;
         say(`${step.name.padEnd(width)} ● ${step.state}${detail ? `  ${detail}` : ''}`);
         if (step.state === 'failed' && step.error) say(indent(step.error.stack ?? `${step.error.name}: ${step.error.message}`, `${' '.repeat(width)} │ `));
@@ -195,7 +230,10 @@ async function runCommand(args: string[]): Promise<number> {
 
     say('');
     say(summaryTable(view));
+    expectations.report(view, say);
     if (view.state === 'succeeded') await previewOutputs(client, view, say);
+    const hint = view.state === 'succeeded' ? '' : transactionHint(plan, view.runId, { branch: values.branch, transaction: values.transaction });
+    if (hint) say(hint);
     say(`\nrun ${view.state}${view.finishedAt ? ` in ${formatDuration(view.finishedAt - view.submittedAt)}` : ''}`);
     if (values.json) process.stdout.write(JSON.stringify(jsonResult(view)) + '\n');
     if (!values.keep) await handle.release();
@@ -232,6 +270,10 @@ function jsonResult(view: RunView) {
       rows: s.rows,
       bytes: s.bytes,
       transport: s.transport,
+      /** The output was reused from the cache: the step did not run. */
+      cached: s.transport === 'cache',
+      /** The step's cache key (null: not cacheable in this run, see --cache and step(..., { cache: false })). */
+      cacheKey: s.cacheKey,
       copiedBytes: s.copiedBytes,
       /** 'process' or 'worker' for user steps; null for Quiver's own steps and steps that never ran. */
       isolation: s.isolation,
@@ -279,10 +321,16 @@ async function orchestratorCommand(): Promise<number> {
 }
 
 async function executorCommand(args: string[]): Promise<number> {
-  const { values } = parseArgs({ args, options: { concurrency: { type: 'string' }, 'host-id': { type: 'string' }, labels: { type: 'string' } } });
+  const { values } = parseArgs({ args, options: { concurrency: { type: 'string' }, 'host-id': { type: 'string' }, labels: { type: 'string' }, 'flight-listen': { type: 'string' } } });
   const concurrency = values.concurrency === undefined ? undefined : Number(values.concurrency);
   if (concurrency !== undefined && (!Number.isInteger(concurrency) || concurrency < 1)) {
     throw new UsageError(`--concurrency takes a whole number ≥ 1, got "${values.concurrency}"`);
+  }
+  let listen: ReturnType<typeof parseListenAddress> | null = null;
+  try {
+    listen = values['flight-listen'] === undefined ? null : parseListenAddress(values['flight-listen'], '--flight-listen');
+  } catch (error) {
+    throw new UsageError((error as Error).message);
   }
   const nc = await connectForever(requireNatsUrl('quiver executor'), { name: 'quiver-executor', waitOnFirstConnect: true, logger: consoleLogger('executor') });
   const executor = await Executor.start(nc, {
@@ -290,6 +338,7 @@ async function executorCommand(args: string[]): Promise<number> {
     ...(concurrency ? { concurrency } : {}),
     ...(values['host-id'] ? { hostId: values['host-id'] } : {}),
     ...(values.labels !== undefined ? { labels: values.labels.split(',').map((l) => l.trim()).filter(Boolean) } : {}),
+    ...(listen ? { flight: { host: listen.host, ...(listen.port !== null ? { port: listen.port } : {}) } } : {}),
   });
   await untilSignal();
   await executor.stop();
@@ -298,7 +347,8 @@ async function executorCommand(args: string[]): Promise<number> {
 }
 
 async function gcCommand(): Promise<number> {
-  const nc = await connect({ servers: requireNatsUrl('quiver gc') });
+  const url = requireNatsUrl('quiver gc');
+  const nc = await connect({ servers: url, ...natsConnectionOptions({ url }) });
   const topology = await ensureTopology(nc, await jetstreamManager(nc), topologyFromEnv());
   const removed = await collectGarbage({ topology, shmDir: `${shmRoot()}/${topology.clusterId}`, logger: consoleLogger('gc') });
   console.log(`removed ${removed.segments} segment(s) and ${removed.processes} process(es)`);
@@ -326,7 +376,9 @@ export async function runCli(argv: string[]): Promise<void> {
       error instanceof NoClusterError ||
       error instanceof NotDeployedError ||
       error instanceof InvalidEventError ||
-      error instanceof StorageError
+      error instanceof StorageError ||
+      error instanceof UiTokenRequiredError ||
+      error instanceof UiOptionError
     ) {
       process.stderr.write(`quiver: ${error.message}\n`);
       process.exitCode = 2;

@@ -1,22 +1,40 @@
 import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { builtinModules } from 'node:module';
 import { join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { build, type Plugin } from 'esbuild';
 
 const RUNNER_SOURCE = fileURLToPath(new URL('./runner.ts', import.meta.url));
+const SYSTEM_STEPS_SOURCE = fileURLToPath(new URL('./system-steps.ts', import.meta.url));
+const BUILTINS = new Set(builtinModules);
 const ARROW_ENTRY = fileURLToPath(import.meta.resolve('apache-arrow'));
 
 /**
  * Modules that find files beside themselves (the shm addon) keep their own location once bundled:
  * their `import.meta.url` is pinned to where their source is.
  */
-const pinImportMetaUrl: Plugin = {
+const pinImportMetaUrlIn = (filter: RegExp): Plugin => ({
   name: 'quiver-pin-import-meta-url',
   setup(b) {
-    b.onLoad({ filter: /[\\/]shm[\\/][^\\/]+\.ts$/ }, (args) => {
+    b.onLoad({ filter }, (args) => {
       const source = readFileSync(args.path, 'utf8');
       return { contents: source.replaceAll('import.meta.url', JSON.stringify(pathToFileURL(args.path).href)), loader: 'ts' };
+    });
+  },
+});
+const pinImportMetaUrl = pinImportMetaUrlIn(/[\\/]shm[\\/][^\\/]+\.ts$/);
+
+/**
+ * Packages stay where they are installed, imported by their resolved file URL: the system-step
+ * bundle holds Quiver's own code only, and loads the AWS SDK and the rest from node_modules.
+ */
+const packagesInPlace: Plugin = {
+  name: 'quiver-packages-in-place',
+  setup(b) {
+    b.onResolve({ filter: /^[^./]/ }, (args) => {
+      if (args.path.startsWith('node:') || BUILTINS.has(args.path)) return { path: args.path, external: true };
+      return { path: import.meta.resolve(args.path), external: true };
     });
   },
 };
@@ -24,6 +42,11 @@ const pinImportMetaUrl: Plugin = {
 /** The step runner, ready to fork, and how to link pipeline code against its copy of Arrow. */
 export interface RunnerBuild {
   runnerPath: string;
+  /**
+   * Quiver's system steps (scans, stages; system-steps.ts) as code a step process imports like a
+   * pipeline's: they run in step processes, not in the executor.
+   */
+  systemCodePath: string;
   /** Names what {@link linkCode} links against: a linked bundle is valid for this key only. */
   linkKey: string;
   /**
@@ -68,8 +91,23 @@ export async function buildRunner(outDir: string): Promise<RunnerBuild> {
     logLevel: 'silent',
   });
   const runnerPath = writeByHash(outDir, 'runner', runner.outputFiles[0]!.contents);
+  const system = await build({
+    entryPoints: [SYSTEM_STEPS_SOURCE],
+    bundle: true,
+    platform: 'node',
+    format: 'esm',
+    target: 'node20',
+    write: false,
+    // Arrow first: the runner's own copy, so a scan's table is the runner's Table.
+    // Every .ts file it loads is Quiver's own (packages stay outside), and keeps its location.
+    plugins: [pinImportMetaUrlIn(/\.ts$/), toArrow, packagesInPlace],
+    sourcemap: 'inline',
+    logLevel: 'silent',
+  });
+  const systemCodePath = writeByHash(outDir, 'system', system.outputFiles[0]!.contents);
   return {
     runnerPath,
+    systemCodePath,
     linkKey: createHash('sha256').update(arrowUrl).digest('hex').slice(0, 16),
     linkCode: async (code, outfile) => {
       const linked = await build({

@@ -13,6 +13,8 @@ import {
   decode,
   encode,
   ensureTopology,
+  refuse,
+  retryOrDeadLetter,
   ensureHostConsumer,
   logLine,
   runKill,
@@ -37,11 +39,12 @@ import {
   type Topology,
   type TopologyOptions,
 } from '../schemas/index.ts';
-import { RegionBroker, drainPool, regionsAvailable, releaseRegionIds, releaseSegments } from '../shm/index.ts';
+import { RegionBroker, drainPool, regionsAvailable, releaseRegionIds, releaseSegments, removeSegments } from '../shm/index.ts';
 import { buildRunner, type RunnerBuild } from './build-runner.ts';
 import { collectGarbage } from './gc.ts';
+import { OutputCache, releasable, type OutputCacheOptions } from './output-cache.ts';
 import type { RunnerJob, RunnerReply } from './protocol.ts';
-import { StepProcesses, type WorkerOptions } from './step-processes.ts';
+import { StepProcesses, type StepLimitDefaults, type WorkerOptions } from './step-processes.ts';
 import { FlightInputs, type ExecutorFlightOptions } from './flight-inputs.ts';
 import { closeExecutorTableStore, executorTableStore, runSystemStep, type SystemReply, type SystemStepContext } from './system-steps.ts';
 
@@ -72,6 +75,10 @@ export interface ExecutorOptions {
   clusterSecret?: string;
   /** Limits of the long-lived step processes of steps with `isolation: 'worker'`. */
   workers?: WorkerOptions;
+  /** Time and memory limits of steps that declare none (docs/limits.md). @default 15 min, 1024 MB */
+  stepLimits?: StepLimitDefaults;
+  /** The output cache: how many bytes of step outputs this executor keeps for reuse. */
+  outputCache?: OutputCacheOptions;
 }
 
 
@@ -86,6 +93,8 @@ export class Executor {
   private readonly loops: Promise<void>[] = [];
   private readonly subscriptions: Subscription[] = [];
   private readonly linkedCode = new Map<string, string>();
+  /** Runs cancelled lately (run kills heard): their ready steps are dropped unclaimed. */
+  private readonly killedRuns = new RecentSet(KILLED_RUNS_REMEMBERED);
   /**
    * `quiver-steps` for writing completions, with requests that give up after 2 s: a write lost to
    * a NATS restart is retried soon rather than after the default 5 s.
@@ -95,6 +104,7 @@ export class Executor {
   /** Holds the fds of the regions this host's steps wrote, when the quiver module is loaded (kmod/). */
   private regionBroker: RegionBroker | null = null;
   private processes!: StepProcesses;
+  private outputCache!: OutputCache;
   /** Steps being handled now, from either queue. */
   private active = 0;
   private concurrency = 1;
@@ -132,8 +142,13 @@ export class Executor {
       clusterId: topology.clusterId,
       ...(options.prewarm !== undefined ? { prewarm: options.prewarm } : {}),
       ...(options.workers ? { workers: options.workers } : {}),
+      ...(options.stepLimits ? { limits: options.stepLimits } : {}),
       onLog: (line) => nc.publish(subjects.log(line.runId), encode(logLine, line)),
     });
+    executor.outputCache = new OutputCache(
+      { kv: topology.cache, shmDir, hostId, executorId: executor.executorId, release: (ids) => executor.removeEvicted(ids), logger },
+      options.outputCache,
+    );
     executor.listen();
     const concurrency = options.concurrency ?? (Number(process.env.QUIVER_CONCURRENCY) || availableParallelism());
     executor.concurrency = concurrency;
@@ -162,6 +177,7 @@ export class Executor {
     this.processes.stop('the executor is stopping');
     await Promise.all(this.loops);
     await this.flight?.stop();
+    await this.outputCache.stop();
     await closeExecutorTableStore(this.nc);
     // Its regions go once their last reader unmaps them.
     this.regionBroker?.stop();
@@ -173,7 +189,7 @@ export class Executor {
   /** Removes segments and step processes of runs that are no longer alive. */
   async collectGarbage(): Promise<{ segments: number; processes: number }> {
     try {
-      return await collectGarbage({ topology: this.topology, shmDir: this.shmDir, logger: this.logger, regions: this.regionBroker });
+      return await collectGarbage({ topology: this.topology, hostId: this.hostId, shmDir: this.shmDir, logger: this.logger, regions: this.regionBroker });
     } catch (error) {
       this.logger.warn(`garbage collection failed: ${(error as Error).message}`);
       return { segments: 0, processes: 0 };
@@ -187,8 +203,8 @@ export class Executor {
         if (error) return;
         try {
           const message = decode(segmentRelease, msg.subject, msg.data);
-          releaseSegments(message.segments, this.shmOptions());
-          if (this.regionBroker) releaseRegionIds(message.segments, { dir: this.shmDir });
+          // The output cache owns what it kept; the runs that made or read it let go of it only.
+          this.releaseForGood(releasable(this.shmDir, message.segments));
         } catch (e) {
           this.logger.warn((e as Error).message);
         }
@@ -199,6 +215,7 @@ export class Executor {
         if (error) return;
         try {
           const { runId } = decode(runKill, msg.subject, msg.data);
+          this.killedRuns.add(runId);
           this.processes.killRun(runId, 'the run was cancelled');
         } catch (e) {
           this.logger.warn((e as Error).message);
@@ -206,6 +223,23 @@ export class Executor {
       },
     });
     this.subscriptions.push(release, kill);
+  }
+
+  /** Gives segments back to the pool (files) or drops them (regions). */
+  private releaseForGood(ids: string[]): void {
+    if (ids.length === 0) return;
+    releaseSegments(ids, this.shmOptions());
+    if (this.regionBroker) releaseRegionIds(ids, { dir: this.shmDir });
+  }
+
+  /**
+   * Unlinks evicted cache segments instead of pooling them: a step elsewhere on the host may
+   * still map one, and a pooled file is rewritten by the next output; an unlinked one keeps its
+   * pages until its last mapping goes.
+   */
+  private removeEvicted(ids: string[]): void {
+    removeSegments(ids, { dir: this.shmDir });
+    if (this.regionBroker) releaseRegionIds(ids, { dir: this.shmDir });
   }
 
   private shmOptions() {
@@ -250,22 +284,22 @@ export class Executor {
     try {
       ready = decode(stepReady, msg.subject, msg.data);
     } catch (error) {
-      this.logger.warn((error as Error).message);
-      msg.term((error as Error).message.slice(0, 200));
+      await refuse(msg, { js: jetstream(this.nc), kind: 'work', reason: (error as Error).message, logger: this.logger, now: Date.now() });
       return;
     }
     try {
       await this.process(ready, msg);
     } catch (error) {
       this.logger.error(`step ${ready.step} of run ${ready.runId}: ${(error as Error).stack ?? error}`);
-      if (!this.stopped) msg.nak(1000);
+      // Retried, and dead-lettered after its last delivery rather than dropped unseen.
+      if (!this.stopped) await retryOrDeadLetter(msg, { js: jetstream(this.nc), kind: 'work', maxDeliver: this.topology.maxDeliver, error, logger: this.logger, now: Date.now(), what: `step ${ready.step} of run ${ready.runId}` });
     }
   }
 
   /**
    * One ready step, in stages: claim it (or drop it as a duplicate), announce it, prepare its code
    * and inputs, execute it, record its completion. Two NATS round trips on the way: the claim
-   * (with the run's state, read alongside) and the completion record.
+   * (with the run's state read alongside on a redelivery) and the completion record.
    */
   private async process(ready: StepReady, msg: JsMsg): Promise<void> {
     const attempt = msg.info.deliveryCount;
@@ -294,7 +328,15 @@ export class Executor {
         await this.fail(ready, msg, attempt, startedAt, prepared.error);
         return;
       }
-      const reply = await this.execute(ready, prepared.inputs, attempt, prepared.codePath);
+      // Cached outputs this step maps stay while it runs, however full the cache gets.
+      const mapped = prepared.inputs.flatMap((i) => i.descriptor.segments.map((s) => s.id));
+      this.outputCache.pin(mapped);
+      let reply: SystemReply;
+      try {
+        reply = await this.execute(ready, prepared.inputs, attempt, prepared.codePath);
+      } finally {
+        this.outputCache.unpin(mapped);
+      }
       if (this.stopped) {
         // Killed by our own stop: not the step's fault. Another executor gets it.
         msg.nak();
@@ -315,12 +357,17 @@ export class Executor {
   private async claim(ready: StepReady, attempt: number): Promise<'run' | 'drop'> {
     const key = stepKey(ready.runId, ready.step);
     const claim = encode(claimRecord, { executorId: this.executorId, hostId: this.hostId, attempt, at: Date.now() });
+    // A first delivery was sent moments ago by the run's leader while the run went on: only a
+    // cancel can have ended it since, and cancels reach this executor as run kills. A redelivery
+    // may come long after the run ended (an executor died holding it): then the record decides.
+    if (this.killedRuns.has(ready.runId)) return 'drop';
+    const checkRun = attempt > 1;
     const [created, run] = await Promise.all([
       this.topology.claims.create(key, claim).then(
         () => true,
         (error: unknown) => error as Error,
       ),
-      readRunState(this.topology.runs, ready.runId).catch((error: unknown) => {
+      !checkRun ? null : readRunState(this.topology.runs, ready.runId).catch((error: unknown) => {
         // A malformed record must not keep a step from running: the orchestrator drives the run.
         this.logger.warn((error as Error).message);
         return null;
@@ -392,12 +439,19 @@ export class Executor {
       ...(reply.scan ? { scan: reply.scan } : {}),
       outputCopiedBytes: reply.outputCopiedBytes,
       ...ran,
+      ...(ready.cacheKey ? { cacheKey: ready.cacheKey } : {}),
       startedAt,
       at: Date.now(),
     };
+    // Cached before the completion is recorded: once it is, the run may end and release the output.
+    if (ready.cacheKey && ready.cacheWrite) {
+      await this.outputCache.store(ready.cacheKey, completion.output, { runId: ready.runId, step: ready.step }).catch((error: unknown) => {
+        this.logger.warn(`could not cache the output of step ${ready.step} of run ${ready.runId}: ${(error as Error).message}`);
+      });
+    }
     if (!(await this.record(completion))) {
       // Another executor finished this step first (it was placed again meanwhile): its output counts.
-      releaseSegments(reply.segments.map((s) => s.id), this.shmOptions());
+      this.releaseForGood(releasable(this.shmDir, reply.segments.map((s) => s.id)));
     }
     msg.ack();
   }
@@ -410,6 +464,12 @@ export class Executor {
       ...(this.options.poolMaxBytes !== undefined ? { poolMaxBytes: this.options.poolMaxBytes } : {}),
       tables: () => executorTableStore(this.nc),
       log: (line) => this.nc.publish(subjects.log(ready.runId), encode(logLine, { runId: ready.runId, step: ready.step, stream: 'stdout', line, at: Date.now() })),
+      // Scans and stages run in step processes, under the default step limits (docs/limits.md).
+      processes: {
+        codePath: this.runner.systemCodePath,
+        run: (job, env) => this.processes.run(job, 'worker', { env, system: true }),
+        ...(this.regionBroker ? { regionBroker: this.regionBroker.socketPath } : {}),
+      },
     };
   }
 
@@ -481,7 +541,7 @@ export class Executor {
       ...(this.options.maxSegmentBytes ? { maxSegmentBytes: this.options.maxSegmentBytes } : {}),
       ...(this.options.poolMaxBytes !== undefined ? { poolMaxBytes: this.options.poolMaxBytes } : {}),
     };
-    return this.processes.run(job, ready.isolation ?? 'process');
+    return this.processes.run(job, ready.isolation ?? 'process', { ...(ready.limits ? { limits: ready.limits } : {}), ...(ready.env ? { env: ready.env } : {}) });
   }
 }
 
@@ -489,6 +549,23 @@ export class Executor {
  * A commit step reads only what the stage steps wrote; its other inputs (the run's leaves) only
  * order it after everything else, so their tables are not fetched from other hosts.
  */
+/** How many cancelled runs an executor remembers: far more than can have ready steps queued at once. */
+const KILLED_RUNS_REMEMBERED = 10_000;
+
+/** A set that forgets its oldest members past `capacity`. */
+class RecentSet {
+  private readonly members = new Set<string>();
+  constructor(private readonly capacity: number) {}
+  add(value: string): void {
+    this.members.delete(value);
+    this.members.add(value);
+    if (this.members.size > this.capacity) this.members.delete(this.members.values().next().value!);
+  }
+  has(value: string): boolean {
+    return this.members.has(value);
+  }
+}
+
 function withoutOrderOnlyInputs(ready: StepReady): StepReady {
   return ready.system?.kind === 'commit' ? { ...ready, inputs: ready.inputs.filter((i) => i.param.startsWith('staged')) } : ready;
 }

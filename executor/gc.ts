@@ -1,10 +1,13 @@
 import { readdirSync, readFileSync } from 'node:fs';
 import { readRunRecord, type Logger, type RunRecord, type Topology } from '../schemas/index.ts';
-import { type RegionBroker, listSegments, releaseRegionIds, releaseSegments } from '../shm/index.ts';
+import { type RegionBroker, listSegments, releaseRegionIds, releaseSegments, removeSegments } from '../shm/index.ts';
+import { cachedSegmentIds, removeOrphanedEntries } from './output-cache.ts';
 import { NO_RUN, STEP_PROCESS_MARKER } from './protocol.ts';
 
 export interface GcOptions {
-  topology: Pick<Topology, 'runs' | 'clusterId'>;
+  topology: Pick<Topology, 'runs' | 'clusterId'> & Partial<Pick<Topology, 'cache' | 'hosts'>>;
+  /** This host: cached outputs of its executors that died are dropped too (needs topology.cache and .hosts). */
+  hostId?: string;
   shmDir: string;
   logger: Logger;
   /** The executor's region broker (quiver module loaded): regions of dead runs are dropped too. */
@@ -31,9 +34,20 @@ export async function collectGarbage(options: GcOptions): Promise<{ segments: nu
   const going = (record: RunRecord | null | 'unreadable') => record === 'unreadable' || record?.state === 'running' || record?.state === 'queued';
 
   const doomed: string[] = [];
+  if (options.hostId && options.topology.cache && options.topology.hosts) {
+    const liveExecutors = new Set<string>();
+    for await (const key of await options.topology.hosts.keys()) liveExecutors.add(key);
+    const orphans = await removeOrphanedEntries({ kv: options.topology.cache, shmDir: options.shmDir, hostId: options.hostId, liveExecutors, logger: options.logger });
+    // Unlinked, not pooled: a step may still map one, and pooled files are rewritten.
+    removeSegments(orphans, { dir: options.shmDir });
+    if (options.regions) releaseRegionIds(orphans, { dir: options.shmDir });
+  }
+  // The output cache owns these, whatever became of the runs that made them.
+  const cached = new Set(cachedSegmentIds(options.shmDir));
   // Region ids are segment ids too (files and regions of one output never mix).
   const ids = [...listSegments(options.shmDir).map((s) => s.id), ...(options.regions?.names() ?? [])];
   for (const id of ids) {
+    if (cached.has(id)) continue;
     const record = await recordOf(id.split('.')[0]!);
     if (record === 'unreadable' || going(record)) continue;
     // A run no orchestrator knows keeps nothing; an ended one keeps outputs not yet read, or kept.

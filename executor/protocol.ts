@@ -36,6 +36,27 @@ export interface RunnerJob {
   regionBroker?: string;
   maxSegmentBytes?: number;
   poolMaxBytes?: number;
+  /**
+   * The secrets the step declared (`env` option), with their values from the executor's
+   * environment: in `process.env` while the step function runs, removed when it returns.
+   * Travels on the IPC channel only, never in a command line or the process's environment.
+   */
+  env?: Record<string, string>;
+  /**
+   * Set for a system step (a scan or a stage, see system-steps.ts): the export of the code's
+   * `steps` to call instead of `step`, and what it is to do, given to it as `ctx.system`.
+   */
+  system?: { entry: string; payload: unknown };
+}
+
+/** What a scan read, reported with its output (a scan's facts in its completion). */
+export interface ScanReport {
+  table: string;
+  snapshotId: string | null;
+  bytesFetched: number;
+  rowGroupsRead: number;
+  rowGroupsSkipped: number;
+  cachedChunks: number;
 }
 
 /** What a step process answers for one step. */
@@ -50,6 +71,8 @@ export type RunnerReply =
       outputCopiedBytes: number;
       /** When the step function was called (epoch ms, sub-millisecond). */
       codeStartedAt?: number;
+      /** A scan's facts (system steps only). */
+      scan?: ScanReport;
     }
   | { type: 'error'; error: StepError; codeStartedAt?: number };
 

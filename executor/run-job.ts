@@ -4,7 +4,7 @@
  */
 import { Table } from 'apache-arrow';
 import { type BorrowableInput, isViewOf, readInput, unmapSegments, writeOutput } from '../shm/index.ts';
-import type { RunnerJob, RunnerReply } from './protocol.ts';
+import type { RunnerJob, RunnerReply, ScanReport } from './protocol.ts';
 
 export interface JobHooks {
   /** Called right before the step function, after the pipeline code was imported and the inputs mapped. */
@@ -21,7 +21,7 @@ export async function runJob(job: RunnerJob, hooks: JobHooks = {}): Promise<Runn
   try {
     // Imported once per process: a worker's later steps find the module (and its globals) in the cache.
     const mod = (await import(job.codePath)) as { default?: { steps?: Record<string, { fn?: unknown }> } };
-    const fn = mod.default?.steps?.[job.step]?.fn;
+    const fn = mod.default?.steps?.[job.system?.entry ?? job.step]?.fn;
     if (typeof fn !== 'function') {
       return { type: 'error', error: { name: 'StepNotFound', code: 'ERR_STEP_NOT_FOUND', message: `the pipeline code has no step "${job.step}"` } };
     }
@@ -53,7 +53,10 @@ export async function runJob(job: RunnerJob, hooks: JobHooks = {}): Promise<Runn
       borrowable.push({ table, segments: input.descriptor.segments });
     }
 
+    /** What a system step reports besides its table. */
+    let scan: ScanReport | undefined;
     const context = {
+      ...(job.system ? { system: job.system.payload, reportScan: (report: ScanReport) => void (scan = report) } : {}),
       runId: job.runId,
       step: job.step,
       params: Object.freeze({ ...job.params }),
@@ -92,6 +95,7 @@ export async function runJob(job: RunnerJob, hooks: JobHooks = {}): Promise<Runn
       inputCopiedBytes,
       outputCopiedBytes: written.copiedBytes,
       codeStartedAt,
+      ...(scan ? { scan } : {}),
     };
   } catch (error) {
     return { ...serializeError(error), ...(codeStartedAt !== undefined ? { codeStartedAt } : {}) };

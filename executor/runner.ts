@@ -42,7 +42,8 @@ let last: RunnerJob | null = null;
 /**
  * What a worker's step may change for the process, put back after every call: environment and
  * working directory as they were when the step function was called (changes made while its
- * module was first imported stay, like the module's globals).
+ * module was first imported stay, like the module's globals). The step's declared secrets are
+ * not in it: they exist in process.env only during the call.
  */
 let before: { env: Record<string, string | undefined>; cwd: string } | null = null;
 function restoreProcessState(): void {
@@ -79,7 +80,10 @@ async function handle(request: RunnerRequest & { type: 'job' }): Promise<void> {
   process.title = stepProcessTitle(clusterId, job);
   const reply = await runJob(job, {
     beforeCall: () => {
+      // Taken before the secrets go in: putting it back after the call removes them, so the
+      // worker's next step (maybe one that declared none) cannot see them.
       if (keepAlive) before = { env: { ...process.env }, cwd: process.cwd() };
+      for (const [name, value] of Object.entries(job.env ?? {})) process.env[name] = value;
     },
   });
   restoreProcessState();

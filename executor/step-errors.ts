@@ -4,7 +4,15 @@ import type { StepError } from '../schemas/index.ts';
  * How a user step can end without its own answer, each with a stable code. They travel as data
  * (a step's `error` in its completion and the run's view), so each is a function building one.
  */
-export type StepProcessErrorCode = 'ERR_STEP_SPAWN' | 'ERR_STEP_PROCESS' | 'ERR_STEP_KILLED' | 'ERR_WORKER_CRASHED' | 'ERR_WORKER_HUNG';
+export type StepProcessErrorCode =
+  | 'ERR_STEP_SPAWN'
+  | 'ERR_STEP_PROCESS'
+  | 'ERR_STEP_KILLED'
+  | 'ERR_WORKER_CRASHED'
+  | 'ERR_WORKER_HUNG'
+  | 'ERR_STEP_TIMEOUT'
+  | 'ERR_STEP_MEMORY'
+  | 'ERR_STEP_ENV_MISSING';
 
 /** A {@link StepError} whose code says which way a step process ended it. */
 export type StepProcessError<C extends StepProcessErrorCode = StepProcessErrorCode> = StepError & { code: C };
@@ -67,5 +75,48 @@ export function workerHung(step: string, hangMs: number): StepProcessError<'ERR_
       `the worker process running step "${step}" stopped responding: its event loop was blocked for more than ${hangMs} ms ` +
       `(an endless loop, or synchronous work longer than workerHangMs). It was killed and replaced; ` +
       `split long synchronous work with awaits, raise workerHangMs, or give the step isolation: 'process'`,
+  };
+}
+
+/** "30 s", "1.5 s", "15 min": how a limit reads in a message. */
+export function formatDuration(ms: number): string {
+  if (ms >= 60_000 && ms % 60_000 === 0) return `${ms / 60_000} min`;
+  return `${Number((ms / 1000).toFixed(3))} s`;
+}
+
+/** The step ran past its timeoutMs: its process tree was killed. */
+export function stepTimedOut(step: string, timeoutMs: number): StepProcessError<'ERR_STEP_TIMEOUT'> {
+  return {
+    name: 'StepTimedOut',
+    code: 'ERR_STEP_TIMEOUT',
+    message:
+      `step "${step}" timed out after ${formatDuration(timeoutMs)}: its process and every process it started were killed. ` +
+      `Give it more time with timeoutMs (a step or pipeline option, in ms) if it needs longer`,
+  };
+}
+
+/**
+ * The step went past its memoryMb: the V8 heap limit (the process aborts), or the address-space
+ * limit (an allocation fails, or the process aborts). `detail` says which, as the process said it.
+ */
+export function stepOutOfMemory(step: string, memoryMb: number, detail: string): StepProcessError<'ERR_STEP_MEMORY'> {
+  return {
+    name: 'StepOutOfMemory',
+    code: 'ERR_STEP_MEMORY',
+    message:
+      `step "${step}" exceeded its ${memoryMb} MB memory limit (${detail}); its process was ended. ` +
+      `Raise memoryMb (a step or pipeline option) or have the step hold less at once`,
+  };
+}
+
+/** The step declares environment variables the executor does not have. */
+export function stepEnvMissing(step: string, names: readonly string[], hostId: string): StepProcessError<'ERR_STEP_ENV_MISSING'> {
+  const list = names.join(', ');
+  return {
+    name: 'StepEnvMissing',
+    code: 'ERR_STEP_ENV_MISSING',
+    message:
+      `step "${step}" declares the environment variable${names.length > 1 ? 's' : ''} ${list} (its env option or its pipeline's), ` +
+      `which the executor on host ${hostId} does not have: set ${names.length > 1 ? 'them' : 'it'} where the executor starts, or remove ${names.length > 1 ? 'them' : 'it'} from env`,
   };
 }

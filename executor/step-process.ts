@@ -1,15 +1,61 @@
-import { fork, type ChildProcess } from 'node:child_process';
+import { execFile, fork, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { createInterface } from 'node:readline';
 import type { LogLine } from '../schemas/index.ts';
 import { stepProcessArgs, type RunnerJob, type RunnerMessage, type RunnerReply, type RunnerRequest } from './protocol.ts';
-import { stepKilled, stepProcessDied, stepSpawnFailed, workerDied, workerHung } from './step-errors.ts';
+import { stepKilled, stepOutOfMemory, stepProcessDied, stepSpawnFailed, stepTimedOut, workerDied, workerHung } from './step-errors.ts';
 
 /** How a step process is started. */
 export interface SpawnOptions {
   runnerPath: string;
   clusterId: string;
   onLog: (line: LogLine) => void;
+  /** Its V8 heap limit (--max-old-space-size): fixed for the life of the process. */
+  memoryMb: number;
+  /**
+   * The `prlimit` binary (util-linux) that sets the process's RLIMIT_AS: it starts the process
+   * under the limit and changes it per step. Null: no address-space limit, the heap limit only.
+   */
+  prlimit: string | null;
+  /** RLIMIT_AS it starts with (a step changes it when it needs more for its inputs). */
+  addressSpaceBytes: number;
+}
+
+/**
+ * The executor's environment variables a step process gets: nothing that grants access
+ * (QUIVER_CLUSTER_SECRET, NATS credentials, AWS keys) and nothing that changes how node starts
+ * (NODE_OPTIONS). A step's declared secrets come per step, with its job (RunnerJob.env).
+ */
+export const STEP_ENV_ALLOWLIST: readonly string[] = ['PATH', 'HOME', 'USER', 'LANG', 'LANGUAGE', 'LC_ALL', 'LC_CTYPE', 'TZ', 'TMPDIR', 'QUIVER_REGIONS'];
+
+/** The whole environment of a step process: the allowlist, and the executor's pid it checks its parent against. */
+export function stepProcessEnv(from: NodeJS.ProcessEnv = process.env): Record<string, string> {
+  const env: Record<string, string> = {};
+  for (const name of STEP_ENV_ALLOWLIST) {
+    const value = from[name];
+    if (value !== undefined) env[name] = value;
+  }
+  env.QUIVER_EXECUTOR_PID = String(process.pid);
+  return env;
+}
+
+/** Node >= 20.17 and 22.2 can run WebAssembly without guard regions; older ones cannot have an address-space limit and wasm. */
+const WASM_TRAP_HANDLER_FLAG = process.allowedNodeEnvironmentFlags.has('--disable-wasm-trap-handler') ? '--disable-wasm-trap-handler' : null;
+
+/** An address-space limit leaves WebAssembly working only where node can turn its guard regions off. */
+export const ADDRESS_SPACE_LIMIT_SUPPORTED = WASM_TRAP_HANDLER_FLAG !== null;
+
+/** Lines a process prints when it runs out of memory: V8's heap limit, or an allocation RLIMIT_AS refused. */
+const OUT_OF_MEMORY_LINE = /JavaScript heap out of memory|Fatal process out of memory|Reached heap limit|Allocation failed - process out of memory/;
+/** A step's error that is an allocation RLIMIT_AS refused, when the step let it through. */
+const ALLOCATION_FAILED = /^Array buffer allocation failed$|^Cannot allocate memory$|^Allocation failed/;
+
+/** The limits one step runs under, resolved (StepProcesses.resolveLimits). */
+export interface RunLimits {
+  timeoutMs: number;
+  memoryMb: number;
+  /** RLIMIT_AS for this step: room for its mapped inputs on top of the process's own. */
+  addressSpaceBytes: number;
 }
 
 /** What one step in a step process came to. */
@@ -59,15 +105,31 @@ export class StepProcess {
   /** Set once the process exited and its streams and channel are closed. */
   private readonly ended: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
   private spawnError: Error | null = null;
+  private timedOutAfterMs: number | null = null;
+  /** What the process said when it ran out of memory (a V8 fatal line), if it did. */
+  private outOfMemory: string | null = null;
+  private timeout: NodeJS.Timeout | null = null;
+  /** RLIMIT_AS in force now. */
+  private addressSpaceBytes: number;
 
   constructor(private readonly options: SpawnOptions) {
+    this.addressSpaceBytes = options.addressSpaceBytes;
+    // Not the executor's flags: a TypeScript loader or test runner would triple the start-up time.
+    // Source maps point step stack traces at the user's own files.
+    const nodeArgs = ['--enable-source-maps', `--max-old-space-size=${options.memoryMb}`];
+    // WebAssembly memories reserve ~10 GB of guard pages each for the trap handler, which no
+    // RLIMIT_AS leaves room for: under the limit, bounds are checked by code instead (parquet-wasm).
+    if (options.prlimit && WASM_TRAP_HANDLER_FLAG) nodeArgs.push(WASM_TRAP_HANDLER_FLAG);
     // The placeholders leave room for the runner to write its run and step into its title, where gc finds them.
     this.child = fork(options.runnerPath, stepProcessArgs(options.clusterId), {
       stdio: ['ignore', 'pipe', 'pipe', 'ipc'],
-      // Not the executor's flags: a TypeScript loader or test runner would triple the start-up time.
-      // Source maps point step stack traces at the user's own files.
-      execArgv: ['--enable-source-maps'],
-      env: { ...process.env, QUIVER_EXECUTOR_PID: String(process.pid) },
+      // prlimit sets RLIMIT_AS and execs node in place: the pid, pipes and IPC channel stay node's.
+      ...(options.prlimit
+        ? { execPath: options.prlimit, execArgv: [`--as=${options.addressSpaceBytes}`, '--', process.execPath, ...nodeArgs] }
+        : { execArgv: nodeArgs }),
+      env: stepProcessEnv(),
+      // Its own process group: a timeout or kill ends whatever the step started too.
+      detached: true,
       serialization: 'json',
     });
     const streamClosed = (stream: 'stdout' | 'stderr', source: NodeJS.ReadableStream | null) => {
@@ -90,6 +152,10 @@ export class StepProcess {
       this.child.once('exit', (code, signal) => {
         this.exited = true;
         this.stopPinging();
+        this.clearTimeout();
+        // What the step started and left running goes with it. The group's id is not reused
+        // while a member lives, so this reaches only what this process started.
+        this.killGroup();
         for (const handler of this.exitHandlers.splice(0)) handler();
         // Every line and message the process sent is handled before its step's outcome is decided.
         // A process that never started has nothing to wait for.
@@ -106,7 +172,7 @@ export class StepProcess {
   }
 
   get alive(): boolean {
-    return !this.exited && this.killedBecause === null && this.hungAfterMs === null;
+    return !this.exited && this.killedBecause === null && this.hungAfterMs === null && this.timedOutAfterMs === null;
   }
 
   get busy(): boolean {
@@ -128,7 +194,7 @@ export class StepProcess {
    * Runs `job`. With `keepAlive` the process stays for the next step (a worker) and `hangMs`
    * bounds how long its event loop may stop answering pings.
    */
-  run(job: RunnerJob, options: { keepAlive: boolean; hangMs?: number }): Promise<StepOutcome> {
+  run(job: RunnerJob, options: { keepAlive: boolean; hangMs?: number; limits?: RunLimits }): Promise<StepOutcome> {
     if (this.active) throw new Error(`step process ${this.pid} already runs step "${this.active.job.step}" of run ${this.active.job.runId}`);
     this.steps++;
     return new Promise<StepOutcome>((resolve) => {
@@ -148,19 +214,60 @@ export class StepProcess {
         return;
       }
       if (options.keepAlive && options.hangMs !== undefined) this.startPinging(options.hangMs);
+      const limits = options.limits;
+      if (limits) {
+        this.timeout = setTimeout(() => {
+          this.timedOutAfterMs = limits.timeoutMs;
+          this.stopPinging();
+          this.killGroup();
+        }, limits.timeoutMs);
+        this.timeout.unref();
+      }
       const request: RunnerRequest = { type: 'job', job, endMarker: active.endMarker, keepAlive: options.keepAlive };
-      this.child.send(request, (error) => {
-        // The process died before it got the job: its exit decides the outcome.
-        if (error) this.child.kill('SIGKILL');
-      });
+      const send = () =>
+        this.child.send(request, (error) => {
+          // The process died before it got the job: its exit decides the outcome.
+          if (error) this.child.kill('SIGKILL');
+        });
+      // Only ever raised: a worker keeps the room a bigger step needed (the heap limit stays exact).
+      if (limits && limits.addressSpaceBytes > this.addressSpaceBytes) void this.setAddressSpace(limits.addressSpaceBytes).then(send);
+      else send();
     });
+  }
+
+  /**
+   * Changes the process's RLIMIT_AS (for a step whose inputs need more room, or a worker's next
+   * step). A failure (the process is gone) is left to its exit to report.
+   */
+  private setAddressSpace(bytes: number): Promise<void> {
+    const prlimit = this.options.prlimit;
+    if (!prlimit || this.pid === undefined) return Promise.resolve();
+    this.addressSpaceBytes = bytes;
+    return new Promise((resolve) => execFile(prlimit, ['--pid', String(this.pid), `--as=${bytes}`], () => resolve()));
+  }
+
+  /** SIGKILL to the process and everything it started (its process group). */
+  private killGroup(): void {
+    const pid = this.child.pid;
+    if (pid === undefined) return;
+    try {
+      process.kill(-pid, 'SIGKILL');
+    } catch {
+      // The group is empty already (ESRCH): nothing is left to kill.
+      if (!this.exited) this.child.kill('SIGKILL');
+    }
+  }
+
+  private clearTimeout(): void {
+    if (this.timeout) clearTimeout(this.timeout);
+    this.timeout = null;
   }
 
   /** Kills the process now; a step it runs ends with ERR_STEP_KILLED saying why. */
   kill(why: string): void {
     this.killedBecause ??= why;
     this.stopPinging();
-    this.child.kill('SIGKILL');
+    this.killGroup();
   }
 
   /** Ends a worker that is not needed any more (idle, recycled): nothing it runs is lost. */
@@ -169,6 +276,7 @@ export class StepProcess {
   }
 
   private onLine(stream: 'stdout' | 'stderr', line: string): void {
+    if (stream === 'stderr' && this.outOfMemory === null && OUT_OF_MEMORY_LINE.test(line)) this.outOfMemory = line.replace(/^.*?FATAL ERROR:\s*/, '').trim();
     const active = this.active;
     if (active && line.endsWith(active.endMarker)) {
       // A step's last line without a newline ends right before the marker.
@@ -205,11 +313,22 @@ export class StepProcess {
   /** Answered and flushed: the step's outcome is its reply. */
   private settleIfDone(): void {
     const active = this.active;
-    if (!active?.message || active.flushed.size < 2 || this.killedBecause !== null || this.hungAfterMs !== null) return;
+    if (!active?.message || active.flushed.size < 2 || this.killedBecause !== null || this.hungAfterMs !== null || this.timedOutAfterMs !== null) return;
     this.active = null;
     this.last = active.job;
+    this.clearTimeout();
     if (!active.keepAlive) this.stopPinging();
-    active.resolve({ reply: active.message.reply, rssBytes: active.message.rssBytes, reusable: active.keepAlive && this.alive && !this.fatal });
+    const reply = this.refusedAllocation(active.job.step, active.message.reply);
+    // A step that ran out of memory leaves a worker in no state to trust: the caller replaces it.
+    const reusable = active.keepAlive && this.alive && !this.fatal && reply === active.message.reply;
+    active.resolve({ reply, rssBytes: active.message.rssBytes, reusable });
+  }
+
+  /** A step whose allocation RLIMIT_AS refused (and that let the error through) exceeded its memory limit. */
+  private refusedAllocation(step: string, reply: RunnerReply): RunnerReply {
+    const memoryMb = this.options.memoryMb;
+    if (reply.type !== 'error' || !ALLOCATION_FAILED.test(reply.error.message)) return reply;
+    return { ...reply, error: { ...stepOutOfMemory(step, memoryMb, reply.error.message), ...(reply.error.stack ? { stack: reply.error.stack } : {}) } };
   }
 
   /** The process ended: its step (if one is still open) ends with the reason. */
@@ -220,6 +339,8 @@ export class StepProcess {
     const step = active.job.step;
     let reply: RunnerReply;
     if (this.spawnError) reply = { type: 'error', error: stepSpawnFailed(step, this.spawnError) };
+    else if (this.timedOutAfterMs !== null) reply = { type: 'error', error: stepTimedOut(step, this.timedOutAfterMs) };
+    else if (this.outOfMemory !== null) reply = { type: 'error', error: stepOutOfMemory(step, this.options.memoryMb, this.outOfMemory) };
     else if (this.hungAfterMs !== null) reply = { type: 'error', error: workerHung(step, this.hungAfterMs) };
     else if (this.killedBecause !== null) reply = { type: 'error', error: stepKilled(step, this.killedBecause) };
     else if (this.fatal) reply = { type: 'error', error: this.fatal.error };
@@ -246,7 +367,7 @@ export class StepProcess {
       if (now - this.lastPongAt > hangMs) {
         this.hungAfterMs = hangMs;
         this.stopPinging();
-        this.child.kill('SIGKILL');
+        this.killGroup();
         return;
       }
       // A failed send means the process is gone: its exit says so, not the ping.

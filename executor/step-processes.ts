@@ -1,6 +1,23 @@
-import type { Isolation, LogLine } from '../schemas/index.ts';
+import { accessSync, constants } from 'node:fs';
+import { hostname } from 'node:os';
+import type { Isolation, LogLine, StepLimits } from '../schemas/index.ts';
 import type { RunnerJob, RunnerReply } from './protocol.ts';
-import { StepProcess } from './step-process.ts';
+import { stepEnvMissing } from './step-errors.ts';
+import { ADDRESS_SPACE_LIMIT_SUPPORTED, StepProcess, type RunLimits } from './step-process.ts';
+
+/** The limits of steps that declare none (`timeoutMs`, `memoryMb` step or pipeline options). */
+export interface StepLimitDefaults {
+  /** @default QUIVER_STEP_TIMEOUT_MS, else 900_000 (15 min) */
+  timeoutMs?: number;
+  /** @default QUIVER_STEP_MEMORY_MB, else 1024 */
+  memoryMb?: number;
+  /**
+   * Also bound each step process's address space (RLIMIT_AS, set with util-linux `prlimit`) to
+   * {@link addressSpaceFor}; without it memoryMb bounds the V8 heap only, not Buffers and typed
+   * arrays. @default true when `prlimit` is installed and node has --disable-wasm-trap-handler (>= 20.17)
+   */
+  addressSpace?: boolean;
+}
 
 /** Limits of the long-lived step processes that run steps with `isolation: 'worker'`. */
 export interface WorkerOptions {
@@ -31,6 +48,10 @@ export interface StepProcessesOptions {
   /** Step processes kept booted ahead of need (each has run nothing yet). 0 starts each on demand. @default 2 */
   prewarm?: number;
   workers?: WorkerOptions;
+  /** Limits of steps that declare none. */
+  limits?: StepLimitDefaults;
+  /** Where declared secrets are read from. @default process.env */
+  secrets?: NodeJS.ProcessEnv;
   /** Every line a step prints, as it prints it. */
   onLog: (line: LogLine) => void;
 }
@@ -41,8 +62,50 @@ export const DEFAULT_MAX_WORKER_RSS_BYTES = 1024 ** 3;
 export const DEFAULT_WORKER_IDLE_MS = 60_000;
 export const DEFAULT_WORKER_HANG_MS = 30_000;
 export const DEFAULT_MAX_IDLE_WORKERS = 8;
+export const DEFAULT_STEP_TIMEOUT_MS = 15 * 60_000;
+export const DEFAULT_STEP_MEMORY_MB = 1024;
+/**
+ * Address space a step process takes before its step allocates anything: node's own
+ * reservations (code range, thread stacks, the heap's reserved pages): 0.96 GB measured on
+ * Node 20.20 with the runner loaded, 2.1 GB once parquet-wasm (scans) is loaded; with room to spare.
+ */
+export const NODE_ADDRESS_SPACE_BYTES = 3 * 1024 ** 3;
 
-type ResolvedOptions = Required<Omit<StepProcessesOptions, 'workers'>> & { workers: Required<WorkerOptions> };
+/** Inputs are allowed for in whole GiB, at least one: a step whose inputs fit needs no prlimit call (~2 ms of spawning) before it starts. */
+const INPUT_ALLOWANCE_BYTES = 1024 ** 3;
+
+/**
+ * RLIMIT_AS of a step process: node's own reservations, twice memoryMb (what the step builds,
+ * then its output being written to shared memory), and the inputs it maps, rounded up.
+ */
+export function addressSpaceFor(memoryMb: number, inputBytes: number): number {
+  const inputs = Math.max(1, Math.ceil(inputBytes / INPUT_ALLOWANCE_BYTES)) * INPUT_ALLOWANCE_BYTES;
+  return NODE_ADDRESS_SPACE_BYTES + 2 * memoryMb * 1024 ** 2 + inputs;
+}
+
+/** A number from the executor's environment; a value that is not one is reported by the check it then fails. */
+function fromEnv(name: string): number | undefined {
+  const raw = process.env[name];
+  return raw === undefined || raw.trim() === '' ? undefined : Number(raw);
+}
+
+/** The util-linux prlimit binary, if installed. */
+function findPrlimit(): string | null {
+  for (const dir of (process.env.PATH ?? '/usr/bin:/bin').split(':')) {
+    try {
+      accessSync(`${dir}/prlimit`, constants.X_OK);
+      return `${dir}/prlimit`;
+    } catch {
+      // Not in this folder.
+    }
+  }
+  return null;
+}
+
+type ResolvedOptions = Required<Omit<StepProcessesOptions, 'workers' | 'limits'>> & {
+  workers: Required<WorkerOptions>;
+  limits: { timeoutMs: number; memoryMb: number; prlimit: string | null };
+};
 
 /** User options → defaults → checked options, in one place. Throws at once on a bad value. */
 export function resolveStepProcessesOptions(options: StepProcessesOptions): ResolvedOptions {
@@ -52,11 +115,18 @@ export function resolveStepProcessesOptions(options: StepProcessesOptions): Reso
     return v;
   };
   const w = options.workers ?? {};
+  const l = options.limits ?? {};
   return {
     runnerPath: options.runnerPath,
     clusterId: options.clusterId,
     prewarm: count('prewarm', options.prewarm, DEFAULT_PREWARM, 0),
     onLog: options.onLog,
+    secrets: options.secrets ?? process.env,
+    limits: {
+      timeoutMs: count('limits.timeoutMs', l.timeoutMs ?? fromEnv('QUIVER_STEP_TIMEOUT_MS'), DEFAULT_STEP_TIMEOUT_MS, 1),
+      memoryMb: count('limits.memoryMb', l.memoryMb ?? fromEnv('QUIVER_STEP_MEMORY_MB'), DEFAULT_STEP_MEMORY_MB, 16),
+      prlimit: l.addressSpace === false || !ADDRESS_SPACE_LIMIT_SUPPORTED ? null : findPrlimit(),
+    },
     workers: {
       maxStepsPerWorker: count('workers.maxStepsPerWorker', w.maxStepsPerWorker, DEFAULT_MAX_STEPS_PER_WORKER, 1),
       maxWorkerRssBytes: count('workers.maxWorkerRssBytes', w.maxWorkerRssBytes, DEFAULT_MAX_WORKER_RSS_BYTES, 1),
@@ -85,7 +155,7 @@ export class StepProcesses {
   /** Steps running now, by run: what killRun kills. */
   private readonly running = new Map<string, Set<StepProcess>>();
   private readonly spares: StepProcess[] = [];
-  /** Idle workers by code path, the most recently used last. */
+  /** Idle workers by pool (pipeline version and heap limit, see poolKey), the most recently used last. */
   private readonly idle = new Map<string, IdleWorker[]>();
   private readonly workers = new Set<StepProcess>();
   private idleSequence = 0;
@@ -103,21 +173,47 @@ export class StepProcesses {
     return this.workers.size;
   }
 
-  /** Runs one user step to its reply: a table's segments, or the error that ended it. */
-  async run(job: RunnerJob, isolation: Isolation): Promise<RunnerReply> {
+  /**
+   * Runs one user step to its reply: a table's segments, or the error that ended it. `limits`
+   * and `env` are what the step declared (its StepReady): limits it leaves out take the defaults.
+   */
+  async run(job: RunnerJob, isolation: Isolation, declared: { limits?: StepLimits; env?: readonly string[]; system?: boolean } = {}): Promise<RunnerReply> {
+    const secrets: Record<string, string> = {};
+    const missing: string[] = [];
+    for (const name of declared.env ?? []) {
+      const value = this.options.secrets[name];
+      if (value === undefined) missing.push(name);
+      else secrets[name] = value;
+    }
+    if (missing.length > 0) return { type: 'error', error: stepEnvMissing(job.step, missing, hostname()) };
+    if (Object.keys(secrets).length > 0) job = { ...job, env: secrets };
+    const limits = this.resolveLimits(job, declared.limits);
     const keepAlive = isolation === 'worker';
-    const proc = keepAlive ? this.takeWorker(job.codePath) : this.takeProcess(job.codePath);
+    // A system step's code is Quiver's own: spares keep preloading the pipeline's.
+    const preload = !declared.system;
+    const proc = keepAlive ? this.takeWorker(job.codePath, limits.memoryMb, preload) : this.takeProcess(job.codePath, limits.memoryMb, preload);
     const set = this.running.get(job.runId) ?? new Set();
     set.add(proc);
     this.running.set(job.runId, set);
     try {
-      const outcome = await proc.run(job, { keepAlive, hangMs: this.options.workers.workerHangMs });
-      if (keepAlive) this.afterWorkerStep(job.codePath, proc, outcome.reusable, outcome.rssBytes);
+      const outcome = await proc.run(job, { keepAlive, hangMs: this.options.workers.workerHangMs, limits });
+      if (keepAlive) this.afterWorkerStep(poolKey(job.codePath, limits.memoryMb), proc, outcome.reusable, outcome.rssBytes);
       return outcome.reply;
     } finally {
       set.delete(proc);
       if (set.size === 0 && this.running.get(job.runId) === set) this.running.delete(job.runId);
     }
+  }
+
+  /** The one place a step's limits are resolved: what it declared, else this executor's defaults. */
+  resolveLimits(job: Pick<RunnerJob, 'inputs'>, declared: StepLimits = {}): RunLimits {
+    const memoryMb = declared.memoryMb ?? this.options.limits.memoryMb;
+    const inputBytes = job.inputs.reduce((n, i) => n + i.descriptor.byteSize, 0);
+    return {
+      timeoutMs: declared.timeoutMs ?? this.options.limits.timeoutMs,
+      memoryMb,
+      addressSpaceBytes: this.options.limits.prlimit ? addressSpaceFor(memoryMb, inputBytes) : 0,
+    };
   }
 
   /** Kills the steps of a run now running here, workers included; each ends with an error saying why. */
@@ -133,60 +229,66 @@ export class StepProcesses {
     for (const spare of this.spares.splice(0)) spare.kill(why);
   }
 
-  private takeWorker(codePath: string): StepProcess {
-    const idle = this.idle.get(codePath) ?? [];
+  /** Workers are pooled by pipeline version and heap limit: a worker's heap limit is fixed when it starts. */
+  private takeWorker(codePath: string, memoryMb: number, preload: boolean): StepProcess {
+    const key = poolKey(codePath, memoryMb);
+    const idle = this.idle.get(key) ?? [];
     let reused: StepProcess | null = null;
     while (!reused && idle.length > 0) {
       const { worker, timer } = idle.pop()!;
       clearTimeout(timer);
       if (worker.alive) reused = worker;
     }
-    if (idle.length === 0) this.idle.delete(codePath);
+    if (idle.length === 0) this.idle.delete(key);
     if (reused) return reused;
-    const worker = this.takeProcess(codePath);
+    const worker = this.takeProcess(codePath, memoryMb, preload);
     this.workers.add(worker);
     worker.onExit(() => {
       this.workers.delete(worker);
-      this.dropIdle(codePath, worker);
+      this.dropIdle(key, worker);
     });
     return worker;
   }
 
   /** Back to idle, or replaced: by count, by memory, or because it crashed. */
-  private afterWorkerStep(codePath: string, worker: StepProcess, reusable: boolean, rssBytes: number | null): void {
+  private afterWorkerStep(key: string, worker: StepProcess, reusable: boolean, rssBytes: number | null): void {
     const limits = this.options.workers;
-    if (!reusable || !worker.alive) return; // dying already: its exit takes it out of the pool
+    if (!reusable || !worker.alive) {
+      // Alive but not to be trusted (it ran out of memory): replaced. Dying already: its exit takes it out of the pool.
+      if (worker.alive) worker.retire();
+      return;
+    }
     if (this.stopped || worker.steps >= limits.maxStepsPerWorker || (rssBytes ?? 0) > limits.maxWorkerRssBytes) {
       worker.retire();
       return;
     }
     const timer = setTimeout(() => {
-      this.dropIdle(codePath, worker);
+      this.dropIdle(key, worker);
       worker.retire();
     }, limits.workerIdleMs);
     timer.unref();
-    const idle = this.idle.get(codePath) ?? [];
+    const idle = this.idle.get(key) ?? [];
     idle.push({ worker, timer, since: ++this.idleSequence });
-    this.idle.set(codePath, idle);
+    this.idle.set(key, idle);
     this.keepIdleWithinLimit();
   }
 
   private keepIdleWithinLimit(): void {
     for (;;) {
-      const all = [...this.idle.entries()].flatMap(([codePath, list]) => list.map((entry) => ({ codePath, entry })));
+      const all = [...this.idle.entries()].flatMap(([key, list]) => list.map((entry) => ({ key, entry })));
       if (all.length <= this.options.workers.maxIdleWorkers) return;
       const oldest = all.reduce((a, b) => (b.entry.since < a.entry.since ? b : a));
-      this.dropIdle(oldest.codePath, oldest.entry.worker);
+      this.dropIdle(oldest.key, oldest.entry.worker);
       oldest.entry.worker.retire();
     }
   }
 
-  private dropIdle(codePath: string, worker: StepProcess): void {
-    const idle = this.idle.get(codePath);
+  private dropIdle(key: string, worker: StepProcess): void {
+    const idle = this.idle.get(key);
     if (!idle) return;
     const at = idle.findIndex((i) => i.worker === worker);
     if (at >= 0) clearTimeout(idle.splice(at, 1)[0]!.timer);
-    if (idle.length === 0) this.idle.delete(codePath);
+    if (idle.length === 0) this.idle.delete(key);
   }
 
   /**
@@ -195,21 +297,23 @@ export class StepProcesses {
    * gets a fresh process. Start-up (~170 ms of node and apache-arrow, then compiling the
    * pipeline's bundle) moves off the step's critical path.
    */
-  private takeProcess(codePath: string): StepProcess {
+  private takeProcess(codePath: string, memoryMb: number, preload: boolean): StepProcess {
+    // Spares start with the default heap limit: a step declaring another starts its own process.
+    if (memoryMb !== this.options.limits.memoryMb) return this.spawn(memoryMb);
     let spare: StepProcess | undefined;
     while ((spare = this.spares.shift()) && !spare.alive);
-    if (codePath !== this.likelyCode) {
+    if (preload && codePath !== this.likelyCode) {
       this.likelyCode = codePath;
       for (const waiting of this.spares) waiting.preload(codePath);
     }
     this.refillSpares();
-    return spare ?? this.spawn();
+    return spare ?? this.spawn(memoryMb);
   }
 
   private refillSpares(): void {
     const wanted = this.stopped ? 0 : this.options.prewarm;
     while (this.spares.length < wanted) {
-      const spare = this.spawn();
+      const spare = this.spawn(this.options.limits.memoryMb);
       if (this.likelyCode) spare.preload(this.likelyCode);
       this.spares.push(spare);
       spare.onExit(() => {
@@ -219,8 +323,13 @@ export class StepProcesses {
     }
   }
 
-  private spawn(): StepProcess {
-    const { runnerPath, clusterId, onLog } = this.options;
-    return new StepProcess({ runnerPath, clusterId, onLog });
+  private spawn(memoryMb: number): StepProcess {
+    const { runnerPath, clusterId, onLog, limits } = this.options;
+    return new StepProcess({ runnerPath, clusterId, onLog, memoryMb, prlimit: limits.prlimit, addressSpaceBytes: addressSpaceFor(memoryMb, 0) });
   }
+}
+
+/** Idle workers of one pipeline version and heap limit. */
+function poolKey(codePath: string, memoryMb: number): string {
+  return `${memoryMb}:${codePath}`;
 }

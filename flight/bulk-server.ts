@@ -6,7 +6,7 @@
  * wire protocol (any gRPC client's DoGet works against it), listed as a second location of
  * every endpoint. The mapping is unmapped only once every write that views it has completed.
  */
-import { createSecureServer, createServer, type Http2Server, type Http2Session, type ServerHttp2Stream } from 'node:http2';
+import { constants, createSecureServer, createServer, type Http2Server, type Http2Session, type IncomingHttpHeaders, type ServerHttp2Stream } from 'node:http2';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { FlightProtocolError } from './errors.ts';
 import { varintBytes } from './frames.ts';
@@ -15,6 +15,8 @@ import { SERVICE_NAME } from './protocol.ts';
 
 /** What the Flight server lends the bulk path: redeeming a ticket into a stream of bytes. */
 export interface TicketRedeemer {
+  /** Checks the call's `authorization` header; throws a FlightAuthError when refused. */
+  authorize(header: string | undefined): void;
   /** Checks the ticket and opens its stream; throws a FlightError when refused. */
   open(ticket: Uint8Array): Promise<{ bytes: Uint8Array; close(): void }>;
   /** A thrown error as the gRPC status it is sent as. */
@@ -26,6 +28,11 @@ export interface TicketRedeemer {
 }
 
 const DO_GET_PATH = `/${SERVICE_NAME}/DoGet`;
+/**
+ * A DoGet request is one Ticket message: a Quiver ticket is a few hundred bytes. Nothing larger
+ * is buffered, so a peer cannot make the server hold more than this per stream.
+ */
+const MAX_REQUEST_BYTES = 16 * 1024;
 
 /** The gRPC prefix and every FlightData byte before the body: `[0][length][2: header][1000: length]`. */
 function framing(header: Uint8Array, bodyLength: number): Buffer {
@@ -48,22 +55,30 @@ export class BulkServer {
     private readonly sessions: Set<Http2Session>,
   ) {}
 
-  static async start(options: { host: string; port?: number; tls?: { cert: Buffer; key: Buffer }; redeemer: TicketRedeemer }): Promise<BulkServer> {
+  static async start(options: {
+    host: string;
+    port?: number;
+    tls?: { cert: Buffer; key: Buffer };
+    redeemer: TicketRedeemer;
+    /** Streams one connection may have open at once. */
+    maxConcurrentStreams: number;
+    /** Connections held at once; more are closed as they arrive. */
+    maxConnections: number;
+  }): Promise<BulkServer> {
+    // Session memory is left unbounded because node counts queued outgoing DATA in it; what a
+    // session holds is bounded instead by streams per session times maxInFlightBytes each.
+    const settings = { maxConcurrentStreams: options.maxConcurrentStreams };
     const server: Http2Server = options.tls
-      ? createSecureServer({ cert: options.tls.cert, key: options.tls.key, allowHTTP1: false, maxSessionMemory: Number.MAX_SAFE_INTEGER })
-      : createServer({ maxSessionMemory: Number.MAX_SAFE_INTEGER });
-    server.on('stream', (stream, headers) => {
-      if (headers[':path'] !== DO_GET_PATH) {
-        fail(stream, GrpcStatus.UNIMPLEMENTED, `this port serves DoGet only; use the Flight server's first location for ${headers[':path']}`);
-        return;
-      }
-      const chunks: Buffer[] = [];
-      stream.on('data', (chunk: Buffer) => chunks.push(chunk));
-      stream.once('end', () => void serve(stream, Buffer.concat(chunks), options.redeemer));
-    });
+      ? createSecureServer({ cert: options.tls.cert, key: options.tls.key, allowHTTP1: false, maxSessionMemory: Number.MAX_SAFE_INTEGER, settings })
+      : createServer({ maxSessionMemory: Number.MAX_SAFE_INTEGER, settings });
+    server.on('stream', (stream, headers) => receive(stream, headers, options.redeemer));
     server.on('sessionError', () => undefined);
     const sessions = new Set<Http2Session>();
     server.on('session', (session) => {
+      if (sessions.size >= options.maxConnections) {
+        session.destroy();
+        return;
+      }
       sessions.add(session);
       session.once('close', () => sessions.delete(session));
     });
@@ -91,6 +106,58 @@ function fail(stream: ServerHttp2Stream, code: GrpcStatus, details: string): voi
     return;
   }
   stream.respond({ ':status': 200, 'content-type': 'application/grpc', 'grpc-status': String(code), 'grpc-message': encodeURIComponent(details) }, { endStream: true });
+}
+
+/**
+ * Checks the call's credentials from its headers alone, then reads its one request message
+ * up to MAX_REQUEST_BYTES, and serves it as soon as that message is complete.
+ */
+function receive(stream: ServerHttp2Stream, headers: IncomingHttpHeaders, redeemer: TicketRedeemer): void {
+  try {
+    redeemer.authorize(typeof headers.authorization === 'string' ? headers.authorization : undefined);
+  } catch (error) {
+    const status = redeemer.toStatus(error);
+    refuse(stream, status.code, status.details);
+    return;
+  }
+  if (headers[':path'] !== DO_GET_PATH) {
+    refuse(stream, GrpcStatus.UNIMPLEMENTED, `this port serves DoGet only; use the Flight server's first location for ${headers[':path']}`);
+    return;
+  }
+  const chunks: Buffer[] = [];
+  let received = 0;
+  let started = false;
+  const start = (request: Buffer) => {
+    started = true;
+    stream.removeListener('data', onData);
+    void serve(stream, request, redeemer);
+  };
+  const onData = (chunk: Buffer) => {
+    chunks.push(chunk);
+    received += chunk.byteLength;
+    const head = chunks.length === 1 ? chunk : Buffer.concat(chunks);
+    const wanted = head.byteLength >= 5 ? 5 + head.readUInt32BE(1) : null;
+    if (received > MAX_REQUEST_BYTES || (wanted !== null && wanted > MAX_REQUEST_BYTES)) {
+      started = true;
+      stream.removeListener('data', onData);
+      refuse(stream, GrpcStatus.RESOURCE_EXHAUSTED, `DoGet: the request is over ${MAX_REQUEST_BYTES} bytes; a ticket is far smaller`);
+      return;
+    }
+    if (wanted !== null && head.byteLength >= wanted) start(head.subarray(0, wanted));
+  };
+  stream.on('data', onData);
+  stream.once('end', () => {
+    if (!started) start(Buffer.concat(chunks));
+  });
+}
+
+/**
+ * Answers with `code` and stops the peer sending: after the answer, RST_STREAM(NO_ERROR) tells
+ * it the rest of its request will not be read (RFC 9113 §8.1), so nothing more is received.
+ */
+function refuse(stream: ServerHttp2Stream, code: GrpcStatus, details: string): void {
+  fail(stream, code, details);
+  if (!stream.destroyed) stream.close(constants.NGHTTP2_NO_ERROR);
 }
 
 /** The ticket out of a gRPC-framed Ticket message (field 1, bytes). */

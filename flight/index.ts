@@ -6,6 +6,7 @@
  */
 export { FlightServer, flightPath, isComposed, type FlightServerOptions, type StoredTable } from './server.ts';
 export { FlightClient, parseLocation, type FetchToShmOptions, type FlightClientOptions, type FlightEndpoint, type FlightInfo } from './client.ts';
+export { flightAccessToken, parseListenAddress } from './auth.ts';
 export { signTicket, verifyTicket, checkSecret, DEFAULT_TICKET_TTL_MS, MIN_SECRET_BYTES, type TicketClaims } from './tickets.ts';
 export { FlightAuthError, FlightError, FlightNotFoundError, FlightProtocolError, FlightTransferError } from './errors.ts';
 export { PROTO_PATH, SERVICE_NAME, TRANSFER_CHANNEL_OPTIONS } from './protocol.ts';

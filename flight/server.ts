@@ -8,10 +8,10 @@ import { hostname } from 'node:os';
 import { rmdirSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import {
+  Metadata,
   Server,
   ServerCredentials,
   status as GrpcStatus,
-  type Metadata,
   type sendUnaryData,
   type ServerDuplexStream,
   type ServerUnaryCall,
@@ -29,6 +29,7 @@ import { type ActionMessage, type FlightDescriptorMessage, type FlightInfoMessag
 import { BulkServer, type TicketRedeemer } from './bulk-server.ts';
 import { SegmentWriter } from './segment-writer.ts';
 import { DEFAULT_TICKET_TTL_MS, checkSecret, signTicket, verifyTicket } from './tickets.ts';
+import { authorize, bearer, flightAccessToken, sameToken } from './auth.ts';
 
 /** A table held in shared memory on this host. */
 export interface StoredTable {
@@ -45,7 +46,7 @@ export interface FlightServerOptions {
   secret: string | Uint8Array;
   /** Finds a run output held on this host, or null. */
   resolveOutput?: (runId: string, step: string) => Promise<StoredTable | null> | StoredTable | null;
-  /** Address to listen on. @default '0.0.0.0' */
+  /** Address to listen on; '0.0.0.0' or '::' for every address. @default '127.0.0.1' (this machine only) */
   host?: string;
   /** Port; 0 picks a free one. @default 0 */
   port?: number;
@@ -53,8 +54,18 @@ export interface FlightServerOptions {
   advertiseHost?: string;
   /** PEM certificate chain and key: serve TLS (`grpc+tls://`) instead of plaintext. @default plaintext */
   tls?: { cert: Buffer; key: Buffer };
-  /** When set, GetFlightInfo, GetSchema, ListFlights, DoPut and DoAction need `authorization: Bearer <token>`. @default none */
+  /**
+   * The bearer token every call must carry (`authorization: Bearer <token>`, or exchanged by
+   * Handshake), on both ports; anything else is UNAUTHENTICATED.
+   * @default flightAccessToken(secret): the cluster's token, which every member derives alike
+   */
   accessToken?: string;
+  /** Largest gRPC message the server accepts (one DoPut record batch is one message). @default 64 MiB */
+  maxMessageBytes?: number;
+  /** Calls one client connection may have open at once, on each port. @default 128 */
+  maxConcurrentStreams?: number;
+  /** Connections the bulk port holds at once; more are closed as they arrive. @default 256 */
+  maxBulkConnections?: number;
   /** Lifetime of tickets handed out by GetFlightInfo. @default 10 minutes */
   ticketTtlMs?: number;
   /** Bytes a DoGet stream may have queued for the network before it waits. @default 32 MiB */
@@ -72,6 +83,11 @@ export interface FlightServerOptions {
 }
 
 const DEFAULT_MAX_IN_FLIGHT_BYTES = 32 * 1024 * 1024;
+const DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
+const DEFAULT_MAX_CONCURRENT_STREAMS = 128;
+const DEFAULT_MAX_BULK_CONNECTIONS = 256;
+/** A Handshake is one or two messages; more is someone keeping the call open. */
+const MAX_HANDSHAKE_REQUESTS = 4;
 const UPLOAD_NAME = /^[A-Za-z0-9_-]{1,128}$/;
 
 const ACTIONS = [
@@ -113,6 +129,7 @@ function openStream(located: Located, segment: number, path: string): { bytes: U
 /** A Flight server; see the file comment. */
 export class FlightServer {
   private readonly secret: Uint8Array;
+  private readonly accessToken: string;
   private readonly uploads = new Map<string, StoredTable>();
   private readonly openStreamsNow = new Set<{ close(): void }>();
   private readonly activeCalls = new Set<() => void>();
@@ -131,6 +148,7 @@ export class FlightServer {
     private readonly options: FlightServerOptions,
   ) {
     this.secret = checkSecret(options.secret, 'FlightServer');
+    this.accessToken = options.accessToken ?? flightAccessToken(this.secret);
     // Each server keeps its own uploads: executors of one host share shmDir.
     this.uploadDir = join(options.shmDir, 'uploads', ulid().toLowerCase());
     this.now = options.now ?? Date.now;
@@ -138,8 +156,13 @@ export class FlightServer {
 
   static async start(options: FlightServerOptions): Promise<FlightServer> {
     checkSecret(options.secret, 'FlightServer.start');
-    const server = new Server(TRANSFER_CHANNEL_OPTIONS);
-    const host = options.host ?? '0.0.0.0';
+    const server = new Server({
+      ...TRANSFER_CHANNEL_OPTIONS,
+      // What one peer can make this process hold: a message, and a number of calls per connection.
+      'grpc.max_receive_message_length': options.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES,
+      'grpc.max_concurrent_streams': options.maxConcurrentStreams ?? DEFAULT_MAX_CONCURRENT_STREAMS,
+    });
+    const host = options.host ?? '127.0.0.1';
     const credentials = options.tls ? ServerCredentials.createSsl(null, [{ cert_chain: options.tls.cert, private_key: options.tls.key }]) : ServerCredentials.createInsecure();
     const bindHost = host.includes(':') ? `[${host}]` : host;
     const port = await new Promise<number>((resolve, reject) =>
@@ -150,7 +173,14 @@ export class FlightServer {
     const flight = new FlightServer(server, port, `${scheme}://${advertised.includes(':') ? `[${advertised}]` : advertised}:${port}`, options);
     server.addService(flightServiceDefinition(), flight.handlers());
     if (options.bulk !== false) {
-      flight.bulk = await BulkServer.start({ host, port: options.bulk?.port ?? 0, ...(options.tls ? { tls: options.tls } : {}), redeemer: flight.redeemer() });
+      flight.bulk = await BulkServer.start({
+        host,
+        port: options.bulk?.port ?? 0,
+        ...(options.tls ? { tls: options.tls } : {}),
+        redeemer: flight.redeemer(),
+        maxConcurrentStreams: options.maxConcurrentStreams ?? DEFAULT_MAX_CONCURRENT_STREAMS,
+        maxConnections: options.maxBulkConnections ?? DEFAULT_MAX_BULK_CONNECTIONS,
+      });
       flight.bulkLocation = flight.location.replace(/:\d+$/, `:${flight.bulk.port}`);
     }
     return flight;
@@ -188,68 +218,109 @@ export class FlightServer {
   }
 
   private handlers(): UntypedServiceImplementation {
+    // Every call is checked before anything of its request is looked at.
     const unary =
-      <Req, Res>(fn: (request: Req, metadata: Metadata) => Promise<Res>) =>
+      <Req, Res>(fn: (request: Req) => Promise<Res>) =>
       (call: ServerUnaryCall<Req, Res>, callback: sendUnaryData<Res>) => {
-        fn(call.request, call.metadata).then(
-          (value) => callback(null, value),
-          (error) => callback(this.toStatus(error)),
-        );
+        Promise.resolve()
+          .then(() => this.checkCall(call.metadata))
+          .then(() => fn(call.request))
+          .then(
+            (value) => callback(null, value),
+            (error) => callback(this.toStatus(error)),
+          );
       };
     const stream =
-      <Req, Res>(fn: (request: Req, metadata: Metadata) => Promise<Res[]>) =>
+      <Req, Res>(fn: (request: Req) => Promise<Res[]>) =>
       (call: ServerWritableStream<Req, Res>) => {
-        fn(call.request, call.metadata).then(
-          (values) => {
-            for (const value of values) call.write(value);
-            call.end();
-          },
-          (error) => call.emit('error', this.toStatus(error)),
-        );
+        Promise.resolve()
+          .then(() => this.checkCall(call.metadata))
+          .then(() => fn(call.request))
+          .then(
+            (values) => {
+              for (const value of values) call.write(value);
+              call.end();
+            },
+            (error) => call.emit('error', this.toStatus(error)),
+          );
       };
     return {
-      Handshake: (call: ServerDuplexStream<{ protocol_version: number }, { protocol_version: number; payload: Buffer }>) => {
-        // No handshake is needed: DoGet is authorised by its ticket, the rest by the bearer token.
-        call.on('data', (request) => call.write({ protocol_version: request.protocol_version, payload: Buffer.alloc(0) }));
-        call.on('end', () => call.end());
-      },
-      ListFlights: stream(async (_criteria: unknown, metadata: Metadata) => {
-        this.authorize(metadata);
+      Handshake: (call: ServerDuplexStream<{ protocol_version: number; payload: Buffer }, { protocol_version: number; payload: Buffer }>) => this.handshake(call),
+      ListFlights: stream(async () => {
         const infos: FlightInfoMessage[] = [];
         for (const name of this.uploads.keys()) infos.push(await this.flightInfo(`uploads/${name}`));
         return infos;
       }),
-      GetFlightInfo: unary(async (descriptor: FlightDescriptorMessage, metadata: Metadata) => {
-        this.authorize(metadata);
-        return this.flightInfo(flightPath(descriptor));
-      }),
+      GetFlightInfo: unary(async (descriptor: FlightDescriptorMessage) => this.flightInfo(flightPath(descriptor))),
       PollFlightInfo: unary(async () => {
         throw new FlightError('PollFlightInfo is not supported: Quiver flights are complete, use GetFlightInfo', 'ERR_FLIGHT_UNIMPLEMENTED', GrpcStatus.UNIMPLEMENTED);
       }),
-      GetSchema: unary(async (descriptor: FlightDescriptorMessage, metadata: Metadata) => {
-        this.authorize(metadata);
+      GetSchema: unary(async (descriptor: FlightDescriptorMessage) => {
         const info = await this.flightInfo(flightPath(descriptor));
         return { schema: info.schema };
       }),
       DoGet: (call: ServerWritableStream<TicketMessage, Buffer>) => void this.doGet(call),
       DoPut: (call: ServerDuplexStream<FlightDataFrame, { app_metadata: Buffer }>) => void this.doPut(call),
-      DoExchange: (call: ServerDuplexStream<unknown, unknown>) =>
-        call.emit('error', { code: GrpcStatus.UNIMPLEMENTED, details: 'DoExchange is not supported by Quiver: use DoGet and DoPut' }),
-      DoAction: stream(async (action: ActionMessage, metadata: Metadata) => {
-        this.authorize(metadata);
-        return [{ body: Buffer.from(this.doAction(action)) }];
-      }),
+      DoExchange: (call: ServerDuplexStream<unknown, unknown>) => {
+        try {
+          this.checkCall(call.metadata);
+          call.emit('error', { code: GrpcStatus.UNIMPLEMENTED, details: 'DoExchange is not supported by Quiver: use DoGet and DoPut' });
+        } catch (error) {
+          call.emit('error', this.toStatus(error));
+        }
+      },
+      DoAction: stream(async (action: ActionMessage) => [{ body: Buffer.from(this.doAction(action)) }]),
       ListActions: stream(async () => ACTIONS),
     };
   }
 
-  private authorize(metadata: Metadata): void {
-    const token = this.options.accessToken;
-    if (!token) return;
-    const given = String(metadata.get('authorization')[0] ?? '');
-    if (given !== `Bearer ${token}`) {
-      throw new FlightAuthError('this Flight server needs "authorization: Bearer <token>" (the cluster access token)', 'ERR_FLIGHT_ACCESS_DENIED');
+  /**
+   * Handshake hands the bearer token back (as `authorization` in the response headers, and as
+   * the payload) to a client that proved it knows it: by its headers (Bearer, or Basic with the
+   * token as password, as pyarrow's authenticate_basic_token sends) or by a request payload.
+   */
+  private handshake(call: ServerDuplexStream<{ protocol_version: number; payload: Buffer }, { protocol_version: number; payload: Buffer }>): void {
+    let accepted = false;
+    let requests = 0;
+    const accept = () => {
+      if (accepted) return;
+      accepted = true;
+      const headers = new Metadata();
+      headers.set('authorization', bearer(this.accessToken));
+      call.sendMetadata(headers);
+    };
+    const refuse = (error: unknown) => {
+      call.removeAllListeners('data');
+      call.emit('error', this.toStatus(error));
+    };
+    let byHeaders: unknown = null;
+    try {
+      this.checkCall(call.metadata);
+      accept();
+    } catch (error) {
+      // Not by headers: a request payload may still carry the token.
+      byHeaders = error;
     }
+    call.on('data', (request: { protocol_version: number; payload: Buffer }) => {
+      if (++requests > MAX_HANDSHAKE_REQUESTS) return refuse(new FlightProtocolError(`Handshake: more than ${MAX_HANDSHAKE_REQUESTS} requests`));
+      if (!accepted) {
+        const payload = Buffer.from(request.payload ?? []).toString('utf8');
+        if (payload.length === 0) return refuse(byHeaders);
+        if (!sameToken(payload, this.accessToken)) {
+          return refuse(new FlightAuthError('Handshake: wrong credentials in the payload; send the cluster access token', 'ERR_FLIGHT_ACCESS_DENIED'));
+        }
+        accept();
+      }
+      call.write({ protocol_version: request.protocol_version, payload: Buffer.from(this.accessToken) });
+    });
+    call.on('end', () => {
+      if (accepted) call.end();
+      else if (requests === 0) refuse(byHeaders);
+    });
+  }
+
+  private checkCall(metadata: Metadata): void {
+    authorize(String(metadata.get('authorization')[0] ?? ''), this.accessToken);
   }
 
   private toStatus(error: unknown): { code: GrpcStatus; details: string } {
@@ -306,6 +377,7 @@ export class FlightServer {
   /** The bulk port's view of this server: the same tickets, flights and bookkeeping. */
   private redeemer(): TicketRedeemer {
     return {
+      authorize: (header) => authorize(header, this.accessToken),
       open: async (ticket) => {
         const claims = verifyTicket(ticket, this.secret, this.now());
         const stream = openStream(await this.locate(claims.path), claims.segment, claims.path);
@@ -337,6 +409,7 @@ export class FlightServer {
     call.on('cancelled', cancel);
     this.activeCalls.add(cancel);
     try {
+      this.checkCall(call.metadata);
       const claims = verifyTicket(call.request.ticket ?? Buffer.alloc(0), this.secret, this.now());
       const located = await this.locate(claims.path);
       if (cancelled) return;
@@ -380,7 +453,7 @@ export class FlightServer {
     let writer: SegmentWriter | null = null;
     let name = '';
     try {
-      this.authorize(call.metadata);
+      this.checkCall(call.metadata);
       // Not `for await (… of call)`: finishing that destroys the duplex, and with it our answer.
       for await (const frame of call.iterator({ destroyOnReturn: false }) as AsyncIterable<FlightDataFrame>) {
         if (!writer) {

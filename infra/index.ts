@@ -1,5 +1,5 @@
 export { startNatsServer } from './nats-server.ts';
-export type { NatsServer, NatsServerOptions } from './nats-server.ts';
+export type { NatsServer, NatsServerCredentials, NatsServerOptions } from './nats-server.ts';
 export { QuiverInfraError } from './errors.ts';
 export { startS3Server } from './s3-server.ts';
 export type { S3Server, S3ServerOptions } from './s3-server.ts';

@@ -1,5 +1,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdirSync, readFileSync, rmSync, existsSync } from 'node:fs';
+import { chmodSync, mkdirSync, readFileSync, rmSync, existsSync, writeFileSync } from 'node:fs';
+import { createUser, fromSeed } from '@nats-io/nkeys';
+import { nkeyAuthenticator, type ConnectionOptions } from '@nats-io/transport-node';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { join } from 'node:path';
 import { QuiverInfraError } from './errors.ts';
@@ -19,12 +21,33 @@ export interface NatsServerOptions {
   startTimeoutMs?: number;
   /** Remove `dir` when the server stops. @default true */
   removeDirOnStop?: boolean;
+  /**
+   * Who may connect. `'nkey'`: one nkey user, generated here unless `seed` (an `SU…` nkey seed)
+   * is given; the server's configuration holds only its public key, and clients sign the
+   * server's nonce with the seed ({@link NatsServer.connectionOptions}). `'none'`: anyone who
+   * reaches the port, as a bare development server (tests and benchmarks use it to stand for an
+   * existing NATS). Quiver's own servers (`startLocalCluster`, `quiver up`) always use `'nkey'`.
+   * @default 'none'
+   */
+  auth?: 'none' | 'nkey' | { seed: string };
+}
+
+/** What a client needs to connect to a {@link NatsServer} with authorization. */
+export interface NatsServerCredentials {
+  /** The nkey seed (`SU…`) of the one user the server lets in: the secret. */
+  readonly seed: string;
+  /** Its public key (`U…`), as the server's configuration names it. */
+  readonly publicKey: string;
 }
 
 /** A private nats-server with JetStream (file storage under its `dir`), listening on loopback. */
 export interface NatsServer {
   readonly url: string;
   readonly port: number;
+  /** The credentials the server requires; null when it lets anyone in (`auth: 'none'`). */
+  readonly credentials: NatsServerCredentials | null;
+  /** Authentication options for nats.js `connect()`: `{}` when the server needs none. */
+  readonly connectionOptions: Pick<ConnectionOptions, 'authenticator'>;
   /** The current process; a new one after {@link NatsServer.restart}. */
   readonly pid: number;
   /** Stops the server (SIGTERM, then SIGKILL) and removes its directory unless told not to. */
@@ -67,9 +90,17 @@ export async function startNatsServer(options: NatsServerOptions): Promise<NatsS
   }
   const storeDir = join(options.dir, 'jetstream');
   const portsDir = join(options.dir, 'ports');
+  mkdirSync(options.dir, { recursive: true, mode: 0o700 });
   mkdirSync(storeDir, { recursive: true });
   mkdirSync(portsDir, { recursive: true });
-  const launch = (port: number) => launchNatsServer(binary, storeDir, portsDir, port, startTimeoutMs);
+  const credentials = serverCredentials(options.auth ?? 'none');
+  const configFile = join(options.dir, 'nats-server.conf');
+  if (credentials) {
+    // Only the public key: the server's files let nobody in.
+    writeFileSync(configFile, `authorization {\n  users = [\n    { nkey: "${credentials.publicKey}" }\n  ]\n}\n`, { mode: 0o600 });
+    chmodSync(configFile, 0o600);
+  }
+  const launch = (port: number) => launchNatsServer(binary, storeDir, portsDir, credentials ? configFile : null, port, startTimeoutMs);
 
   let current = await launch(wantedPort);
   const port = current.port;
@@ -77,6 +108,8 @@ export async function startNatsServer(options: NatsServerOptions): Promise<NatsS
   return {
     url: `nats://127.0.0.1:${port}`,
     port,
+    credentials,
+    connectionOptions: credentials ? { authenticator: nkeyAuthenticator(new TextEncoder().encode(credentials.seed)) } : {},
     get pid() {
       return current.child.pid ?? -1;
     },
@@ -96,8 +129,22 @@ export async function startNatsServer(options: NatsServerOptions): Promise<NatsS
   };
 }
 
-async function launchNatsServer(binary: string, storeDir: string, portsDir: string, wantedPort: number, startTimeoutMs: number): Promise<Launched> {
-  const child = spawn(binary, ['-a', '127.0.0.1', '-p', String(wantedPort), '-js', '-sd', storeDir, '--ports_file_dir', portsDir], {
+function serverCredentials(auth: NonNullable<NatsServerOptions['auth']>): NatsServerCredentials | null {
+  if (auth === 'none') return null;
+  let pair;
+  try {
+    pair = auth === 'nkey' ? createUser() : fromSeed(new TextEncoder().encode(auth.seed));
+  } catch (error) {
+    throw new QuiverInfraError('ERR_NATS_SERVER_START', `the nkey seed given to startNatsServer is not a user seed (SU…): ${(error as Error).message}`, { cause: error });
+  }
+  const publicKey = pair.getPublicKey();
+  if (!publicKey.startsWith('U')) throw new QuiverInfraError('ERR_NATS_SERVER_START', `the nkey seed given to startNatsServer is not a user seed (SU…); its public key is ${publicKey}`);
+  return { seed: new TextDecoder().decode(pair.getSeed()), publicKey };
+}
+
+async function launchNatsServer(binary: string, storeDir: string, portsDir: string, configFile: string | null, wantedPort: number, startTimeoutMs: number): Promise<Launched> {
+  const configArgs = configFile ? ['-c', configFile] : [];
+  const child = spawn(binary, [...configArgs, '-a', '127.0.0.1', '-p', String(wantedPort), '-js', '-sd', storeDir, '--ports_file_dir', portsDir], {
     stdio: ['ignore', 'ignore', 'pipe'],
   });
   let stderr = '';

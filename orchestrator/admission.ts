@@ -108,8 +108,13 @@ export class Admission {
     return false;
   }
 
+  /** For live views only: a view NATS refuses (too large) is reported, and the run goes on. */
   private publish(record: RunRecord): void {
-    this.options.nc.publish(subjects.status(record.submit.runId), encode(runView, record.view ?? unstartedView(record)));
+    try {
+      this.options.nc.publish(subjects.status(record.submit.runId), encode(runView, record.view ?? unstartedView(record)));
+    } catch (error) {
+      this.options.logger.warn(`could not publish the status of run ${record.submit.runId}: ${(error as Error).message}`);
+    }
   }
 
   private scheduledRunGoing(pipeline: string): boolean {
@@ -118,11 +123,10 @@ export class Admission {
   }
 
   private hasRoomFor(submit: RunSubmit): boolean {
-    const going = this.options.runs.going(submit.plan.pipeline);
     const max = submit.admission?.maxConcurrentRuns;
-    if (max && going.length >= max) return false;
+    if (max && this.options.runs.countGoing(submit.plan.pipeline) >= max) return false;
     if (submit.trigger?.kind === 'schedule' && submit.admission?.overlap === 'queue') {
-      return !going.some((s) => s.trigger?.kind === 'schedule');
+      return !this.options.runs.going(submit.plan.pipeline).some((s) => s.trigger?.kind === 'schedule');
     }
     return true;
   }
@@ -150,5 +154,7 @@ export function deployedRun(
     version: deployment.version,
     admission: { maxConcurrentRuns: deployment.maxConcurrentRuns, overlap: deployment.schedule?.overlap ?? null },
     ...(event ? { event } : {}),
+    // `pipeline(..., { cache: true })`: its triggered runs reuse and fill the output cache.
+    ...(deployment.plan.cache ? { cache: 'readwrite' as const } : {}),
   };
 }

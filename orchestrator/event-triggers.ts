@@ -2,17 +2,19 @@
  * Event triggers: the deployed pipelines (kept in memory from a KV watch), matching each event
  * against their triggers, checking payloads against their schemas, and dead-lettering what
  * starts nothing, with the reason. Matching events are admitted in this process, without a
- * round trip through a stream.
+ * round trip through a stream. No event is lost: each one starts its runs, or goes to the dead
+ * letters (no trigger matches, not JSON, fails a schema, a bad id, a run record too large, or
+ * handling it kept failing), and is acked either way.
  */
 import type { JetStreamClient, JetStreamManager, JsMsg } from '@nats-io/jetstream';
 import { KvWatchInclude, type KvEntry } from '@nats-io/kv';
-import { buckets, deadEvent, deployment as deploymentSchema, encode, subjects, type Deployment, type Logger, type RunSubmit, type Topology } from '../schemas/index.ts';
+import { buckets, deadLetter, deployment as deploymentSchema, retryOrDeadLetter, subjects, type Deployment, type Logger, type RunSubmit, type Topology } from '../schemas/index.ts';
 import { schemaViolation, subjectMatches } from '../planner/index.ts';
 import { deployedRun } from './admission.ts';
 import { deterministicUlid } from './lease.ts';
 
 export interface EventTriggersOptions {
-  topology: Pick<Topology, 'pipelines'>;
+  topology: Pick<Topology, 'pipelines' | 'messageMaxDeliver'>;
   js: JetStreamClient;
   jsm: JetStreamManager;
   logger: Logger;
@@ -24,6 +26,8 @@ export interface EventTriggersOptions {
 
 /** How long an event waits for the deployments in memory to catch up before matching anyway. */
 const CATCH_UP_TIMEOUT_MS = 5_000;
+/** The longest event id a run's trigger can carry (RunTrigger's eventId). */
+export const MAX_EVENT_ID_LENGTH = 200;
 
 export class EventTriggers {
   private readonly deployments = new Map<string, Deployment>();
@@ -65,24 +69,32 @@ export class EventTriggers {
   }
 
   /**
-   * Starts one run per deployed pipeline whose trigger matches the event; never throws.
+   * Starts one run per deployed pipeline whose trigger matches the event; never throws. An
+   * event that can start nothing is dead-lettered with the reason and acked; one whose handling
+   * keeps failing is retried, then dead-lettered after its last delivery.
    * `arrivedAt` is when this process received it (`performance.now()`: real order, not the
    * injectable business clock).
    */
   async handle(msg: JsMsg, arrivedAt: number): Promise<void> {
     const subject = msg.subject.slice(subjects.eventsPrefix.length);
     const eventId = msg.headers?.get('Nats-Msg-Id') || `seq-${msg.seq}`;
+    const text = new TextDecoder().decode(msg.data);
     try {
+      if (eventId.length > MAX_EVENT_ID_LENGTH) {
+        await this.deadLetter(subject, eventId, null, `the event id is ${eventId.length} characters long; at most ${MAX_EVENT_ID_LENGTH} are allowed (publish it with a shorter id)`, text);
+        msg.ack();
+        return;
+      }
       await this.catchUp(arrivedAt);
       const matching = [...this.deployments.values()].flatMap((d) => {
         const trigger = d.events.find((t) => subjectMatches(t.subject, subject));
         return trigger ? [{ deployment: d, trigger }] : [];
       });
       if (matching.length === 0) {
+        await this.deadLetter(subject, eventId, null, `no deployed pipeline has a trigger matching "${subject}" (deploy one with on: { event: '${subject}' })`, text);
         msg.ack();
         return;
       }
-      const text = new TextDecoder().decode(msg.data);
       let payload: unknown;
       try {
         payload = text === '' ? null : JSON.parse(text);
@@ -101,12 +113,27 @@ export class EventTriggers {
         // Derived from the event: a redelivered event never starts a second run.
         const runId = deterministicUlid(publishedAt, `event:${eventId}:${deployment.name}`);
         const event = { subject, id: eventId, payload, publishedAt };
-        await this.options.admit(deployedRun(deployment, runId, { kind: 'event', subject, eventId, sequence: msg.seq }, `event ${subject}`, this.options.now(), event));
+        try {
+          await this.options.admit(deployedRun(deployment, runId, { kind: 'event', subject, eventId, sequence: msg.seq }, `event ${subject}`, this.options.now(), event));
+        } catch (error) {
+          const reason = permanentFailure(error);
+          // Trouble that may pass (NATS away, a timeout): the whole event is tried again.
+          if (!reason) throw error;
+          await this.deadLetter(subject, eventId, deployment.name, `cannot start a run of pipeline ${deployment.name}: ${reason}`, text);
+        }
       }
       msg.ack();
     } catch (error) {
-      this.options.logger.error(`could not handle event ${eventId} on ${subject}: ${(error as Error).stack ?? error}`);
-      msg.nak(1000);
+      this.options.logger.error(`could not handle event ${eventId} on ${subject} (delivery ${msg.info.deliveryCount}): ${(error as Error).stack ?? error}`);
+      await retryOrDeadLetter(msg, {
+        js: this.options.js,
+        kind: 'events',
+        maxDeliver: this.options.topology.messageMaxDeliver,
+        error,
+        logger: this.options.logger,
+        now: this.options.now(),
+        what: `event ${eventId.slice(0, MAX_EVENT_ID_LENGTH)} on ${subject}`,
+      });
     }
   }
 
@@ -147,8 +174,22 @@ export class EventTriggers {
   }
 
   private async deadLetter(subject: string, eventId: string, pipeline: string | null, reason: string, payload: string): Promise<void> {
-    this.options.logger.warn(`event ${eventId} on ${subject} dead-lettered: ${reason}`);
-    const dead = { subject, eventId, pipeline, reason: reason.slice(0, 4000), payload: payload.slice(0, 65_536), at: this.options.now() };
-    await this.options.js.publish(subjects.deadEvent, encode(deadEvent, dead), { msgID: `${eventId}.${pipeline ?? '*'}.dead` });
+    this.options.logger.warn(`event ${eventId.slice(0, MAX_EVENT_ID_LENGTH)} on ${subject} dead-lettered: ${reason}`);
+    await deadLetter(this.options.js, 'events', { subject, id: eventId, pipeline, reason, payload, at: this.options.now() });
   }
+}
+
+/**
+ * Why admitting a run failed for good, or null for trouble that may pass. For good: the run
+ * would be malformed (what the event carries breaks a schema) or its record too large for NATS.
+ */
+export function permanentFailure(error: unknown): string | null {
+  const e = error as { name?: string; message?: string; code?: unknown } | null;
+  if (!e || typeof e !== 'object') return null;
+  const message = String(e.message ?? '');
+  if (e.name === 'ZodError' || e.name === 'InvalidMessageError') return `the run it would start is malformed: ${message.replace(/\s+/g, ' ').slice(0, 1000)}`;
+  if (/max_payload|maximum payload|message size exceeds|maximum message size/i.test(message)) {
+    return `its run record is larger than NATS takes (${message}); send a smaller payload, e.g. a reference to the data instead of the data`;
+  }
+  return null;
 }

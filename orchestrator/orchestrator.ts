@@ -9,6 +9,8 @@ import {
   controlMessage,
   decode,
   ensureTopology,
+  refuse,
+  retryOrDeadLetter,
   stepCompletion,
   stepStarted,
   streams,
@@ -21,7 +23,9 @@ import {
 } from '../schemas/index.ts';
 import { Admission, deployedRun } from './admission.ts';
 import { EventTriggers } from './event-triggers.ts';
+import { MaxDeliveriesWatch } from './dead-letters.ts';
 import { deterministicUlid, Lease } from './lease.ts';
+import { CachedOutputs } from './cached-outputs.ts';
 import { Dispatcher } from './placement.ts';
 import { addTo, publishReleases, Runs } from './runs.ts';
 import { RunStore } from './run-store.ts';
@@ -67,6 +71,7 @@ export class Orchestrator {
   private readonly runs: Runs;
   private readonly admission: Admission;
   private readonly triggers: EventTriggers;
+  private readonly maxDeliveries: MaxDeliveriesWatch;
   /** Everything is handled one at a time, whichever stream or timer it comes from. */
   private handling: Promise<void> = Promise.resolve();
 
@@ -74,7 +79,7 @@ export class Orchestrator {
     private readonly nc: NatsConnection,
     private readonly js: JetStreamClient,
     jsm: JetStreamManager,
-    topology: Topology,
+    private readonly topology: Topology,
     private readonly logger: Logger,
     private readonly now: () => number,
     leases: KV,
@@ -83,7 +88,8 @@ export class Orchestrator {
     const ttlMs = options.lease?.ttlMs ?? DEFAULT_LEASE_TTL_MS;
     this.dispatcher = new Dispatcher(js, () => jetstreamManager(nc), topology, logger, now);
     this.store = new RunStore(topology, logger);
-    this.runs = new Runs({ store: this.store, dispatcher: this.dispatcher, nc, logger, now, onEnded: (pipeline) => this.admission.startQueued(pipeline) });
+    const cachedOutputs = new CachedOutputs({ kv: topology, liveHosts: () => this.dispatcher.liveHosts(), logger, now });
+    this.runs = new Runs({ store: this.store, dispatcher: this.dispatcher, nc, logger, now, cachedOutputs, onEnded: (pipeline) => this.admission.startQueued(pipeline) });
     this.admission = new Admission({ store: this.store, runs: this.runs, nc, logger, now });
     this.scheduler = new Scheduler({
       kv: topology.schedules,
@@ -101,6 +107,7 @@ export class Orchestrator {
       admit: (submit) => this.admission.admit(submit),
       onDeployment: (name, deployment) => (deployment ? this.scheduler.set(deployment) : this.scheduler.remove(name)),
     });
+    this.maxDeliveries = new MaxDeliveriesWatch({ nc, js, jsm, logger, now });
     this.lease = new Lease(leases, LEADER_LEASE, {
       holder: options.id ?? `${hostname()}:${process.pid}`,
       ttlMs,
@@ -154,11 +161,13 @@ export class Orchestrator {
     await this.consume(streams.events, consumers.triggers, (msg, arrivedAt) => this.triggers.handle(msg, arrivedAt));
     this.scheduler.start();
     this.dispatcher.start();
+    this.maxDeliveries.start();
   }
 
   /** Lets go of everything a leader holds; the KV records stay for the next leader. */
   private async standBy(): Promise<void> {
     this.dispatcher.stop();
+    await this.maxDeliveries.stop();
     await this.scheduler.stop();
     this.triggers.stop();
     this.liveStarts?.unsubscribe();
@@ -199,8 +208,7 @@ export class Orchestrator {
     try {
       message = decode(controlMessage, msg.subject, msg.data);
     } catch (error) {
-      this.logger.warn((error as Error).message);
-      msg.term((error as Error).message.slice(0, 200));
+      await refuse(msg, { js: this.js, kind: 'control', reason: (error as Error).message, logger: this.logger, now: this.now() });
       return;
     }
     try {
@@ -209,7 +217,7 @@ export class Orchestrator {
     } catch (error) {
       this.logger.error(`could not apply ${message.type} of run ${message.runId}: ${(error as Error).stack ?? error}`);
       // Transient trouble (KV, publish): let JetStream redeliver; applying twice is harmless.
-      msg.nak(1000);
+      await retryOrDeadLetter(msg, { js: this.js, kind: 'control', maxDeliver: this.topology.messageMaxDeliver, error, logger: this.logger, now: this.now(), what: `${message.type} of run ${message.runId}` });
     }
   }
 
@@ -236,8 +244,7 @@ export class Orchestrator {
     try {
       completion = decode(stepCompletion, msg.subject, msg.data);
     } catch (error) {
-      this.logger.warn((error as Error).message);
-      msg.term((error as Error).message.slice(0, 200));
+      await refuse(msg, { js: this.js, kind: 'steps', reason: (error as Error).message, logger: this.logger, now: this.now() });
       return;
     }
     try {
@@ -245,7 +252,7 @@ export class Orchestrator {
       msg.ack();
     } catch (error) {
       this.logger.error(`could not apply ${completion.type} of ${completion.step} in run ${completion.runId}: ${(error as Error).stack ?? error}`);
-      msg.nak(1000);
+      await retryOrDeadLetter(msg, { js: this.js, kind: 'steps', maxDeliver: this.topology.messageMaxDeliver, error, logger: this.logger, now: this.now(), what: `${completion.type} of ${completion.step} in run ${completion.runId}` });
     }
   }
 

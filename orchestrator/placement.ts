@@ -72,10 +72,31 @@ interface Waiting {
   since: number;
 }
 
+/** Steps by run: a finished run's steps are forgotten at once, however many other runs are in flight. */
+class ByRun<T> {
+  private readonly runs = new Map<string, Map<string, T>>();
+  set(runId: string, step: string, value: T): void {
+    let steps = this.runs.get(runId);
+    if (!steps) this.runs.set(runId, (steps = new Map()));
+    steps.set(step, value);
+  }
+  delete(runId: string, step: string): void {
+    const steps = this.runs.get(runId);
+    if (steps?.delete(step) && steps.size === 0) this.runs.delete(runId);
+  }
+  deleteRun(runId: string): void {
+    this.runs.delete(runId);
+  }
+  /** A snapshot: the caller may change the set while it goes through them. */
+  values(): T[] {
+    return [...this.runs.values()].flatMap((steps) => [...steps.values()]);
+  }
+}
+
 /** Sends ready steps where {@link placeStep} says, and re-sends those stranded on dead hosts. */
 export class Dispatcher {
-  private readonly sent = new Map<string, Sent>();
-  private readonly waiting = new Map<string, Waiting>();
+  private readonly sent = new ByRun<Sent>();
+  private readonly waiting = new ByRun<Waiting>();
   private known = new Set<string>();
   private timer: NodeJS.Timeout | null = null;
   /** Host records as the watch last saw them; null until its first full read. */
@@ -122,9 +143,9 @@ export class Dispatcher {
     const hosts = await this.liveHosts();
     const placed = placeStep(step, message.inputs, hosts);
     const key = `${message.runId}.${message.step}`;
-    this.waiting.delete(key);
+    this.waiting.delete(message.runId, message.step);
     if ('error' in placed && this.now() - since < PLACEMENT_GRACE_MS) {
-      this.waiting.set(key, { message, step, msgID, since });
+      this.waiting.set(message.runId, message.step, { message, step, msgID, since });
       return;
     }
     if ('error' in placed) {
@@ -145,7 +166,7 @@ export class Dispatcher {
     for (const h of hosts) this.known.add(h.hostId);
     const subject = placed.hostId === null ? subjects.stepReady : subjects.stepReadyOnHost(placed.hostId);
     await this.js.publish(subject, encode(stepReady, message), { msgID });
-    if (placed.hostId !== null) this.sent.set(key, { message, step, hostId: placed.hostId });
+    if (placed.hostId !== null) this.sent.set(message.runId, message.step, { message, step, hostId: placed.hostId });
   }
 
   /**
@@ -153,14 +174,14 @@ export class Dispatcher {
    * sends it elsewhere as if this process had placed it.
    */
   remember(message: StepReady, step: PlanStep, hostId: string): void {
-    this.sent.set(`${message.runId}.${message.step}`, { message, step, hostId });
+    this.sent.set(message.runId, message.step, { message, step, hostId });
     this.known.add(hostId);
   }
 
   /** Forgets the steps of a finished run. */
   forgetRun(runId: string): void {
-    for (const key of this.sent.keys()) if (key.startsWith(`${runId}.`)) this.sent.delete(key);
-    for (const key of this.waiting.keys()) if (key.startsWith(`${runId}.`)) this.waiting.delete(key);
+    this.sent.deleteRun(runId);
+    this.waiting.deleteRun(runId);
   }
 
   start(): void {
@@ -200,7 +221,7 @@ export class Dispatcher {
 
   /** Places again the unfinished steps placed on hosts that disappeared. */
   async checkHosts(): Promise<void> {
-    for (const w of [...this.waiting.values()]) await this.place(w.message, w.step, w.msgID, w.since);
+    for (const w of this.waiting.values()) await this.place(w.message, w.step, w.msgID, w.since);
     const live = new Set((await this.liveHosts()).map((h) => h.hostId));
     const lost = [...this.known].filter((id) => !live.has(id));
     this.known = live;
@@ -209,9 +230,10 @@ export class Dispatcher {
       // Nobody reads that queue any more; a host coming back under that id starts clean.
       const jsm = await this.jsm();
       await jsm.streams.purge(streams.work, { filter: subjects.stepReadyOnHost(hostId) }).catch(() => undefined);
-      for (const [key, sent] of this.sent) {
+      for (const sent of this.sent.values()) {
         if (sent.hostId !== hostId) continue;
-        this.sent.delete(key);
+        const key = `${sent.message.runId}.${sent.message.step}`;
+        this.sent.delete(sent.message.runId, sent.message.step);
         if ((await this.kv.steps.get(key))?.string()) continue;
         // The dead host's claim would make the next executor drop the step as a duplicate.
         await this.kv.claims.delete(key).catch(() => undefined);

@@ -23,6 +23,8 @@ export interface StepFacts {
   scan?: StepView['scan'];
   isolation?: StepView['isolation'];
   codeStartedAt?: number | null;
+  /** The step's cache key, as its completion reported it: its children's keys build on it. */
+  cacheKey?: string | null;
   error: StepFailed['error'] | null;
 }
 
@@ -102,6 +104,7 @@ export function createRunMachine(plan: Plan) {
           scan: e.scan ?? null,
           isolation: e.isolation ?? null,
           codeStartedAt: e.codeStartedAt ?? null,
+          cacheKey: e.cacheKey ?? null,
         });
       }),
     };

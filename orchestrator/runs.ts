@@ -25,6 +25,7 @@ import type { Dispatcher } from './placement.ts';
 import { replayRun, runMachineOf, runStateOf, stepStatesOf, type RunFacts, type RunMachine, type RunSnapshot } from './run-machine.ts';
 import type { RunStore } from './run-store.ts';
 import { machineView } from './views.ts';
+import { cacheKeyOf, cacheModeOf, type CachedOutputs } from './cached-outputs.ts';
 
 const SETTLED = new Set(['succeeded', 'failed', 'skipped', 'cancelled']);
 /** A ready step whose publish failed (NATS away) is sent again after this long. */
@@ -47,10 +48,14 @@ export interface RunsOptions {
   now: () => number;
   /** A run of this pipeline ended: queued runs may start. */
   onEnded: (pipeline: string) => Promise<void>;
+  /** Reuses cached outputs for runs whose cache mode allows it; without it, every step runs. */
+  cachedOutputs?: CachedOutputs;
 }
 
 export class Runs {
   private readonly live = new Map<string, LiveRun>();
+  /** The same runs by pipeline. */
+  private readonly byPipeline = new Map<string, Set<LiveRun>>();
   private stopped = false;
 
   constructor(private readonly options: RunsOptions) {}
@@ -61,7 +66,12 @@ export class Runs {
 
   /** The submissions of the runs of `pipeline` going now. */
   going(pipeline: string): RunSubmit[] {
-    return [...this.live.values()].filter((r) => r.record.submit.plan.pipeline === pipeline).map((r) => r.record.submit);
+    return [...(this.byPipeline.get(pipeline)?.values() ?? [])].map((r) => r.record.submit);
+  }
+
+  /** How many runs of `pipeline` go now: what admission asks of every run, so it costs no scan. */
+  countGoing(pipeline: string): number {
+    return this.byPipeline.get(pipeline)?.size ?? 0;
   }
 
   /** Starts a run whose record (state running) is written. */
@@ -111,13 +121,29 @@ export class Runs {
     this.stopped = true;
     for (const run of this.live.values()) run.actor.stop();
     this.live.clear();
+    this.byPipeline.clear();
   }
 
   private track(record: RunRecord, actor: Actor<RunMachine>): LiveRun {
     this.stopped = false;
     const run: LiveRun = { record: { ...record }, actor, released: new Set(), dispatched: new Set() };
+    this.forget(record.submit.runId);
     this.live.set(record.submit.runId, run);
+    const pipeline = record.submit.plan.pipeline;
+    let runs = this.byPipeline.get(pipeline);
+    if (!runs) this.byPipeline.set(pipeline, (runs = new Set()));
+    runs.add(run);
     return run;
+  }
+
+  private forget(runId: string): void {
+    const run = this.live.get(runId);
+    if (!run) return;
+    this.live.delete(runId);
+    const pipeline = run.record.submit.plan.pipeline;
+    const runs = this.byPipeline.get(pipeline);
+    runs?.delete(run);
+    if (runs?.size === 0) this.byPipeline.delete(pipeline);
   }
 
   /** Act on the machine's new state. Nothing here is written per transition: the facts are the executors' records. */
@@ -170,7 +196,7 @@ export class Runs {
     if (state !== 'running') {
       this.options.logger.info(`run ${runId} ${state}`);
       run.actor.stop();
-      this.live.delete(runId);
+      this.forget(runId);
       this.options.dispatcher.forgetRun(runId);
       await this.options.onEnded(plan.pipeline);
     }
@@ -182,14 +208,26 @@ export class Runs {
    */
   private dispatch(run: LiveRun, step: string, snapshot: RunSnapshot): void {
     const { message, planStep } = readyMessage(run, step, snapshot);
+    const stillDriven = () => !this.stopped && this.live.get(message.runId) === run;
     const send = (): void => {
       this.options.dispatcher.dispatch(message, planStep).catch((error: unknown) => {
-        if (this.stopped || this.live.get(message.runId) !== run) return;
+        if (!stillDriven()) return;
         this.options.logger.warn(`sending ready step ${step} of run ${message.runId} failed, retrying: ${(error as Error).message}`);
         setTimeout(send, DISPATCH_RETRY_MS).unref();
       });
     };
-    send();
+    const { cachedOutputs } = this.options;
+    if (!message.cacheKey || !cachedOutputs) {
+      send();
+      return;
+    }
+    // A reused output's completion, written from the cache, comes back as a fact like any other.
+    void cachedOutputs.reuse(message.runId, step, message.cacheKey).then(
+      (reused) => {
+        if (!reused && stillDriven()) send();
+      },
+      () => stillDriven() && send(),
+    );
   }
 }
 
@@ -212,7 +250,14 @@ export function readyMessage(run: { record: RunRecord }, step: string, snapshot:
     ...(submit.event ? { event: submit.event } : {}),
     ...(planStep.system ? { system: planStep.system } : {}),
     ...(planStep.isolation ? { isolation: planStep.isolation } : {}),
+    ...(planStep.limits ? { limits: planStep.limits } : {}),
+    ...(planStep.env ? { env: planStep.env } : {}),
   };
+  const cacheKey = cacheKeyOf(submit, planStep, snapshot.context.steps);
+  if (cacheKey) {
+    message.cacheKey = cacheKey;
+    if (cacheModeOf(submit) === 'readwrite') message.cacheWrite = true;
+  }
   return { message, planStep };
 }
 

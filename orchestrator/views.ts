@@ -21,6 +21,7 @@ const notStarted = (name: string, state: StepView['state']): StepView => ({
   scan: null,
   isolation: null,
   codeStartedAt: null,
+  cacheKey: null,
   output: null,
   error: null,
 });
@@ -70,6 +71,7 @@ export function machineView(record: RunRecord, snapshot: RunSnapshot): RunView {
         scan: facts.scan ?? null,
         isolation: facts.isolation ?? null,
         codeStartedAt: facts.codeStartedAt ?? null,
+        cacheKey: facts.cacheKey ?? null,
         output: facts.output,
         error: facts.error,
       };

@@ -4,8 +4,8 @@
  * depends on; a `materialize` option adds a stage step after the step and one commit step that
  * waits for every step of the run, so a snapshot is committed only when the whole run succeeded.
  */
-import { NAME_PATTERN, type PlanStep, type SystemStep } from '../schemas/index.ts';
-import { FilterSyntaxError, parseFilter } from '../storage/index.ts';
+import { NAME_PATTERN, type Plan, type PlanStep, type SystemStep } from '../schemas/index.ts';
+import { FilterSyntaxError, parseFilter, REF_NAME_PATTERN } from '../storage/index.ts';
 import { PlanError } from './errors.ts';
 
 /** System step names start with this; user steps may not. */
@@ -23,7 +23,7 @@ export class PhysicalPlanner {
    * can be checked without the table: its name, the columns' shape, the filter's syntax.
    */
   source(stepName: string, param: string, ref: unknown): string | null {
-    const r = ref as { kind?: unknown; table?: unknown; columns?: unknown; filter?: unknown; snapshot?: unknown; asOf?: unknown } | null;
+    const r = ref as { kind?: unknown; table?: unknown; columns?: unknown; filter?: unknown; snapshot?: unknown; asOf?: unknown; ref?: unknown } | null;
     if (!r || typeof r !== 'object' || r.kind !== 'quiver.source') return null;
     const where = `input "${param}" of step "${stepName}"`;
     if (typeof r.table !== 'string' || !NAME_PATTERN.test(r.table)) {
@@ -46,6 +46,9 @@ export class PhysicalPlanner {
       throw new PlanError('ERR_PLAN_BAD_INPUT', `asOf of ${where} must be a time (a Date, epoch milliseconds or an ISO string)`, stepName);
     }
     if (r.snapshot !== undefined && r.asOf !== undefined) throw new PlanError('ERR_PLAN_BAD_INPUT', `${where} gives both snapshot and asOf: choose one`, stepName);
+    if (r.ref !== undefined && (typeof r.ref !== 'string' || !(REF_NAME_PATTERN.test(r.ref) || /^[0-9a-f]{64}$/.test(r.ref)))) {
+      throw new PlanError('ERR_PLAN_BAD_INPUT', `the ref of ${where} must be a branch or tag name (e.g. 'dev', 'run/01J...') or a catalog commit id; got ${JSON.stringify(r.ref)}`, stepName);
+    }
     const system: SystemStep = {
       kind: 'scan',
       table: r.table,
@@ -53,6 +56,7 @@ export class PhysicalPlanner {
       ...(r.filter !== undefined && r.filter.trim() !== '' ? { filter: r.filter } : {}),
       ...(r.snapshot !== undefined ? { snapshot: r.snapshot } : {}),
       ...(r.asOf !== undefined ? { asOf: r.asOf as number } : {}),
+      ...(r.ref !== undefined ? { ref: r.ref } : {}),
     };
     const key = JSON.stringify(system);
     const known = this.scans.get(key);
@@ -106,4 +110,40 @@ export class PhysicalPlanner {
     this.taken.add(name);
     return name;
   }
+}
+
+/** Where a run's tables go: see {@link planOnBranch}. */
+export interface BranchOptions {
+  /** The branch the run reads its sources from (unless a source names a ref) and writes. @default 'main' */
+  branch?: string;
+  /**
+   * Write to a temporary branch `run/<runId>` and merge it into `branch` only when every step
+   * and expectation passed; otherwise `branch` is untouched and `run/<runId>` stays. @default false
+   */
+  transaction?: boolean;
+}
+
+/**
+ * The plan with its sources and materialized tables on a branch: scans without a ref of their
+ * own read it, and the stage and commit steps write it (through `run/<runId>` for a
+ * transaction). Applied again, the later options win.
+ */
+export function planOnBranch(plan: Plan, options: BranchOptions): Plan {
+  const { branch, transaction } = options;
+  if (branch === undefined && transaction === undefined) return plan;
+  if (branch !== undefined && (typeof branch !== 'string' || !REF_NAME_PATTERN.test(branch))) {
+    throw new PlanError('ERR_PLAN_BAD_INPUT', `branch ${JSON.stringify(branch)} must be up to four /-separated parts of letters, digits, _ or - (e.g. dev)`);
+  }
+  if (transaction !== undefined && typeof transaction !== 'boolean') throw new PlanError('ERR_PLAN_BAD_INPUT', `transaction must be true or false; got ${JSON.stringify(transaction)}`);
+  const previous = plan.steps.find((s) => s.system?.kind === 'commit')?.system as (SystemStep & { kind: 'commit' }) | undefined;
+  const steps = plan.steps.map((step): PlanStep => {
+    const system = step.system;
+    if (!system) return step;
+    if (system.kind === 'scan') {
+      if (branch === undefined || (system.ref !== undefined && system.ref !== previous?.branch)) return step;
+      return { ...step, system: { ...system, ref: branch } };
+    }
+    return { ...step, system: { ...system, ...(branch !== undefined ? { branch } : {}), ...(transaction !== undefined ? { transaction } : {}) } };
+  });
+  return { ...plan, steps };
 }

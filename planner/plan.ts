@@ -1,6 +1,6 @@
-import { ISOLATION_LEVELS, NAME_PATTERN, type Isolation, type Plan, type PlanStep } from '../schemas/index.ts';
+import { ENV_NAME_PATTERN, ISOLATION_LEVELS, NAME_PATTERN, STEP_LIMIT_BOUNDS, type Isolation, type Plan, type PlanStep, type StepLimits } from '../schemas/index.ts';
 import { PlanError } from './errors.ts';
-import { PhysicalPlanner } from './physical-plan.ts';
+import { PhysicalPlanner, planOnBranch, type BranchOptions } from './physical-plan.ts';
 
 /** The shape a pipeline definition has once loaded (see sdk `pipeline()`); checked, not trusted. */
 export interface PipelineShape {
@@ -41,6 +41,9 @@ export function planPipeline(definition: unknown, declaredNames?: readonly strin
     throw new PlanError('ERR_PLAN_EMPTY', `pipeline "${def.name}" has no steps`);
   }
   const pipelineIsolation = isolationOf((def as { options?: { isolation?: unknown } }).options?.isolation, `pipeline "${def.name}"`) ?? 'process';
+  const pipelineOptions = (def as { options?: Record<string, unknown> }).options ?? {};
+  const pipelineLimits = limitsOf(pipelineOptions, `pipeline "${def.name}"`);
+  const pipelineEnv = envOf(pipelineOptions.env, `pipeline "${def.name}"`);
   const planSteps = new Map<string, PlanStep>();
   const physical = new PhysicalPlanner();
   for (const [stepName, raw] of Object.entries(steps)) {
@@ -82,7 +85,20 @@ export function planPipeline(definition: unknown, declaredNames?: readonly strin
     }
     physical.materialize(stepName, (stepDef as { options?: { materialize?: unknown } }).options?.materialize);
     const isolation = isolationOf((stepDef as { options?: { isolation?: unknown } }).options?.isolation, `step "${stepName}"`, stepName) ?? pipelineIsolation;
-    planSteps.set(stepName, { name: stepName, inputs, isolation, ...(host ? { host } : {}) });
+    const stepOptions = (stepDef as { options?: Record<string, unknown> }).options ?? {};
+    // A step's own limit replaces the pipeline's; its env adds to the pipeline's.
+    const limits = { ...pipelineLimits, ...limitsOf(stepOptions, `step "${stepName}"`, stepName) };
+    const env = [...new Set([...pipelineEnv, ...envOf(stepOptions.env, `step "${stepName}"`, stepName)])];
+    if (env.length > MAX_STEP_ENV) throw new PlanError('ERR_PLAN_BAD_INPUT', `step "${stepName}" is given ${env.length} environment variables (its env and its pipeline's); at most ${MAX_STEP_ENV}`, stepName);
+    planSteps.set(stepName, {
+      name: stepName,
+      inputs,
+      isolation,
+      ...(host ? { host } : {}),
+      ...(Object.keys(limits).length > 0 ? { limits } : {}),
+      ...(env.length > 0 ? { env } : {}),
+      ...(cacheOptionOf(stepOptions.cache, `step "${stepName}"`, stepName) === false ? { cache: false as const } : {}),
+    });
   }
   physical.addSystemSteps(planSteps);
   for (const s of planSteps.values()) {
@@ -96,13 +112,49 @@ export function planPipeline(definition: unknown, declaredNames?: readonly strin
       }
     }
   }
-  return { pipeline: def.name, steps: topologicalOrder(planSteps) };
+  // A pipeline's own `branch` / `transaction` options (deployed pipelines run with them).
+  const { branch, transaction } = (def as { options?: BranchOptions }).options ?? {};
+  const cache = cacheOptionOf(pipelineOptions.cache, `pipeline "${def.name}"`);
+  return planOnBranch({ pipeline: def.name, steps: topologicalOrder(planSteps), ...(cache ? { cache } : {}) }, { ...(branch !== undefined ? { branch } : {}), ...(transaction !== undefined ? { transaction } : {}) });
 }
 
 function isolationOf(value: unknown, what: string, step?: string): Isolation | undefined {
   if (value === undefined) return undefined;
   if (typeof value === 'string' && (ISOLATION_LEVELS as readonly string[]).includes(value)) return value as Isolation;
   throw new PlanError('ERR_PLAN_BAD_INPUT', `isolation of ${what} must be ${ISOLATION_LEVELS.map((l) => `'${l}'`).join(' or ')}; got ${describe(value)}`, step);
+}
+
+/** Environment variables one step may be given (the wire's limit, schemas/messages.ts stepEnv). */
+const MAX_STEP_ENV = 64;
+
+/** `timeoutMs` and `memoryMb` of a pipeline's or step's options, checked; absent ones stay absent (the executor has the defaults). */
+function limitsOf(options: Record<string, unknown>, what: string, step?: string): StepLimits {
+  const limits: StepLimits = {};
+  for (const key of ['timeoutMs', 'memoryMb'] as const) {
+    const value = options[key];
+    if (value === undefined) continue;
+    const { min, max } = STEP_LIMIT_BOUNDS[key];
+    if (typeof value !== 'number' || !Number.isInteger(value) || value < min || value > max) {
+      throw new PlanError('ERR_PLAN_BAD_INPUT', `${key} of ${what} must be an integer from ${min} to ${max}; got ${describe(value)}`, step);
+    }
+    limits[key] = value;
+  }
+  return limits;
+}
+
+/** The `cache` option: a boolean, checked. */
+function cacheOptionOf(value: unknown, what: string, step?: string): boolean | undefined {
+  if (value === undefined || typeof value === 'boolean') return value;
+  throw new PlanError('ERR_PLAN_BAD_INPUT', `cache of ${what} must be true or false; got ${describe(value)}`, step);
+}
+
+/** The `env` option: names of environment variables, checked. */
+function envOf(value: unknown, what: string, step?: string): string[] {
+  if (value === undefined) return [];
+  if (!Array.isArray(value) || !value.every((v) => typeof v === 'string' && ENV_NAME_PATTERN.test(v))) {
+    throw new PlanError('ERR_PLAN_BAD_INPUT', `env of ${what} must be a list of environment variable names (letters, digits, _); got ${describe(value)}`, step);
+  }
+  return value as string[];
 }
 
 /** Kahn's algorithm, keeping declaration order among ready steps so plans are stable. */

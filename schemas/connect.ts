@@ -1,5 +1,9 @@
-import { connect, type ConnectionOptions, type NatsConnection } from '@nats-io/transport-node';
+import { chmodSync, existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { connect, credsAuthenticator, nkeyAuthenticator, type ConnectionOptions, type NatsConnection } from '@nats-io/transport-node';
+import { randomBytes } from 'node:crypto';
 import type { Logger } from './logger.ts';
+import { quiverHome } from './paths.ts';
 
 /**
  * Reconnect settings of every long-lived Quiver connection (the daemons, the embedded cluster, the
@@ -16,6 +20,202 @@ export const RECONNECT_FOREVER = {
   reconnectJitter: 100,
 } as const satisfies Partial<ConnectionOptions>;
 
+/** The address used when neither an option nor QUIVER_NATS_URL names one. */
+export const DEFAULT_NATS_URL = 'nats://127.0.0.1:4222';
+
+/**
+ * Environment variables that hold a secret or point at one. A step process must never inherit
+ * them: its environment is built from an allowlist that leaves these out.
+ */
+export const SECRET_ENV_VARS = [
+  'QUIVER_NATS_CREDS',
+  'QUIVER_NATS_NKEY',
+  'QUIVER_NATS_USER',
+  'QUIVER_NATS_PASSWORD',
+  'QUIVER_NATS_TOKEN',
+  'QUIVER_NATS_TLS_KEY',
+  'QUIVER_CLUSTER_SECRET',
+  'QUIVER_CLUSTER_SECRET_FILE',
+] as const;
+
+/** A NATS connection's settings were wrong or unreadable; the message names the variable to fix. */
+export class NatsCredentialsError extends Error {
+  override readonly name = 'NatsCredentialsError';
+  constructor(
+    readonly code: 'ERR_NATS_CREDENTIALS_CONFLICT' | 'ERR_NATS_CREDENTIALS_INCOMPLETE' | 'ERR_NATS_CREDENTIALS_UNREADABLE' | 'ERR_CLUSTER_SECRET',
+    message: string,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+  }
+}
+
+/**
+ * What a Quiver-started NATS server lets in: one nkey user. The server's configuration holds
+ * only the public key, so nothing on the server's disk lets anyone in; clients prove they hold
+ * the seed by signing the server's nonce, so the seed never travels either.
+ */
+export interface StoredNatsCredentials {
+  /** The NATS url these credentials open. */
+  url: string;
+  /** The user's nkey seed (`SU…`): the secret. */
+  seed: string;
+}
+
+/** Where `quiver up` keeps the credentials of the NATS it started (mode 0600). */
+export const storedCredentialsFile = (home: string) => join(home, 'cluster', 'nats-credentials.json');
+/** The cluster secret generated for this home when none is configured (mode 0600). */
+export const clusterSecretFile = (home: string) => join(home, 'cluster-secret');
+
+/** Writes a file only its owner may read, creating its folder (0700) when missing. */
+export function writePrivateFile(path: string, content: string): void {
+  mkdirSync(dirname(path), { recursive: true, mode: 0o700 });
+  writeFileSync(path, content, { mode: 0o600 });
+  // The mode given to writeFileSync only applies when the file is created.
+  chmodSync(path, 0o600);
+}
+
+export function writeStoredCredentials(home: string, credentials: StoredNatsCredentials): void {
+  writePrivateFile(storedCredentialsFile(home), JSON.stringify(credentials) + '\n');
+}
+
+export function readStoredCredentials(home: string): StoredNatsCredentials | null {
+  const file = storedCredentialsFile(home);
+  if (!existsSync(file)) return null;
+  try {
+    const parsed = JSON.parse(readFileSync(file, 'utf8')) as Partial<StoredNatsCredentials>;
+    if (typeof parsed.url === 'string' && typeof parsed.seed === 'string') return { url: parsed.url, seed: parsed.seed };
+  } catch (error) {
+    throw new NatsCredentialsError('ERR_NATS_CREDENTIALS_UNREADABLE', `${file} is not the JSON quiver up writes; remove it and restart quiver up`, { cause: error });
+  }
+  throw new NatsCredentialsError('ERR_NATS_CREDENTIALS_UNREADABLE', `${file} lacks "url" or "seed"; remove it and restart quiver up`);
+}
+
+/** Authentication and TLS settings for one NATS connection, as nats.js takes them. */
+export type NatsAuthOptions = Pick<ConnectionOptions, 'authenticator' | 'user' | 'pass' | 'token' | 'tls'>;
+
+/** Options for {@link natsConnectionOptions}. */
+export interface NatsConnectionSettings {
+  /** Variables to read. @default process.env */
+  env?: NodeJS.ProcessEnv;
+  /** Quiver home, for the credentials `quiver up` stored. @default quiverHome() */
+  home?: string;
+  /** The server about to be dialled: stored credentials are only offered to the server they were made for. @default QUIVER_NATS_URL */
+  url?: string;
+}
+
+/**
+ * The one place NATS credentials are resolved, for every Quiver process that connects:
+ *
+ * 1. `QUIVER_NATS_CREDS` (a `.creds` file: JWT and nkey seed), or `QUIVER_NATS_NKEY` (a file
+ *    holding an nkey seed), or `QUIVER_NATS_USER` with `QUIVER_NATS_PASSWORD`, or
+ *    `QUIVER_NATS_TOKEN`: at most one of these.
+ * 2. Otherwise the credentials `quiver up` stored in `<home>/cluster/`, when the url dialled is the
+ *    one they were made for.
+ * 3. Otherwise none: a NATS without authorization (a local development server) still works.
+ *
+ * TLS: `QUIVER_NATS_TLS_CA` (trusted CA file), `QUIVER_NATS_TLS_CERT` and `QUIVER_NATS_TLS_KEY`
+ * (client certificate, both or neither). Any of them turns TLS on.
+ * @throws NatsCredentialsError naming the variables that conflict, are incomplete or unreadable.
+ */
+export function natsConnectionOptions(settings: NatsConnectionSettings = {}): NatsAuthOptions {
+  const env = settings.env ?? process.env;
+  const home = settings.home ?? quiverHome();
+  const url = settings.url ?? (env.QUIVER_NATS_URL || undefined);
+  const given = (name: string) => (env[name] ? name : null);
+  const ways = [given('QUIVER_NATS_CREDS'), given('QUIVER_NATS_NKEY'), given('QUIVER_NATS_USER') ?? given('QUIVER_NATS_PASSWORD'), given('QUIVER_NATS_TOKEN')].filter(
+    (w): w is string => w !== null,
+  );
+  if (ways.length > 1) {
+    throw new NatsCredentialsError('ERR_NATS_CREDENTIALS_CONFLICT', `${ways.join(' and ')} are both set; NATS takes one way to authenticate: unset all but one`);
+  }
+  const options: NatsAuthOptions = {};
+  if (env.QUIVER_NATS_CREDS) {
+    const creds = readSecretFile(env.QUIVER_NATS_CREDS, 'QUIVER_NATS_CREDS');
+    options.authenticator = credsAuthenticator(new TextEncoder().encode(creds));
+  } else if (env.QUIVER_NATS_NKEY) {
+    options.authenticator = nkeyAuthenticator(new TextEncoder().encode(readSecretFile(env.QUIVER_NATS_NKEY, 'QUIVER_NATS_NKEY').trim()));
+  } else if (env.QUIVER_NATS_USER || env.QUIVER_NATS_PASSWORD) {
+    if (!env.QUIVER_NATS_USER || !env.QUIVER_NATS_PASSWORD) {
+      throw new NatsCredentialsError('ERR_NATS_CREDENTIALS_INCOMPLETE', 'QUIVER_NATS_USER and QUIVER_NATS_PASSWORD go together: set both, or neither');
+    }
+    options.user = env.QUIVER_NATS_USER;
+    options.pass = env.QUIVER_NATS_PASSWORD;
+  } else if (env.QUIVER_NATS_TOKEN) {
+    options.token = env.QUIVER_NATS_TOKEN;
+  } else {
+    const stored = readStoredCredentials(home);
+    if (stored && (url === undefined || sameServer(url, stored.url))) options.authenticator = nkeyAuthenticator(new TextEncoder().encode(stored.seed));
+  }
+  if (Boolean(env.QUIVER_NATS_TLS_CERT) !== Boolean(env.QUIVER_NATS_TLS_KEY)) {
+    throw new NatsCredentialsError('ERR_NATS_CREDENTIALS_INCOMPLETE', 'QUIVER_NATS_TLS_CERT and QUIVER_NATS_TLS_KEY go together (the client certificate and its key): set both, or neither');
+  }
+  if (env.QUIVER_NATS_TLS_CA || env.QUIVER_NATS_TLS_CERT) {
+    for (const name of ['QUIVER_NATS_TLS_CA', 'QUIVER_NATS_TLS_CERT', 'QUIVER_NATS_TLS_KEY']) if (env[name]) readSecretFile(env[name], name);
+    options.tls = {
+      ...(env.QUIVER_NATS_TLS_CA ? { caFile: env.QUIVER_NATS_TLS_CA } : {}),
+      ...(env.QUIVER_NATS_TLS_CERT ? { certFile: env.QUIVER_NATS_TLS_CERT, keyFile: env.QUIVER_NATS_TLS_KEY! } : {}),
+    };
+  }
+  return options;
+}
+
+function sameServer(a: string, b: string): boolean {
+  const norm = (u: string) => {
+    try {
+      const parsed = new URL(u.includes('://') ? u : `nats://${u}`);
+      return `${parsed.hostname}:${parsed.port || '4222'}`;
+    } catch {
+      return u;
+    }
+  };
+  return norm(a) === norm(b);
+}
+
+function readSecretFile(path: string, variable: string): string {
+  try {
+    return readFileSync(path, 'utf8');
+  } catch (error) {
+    throw new NatsCredentialsError('ERR_NATS_CREDENTIALS_UNREADABLE', `${variable}=${path} cannot be read (${(error as NodeJS.ErrnoException).code ?? (error as Error).message}); point it at a readable file`, {
+      cause: error,
+    });
+  }
+}
+
+/**
+ * The cluster secret (Flight tickets are signed with it): `QUIVER_CLUSTER_SECRET`, else the file
+ * `QUIVER_CLUSTER_SECRET_FILE` names, else `<home>/cluster-secret`, generated (mode 0600) by the
+ * first process that needs it. Never kept in NATS: anyone allowed to read a bucket could then
+ * forge tickets. Hosts of one cluster share it through the variable or a file copied to each.
+ */
+export function resolveClusterSecret(env: NodeJS.ProcessEnv = process.env, home: string = quiverHome()): string {
+  if (env.QUIVER_CLUSTER_SECRET) return env.QUIVER_CLUSTER_SECRET;
+  if (env.QUIVER_CLUSTER_SECRET_FILE) {
+    let text: string;
+    try {
+      text = readFileSync(env.QUIVER_CLUSTER_SECRET_FILE, 'utf8').trim();
+    } catch (error) {
+      throw new NatsCredentialsError('ERR_CLUSTER_SECRET', `QUIVER_CLUSTER_SECRET_FILE=${env.QUIVER_CLUSTER_SECRET_FILE} cannot be read; point it at the file holding the cluster secret`, { cause: error });
+    }
+    if (!text) throw new NatsCredentialsError('ERR_CLUSTER_SECRET', `QUIVER_CLUSTER_SECRET_FILE=${env.QUIVER_CLUSTER_SECRET_FILE} is empty; write the cluster secret into it`);
+    return text;
+  }
+  const file = clusterSecretFile(home);
+  mkdirSync(home, { recursive: true, mode: 0o700 });
+  try {
+    // 'wx': of two processes starting together, one writes and both read the same secret.
+    writeFileSync(file, randomBytes(32).toString('hex') + '\n', { mode: 0o600, flag: 'wx' });
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code !== 'EEXIST') throw error;
+  }
+  if ((statSync(file).mode & 0o077) !== 0) {
+    throw new NatsCredentialsError('ERR_CLUSTER_SECRET', `${file} may be read by other users (mode ${(statSync(file).mode & 0o777).toString(8)}); run chmod 600 ${file}`);
+  }
+  const secret = readFileSync(file, 'utf8').trim();
+  if (!secret) throw new NatsCredentialsError('ERR_CLUSTER_SECRET', `${file} is empty; remove it and a new secret is generated`);
+  return secret;
+}
+
 /** Options for {@link connectForever}. */
 export interface ConnectForeverOptions {
   /** Shown by the server's monitoring pages. */
@@ -28,6 +228,8 @@ export interface ConnectForeverOptions {
   waitOnFirstConnect?: boolean;
   /** Told when the connection drops and when it is back. @default silent */
   logger?: Logger;
+  /** Credentials and TLS. @default natsConnectionOptions() for the servers dialled */
+  auth?: NatsAuthOptions;
 }
 
 /**
@@ -39,6 +241,7 @@ export async function connectForever(servers: string | string[], options: Connec
   const nc = await connect({
     servers,
     ...RECONNECT_FOREVER,
+    ...(options.auth ?? natsConnectionOptions({ url: [servers].flat()[0]! })),
     ...(options.name ? { name: options.name } : {}),
     ...(options.waitOnFirstConnect ? { waitOnFirstConnect: true } : {}),
   });
@@ -52,4 +255,18 @@ export async function connectForever(servers: string | string[], options: Connec
     })();
   }
   return nc;
+}
+
+/**
+ * One connection attempt, no reconnects, for short commands (`quiver gc`, finding a cluster):
+ * a wrong address or wrong credentials fail at once.
+ */
+export async function connectOnce(servers: string, options: { timeoutMs?: number; auth?: NatsAuthOptions; name?: string } = {}): Promise<NatsConnection> {
+  return connect({
+    servers,
+    maxReconnectAttempts: 0,
+    ...(options.timeoutMs ? { timeout: options.timeoutMs } : {}),
+    ...(options.name ? { name: options.name } : {}),
+    ...(options.auth ?? natsConnectionOptions({ url: servers })),
+  });
 }

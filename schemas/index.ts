@@ -1,9 +1,46 @@
 export * from './messages.ts';
 export * from './records.ts';
-export { subjects, streams, consumers, buckets, ensureTopology, ensureHostConsumer, HOST_TTL_MS, DEFAULT_ACK_WAIT_MS, DEFAULT_MAX_DELIVER } from './topology.ts';
-export type { Topology, TopologyOptions } from './topology.ts';
+export {
+  subjects,
+  streams,
+  consumers,
+  buckets,
+  ensureTopology,
+  ensureHostConsumer,
+  resolveTopologyOptions,
+  deadLetter,
+  retryOrDeadLetter,
+  refuse,
+  messageId,
+  HOST_TTL_MS,
+  DEFAULT_ACK_WAIT_MS,
+  DEFAULT_MAX_DELIVER,
+  MAX_RETRY_DELAY_MS,
+  TOPOLOGY_DEFAULTS,
+} from './topology.ts';
+export type { DeadLetter, DeadLetterKind, Topology, TopologyOptions } from './topology.ts';
 export { encode, decode, InvalidMessageError } from './codec.ts';
 export { consoleLogger, silentLogger } from './logger.ts';
 export type { Logger } from './logger.ts';
 export { bundleDir, packageRoot, quiverHome, shmRoot } from './paths.ts';
-export { connectForever, RECONNECT_FOREVER, type ConnectForeverOptions } from './connect.ts';
+export {
+  clusterSecretFile,
+  connectForever,
+  connectOnce,
+  DEFAULT_NATS_URL,
+  natsConnectionOptions,
+  NatsCredentialsError,
+  readStoredCredentials,
+  RECONNECT_FOREVER,
+  resolveClusterSecret,
+  SECRET_ENV_VARS,
+  storedCredentialsFile,
+  writePrivateFile,
+  writeStoredCredentials,
+  type ConnectForeverOptions,
+  type NatsAuthOptions,
+  type NatsConnectionSettings,
+  type StoredNatsCredentials,
+} from './connect.ts';
+// Loaded for its effect too: every process that speaks Quiver's messages writes to NATS once per turn.
+export { coalesceNatsWrites, natsWritesCoalesced } from './nats-writes.ts';

@@ -63,9 +63,25 @@ export const systemStep = z.discriminatedUnion('kind', [
     filter: z.string().max(4000).optional(),
     snapshot: z.string().max(64).optional(),
     asOf: timestamp.optional(),
+    /** The branch, tag or catalog commit to read. @default 'main' */
+    ref: z.string().max(300).optional(),
   }),
-  z.object({ kind: z.literal('stage'), table: name, mode: z.enum(['append', 'replace']) }),
-  z.object({ kind: z.literal('commit') }),
+  z.object({
+    kind: z.literal('stage'),
+    table: name,
+    mode: z.enum(['append', 'replace']),
+    /** The branch the run writes. @default 'main' */
+    branch: z.string().max(300).optional(),
+    /** Commit the table to the run's branch `run/<runId>` now (merged by the commit step). */
+    transaction: z.boolean().optional(),
+  }),
+  z.object({
+    kind: z.literal('commit'),
+    /** The branch the run writes: every staged table in one catalog commit. @default 'main' */
+    branch: z.string().max(300).optional(),
+    /** Merge the run's branch `run/<runId>` into `branch` instead, then delete it. */
+    transaction: z.boolean().optional(),
+  }),
 ]);
 export type SystemStep = z.infer<typeof systemStep>;
 
@@ -77,6 +93,29 @@ export const ISOLATION_LEVELS = ['process', 'worker'] as const;
 export type Isolation = (typeof ISOLATION_LEVELS)[number];
 export const isolation = z.enum(ISOLATION_LEVELS);
 
+/**
+ * How a run uses the output cache: `readwrite` reuses cached outputs and caches what it computes,
+ * `read` only reuses, `off` computes everything and caches nothing.
+ */
+export const CACHE_MODES = ['readwrite', 'read', 'off'] as const;
+export const cacheMode = z.enum(CACHE_MODES);
+export type CacheMode = z.infer<typeof cacheMode>;
+/** A step's cache key (planner `stepCacheKey`): sha256, hex. */
+export const cacheKey = z.string().regex(/^[0-9a-f]{64}$/);
+
+/** Bounds of limits a pipeline may declare (docs/limits.md): checked by the planner and on the wire. */
+export const STEP_LIMIT_BOUNDS = { timeoutMs: { min: 100, max: 7 * 24 * 3600 * 1000 }, memoryMb: { min: 32, max: 1024 * 1024 } } as const;
+/** A user step's declared time and memory limits; what is absent takes the executor's defaults. */
+export const stepLimits = z.object({
+  timeoutMs: z.number().int().min(STEP_LIMIT_BOUNDS.timeoutMs.min).max(STEP_LIMIT_BOUNDS.timeoutMs.max).optional(),
+  memoryMb: z.number().int().min(STEP_LIMIT_BOUNDS.memoryMb.min).max(STEP_LIMIT_BOUNDS.memoryMb.max).optional(),
+});
+export type StepLimits = z.infer<typeof stepLimits>;
+/** Environment variable names, as a step declares them (`env: ['API_KEY']`). */
+export const ENV_NAME_PATTERN = /^[A-Za-z_][A-Za-z0-9_]{0,127}$/;
+/** The executor's environment variables a user step is given (its declared secrets): names only, never values. */
+export const stepEnv = z.array(z.string().regex(ENV_NAME_PATTERN, 'must be an environment variable name')).max(64);
+
 export const planStep = z.object({
   name,
   /** User steps only; absent means `process`. */
@@ -85,11 +124,21 @@ export const planStep = z.object({
   system: systemStep.optional(),
   /** Run only on a host with this label (a host's id is one of its labels). */
   host: z.string().regex(/^[A-Za-z0-9._-]{1,128}$/, 'must be letters, digits, . _ or -').optional(),
+  /** User steps only: declared time and memory limits (the step's, else the pipeline's). */
+  limits: stepLimits.optional(),
+  /** User steps only: environment variables (secrets) the step is given, the pipeline's and its own. */
+  env: stepEnv.optional(),
+  /** User steps only: what identifies this step's own code in the bundle (planner `stepCodeKeys`), for its cache key. */
+  codeKey: z.string().regex(/^[0-9a-f]{64}$/).optional(),
+  /** `step(..., { cache: false })`: never reused, never cached (clocks, randomness, side effects); nor are its descendants. */
+  cache: z.literal(false).optional(),
 });
 /** The logical plan: steps in topological order. The orchestrator only ever sees this, never data. */
 export const plan = z.object({
   pipeline: name,
   steps: z.array(planStep).min(1),
+  /** `pipeline(..., { cache: true })`: runs of the deployed pipeline use the output cache (readwrite). */
+  cache: z.boolean().optional(),
 });
 export type Plan = z.infer<typeof plan>;
 export type PlanStep = z.infer<typeof planStep>;
@@ -167,6 +216,8 @@ export const runSubmit = z.object({
   version: z.number().int().positive().optional(),
   event: runEvent.optional(),
   admission: admission.optional(),
+  /** How the run uses the output cache. @default 'off' */
+  cache: cacheMode.optional(),
 });
 export type RunSubmit = z.infer<typeof runSubmit>;
 
@@ -222,6 +273,8 @@ export const stepSucceeded = z.object({
   isolation: isolation.optional(),
   /** When the step function was called (epoch ms, sub-millisecond): where a user's latency ends. */
   codeStartedAt: z.number().nonnegative().optional(),
+  /** The step's cache key; with transport `cache`, the output is a cached one and nothing ran. */
+  cacheKey: cacheKey.optional(),
   startedAt: timestamp,
   at: timestamp,
 });
@@ -263,6 +316,14 @@ export const stepReady = z.object({
   system: systemStep.optional(),
   /** For a user step: how it runs. @default 'process' */
   isolation: isolation.optional(),
+  /** For a user step: its declared limits; absent ones take the executor's defaults. */
+  limits: stepLimits.optional(),
+  /** For a user step: the executor's environment variables it is given (names). */
+  env: stepEnv.optional(),
+  /** The step's cache key, when its output can be cached: reported back with its completion. */
+  cacheKey: cacheKey.optional(),
+  /** Keep the output in the host's output cache under `cacheKey` (runs with cache `readwrite`). */
+  cacheWrite: z.boolean().optional(),
 });
 export type StepReady = z.infer<typeof stepReady>;
 
@@ -301,6 +362,8 @@ export const stepView = z.object({
   isolation: isolation.nullable().default(null),
   /** When the step function was called (epoch ms): claimed at startedAt, user code from here. */
   codeStartedAt: z.number().nonnegative().nullable().default(null),
+  /** The step's cache key, when it had one; its transport is `cache` when its output was reused. */
+  cacheKey: cacheKey.nullable().default(null),
   output: tableDescriptor.nullable(),
   error: stepError.nullable(),
 });

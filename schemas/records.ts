@@ -1,7 +1,7 @@
 import type { KV } from '@nats-io/kv';
 import { z } from 'zod';
 import { decode } from './codec.ts';
-import { RUN_STATES, runSubmit, runView, stepFailed, stepSucceeded, type StepCompletion } from './messages.ts';
+import { cacheKey, NAME_PATTERN, runId, RUN_STATES, runSubmit, runView, stepFailed, stepSucceeded, tableDescriptor, type StepCompletion } from './messages.ts';
 
 /**
  * The records Quiver keeps in KV, each read by more than one folder. Every reader parses with
@@ -86,4 +86,28 @@ export async function readClaim(claims: KV, runId: string, step: string): Promis
   const entry = await claims.get(key);
   if (!entry || entry.operation !== 'PUT' || entry.length === 0) return null;
   return decode(claimRecord, `${entry.bucket}/${key}`, entry.value);
+}
+
+/**
+ * A cached output in `quiver-cache` under its cache key: which host holds it, as what segments.
+ * Written by the executor that cached it, deleted when it evicts it; read by the orchestrator
+ * before it sends a step with that key, and by gc, which leaves cached segments alone.
+ */
+export const cacheEntry = z.object({
+  key: cacheKey,
+  hostId: z.string().min(1).max(128),
+  executorId: z.string().min(1).max(200),
+  output: tableDescriptor,
+  /** The run and step that computed it. */
+  runId,
+  step: z.string().regex(NAME_PATTERN),
+  at: timestamp,
+});
+export type CacheEntry = z.infer<typeof cacheEntry>;
+
+/** A cache entry, or null when there is none. Throws InvalidMessageError when it is malformed. */
+export async function readCacheEntry(cache: KV, key: string): Promise<CacheEntry | null> {
+  const entry = await cache.get(key);
+  if (!entry || entry.operation !== 'PUT' || entry.length === 0) return null;
+  return decode(cacheEntry, `${entry.bucket}/${key}`, entry.value);
 }

@@ -1,8 +1,11 @@
-import { AckPolicy, DeliverPolicy, RetentionPolicy, type JetStreamManager } from '@nats-io/jetstream';
+import { AckPolicy, DeliverPolicy, DiscardPolicy, RetentionPolicy, type JetStreamClient, type JetStreamManager, type JsMsg, type StreamConfig } from '@nats-io/jetstream';
 import { Kvm, type KV } from '@nats-io/kv';
 import { Objm, type ObjectStore } from '@nats-io/obj';
 import type { NatsConnection } from '@nats-io/transport-node';
 import { ulid } from 'ulid';
+import { encode } from './codec.ts';
+import type { Logger } from './logger.ts';
+import { deadEvent } from './messages.ts';
 
 /** Subjects, streams and buckets: the names every Quiver process agrees on. */
 export const subjects = {
@@ -35,7 +38,12 @@ export const subjects = {
   eventsPrefix: 'quiver.events.',
   /** Events that started nothing, with the reason. */
   deadEvent: 'quiver.dead.events',
+  /** Any other message a Quiver process refused or kept failing on, by the stream it came from. */
+  deadLetter: (kind: DeadLetterKind) => `quiver.dead.${kind}`,
 } as const;
+
+/** Where a dead letter came from: `events` for events, else the stream whose message it was. */
+export type DeadLetterKind = 'events' | 'control' | 'work' | 'steps' | 'other';
 
 export const streams = {
   control: 'QUIVER_CONTROL',
@@ -64,12 +72,18 @@ export const buckets = {
   schedules: 'quiver-schedules',
   /** Live executors: host id, Flight endpoint, labels, capacity; entries expire without heartbeats. */
   hosts: 'quiver-hosts',
+  /** The output cache's index: a step's cache key → where its output lives (see executor/output-cache.ts). */
+  cache: 'quiver-cache',
 } as const;
 
 /** How long an executor's entry in `quiver-hosts` outlives its last heartbeat. */
 export const HOST_TTL_MS = 10_000;
 
-/** Options shared by every process that sets up the topology. */
+/**
+ * Options shared by every process that sets up the topology. Limits apply when a stream or
+ * bucket is created; a stream that exists with no limit at all (made by an older Quiver) gets
+ * them too. A limit already set is kept: the process that created it chose it.
+ */
 export interface TopologyOptions {
   /**
    * How long a claimed step may go without an in-progress ack before JetStream hands it to
@@ -80,15 +94,72 @@ export interface TopologyOptions {
   /** Deliveries of one ready step before it is given up as failed. @default 5 */
   maxDeliver?: number;
   /**
+   * Deliveries of a control message, event or step completion the leader keeps failing to
+   * handle (retried with a growing delay, up to {@link MAX_RETRY_DELAY_MS}) before it goes to the
+   * dead letters. High enough to ride out a NATS restart. @default 20
+   */
+  messageMaxDeliver?: number;
+  /**
    * How long JetStream remembers an event id to drop a second publish of it. Set when the
    * events stream is created. @default 3_600_000 (one hour)
    */
   eventDedupWindowMs?: number;
+  /** How long events are kept. @default 7 days */
+  eventMaxAgeMs?: number;
+  /** Bytes of events kept; the oldest go first. @default 1 GiB */
+  eventMaxBytes?: number;
+  /**
+   * The largest event JetStream accepts; a bigger one is refused to its publisher. Its payload
+   * is copied into the run record, which must stay under the NATS payload limit. @default 256 KiB
+   */
+  eventMaxMessageBytes?: number;
+  /** How long run records, step completions and claims are kept. @default 30 days */
+  runHistoryTtlMs?: number;
+  /** How long dead letters are kept. @default 30 days */
+  deadLetterMaxAgeMs?: number;
+  /** Dead letters kept; the oldest go first. @default 100_000 */
+  deadLetterMaxMessages?: number;
+  /** Bytes of dead letters kept; the oldest go first. @default 256 MiB */
+  deadLetterMaxBytes?: number;
+  /** How long clients' requests and ready steps are kept when nothing takes them. @default 7 days */
+  controlMaxAgeMs?: number;
 }
 
 export const DEFAULT_ACK_WAIT_MS = 30_000;
 export const DEFAULT_MAX_DELIVER = 5;
 export const DEFAULT_EVENT_DEDUP_WINDOW_MS = 3_600_000;
+const DAY_MS = 24 * 3600 * 1000;
+
+/** Every {@link TopologyOptions} default, in one place. */
+export const TOPOLOGY_DEFAULTS: Required<TopologyOptions> = {
+  ackWaitMs: DEFAULT_ACK_WAIT_MS,
+  maxDeliver: DEFAULT_MAX_DELIVER,
+  messageMaxDeliver: 20,
+  eventDedupWindowMs: DEFAULT_EVENT_DEDUP_WINDOW_MS,
+  eventMaxAgeMs: 7 * DAY_MS,
+  eventMaxBytes: 1024 ** 3,
+  eventMaxMessageBytes: 256 * 1024,
+  runHistoryTtlMs: 30 * DAY_MS,
+  deadLetterMaxAgeMs: 30 * DAY_MS,
+  deadLetterMaxMessages: 100_000,
+  deadLetterMaxBytes: 256 * 1024 ** 2,
+  controlMaxAgeMs: 7 * DAY_MS,
+};
+
+/** The longest a failing message waits before its next delivery. */
+export const MAX_RETRY_DELAY_MS = 30_000;
+
+/** Options with their defaults; throws a TypeError naming an option that is not a positive whole number. */
+export function resolveTopologyOptions(options: TopologyOptions = {}): Required<TopologyOptions> {
+  const resolved = { ...TOPOLOGY_DEFAULTS };
+  for (const [key, value] of Object.entries(options) as [keyof TopologyOptions, number | undefined][]) {
+    if (value === undefined) continue;
+    if (!(key in TOPOLOGY_DEFAULTS)) throw new TypeError(`unknown topology option "${key}"; known: ${Object.keys(TOPOLOGY_DEFAULTS).join(', ')}`);
+    if (!Number.isSafeInteger(value) || value < 1) throw new TypeError(`topology option ${key} must be a whole number ≥ 1, got ${value}`);
+    resolved[key] = value;
+  }
+  return resolved;
+}
 
 export interface Topology {
   runs: KV;
@@ -103,48 +174,61 @@ export interface Topology {
   schedules: KV;
   /** Live executors (see HOST_TTL_MS). */
   hosts: KV;
+  /** The output cache's index, by cache key. */
+  cache: KV;
   code: ObjectStore;
   /** A random id made once per cluster: it namespaces shared memory so clusters never touch each other's segments. */
   clusterId: string;
   ackWaitMs: number;
   maxDeliver: number;
+  /** Deliveries of a control message, event or completion before it is dead-lettered (see TopologyOptions). */
+  messageMaxDeliver: number;
 }
 
 const ms = (n: number) => n * 1_000_000;
 
 /**
  * Creates the streams, consumers and buckets when missing and returns handles to them. Safe to
- * call from every process at start-up: existing ones are kept as they are.
+ * call from every process at start-up: existing ones are kept as they are, except that one an
+ * older Quiver made without limits or max_deliver gets them (see TopologyOptions).
  */
 export async function ensureTopology(nc: NatsConnection, jsm: JetStreamManager, options: TopologyOptions = {}): Promise<Topology> {
-  const wantedAckWaitMs = options.ackWaitMs ?? DEFAULT_ACK_WAIT_MS;
-  const wantedMaxDeliver = options.maxDeliver ?? DEFAULT_MAX_DELIVER;
+  const o = resolveTopologyOptions(options);
   await ensureStream(jsm, {
     name: streams.control,
     // Only what clients ask for; step completions live in the quiver-steps bucket.
     subjects: [subjects.runSubmit, subjects.runCancel, subjects.runRelease],
     retention: RetentionPolicy.Limits,
-    max_age: ms(7 * 24 * 3600 * 1000),
+    max_age: ms(o.controlMaxAgeMs),
     duplicate_window: ms(120_000),
   });
   await ensureStream(jsm, {
     name: streams.work,
     subjects: ['quiver.work.>'],
     retention: RetentionPolicy.Workqueue,
+    max_age: ms(o.controlMaxAgeMs),
     duplicate_window: ms(120_000),
   });
   await ensureStream(jsm, {
     name: streams.events,
     subjects: ['quiver.events.>'],
     retention: RetentionPolicy.Limits,
-    max_age: ms(7 * 24 * 3600 * 1000),
-    duplicate_window: ms(options.eventDedupWindowMs ?? DEFAULT_EVENT_DEDUP_WINDOW_MS),
+    max_age: ms(o.eventMaxAgeMs),
+    max_bytes: o.eventMaxBytes,
+    max_msg_size: o.eventMaxMessageBytes,
+    discard: DiscardPolicy.Old,
+    duplicate_window: ms(o.eventDedupWindowMs),
   });
   await ensureStream(jsm, {
     name: streams.dead,
     subjects: ['quiver.dead.>'],
     retention: RetentionPolicy.Limits,
-    max_age: ms(30 * 24 * 3600 * 1000),
+    max_age: ms(o.deadLetterMaxAgeMs),
+    max_msgs: o.deadLetterMaxMessages,
+    max_bytes: o.deadLetterMaxBytes,
+    // A full dead-letter stream drops its oldest: dead-lettering never fails for want of room.
+    discard: DiscardPolicy.Old,
+    duplicate_window: ms(120_000),
   });
   // Short ack waits: messages a dead leader had pulled but not handled reach the next leader soon.
   await ensureConsumer(jsm, streams.events, {
@@ -152,6 +236,7 @@ export async function ensureTopology(nc: NatsConnection, jsm: JetStreamManager, 
     ack_policy: AckPolicy.Explicit,
     deliver_policy: DeliverPolicy.All,
     ack_wait: ms(5_000),
+    max_deliver: o.messageMaxDeliver,
     max_ack_pending: 1000,
   });
   await ensureConsumer(jsm, streams.control, {
@@ -159,6 +244,7 @@ export async function ensureTopology(nc: NatsConnection, jsm: JetStreamManager, 
     ack_policy: AckPolicy.Explicit,
     deliver_policy: DeliverPolicy.All,
     ack_wait: ms(5_000),
+    max_deliver: o.messageMaxDeliver,
     max_ack_pending: 1000,
   });
   // A workqueue stream forbids overlapping consumers: the unfiltered one of older clusters must go.
@@ -167,35 +253,43 @@ export async function ensureTopology(nc: NatsConnection, jsm: JetStreamManager, 
     durable_name: consumers.executors,
     filter_subject: subjects.stepReady,
     ack_policy: AckPolicy.Explicit,
-    ack_wait: ms(wantedAckWaitMs),
-    max_deliver: wantedMaxDeliver,
+    ack_wait: ms(o.ackWaitMs),
+    max_deliver: o.maxDeliver,
     max_ack_pending: 10_000,
   });
   // The consumer that exists is the truth: whoever created it first chose these.
   const work = await jsm.consumers.info(streams.work, consumers.executors);
   const ackWaitMs = Math.round(work.config.ack_wait! / 1_000_000);
-  const maxDeliver = work.config.max_deliver ?? wantedMaxDeliver;
+  const maxDeliver = work.config.max_deliver && work.config.max_deliver > 0 ? work.config.max_deliver : o.maxDeliver;
   const kvm = new Kvm(nc);
-  const [runs, steps, claims, meta, pipelines, leases, schedules, hosts] = await Promise.all([
-    kvm.create(buckets.runs, { history: 1 }),
-    kvm.create(buckets.steps, { history: 1, ttl: 7 * 24 * 3600 * 1000 }),
-    kvm.create(buckets.claims, { history: 1, ttl: 7 * 24 * 3600 * 1000 }),
+  const [runs, steps, claims, meta, pipelines, leases, schedules, hosts, cache] = await Promise.all([
+    kvm.create(buckets.runs, { history: 1, ttl: o.runHistoryTtlMs }),
+    kvm.create(buckets.steps, { history: 1, ttl: o.runHistoryTtlMs }),
+    kvm.create(buckets.claims, { history: 1, ttl: o.runHistoryTtlMs }),
     kvm.create(buckets.meta, { history: 1 }),
     kvm.create(buckets.pipelines, { history: 1 }),
     kvm.create(buckets.leases, { history: 1 }),
     kvm.create(buckets.schedules, { history: 1 }),
     kvm.create(buckets.hosts, { history: 1, ttl: HOST_TTL_MS }),
+    kvm.create(buckets.cache, { history: 1 }),
   ]);
   await ensureConsumer(jsm, `KV_${buckets.steps}`, {
     durable_name: consumers.facts,
     ack_policy: AckPolicy.Explicit,
     deliver_policy: DeliverPolicy.New,
     ack_wait: ms(5_000),
+    max_deliver: o.messageMaxDeliver,
     max_ack_pending: 10_000,
   });
+  // Buckets an older Quiver made without a ttl (the runs) get the run history's.
+  for (const bucket of [buckets.runs, buckets.steps, buckets.claims]) await ensureLimits(jsm, `KV_${bucket}`, { max_age: ms(o.runHistoryTtlMs) });
+  const facts = await jsm.consumers.info(`KV_${buckets.steps}`, consumers.facts);
+  const messageMaxDeliver = facts.config.max_deliver && facts.config.max_deliver > 0 ? facts.config.max_deliver : o.messageMaxDeliver;
   const code = await new Objm(nc).create(buckets.code);
   const clusterId = await ensureClusterId(meta);
-  return { runs, steps, claims, meta, pipelines, leases, schedules, hosts, code, clusterId, ackWaitMs, maxDeliver };
+  // Older Quivers kept a generated cluster secret here, where every NATS client could read it.
+  if (await meta.get(LEGACY_SECRET_KEY)) await meta.purge(LEGACY_SECRET_KEY);
+  return { runs, steps, claims, meta, pipelines, leases, schedules, hosts, cache, code, clusterId, ackWaitMs, maxDeliver, messageMaxDeliver };
 }
 
 /** The consumer of the work placed on `hostId`, made like the shared one. */
@@ -212,6 +306,8 @@ export async function ensureHostConsumer(jsm: JetStreamManager, hostId: string, 
   return name;
 }
 
+const LEGACY_SECRET_KEY = 'cluster.secret';
+
 async function ensureClusterId(meta: KV): Promise<string> {
   try {
     await meta.create('cluster.id', ulid().toLowerCase());
@@ -224,29 +320,138 @@ async function ensureClusterId(meta: KV): Promise<string> {
   return id;
 }
 
-async function ensureStream(jsm: JetStreamManager, config: Parameters<JetStreamManager['streams']['add']>[0]): Promise<void> {
+/** Gives a stream that has none of these limits ours; a limit already set stays. */
+async function ensureLimits(jsm: JetStreamManager, name: string, limits: Pick<Partial<StreamConfig>, 'max_age' | 'max_bytes' | 'max_msgs' | 'max_msg_size'>): Promise<void> {
+  const existing = await jsm.streams.info(name);
+  const update: Partial<StreamConfig> = {};
+  for (const key of ['max_age', 'max_bytes', 'max_msgs', 'max_msg_size'] as const) {
+    const have = existing.config[key];
+    if (limits[key] !== undefined && (have === undefined || have <= 0)) update[key] = limits[key];
+  }
+  if (Object.keys(update).length > 0) await jsm.streams.update(name, { ...existing.config, ...update });
+}
+
+async function ensureStream(jsm: JetStreamManager, config: Partial<StreamConfig> & { name: string }): Promise<void> {
   let existing;
   try {
-    existing = await jsm.streams.info(config.name!);
+    existing = await jsm.streams.info(config.name);
   } catch {
     await jsm.streams.add(config);
     return;
   }
+  const update: Partial<StreamConfig> = {};
   // A cluster made by an older Quiver may capture subjects that moved elsewhere.
   const wanted = [...(config.subjects ?? [])].sort();
-  if (JSON.stringify([...existing.config.subjects].sort()) !== JSON.stringify(wanted)) {
-    await jsm.streams.update(config.name!, { ...existing.config, subjects: wanted });
-  }
+  if (JSON.stringify([...existing.config.subjects].sort()) !== JSON.stringify(wanted)) update.subjects = wanted;
+  if (Object.keys(update).length > 0) await jsm.streams.update(config.name, { ...existing.config, ...update });
+  // ...and have no limits at all: it gets ours. A limit someone set stays.
+  await ensureLimits(jsm, config.name, config);
 }
 
+/** Creates the consumer when missing; gives one made by an older Quiver without max_deliver a bound. */
 async function ensureConsumer(
   jsm: JetStreamManager,
   stream: string,
   config: Parameters<JetStreamManager['consumers']['add']>[1],
 ): Promise<void> {
+  let existing;
   try {
-    await jsm.consumers.info(stream, config.durable_name!);
+    existing = await jsm.consumers.info(stream, config.durable_name!);
   } catch {
     await jsm.consumers.add(stream, config);
+    return;
   }
+  if (config.max_deliver !== undefined && !(existing.config.max_deliver && existing.config.max_deliver > 0)) {
+    // A server that cannot edit it keeps the consumer as it is: still working, only unbounded.
+    await jsm.consumers.update(stream, config.durable_name!, { max_deliver: config.max_deliver }).catch(() => undefined);
+  }
+}
+
+/** A message that starts nothing and is not retried, for `deadLetter`. */
+export interface DeadLetter {
+  /** The subject it arrived on (for events, without the `quiver.events.` prefix). */
+  subject: string;
+  /** Its id: the event id, the Nats-Msg-Id header, or `<stream>-<sequence>`. */
+  id: string;
+  /** What was wrong, and what to do. */
+  reason: string;
+  /** The body as received. */
+  payload: Uint8Array | string;
+  /** The pipeline it was meant for, when known. */
+  pipeline?: string | null;
+  at: number;
+}
+
+/** Longest reason and payload kept in a dead letter: enough to see what was wrong, never too big to publish. */
+const DEAD_REASON_CHARS = 4000;
+const DEAD_PAYLOAD_CHARS = 65_536;
+
+/**
+ * Publishes a dead letter on `quiver.dead.<kind>` (the `QUIVER_DEAD` stream). Published with a
+ * message id made from the message's, so dead-lettering one message twice (a redelivery, two
+ * leaders) keeps one letter.
+ */
+export async function deadLetter(js: JetStreamClient, kind: DeadLetterKind, letter: DeadLetter): Promise<void> {
+  const payload = typeof letter.payload === 'string' ? letter.payload : new TextDecoder().decode(letter.payload.subarray(0, DEAD_PAYLOAD_CHARS * 4));
+  const pipelineName = letter.pipeline && /^[A-Za-z_][A-Za-z0-9_]{0,63}$/.test(letter.pipeline) ? letter.pipeline : null;
+  const record = {
+    subject: letter.subject.slice(0, 1000),
+    eventId: letter.id.slice(0, 1000),
+    pipeline: pipelineName,
+    reason: letter.reason.slice(0, DEAD_REASON_CHARS),
+    payload: payload.slice(0, DEAD_PAYLOAD_CHARS),
+    at: letter.at,
+  };
+  await js.publish(subjects.deadLetter(kind), encode(deadEvent, record), { msgID: `${kind}.${letter.id.slice(0, 200)}.${pipelineName ?? '*'}.dead` });
+}
+
+/** The id a dead letter of a JetStream message goes by: its Nats-Msg-Id, else its stream and sequence. */
+export function messageId(msg: JsMsg): string {
+  return msg.headers?.get('Nats-Msg-Id') || `${msg.info.stream}-${msg.seq}`;
+}
+
+/*
+ * Both below term without a reason: nats-server before 2.10 does not parse `+TERM <reason>` and
+ * delivers the message again after the ack wait, for ever without max_deliver. The reason is in
+ * the dead letter and the log instead.
+ */
+
+/**
+ * What to do with a message whose handling failed: deliver it again later (a growing delay),
+ * or, on its last allowed delivery, dead-letter it with the error and stop (term). Never throws;
+ * when even the dead letter cannot be published, the message is left to be delivered again.
+ */
+export async function retryOrDeadLetter(
+  msg: JsMsg,
+  args: { js: JetStreamClient; kind: DeadLetterKind; maxDeliver: number; error: unknown; logger: Logger; now: number; what: string },
+): Promise<void> {
+  const deliveries = msg.info.deliveryCount;
+  const why = args.error instanceof Error ? args.error.message : String(args.error);
+  if (deliveries < args.maxDeliver) {
+    msg.nak(Math.min(MAX_RETRY_DELAY_MS, 1000 * 2 ** (deliveries - 1)));
+    return;
+  }
+  const reason = `${args.what} failed on all ${deliveries} deliveries; the last error: ${why}`;
+  try {
+    await deadLetter(args.js, args.kind, { subject: msg.subject, id: messageId(msg), reason, payload: msg.data, at: args.now });
+    args.logger.error(`dead-lettered ${args.what}: ${reason}`);
+    msg.term();
+  } catch (error) {
+    args.logger.error(`could not dead-letter ${args.what} (${(error as Error).message}); it is delivered again`);
+    msg.nak(MAX_RETRY_DELAY_MS);
+  }
+}
+
+/**
+ * Refuses a message that can never be handled (not a Quiver message, failing its schema): a
+ * dead letter with the reason, then term. Never throws.
+ */
+export async function refuse(msg: JsMsg, args: { js: JetStreamClient; kind: DeadLetterKind; reason: string; logger: Logger; now: number }): Promise<void> {
+  args.logger.warn(`refused ${msg.subject} #${msg.seq}: ${args.reason}`);
+  try {
+    await deadLetter(args.js, args.kind, { subject: msg.subject, id: messageId(msg), reason: args.reason, payload: msg.data, at: args.now });
+  } catch (error) {
+    args.logger.error(`could not dead-letter ${msg.subject} #${msg.seq}: ${(error as Error).message}`);
+  }
+  msg.term();
 }

@@ -19,22 +19,25 @@ import {
   runSubmit,
   runView,
   runRecord,
+  resolveClusterSecret,
   shmRoot,
   subjects,
   type DeadEvent,
   type Deployment,
   type LogLine,
+  type CacheMode,
   type RunSubmit,
   type RunView,
   type TableDescriptor,
   type Topology,
   type TopologyOptions,
 } from '../schemas/index.ts';
-import { FlightClient } from '../flight/index.ts';
+import { FlightClient, flightAccessToken } from '../flight/index.ts';
 import { findLiveHost } from '../executor/index.ts';
 import { readRunView } from '../orchestrator/index.ts';
 import { readInput } from '../shm/index.ts';
 import type { LoadedPipeline } from './load.ts';
+import { planOnBranch } from '../planner/index.ts';
 import { prepareSources } from './sources.ts';
 
 /** Options for {@link QuiverClient.connect}. */
@@ -44,6 +47,8 @@ export interface ClientOptions {
   topology?: TopologyOptions;
   /** Who started runs, recorded with each run. @default the OS user name */
   submittedBy?: string;
+  /** The cluster secret, from which readOutput derives its Flight access token. @default resolveClusterSecret() (QUIVER_CLUSTER_SECRET, …) */
+  clusterSecret?: string;
 }
 
 export interface RunOptions {
@@ -51,6 +56,19 @@ export interface RunOptions {
   params?: Record<string, string>;
   /** Keep the run's outputs in shared memory after the result is read. @default false */
   keep?: boolean;
+  /** The branch the run reads its sources from and writes its tables to (docs/branches.md). @default the pipeline's, else 'main' */
+  branch?: string;
+  /**
+   * Write to a temporary branch `run/<runId>`, merged into `branch` only when every step and
+   * expectation passed. @default the pipeline's `transaction`, else false
+   */
+  transaction?: boolean;
+  /**
+   * The output cache: `readwrite` reuses the outputs of unchanged steps and caches what it
+   * computes, `read` only reuses, `off` computes everything. `quiver run` uses `readwrite`.
+   * @default 'off'
+   */
+  cache?: CacheMode;
 }
 
 /** A step output that cannot be read: unknown run or step, not succeeded, or released. */
@@ -127,6 +145,9 @@ export interface OpenedTable {
 
 /** The client of a Quiver cluster: submits runs, follows them, reads their outputs. */
 export class QuiverClient {
+  /** Given at connect, else resolved when readOutput first needs it. */
+  private clusterSecret: string | null = null;
+
   private constructor(
     readonly nc: NatsConnection,
     private readonly js: JetStreamClient,
@@ -140,7 +161,9 @@ export class QuiverClient {
     const nc = options.nc ?? (await connectForever(options.natsUrl ?? process.env.QUIVER_NATS_URL ?? 'nats://127.0.0.1:4222'));
     const topology = await ensureTopology(nc, await jetstreamManager(nc), options.topology);
     const owns = options.ownConnection ?? !options.nc;
-    return new QuiverClient(nc, jetstream(nc), topology, owns, options.submittedBy ?? process.env.USER ?? 'user');
+    const client = new QuiverClient(nc, jetstream(nc), topology, owns, options.submittedBy ?? process.env.USER ?? 'user');
+    client.clusterSecret = options.clusterSecret ?? null;
+    return client;
   }
 
   async close(): Promise<void> {
@@ -170,6 +193,9 @@ export class QuiverClient {
         ...(pipeline.triggers.maxConcurrentRuns ? { admission: { maxConcurrentRuns: pipeline.triggers.maxConcurrentRuns, overlap: null } } : {}),
       };
     }
+    // Branch options given to this run win over the pipeline's own.
+    const onBranch = { ...(options.branch !== undefined ? { branch: options.branch } : {}), ...(options.transaction !== undefined ? { transaction: options.transaction } : {}) };
+    submit = { ...submit, plan: planOnBranch(submit.plan, onBranch) };
     // Stored-table inputs are checked now, so a bad column or filter fails before anything runs.
     submit = { ...submit, plan: await prepareSources(submit.plan, this.nc) };
     const runId = ulid();
@@ -202,6 +228,7 @@ export class QuiverClient {
         ...submit,
         params: options.params ?? {},
         keep: options.keep ?? false,
+        ...(options.cache && options.cache !== 'off' ? { cache: options.cache } : {}),
         submittedAt: Date.now(),
         submittedBy: this.submittedBy,
         trigger: { kind: 'user', by: this.submittedBy },
@@ -383,7 +410,7 @@ export class QuiverClient {
     if (!host) throw new OutputNotFoundError(`step "${step}" of run ${runId} lives on host ${facts.output.hostId}, where no executor runs now`);
     const flight = new FlightClient(host.flightEndpoint, {
       ...(host.bulkEndpoint ? { bulkLocation: host.bulkEndpoint } : {}),
-      ...(options.accessToken ? { accessToken: options.accessToken } : {}),
+      accessToken: options.accessToken ?? flightAccessToken((this.clusterSecret ??= resolveClusterSecret())),
       ...(options.rootCerts ? { rootCerts: options.rootCerts } : {}),
     });
     try {

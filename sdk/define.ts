@@ -1,4 +1,4 @@
-import type { Table } from 'apache-arrow';
+import { tableFromArrays, type Table } from 'apache-arrow';
 
 /** The event that started a run, as `ctx.event` shows it. */
 export interface TriggerEvent {
@@ -52,11 +52,20 @@ export interface SourceRef {
   readonly snapshot?: string;
   /** Epoch milliseconds. */
   readonly asOf?: number;
+  /** The branch, tag or catalog commit to read. @default the run's branch (`main`) */
+  readonly ref?: string;
 }
 
 export interface StepOptions {
   /** Free text shown in `quiver run` output and plans. */
   readonly description?: string;
+  /**
+   * `false`: never reuse or cache this step's output, nor its descendants' (it reads a clock,
+   * randomness or the outside world, or has side effects). Otherwise, in runs that use the cache,
+   * an output is reused when the step's own code, the run's parameters and event payload, and its
+   * inputs (their parents' keys, the snapshots scanned) are all unchanged. @default true
+   */
+  readonly cache?: boolean;
   /**
    * Store the step's output as a snapshot of the table named like the step, once the whole run
    * has succeeded (a failed run commits nothing). `true` replaces the table's rows; `{ mode:
@@ -79,6 +88,26 @@ export interface StepOptions {
    * See docs/architecture.md, "Isolation levels". @default the pipeline's, else 'process'
    */
   readonly isolation?: 'process' | 'worker';
+  /**
+   * Wall-clock time the step may take in its process, from the moment it gets the step to its
+   * answer; past it the step's whole process tree is killed and the step fails with
+   * "step X timed out after 30 s". See docs/limits.md. @default the pipeline's, else the executor's (15 min)
+   */
+  readonly timeoutMs?: number;
+  /**
+   * Memory the step may use, in MB: its JavaScript heap exactly (V8), its whole address space
+   * loosely (RLIMIT_AS). Past it the step fails with "step X exceeded its 512 MB memory limit".
+   * See docs/limits.md. @default the pipeline's, else the executor's (1024)
+   */
+  readonly memoryMb?: number;
+  /**
+   * Names of the executor's environment variables this step is given (API keys, tokens), on top
+   * of the pipeline's `env`. A step sees no other variable of the executor's environment but a
+   * minimal allowlist (PATH, HOME, LANG, TZ...). They are in `process.env` while the step
+   * function runs, not while its module is imported. A name missing on the executor fails the
+   * step, naming it. @default none
+   */
+  readonly env?: readonly string[];
 }
 
 /** A step as declared in a pipeline file. The name is its key in the pipeline. */
@@ -127,6 +156,30 @@ export interface PipelineOptions {
   readonly maxConcurrentRuns?: number;
   /** How its steps run unless a step says otherwise (see {@link StepOptions.isolation}). @default 'process' */
   readonly isolation?: 'process' | 'worker';
+  /** Time limit of each of its steps unless a step says otherwise (see {@link StepOptions.timeoutMs}). @default the executor's (15 min) */
+  readonly timeoutMs?: number;
+  /** Memory limit of each of its steps unless a step says otherwise (see {@link StepOptions.memoryMb}). @default the executor's (1024) */
+  readonly memoryMb?: number;
+  /** Environment variables every one of its steps is given (see {@link StepOptions.env}). @default none */
+  readonly env?: readonly string[];
+  /**
+   * Runs of the deployed pipeline (events, schedules, by name) reuse cached step outputs and
+   * cache what they compute (see {@link StepOptions.cache}). Runs from `quiver run FILE` use the
+   * cache unless told `--cache off`, whatever this says. @default false
+   */
+  readonly cache?: boolean;
+}
+
+/** Where a pipeline's runs read and write tables (docs/branches.md); merged into {@link PipelineOptions}. */
+export interface PipelineBranchOptions {
+  /** The branch its runs read sources from and write tables to. @default 'main' */
+  readonly branch?: string;
+  /**
+   * Each run writes its tables to its own branch `run/<runId>`, merged into `branch` atomically
+   * only when every step and {@link expect expectation} passed; a failed run leaves `branch`
+   * untouched and `run/<runId>` there to inspect. @default false
+   */
+  readonly transaction?: boolean;
 }
 
 export interface PipelineDefinition {
@@ -155,7 +208,7 @@ export function input(step: string, options: { columns?: readonly string[] } = {
  */
 export function source(
   table: string,
-  options: { columns?: readonly string[]; filter?: string; snapshot?: string; asOf?: number | string | Date } = {},
+  options: { columns?: readonly string[]; filter?: string; snapshot?: string; asOf?: number | string | Date; ref?: string } = {},
 ): SourceRef {
   const asOf = options.asOf === undefined ? undefined : options.asOf instanceof Date ? options.asOf.getTime() : typeof options.asOf === 'string' ? Date.parse(options.asOf) : options.asOf;
   return {
@@ -165,6 +218,7 @@ export function source(
     ...(options.filter !== undefined ? { filter: options.filter } : {}),
     ...(options.snapshot !== undefined ? { snapshot: options.snapshot } : {}),
     ...(asOf !== undefined ? { asOf } : {}),
+    ...(options.ref !== undefined ? { ref: options.ref } : {}),
   };
 }
 
@@ -202,6 +256,61 @@ export function step(a: unknown, b?: unknown, c?: unknown): StepDefinition {
  * @example
  * pipeline('orders', { totals: step(...) }, { on: { event: 'orders.uploaded' }, maxConcurrentRuns: 4 })
  */
-export function pipeline(name: string, steps: Record<string, StepDefinition>, options: PipelineOptions = {}): PipelineDefinition {
+export function pipeline(name: string, steps: Record<string, StepDefinition>, options: PipelineOptions & PipelineBranchOptions = {}): PipelineDefinition {
   return { kind: 'quiver.pipeline', name, steps, options };
+}
+
+/** What an expectation's function returns: `true`/`false`, or a result with a message and counts. */
+export interface ExpectationResult {
+  readonly pass: boolean;
+  /** Shown in `quiver run` and in the run's error when it fails. */
+  readonly message?: string;
+  /** Numbers worth showing, e.g. `{ rows: 1000, nullIds: 3 }`. */
+  readonly counts?: Readonly<Record<string, number>>;
+}
+
+export type ExpectationFunction<I extends string = string> = (
+  inputs: Readonly<Record<I, Table>>,
+  context: StepContext,
+) => boolean | ExpectationResult | Promise<boolean | ExpectationResult>;
+
+/** An expectation that did not hold: fails its step, so the run fails and nothing is merged. */
+export class ExpectationFailedError extends Error {
+  override readonly name = 'ExpectationFailedError';
+  readonly code = 'ERR_EXPECTATION_FAILED';
+  constructor(
+    readonly expectation: string,
+    readonly result: ExpectationResult,
+  ) {
+    super(`expectation ${expectation} failed${result.message ? `: ${result.message}` : ''}${formatCounts(result.counts)}`);
+  }
+}
+
+function formatCounts(counts: ExpectationResult['counts']): string {
+  const entries = Object.entries(counts ?? {});
+  return entries.length ? ` (${entries.map(([k, v]) => `${k} ${v.toLocaleString('en-US')}`).join(', ')})` : '';
+}
+
+/**
+ * Declares a check, a step of the DAG like any other (its inputs arrive zero-copy): it returns
+ * pass or fail, with a message and counts. A failure fails the run, so with `transaction: true`
+ * nothing the run wrote is merged (write-audit-publish). Put it in the pipeline's steps; its
+ * output is a one-row table (expectation, pass, message, counts as JSON).
+ *
+ * @example
+ * checked: expect('no_negative_totals', { totals: 'totals' }, ({ totals }) => {
+ *   const bad = [...totals.getChild('usd')!].filter((v) => v < 0).length;
+ *   return { pass: bad === 0, message: `${bad} negative totals`, counts: { rows: totals.numRows, bad } };
+ * })
+ */
+export function expect<I extends string>(name: string, inputs: Readonly<Record<I, string | InputRef | SourceRef>>, fn: ExpectationFunction<I>): StepDefinition {
+  const check: StepFunction<I> = async (tables, ctx) => {
+    const raw = await fn(tables, ctx);
+    const result: ExpectationResult = typeof raw === 'boolean' ? { pass: raw } : raw;
+    if (typeof result?.pass !== 'boolean') throw new TypeError(`expectation ${name} must return true, false or { pass, message?, counts? }; got ${JSON.stringify(raw)}`);
+    if (!result.pass) throw new ExpectationFailedError(name, result);
+    ctx.log(`expectation ${name} passed${result.message ? `: ${result.message}` : ''}${formatCounts(result.counts)}`);
+    return tableFromArrays({ expectation: [name], pass: [true], message: [result.message ?? ''], counts: [JSON.stringify(result.counts ?? {})] });
+  };
+  return step(inputs, check, { description: `expectation ${name}` });
 }

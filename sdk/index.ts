@@ -1,8 +1,11 @@
 // Pipeline files import this module; when a pipeline is bundled it is swapped for ./define.ts,
 // so steps carry only the definitions, not the client.
-export { input, pipeline, source, step } from './define.ts';
+export { expect, ExpectationFailedError, input, pipeline, source, step } from './define.ts';
 export type {
   EventTriggerOptions,
+  ExpectationFunction,
+  ExpectationResult,
+  PipelineBranchOptions,
   InputRef,
   PipelineDefinition,
   PipelineOptions,

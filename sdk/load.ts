@@ -3,7 +3,7 @@ import { existsSync, mkdirSync, renameSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { build, type Plugin } from 'esbuild';
-import { PlanError, planPipeline, triggersOf, type TriggerSpec } from '../planner/index.ts';
+import { PlanError, planPipeline, stepCodeKeys, triggersOf, type TriggerSpec } from '../planner/index.ts';
 import { bundleDir, type Plan } from '../schemas/index.ts';
 
 /** A pipeline file, bundled and planned: what a run request needs, without data. */
@@ -99,9 +99,20 @@ export async function loadPipeline(file: string): Promise<LoadedPipeline> {
   } catch (error) {
     throw new PipelineLoadError(`could not load ${file}: ${(error as Error).message}`, { cause: error });
   }
-  const plan = planPipeline(mod.default);
+  const plan = withCodeKeys(planPipeline(mod.default), code, mod.default);
   const triggers = triggersOf(plan.pipeline, (mod.default as { options?: unknown }).options);
   return { plan, triggers, code, codeHash, codePath };
+}
+
+/** Each user step's code key, from the bundle as the step processes will load it. */
+function withCodeKeys(plan: Plan, code: Uint8Array, definition: unknown): Plan {
+  const steps = ((definition as { steps?: Record<string, unknown> }).steps ?? {}) as Record<string, unknown>;
+  const functions: Record<string, unknown> = {};
+  for (const [name, raw] of Object.entries(steps)) {
+    functions[name] = raw && typeof raw === 'object' && (raw as { kind?: unknown }).kind === 'quiver.step' ? (raw as { fn?: unknown }).fn : raw;
+  }
+  const keys = stepCodeKeys(new TextDecoder().decode(code), functions);
+  return { ...plan, steps: plan.steps.map((s) => (s.system || !keys[s.name] ? s : { ...s, codeKey: keys[s.name] })) };
 }
 
 /**

@@ -22,10 +22,16 @@ export interface LocalClusterOptions {
    * as `quiver up` does. @default a fresh directory, removed on stop
    */
   persistentDir?: string;
+  /**
+   * The nkey seed (`SU…`) of the one NATS user the private server lets in. Connections of this
+   * cluster use it; nothing else gets in. @default one generated for this start, kept in memory
+   */
+  natsSeed?: string;
 }
 
 /** A private nats-server with an orchestrator and an executor in this process: the embedded default. */
 export interface LocalCluster {
+  /** Requires credentials: connect with `server.connectionOptions`. */
   readonly server: NatsServer;
   readonly client: QuiverClient;
   readonly orchestrator: Orchestrator;
@@ -37,11 +43,12 @@ export interface LocalCluster {
 export async function startLocalCluster(options: LocalClusterOptions = {}): Promise<LocalCluster> {
   const home = options.home ?? quiverHome();
   const dir = options.persistentDir ?? join(home, 'embedded', ulid());
-  const server = await startNatsServer({ dir, removeDirOnStop: !options.persistentDir });
+  // Credentials always: whoever reaches the port could otherwise deploy code that executors run.
+  const server = await startNatsServer({ dir, removeDirOnStop: !options.persistentDir, auth: options.natsSeed ? { seed: options.natsSeed } : 'nkey' });
   const logger = options.logger ?? silentLogger;
   const connections: NatsConnection[] = [];
   const open = async () => {
-    const nc = await connectForever(server.url, { logger });
+    const nc = await connectForever(server.url, { logger, auth: server.connectionOptions });
     connections.push(nc);
     return nc;
   };
@@ -49,9 +56,12 @@ export async function startLocalCluster(options: LocalClusterOptions = {}): Prom
     const topology = options.topology ?? {};
     const orchestrator = await Orchestrator.start(await open(), { topology, logger });
     // One host: Flight stays on loopback, with a secret of its own.
-    const flight = { clusterSecret: randomBytes(32).toString('hex'), flight: { host: '127.0.0.1', advertiseHost: '127.0.0.1' } };
+    // QUIVER_FLIGHT_LISTEN opens it to other machines (every call still needs the cluster token).
+    const listen = process.env.QUIVER_FLIGHT_LISTEN ? {} : { host: '127.0.0.1', advertiseHost: '127.0.0.1' };
+    const flight = { clusterSecret: randomBytes(32).toString('hex'), flight: listen };
     const executor = await Executor.start(await open(), { ...flight, ...options.executor, topology, logger });
-    const client = await QuiverClient.connect({ nc: await open(), topology });
+    // The client reads outputs over Flight with the token of the secret the executor was given.
+    const client = await QuiverClient.connect({ nc: await open(), topology, clusterSecret: options.executor?.clusterSecret ?? flight.clusterSecret });
     return {
       server,
       client,

@@ -1,6 +1,6 @@
 import type { NatsConnection } from '@nats-io/transport-node';
 import type { Plan, PlanStep, SystemStep } from '../schemas/index.ts';
-import { prepareScan, StorageError, tableStoreFromEnv } from '../storage/index.ts';
+import { atRef, prepareScan, StorageError, tableStoreFromEnv } from '../storage/index.ts';
 
 /**
  * Checks every stored-table input of a plan against its table before the run is submitted: the
@@ -18,7 +18,7 @@ export async function prepareSources(plan: Plan, nc: NatsConnection): Promise<Pl
       const scan = step.system;
       let prepared;
       try {
-        prepared = await prepareScan(store, scan.table, {
+        prepared = await prepareScan(atRef(store, scan.ref), scan.table, {
           ...(scan.columns ? { columns: scan.columns } : {}),
           ...(scan.filter !== undefined ? { filter: scan.filter } : {}),
           ...(scan.snapshot !== undefined ? { snapshot: scan.snapshot } : {}),

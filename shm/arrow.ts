@@ -27,7 +27,7 @@ import {
 import { ShmArgumentError, ShmCorruptSegmentError, ShmError, ShmTooLargeError } from './errors.ts';
 import { native } from './native.ts';
 import { type ResolvedShmOptions, checkId, describe } from './options.ts';
-import { type SegmentRef, acquireSegment, ensureDir, segmentPath, unlinkIfPresent } from './segments.ts';
+import { type SegmentRef, acquireSegment, checkDirSafety, ensureDir, segmentPath, unlinkIfPresent } from './segments.ts';
 
 /** Continuation marker (0xFFFFFFFF) and a zero length: the end-of-stream the writer appends on close. */
 const EOS_BYTES = 8;
@@ -219,6 +219,7 @@ function checkRef(ref: unknown, where: string): SegmentRef {
 }
 
 export function readTable(refs: readonly SegmentRef[], dir: string, where: string): ReadResult {
+  checkDirSafety(dir);
   return readStreams(refs, where, (ref) => {
     const path = segmentPath(dir, ref.id);
     return { path, mapping: native.openReadOnly(path) };

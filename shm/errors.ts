@@ -90,6 +90,18 @@ export class ShmAddonError extends ShmError {
   }
 }
 
+/**
+ * A segment directory, or a file in it, that someone else could have planted or can change:
+ * owned by another user, writable by group or others, or a symbolic link. Nothing is read from
+ * or written to it; the message names the path and what to do.
+ */
+export class ShmUnsafePathError extends ShmError {
+  override name = 'ShmUnsafePathError';
+  constructor(message: string, details: ShmErrorDetails = {}) {
+    super(message, { ...details, code: 'ERR_SHM_UNSAFE_PATH' });
+  }
+}
+
 /** Any other failed system call; `code` is the errno name (e.g. `EACCES`). */
 export class ShmSystemError extends ShmError {
   override name = 'ShmSystemError';
@@ -127,6 +139,9 @@ function fromCoded(e: NativeErrorLike, message: string): ShmError {
       return new ShmSegmentNotFoundError(message, details);
     case 'ENOSPC':
       return new ShmNoSpaceError(message, details);
+    case 'ELOOP':
+      // Opened with O_NOFOLLOW: the segment path is a symlink.
+      return new ShmUnsafePathError(message, details);
     default:
       return new ShmSystemError(message, { ...details, code: e.code });
   }

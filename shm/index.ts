@@ -19,6 +19,7 @@ import {
   type SegmentInfo,
   type SegmentRef,
   acquireSegment,
+  checkDirSafety,
   drainPool as drainPoolImpl,
   ensureDir,
   listSegmentFiles,
@@ -33,6 +34,7 @@ export type { ReadResult, WriteResult } from './arrow.ts';
 export {
   ShmAddonError,
   ShmArgumentError,
+  ShmUnsafePathError,
   ShmCorruptSegmentError,
   ShmError,
   ShmNoSpaceError,
@@ -140,6 +142,7 @@ export function mapSegment(ref: SegmentRef, opts: ReadTableOptions): ArrayBuffer
   if (isRegionRef(ref)) return mapRegionStream(ref);
   const dir = checkDir(opts?.dir, 'mapSegment');
   const [id] = segmentIds([ref], 'mapSegment');
+  checkDirSafety(dir);
   const mapping = native.openReadOnly(segmentPath(dir, id!));
   if (mapping.byteLength < ref.byteSize) {
     native.unmap(mapping);

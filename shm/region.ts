@@ -155,7 +155,9 @@ export function writeTableToRegions(table: Table, opts: RegionWriteOptions): Wri
     throw e;
   }
   const byteSize = segments.reduce((sum, s) => sum + s.byteSize, 0);
-  return { segments, byteSize, rows: table.numRows, copiedBytes: 0, reusedSegments: 0 };
+  // writeStream copies the table's buffers into the anonymous memory: one copy, as into a file.
+  // What regions spare is the file's page cache and a second mapping, not this copy.
+  return { segments, byteSize, rows: table.numRows, copiedBytes: byteSize, reusedSegments: 0 };
 }
 
 /** Maps regions read-only through their brokers and opens them as one Table without copying. */
@@ -243,10 +245,11 @@ export interface OutputOptions extends ShmOptions {
 const REGION_FULL = new Set(['ENOMEM', 'ENOSPC']);
 
 /**
- * Writes a step's output the cheapest way available: regions (no copy into
- * shared memory, `copiedBytes` 0; columns passed through from region inputs
- * are referenced, not rewritten) when a broker is given and the module is
- * loaded, else segment files (one copy). `segments` say which kind they are.
+ * Writes a step's output the cheapest way available: regions (one copy, into
+ * anonymous memory that the module then shares, no file; columns passed
+ * through from region inputs are referenced, not rewritten, and not counted
+ * in `copiedBytes`) when a broker is given and the module is loaded, else
+ * segment files (one copy). `segments` say which kind they are.
  */
 export function writeOutput(table: Table, opts: OutputOptions): WriteResult {
   const resolved = resolveOptions(opts, 'writeOutput');
@@ -315,10 +318,13 @@ function writeComposed(table: Table, broker: string, idPrefix: string, maxSegmen
     return writeTableToRegions(table, { broker, idPrefix, maxSegmentBytes });
   }
   const segments: RegionRef[] = [];
+  // Only the columns written here are copied; borrowed ones are referenced where they are.
+  let copiedBytes = 0;
   try {
     const own = fields.map((f, position) => [f.name, f.name, position] as [string, string, number]).filter((_, p) => borrowed[p] === null);
     if (own.length > 0) {
       const written = writeTableToRegions(table.selectAt(own.map(([, , position]) => position)), { broker, idPrefix, maxSegmentBytes });
+      copiedBytes += written.copiedBytes;
       segments.push(...(written.segments as RegionRef[]).map((ref): RegionRef => ({ ...ref, source: 0, columns: own })));
     }
     // One source per input table borrowed from; its regions get aliases named after this output, so
@@ -349,7 +355,7 @@ function writeComposed(table: Table, broker: string, idPrefix: string, maxSegmen
     throw e;
   }
   const byteSize = segments.reduce((sum, s) => sum + s.byteSize, 0);
-  return { segments, byteSize, rows: table.numRows, copiedBytes: 0, reusedSegments: 0 };
+  return { segments, byteSize, rows: table.numRows, copiedBytes, reusedSegments: 0 };
 }
 
 /** Reads a table whose columns come from several region tables, putting them back in their positions without copying. */

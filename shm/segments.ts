@@ -3,8 +3,8 @@
  * file name. This file creates, lists, releases and removes them.
  */
 import { lstatSync, mkdirSync, readdirSync, rmSync, statSync, unlinkSync } from 'node:fs';
-import { join, resolve } from 'node:path';
-import { ShmArgumentError, errorCode, fromFsError } from './errors.ts';
+import { dirname, join, resolve } from 'node:path';
+import { ShmArgumentError, ShmUnsafePathError, errorCode, fromFsError } from './errors.ts';
 import { native } from './native.ts';
 import { type ResolvedShmOptions, checkDir, checkId, POOL_DIR_NAME } from './options.ts';
 import { addToPool, claimPooled, drainPoolDir, listPool, poolBytes } from './pool.ts';
@@ -38,13 +38,66 @@ export function segmentPath(dir: string, id: string): string {
   return join(dir, id);
 }
 
+/** Creates `dir` (and missing parents) mode 0700 when needed, then checks it is safe to use (checkDirSafety). */
 export function ensureDir(dir: string): void {
   try {
     mkdirSync(dir, { recursive: true, mode: 0o700 });
   } catch (e) {
     throw fromFsError(e, `quiver shm: cannot create segment directory ${dir}`);
   }
+  checkDirSafety(dir);
 }
+
+/** Directories found safe by this process; a directory only its owner can write to stays so. */
+const safeDirs = new Set<string>();
+
+function unsafe(path: string, problem: string, remedy: string): ShmUnsafePathError {
+  return new ShmUnsafePathError(`quiver shm: refusing ${path}: it ${problem}, so another user could plant or change segments in it; ${remedy}`, { path });
+}
+
+/**
+ * Refuses a segment directory another user could have planted or can write into: `dir` must be
+ * a real directory (not a symlink) owned by this user and writable by nobody else; each parent
+ * must belong to this user or root and be writable by nobody else, unless sticky (as /dev/shm
+ * and /tmp are). A directory that does not exist yet passes: nothing can be read from it.
+ * @throws ShmUnsafePathError naming the path and what to do.
+ */
+export function checkDirSafety(dir: string): void {
+  const uid = process.getuid?.();
+  if (uid === undefined || safeDirs.has(dir)) return;
+  let st;
+  try {
+    st = lstatSync(dir);
+  } catch (e) {
+    if (errorCode(e) === 'ENOENT') return;
+    throw fromFsError(e, `quiver shm: cannot stat segment directory ${dir}`);
+  }
+  if (st.isSymbolicLink()) throw unsafe(dir, 'is a symbolic link', `remove it (Quiver creates the directory itself, mode 0700)`);
+  if (!st.isDirectory()) throw unsafe(dir, 'is not a directory', 'remove it');
+  if (st.uid !== uid) {
+    throw unsafe(dir, `belongs to uid ${st.uid}, not to this user (uid ${uid})`, `remove it if nobody uses it, or set QUIVER_SHM_ROOT to a folder of your own`);
+  }
+  if ((st.mode & 0o022) !== 0) throw unsafe(dir, `is writable by ${writers(st.mode)} (mode ${modeText(st.mode)})`, `run chmod 700 ${dir}`);
+  for (let parent = dirname(dir); ; parent = dirname(parent)) {
+    let p;
+    try {
+      p = statSync(parent);
+    } catch (e) {
+      throw fromFsError(e, `quiver shm: cannot stat ${parent}, a parent of segment directory ${dir}`);
+    }
+    if (p.uid !== uid && p.uid !== 0) {
+      throw unsafe(parent, `(a parent of ${dir}) belongs to uid ${p.uid}, neither this user (uid ${uid}) nor root`, 'set QUIVER_SHM_ROOT to a folder of your own');
+    }
+    if ((p.mode & 0o022) !== 0 && (p.mode & 0o1000) === 0) {
+      throw unsafe(parent, `(a parent of ${dir}) is writable by ${writers(p.mode)} and not sticky (mode ${modeText(p.mode)})`, `run chmod go-w ${parent}`);
+    }
+    if (parent === dirname(parent)) break;
+  }
+  safeDirs.add(dir);
+}
+
+const writers = (mode: number) => ((mode & 0o020) && (mode & 0o002) ? 'group and others' : mode & 0o020 ? 'its group' : 'others');
+const modeText = (mode: number) => `0${(mode & 0o7777).toString(8)}`;
 
 /** Writes always touch every byte, so pages are populated at map time (cheaper than faulting one by one). */
 const POPULATE_ON_WRITE = true;
@@ -139,6 +192,7 @@ export function drainPool(dir: string): void {
 export function removeSegmentDir(dir: string): void {
   checkDir(dir, 'removeDir');
   if (resolve(dir) === '/') throw new ShmArgumentError('removeDir: refusing to remove "/"');
+  for (const safe of safeDirs) if (safe === dir || safe.startsWith(`${dir}/`)) safeDirs.delete(safe);
   try {
     rmSync(dir, { recursive: true, force: true });
   } catch (e) {

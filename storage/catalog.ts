@@ -1,39 +1,33 @@
 /**
- * The catalog decides which metadata file is a table's current one: the commit point. Two
- * implementations, one primitive each:
+ * The catalog interface tables use ({@link Catalog}, implemented with branches in branches.ts),
+ * and the per-table catalog of Quiver before branches, now only read: stores created before
+ * branches keep their tables there, and the branch catalog reads them as the starting state of
+ * `main` until its first commit. Its two layouts:
  *
- * - {@link ObjectStoreCatalog}: the metadata file of version N is `tables/<t>/metadata/v<N>.json`,
- *   written with an atomic create-if-absent. Of two writers that both read version N, exactly one
- *   creates v<N+1>; the other finds it exists and gets a TableConflictError. The newest version
- *   is the highest N listed. Used for the local directory (link(2) fails with EEXIST) and for S3
- *   servers that honour `If-None-Match: *` on PUT.
- * - {@link NatsKvCatalog}: for S3 servers that ignore conditional PUTs (s3rver, older MinIO) the
- *   pointer lives in a NATS KV bucket and moves by compare-and-swap on the entry's revision
- *   (create for version 1, update at the revision read for later ones). The metadata file is
- *   written first under a unique name, so a losing writer leaves at most an unreferenced file.
+ * - {@link ObjectStoreCatalog}: version N of a table's metadata is `tables/<t>/metadata/v<N>.json`
+ *   (written with an atomic create-if-absent); the newest is the highest N listed.
+ * - {@link NatsKvCatalog}: the pointer `{ version, metadataKey }` is the NATS KV entry
+ *   `<store hash>.<table>` (for S3 servers without conditional PUTs).
+ *
+ * Branch pointers (refs.ts) use the same two primitives for every commit now.
  */
 import { createHash } from 'node:crypto';
 import type { KV } from '@nats-io/kv';
-import { ulid } from 'ulid';
-import { StorageError, TableConflictError } from './errors.ts';
+import { StorageError } from './errors.ts';
+import type { Versions } from './branches.ts';
+import type { TableMetadata } from './metadata.ts';
 import type { ObjectStore } from './object-store.ts';
 
 /** What a catalog knows of a table: its current metadata version and file. */
 export interface CatalogHead {
   version: number;
   metadataKey: string;
-  /** Catalog-specific proof of what was read (a KV revision), handed back on commit. */
-  revision?: number;
 }
 
-export interface Catalog {
+/** The pre-branch per-table catalog; only read now, to migrate its tables onto `main`. */
+export interface TableHeads {
   /** The table's current metadata, or null when the table does not exist. */
   head(table: string): Promise<CatalogHead | null>;
-  /**
-   * Makes `metadata` version `(base?.version ?? 0) + 1` of the table, only if `base` is still the
-   * current head. Throws {@link TableConflictError} otherwise; then nothing was committed.
-   */
-  commit(table: string, base: CatalogHead | null, metadata: Uint8Array): Promise<CatalogHead>;
   /** Names of the tables that exist, sorted. */
   list(): Promise<string[]>;
 }
@@ -42,7 +36,7 @@ export const tablePrefix = (table: string) => `tables/${table}`;
 const metadataPrefix = (table: string) => `${tablePrefix(table)}/metadata/`;
 const VERSION_FILE = /^v(\d+)\.json$/;
 
-export class ObjectStoreCatalog implements Catalog {
+export class ObjectStoreCatalog implements TableHeads {
   constructor(private readonly store: ObjectStore) {
     if (!store.putIfAbsent) {
       throw new StorageError(
@@ -61,13 +55,6 @@ export class ObjectStoreCatalog implements Catalog {
     return best;
   }
 
-  async commit(table: string, base: CatalogHead | null, metadata: Uint8Array): Promise<CatalogHead> {
-    const version = (base?.version ?? 0) + 1;
-    const metadataKey = `${metadataPrefix(table)}v${version}.json`;
-    if (!(await this.store.putIfAbsent!(metadataKey, metadata))) throw new TableConflictError(table, version - 1);
-    return { version, metadataKey };
-  }
-
   async list(): Promise<string[]> {
     const names = new Set<string>();
     for (const key of await this.store.list('tables/')) {
@@ -78,7 +65,7 @@ export class ObjectStoreCatalog implements Catalog {
   }
 }
 
-export class NatsKvCatalog implements Catalog {
+export class NatsKvCatalog implements TableHeads {
   /** One bucket serves many stores: keys are `<hash of the store id>.<table>`. */
   private readonly prefix: string;
 
@@ -93,30 +80,43 @@ export class NatsKvCatalog implements Catalog {
     const entry = await this.kv.get(this.prefix + table);
     if (!entry || entry.operation !== 'PUT' || entry.length === 0) return null;
     const pointer = entry.json<{ version: number; metadataKey: string }>();
-    return { version: pointer.version, metadataKey: pointer.metadataKey, revision: entry.revision };
-  }
-
-  async commit(table: string, base: CatalogHead | null, metadata: Uint8Array): Promise<CatalogHead> {
-    const version = (base?.version ?? 0) + 1;
-    const metadataKey = `${metadataPrefix(table)}v${version}-${ulid()}.json`;
-    await this.store.put(metadataKey, metadata);
-    const pointer = JSON.stringify({ version, metadataKey });
-    try {
-      const key = this.prefix + table;
-      const revision = base ? await this.kv.update(key, pointer, base.revision!) : await this.kv.create(key, pointer);
-      return { version, metadataKey, revision };
-    } catch (error) {
-      await this.store.delete([metadataKey]);
-      // Only "someone else moved the pointer" is a conflict; anything else is trouble to report.
-      const now = await this.head(table);
-      if ((now?.revision ?? 0) !== (base?.revision ?? 0)) throw new TableConflictError(table, version - 1);
-      throw new StorageError('ERR_OBJECT_STORE', `could not commit version ${version} of table "${table}" to the NATS KV catalog: ${(error as Error).message}`, { cause: error });
-    }
+    return { version: pointer.version, metadataKey: pointer.metadataKey };
   }
 
   async list(): Promise<string[]> {
     const names: string[] = [];
-    for await (const key of await this.kv.keys(`${this.prefix}>`)) names.push(key.slice(this.prefix.length));
+    // The same bucket holds branch pointers (`<prefix>.refs.…`): a table key has one token more.
+    for await (const key of await this.kv.keys(`${this.prefix}*`)) names.push(key.slice(this.prefix.length));
     return names.sort();
   }
+}
+
+/** A table's new metadata, committed on top of `base` (null: the table is new). */
+export interface TableChange {
+  table: string;
+  base: CatalogHead | null;
+  metadata: TableMetadata;
+}
+
+/**
+ * The catalog as tables see it: the tables of one ref (a branch, a tag or a catalog commit).
+ * `commit` changes several tables of a branch in one atomic catalog commit.
+ */
+export interface Catalog {
+  /** The branch, tag or commit id this view reads (and, for a branch, writes). */
+  readonly ref: string;
+  /** The table's current metadata on this ref, or null when the table does not exist there. */
+  head(table: string): Promise<CatalogHead | null>;
+  /**
+   * Writes each table's metadata file and moves the branch to one new catalog commit holding
+   * all of them, only if every table is still at its `base`. Throws {@link TableConflictError}
+   * otherwise; then nothing was committed. Changes to other tables in between are kept (retried).
+   */
+  commit(changes: readonly TableChange[], message?: string): Promise<CatalogHead[]>;
+  /** Names of the tables on this ref, sorted. */
+  list(): Promise<string[]>;
+  /** The same catalog at another ref. */
+  at(ref: string): Catalog;
+  /** Branches, tags and merges of the whole store. */
+  readonly versions: Versions;
 }

@@ -1,4 +1,5 @@
 import { DataType, type Field, type Int, type Schema } from 'apache-arrow';
+import { compareValues } from './filter.ts';
 import { PhysicalType, type ColumnChunkInfo } from './parquet-footer.ts';
 
 /**
@@ -83,8 +84,9 @@ export function statFromJson(value: unknown, kind: ColumnKind): ColumnValue | un
 export function mergeStats(a: ColumnStats | null, b: ColumnStats): ColumnStats {
   if (!a) return { ...b };
   const out: ColumnStats = {};
-  if (a.min !== undefined && b.min !== undefined) out.min = b.min < a.min ? b.min : a.min;
-  if (a.max !== undefined && b.max !== undefined) out.max = b.max > a.max ? b.max : a.max;
+  // In the order statistics are written in (byte order for strings), as filters compare them.
+  if (a.min !== undefined && b.min !== undefined) out.min = compareValues(b.min, a.min) < 0 ? b.min : a.min;
+  if (a.max !== undefined && b.max !== undefined) out.max = compareValues(b.max, a.max) > 0 ? b.max : a.max;
   if (a.nullCount !== undefined && b.nullCount !== undefined) out.nullCount = a.nullCount + b.nullCount;
   return out;
 }

@@ -2,14 +2,16 @@ import { join } from 'node:path';
 import { Kvm } from '@nats-io/kv';
 import type { NatsConnection } from '@nats-io/transport-node';
 import { quiverHome } from '../schemas/index.ts';
+import { BranchCatalog, Versions } from './branches.ts';
 import { NatsKvCatalog, ObjectStoreCatalog } from './catalog.ts';
 import { StorageError } from './errors.ts';
 import { LocalObjectStore } from './object-store.ts';
 import { ulid } from 'ulid';
+import { KvRefs, ObjectStoreRefs } from './refs.ts';
 import type { S3ObjectStore, S3StoreOptions } from './s3-store.ts';
 import type { TableStore } from './tables.ts';
 
-/** The NATS KV bucket holding table pointers when the S3 server has no conditional writes. */
+/** The NATS KV bucket holding branch and tag pointers (and pre-branch table pointers) when the S3 server has no conditional writes. */
 export const TABLES_BUCKET = 'quiver-tables';
 
 export type StorageConfig =
@@ -29,14 +31,14 @@ export interface OpenedTableStore extends TableStore {
 export async function openTableStore(config: StorageConfig): Promise<OpenedTableStore> {
   if (config.kind === 'local') {
     const objects = new LocalObjectStore(config.root);
-    return { objects, catalog: new ObjectStoreCatalog(objects), close: async () => {} };
+    return { objects, catalog: new BranchCatalog(new Versions(objects, new ObjectStoreRefs(objects), new ObjectStoreCatalog(objects))), close: async () => {} };
   }
   // Loaded on first use: the AWS SDK takes ~150 ms to import, and most commands never need it.
   const { S3ObjectStore } = await import('./s3-store.ts');
   const objects = new S3ObjectStore(config.s3);
   if (config.s3.conditionalWrites) {
     await checkConditionalWrites(objects);
-    return { objects, catalog: new ObjectStoreCatalog(objects), close: () => objects.close() };
+    return { objects, catalog: new BranchCatalog(new Versions(objects, new ObjectStoreRefs(objects), new ObjectStoreCatalog(objects))), close: () => objects.close() };
   }
   if (!config.nc) {
     await objects.close();
@@ -46,7 +48,7 @@ export async function openTableStore(config: StorageConfig): Promise<OpenedTable
     );
   }
   const kv = await new Kvm(config.nc).create(TABLES_BUCKET, { history: 10 });
-  return { objects, catalog: new NatsKvCatalog(objects, kv), close: () => objects.close() };
+  return { objects, catalog: new BranchCatalog(new Versions(objects, new KvRefs(objects.id, kv), new NatsKvCatalog(objects, kv))), close: () => objects.close() };
 }
 
 /**

@@ -15,7 +15,12 @@ export class StorageError extends Error {
       | 'ERR_CORRUPT_METADATA'
       | 'ERR_FILTER_SYNTAX'
       | 'ERR_FILTER_TYPE'
-      | 'ERR_UNKNOWN_COLUMN',
+      | 'ERR_UNKNOWN_COLUMN'
+      | 'ERR_REF_NOT_FOUND'
+      | 'ERR_REF_EXISTS'
+      | 'ERR_REF_BAD_NAME'
+      | 'ERR_REF_CONFLICT'
+      | 'ERR_MERGE_CONFLICT',
     message: string,
     options?: { cause?: unknown },
   ) {
@@ -83,5 +88,35 @@ export class UnknownColumnError extends StorageError {
     where: string,
   ) {
     super('ERR_UNKNOWN_COLUMN', `${where} names column(s) ${columns.map((c) => `"${c}"`).join(', ')} that table "${table}" does not have; its columns are: ${available.join(', ')}`);
+  }
+}
+
+/** A branch, tag or catalog commit that does not exist; the message lists the refs that do. */
+export class RefNotFoundError extends StorageError {
+  override readonly name = 'RefNotFoundError';
+  constructor(
+    readonly ref: string,
+    readonly existing: readonly string[],
+  ) {
+    super('ERR_REF_NOT_FOUND', `no branch, tag or catalog commit "${ref}"; ${existing.length ? `the refs are: ${existing.join(', ')}` : 'there are no refs yet'} (create a branch with \`quiver branch create NAME\`)`);
+  }
+}
+
+/**
+ * Two branches changed the same table since they diverged, other than both only appending:
+ * the merge committed nothing and the target branch is unchanged.
+ */
+export class MergeConflictError extends StorageError {
+  override readonly name = 'MergeConflictError';
+  constructor(
+    readonly source: string,
+    readonly target: string,
+    readonly tables: readonly string[],
+  ) {
+    super(
+      'ERR_MERGE_CONFLICT',
+      `cannot merge ${source} into ${target}: both changed table(s) ${tables.join(', ')} since they diverged (not both appends only). ${target} is unchanged; ` +
+        `merge by hand (e.g. rewrite the table on ${source} from ${target}'s rows) or drop one side's change`,
+    );
   }
 }

@@ -277,7 +277,7 @@ export function validateFilter(filter: Filter, table: string, kinds: ReadonlyMap
         `filter ${JSON.stringify(filterText)}: column "${column}" holds ${kind === 'other' ? 'values filters cannot compare (only IS NULL works on it)' : `${kind} values`}, but is compared with ${describeLiteral(literal)}${hint}`,
       );
     }
-    if (kind === 'bigint' && !Number.isInteger(literal.value)) {
+    if (kind === 'bigint' && literal.type === 'number' && bigintOf(literal) === null) {
       throw new StorageError('ERR_FILTER_TYPE', `filter ${JSON.stringify(filterText)}: column "${column}" holds 64-bit integers, but is compared with ${describeLiteral(literal)}`);
     }
   };
@@ -345,10 +345,47 @@ function pushNegations(filter: Filter, negate = false): Positive {
   }
 }
 
-/** A literal as a value of its column's kind (numbers become bigints on 64-bit integer columns). */
+/**
+ * A number literal as an exact bigint, from its text: `9007199254740993` stays that, where the
+ * double it parses to would be ...992. Null when it is not an integer.
+ */
+function bigintOf(literal: Extract<Literal, { type: 'number' }>): bigint | null {
+  if (/^-?\d+$/.test(literal.text)) return BigInt(literal.text);
+  // 1e3 and the like: integers written otherwise, exact as long as the double is.
+  return Number.isInteger(literal.value) ? BigInt(literal.value) : null;
+}
+
+/** A literal as a value of its column's kind (numbers become exact bigints on 64-bit integer columns). */
 function valueFor(literal: Literal, kind: ColumnKind): ColumnValue {
-  if (kind === 'bigint' && literal.type === 'number') return BigInt(literal.value);
+  if (kind === 'bigint' && literal.type === 'number') return bigintOf(literal) ?? BigInt(Math.trunc(literal.value));
   return literal.value;
+}
+
+/**
+ * Strings in Unicode code point order, which is UTF-8 byte order: the order Parquet writes
+ * min/max statistics in. JavaScript's `<` compares UTF-16 code units instead, which puts
+ * characters above U+FFFF (surrogate pairs) before U+E000..U+FFFF and would skip row groups
+ * that hold matches.
+ */
+export function compareStrings(a: string, b: string): number {
+  const n = Math.min(a.length, b.length);
+  for (let i = 0; i < n; i++) {
+    const x = a.charCodeAt(i);
+    const y = b.charCodeAt(i);
+    if (x === y) continue;
+    const xSurrogate = x >= 0xd800 && x <= 0xdfff;
+    const ySurrogate = y >= 0xd800 && y <= 0xdfff;
+    // A surrogate starts a code point above U+FFFF: after every character of the BMP.
+    if (xSurrogate !== ySurrogate) return xSurrogate ? 1 : -1;
+    return x - y;
+  }
+  return a.length - b.length;
+}
+
+/** Orders two values of one column kind: strings by {@link compareStrings}, the rest by `<` (bigints exactly). */
+export function compareValues(a: ColumnValue, b: ColumnValue): number {
+  if (typeof a === 'string' && typeof b === 'string') return compareStrings(a, b);
+  return a < b ? -1 : a > b ? 1 : 0;
 }
 
 type RowStats = (column: string) => (ColumnStats & { rows: number }) | undefined;
@@ -375,7 +412,8 @@ function mayMatchPositive(f: Positive, kinds: ReadonlyMap<string, ColumnKind>, s
   const { min, max } = s;
   if (min === undefined || max === undefined) return true;
   const kind = kinds.get(f.column)!;
-  const inRange = (v: ColumnValue) => min <= v && v <= max;
+  const c = compareValues;
+  const inRange = (v: ColumnValue) => c(min, v) <= 0 && c(v, max) <= 0;
   switch (f.kind) {
     case 'compare': {
       const v = valueFor(f.value, kind);
@@ -385,20 +423,20 @@ function mayMatchPositive(f: Positive, kinds: ReadonlyMap<string, ColumnKind>, s
         case '!=':
           return !(min === v && max === v);
         case '<':
-          return min < v;
+          return c(min, v) < 0;
         case '<=':
-          return min <= v;
+          return c(min, v) <= 0;
         case '>':
-          return max > v;
+          return c(max, v) > 0;
         case '>=':
-          return max >= v;
+          return c(max, v) >= 0;
       }
       break;
     }
     case 'between': {
       const low = valueFor(f.low, kind);
       const high = valueFor(f.high, kind);
-      return f.negated ? min < low || max > high : max >= low && min <= high && low <= high;
+      return f.negated ? c(min, low) < 0 || c(max, high) > 0 : c(max, low) >= 0 && c(min, high) <= 0 && c(low, high) <= 0;
     }
     case 'in': {
       const values = f.values.map((v) => valueFor(v, kind));
@@ -441,11 +479,11 @@ function build(f: Positive, kinds: ReadonlyMap<string, ColumnKind>, column: (nam
       return f.negated
         ? (i) => {
             const x = get(i);
-            return x !== null && (x < low || x > high);
+            return x !== null && (compareValues(x, low) < 0 || compareValues(x, high) > 0);
           }
         : (i) => {
             const x = get(i);
-            return x !== null && x >= low && x <= high;
+            return x !== null && compareValues(x, low) >= 0 && compareValues(x, high) <= 0;
           };
     }
     case 'in': {
@@ -463,11 +501,12 @@ function build(f: Positive, kinds: ReadonlyMap<string, ColumnKind>, column: (nam
   }
 }
 
+// Rows compare as statistics do (byte order for strings), so pruning and filtering agree.
 const COMPARE: Record<ComparisonOp, (a: ColumnValue, b: ColumnValue) => boolean> = {
   '=': (a, b) => a === b,
   '!=': (a, b) => a !== b,
-  '<': (a, b) => a < b,
-  '<=': (a, b) => a <= b,
-  '>': (a, b) => a > b,
-  '>=': (a, b) => a >= b,
+  '<': (a, b) => compareValues(a, b) < 0,
+  '<=': (a, b) => compareValues(a, b) <= 0,
+  '>': (a, b) => compareValues(a, b) > 0,
+  '>=': (a, b) => compareValues(a, b) >= 0,
 };

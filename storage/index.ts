@@ -5,10 +5,15 @@
  */
 export { LocalObjectStore, type ByteRange, type ObjectStore } from './object-store.ts';
 export type { S3ObjectStore, S3StoreOptions } from './s3-store.ts';
-export { NatsKvCatalog, ObjectStoreCatalog, type Catalog, type CatalogHead } from './catalog.ts';
+export { NatsKvCatalog, ObjectStoreCatalog, type Catalog, type CatalogHead, type TableChange } from './catalog.ts';
+export { BranchCatalog, MAIN_BRANCH, Versions, type MergeResult, type RefInfo, type TableDiff } from './branches.ts';
+export { checkRefName, KvRefs, ObjectStoreRefs, REF_NAME_PATTERN, type RefKind, type RefStore } from './refs.ts';
+export { DEFAULT_EXPIRE_MS, expireSnapshots, vacuumTable, type ExpireOptions, type ExpireResult, type VacuumOptions } from './retention.ts';
 export {
+  atRef,
   checkTableName,
   commitStaged,
+  commitStagedMany,
   describeTable,
   discardStaged,
   findCommitted,
@@ -16,13 +21,12 @@ export {
   loadTable,
   resolveSnapshot,
   stageTable,
-  vacuumTable,
   writeTable,
   type CommitResult,
   type SnapshotSelector,
+  type StagedCommit,
   type StagedWrite,
   type TableStore,
-  type VacuumOptions,
   type WriteOptions,
 } from './tables.ts';
 export { executeScan, prepareScan, scanTable, type PreparedScan, type ScanOptions, type ScanResult, type ScanStats } from './scan.ts';
@@ -33,4 +37,4 @@ export { dataFileLayout, decodeParquet, encodeParquet, DEFAULT_ROW_GROUP_ROWS } 
 export type { ParquetFooter } from './parquet-footer.ts';
 export { openTableStore, storageConfigFromEnv, tableStoreFromEnv, TABLES_BUCKET, type OpenedTableStore, type StorageConfig } from './config.ts';
 export type { DataFileEntry, Manifest, Snapshot, TableMetadata } from './metadata.ts';
-export { CorruptDataFileError, FilterSyntaxError, StorageError, TableConflictError, TableNotFoundError, UnknownColumnError } from './errors.ts';
+export { CorruptDataFileError, FilterSyntaxError, MergeConflictError, RefNotFoundError, StorageError, TableConflictError, TableNotFoundError, UnknownColumnError } from './errors.ts';

@@ -79,3 +79,33 @@ export const tableMetadata = z.object({
   snapshots: z.array(snapshot),
 });
 export type TableMetadata = z.infer<typeof tableMetadata>;
+
+/** A table as one catalog commit holds it: which metadata file, and a summary for diffs. */
+export const catalogTableEntry = z.object({
+  /** Object key of the table's metadata file (immutable, unique name). */
+  metadataKey: z.string().min(1),
+  version: z.number().int().positive(),
+  /** The table's current snapshot in that metadata: what a merge compares. */
+  snapshotId: z.string().nullable(),
+  rows: z.number().int().nonnegative(),
+});
+export type CatalogTableEntry = z.infer<typeof catalogTableEntry>;
+
+/**
+ * An immutable catalog commit (Nessie-like): the state of every table at once. Stored
+ * content-addressed under `catalog/commits/<sha256>.json`; a branch head points at one.
+ */
+export const catalogCommit = z.object({
+  formatVersion: z.literal(1),
+  /** Empty for the first commit, two for a merge (target first). */
+  parents: z.array(z.string()),
+  /** 1 + the largest parent generation: bounds ancestor searches. */
+  generation: z.number().int().positive(),
+  timestampMs: z.number().int().nonnegative(),
+  message: z.string(),
+  tables: z.record(z.string(), catalogTableEntry),
+});
+export type CatalogCommit = z.infer<typeof catalogCommit>;
+
+/** The value behind a branch or tag pointer; `commit: null` records a deletion. */
+export const refPointer = z.object({ commit: z.string().nullable() });

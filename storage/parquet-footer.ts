@@ -57,6 +57,7 @@ export function footerLengthFromTrailer(trailer: Uint8Array, fileSize: number): 
 /** Parses the footer; `tail` must hold at least the last `footerLength` bytes of the file. */
 export function parseFooter(tail: Uint8Array): ParquetFooter {
   const footerLength = footerLengthFromTrailer(tail, Number.MAX_SAFE_INTEGER);
+  if (footerLength > tail.byteLength) throw new FooterError(`its footer claims ${footerLength - 8} bytes, more than the ${tail.byteLength} bytes read`);
   const metadata = tail.subarray(tail.byteLength - footerLength, tail.byteLength - 8);
   let root: ThriftStruct;
   try {
@@ -64,8 +65,22 @@ export function parseFooter(tail: Uint8Array): ParquetFooter {
   } catch (error) {
     throw new FooterError(`its footer does not decode: ${(error as Error).message}`);
   }
+  try {
+    return interpret(root, footerLength);
+  } catch (error) {
+    // A footer that decodes as Thrift but not as FileMetaData (a field of the wrong type, a missing one).
+    if (error instanceof FooterError) throw error;
+    throw new FooterError(`its footer is not a valid FileMetaData: ${(error as Error).message}`);
+  }
+}
+
+/** Converted types (parquet.thrift `ConvertedType`) of unsigned integers: UINT_8, UINT_16, UINT_32, UINT_64. */
+const UNSIGNED_CONVERTED_TYPES = new Set([11, 12, 13, 14]);
+
+function interpret(root: ThriftStruct, footerLength: number): ParquetFooter {
   const schema = (root.get(2) as ThriftStruct[] | undefined) ?? [];
   const timestampUnits = new Map<string, 'ms' | 'us' | 'ns'>();
+  const unsignedColumns = new Set<string>();
   // schema[0] is the root; top-level leaves follow (nested columns are not pruned, so depth is ignored).
   for (const element of schema.slice(1)) {
     const name = decodeString(element.get(4) as Uint8Array);
@@ -75,6 +90,9 @@ export function parseFooter(tail: Uint8Array): ParquetFooter {
     if (unit) timestampUnits.set(name, unit.has(1) ? 'ms' : unit.has(2) ? 'us' : 'ns');
     else if (element.get(6) === 9) timestampUnits.set(name, 'ms');
     else if (element.get(6) === 10) timestampUnits.set(name, 'us');
+    // LogicalType INTEGER (field 10) with isSigned (field 2) false, or a UINT_* converted type.
+    const integer = logical?.get(10) as ThriftStruct | undefined;
+    if (integer?.get(2) === false || UNSIGNED_CONVERTED_TYPES.has(element.get(6) as number)) unsignedColumns.add(name);
   }
   const rowGroups = ((root.get(4) as ThriftStruct[] | undefined) ?? []).map((rg): RowGroupInfo => {
     const columns = ((rg.get(1) as ThriftStruct[] | undefined) ?? []).map((chunk): ColumnChunkInfo => {
@@ -85,8 +103,9 @@ export function parseFooter(tail: Uint8Array): ParquetFooter {
       const dictionaryPage = meta.has(11) ? toNumber(meta.get(11)) : 0;
       const stats = meta.get(12) as ThriftStruct | undefined;
       const physicalType = meta.get(1) as number;
-      // min_value/max_value order correctly for every type; the deprecated min/max only for signed numbers.
-      const legacyOk = physicalType !== PhysicalType.BYTE_ARRAY && physicalType !== PhysicalType.FIXED_LEN_BYTE_ARRAY;
+      // min_value/max_value order correctly for every type; the deprecated min/max were written in
+      // signed order, so they are right only for signed numbers (not bytes, not unsigned integers).
+      const legacyOk = physicalType !== PhysicalType.BYTE_ARRAY && physicalType !== PhysicalType.FIXED_LEN_BYTE_ARRAY && !unsignedColumns.has(path[0]!);
       return {
         column: path[0]!,
         physicalType,
@@ -102,6 +121,12 @@ export function parseFooter(tail: Uint8Array): ParquetFooter {
   });
   return { numRows: toNumber(root.get(3)), rowGroups, timestampUnits, footerLength, raw: root };
 }
+
+/**
+ * Thrift structs nest this deep at most: FileMetaData's deepest path (a logical type inside a
+ * schema element inside the list) is a handful of levels, so more is a crafted footer.
+ */
+export const MAX_THRIFT_DEPTH = 32;
 
 type ThriftValue = boolean | number | bigint | Uint8Array | ThriftList | ThriftStruct | ThriftMap;
 /** Lists and maps remember their element types, so a footer can be written back as it was read. */
@@ -141,10 +166,47 @@ function toNumber(value: ThriftValue | undefined): number {
   throw new FooterError(`expected an integer, got ${value === undefined ? 'nothing' : typeof value}`);
 }
 
-/** The Thrift compact protocol, enough to read any struct (unknown fields are skipped by type). */
+/** Element types a list, set or map may hold (compact protocol): bool(1/2) through struct(12). */
+function checkElementType(type: number, at: number): void {
+  if (type < 1 || type > 12) throw new FooterError(`unknown Thrift element type ${type} at byte ${at}`);
+}
+
+/**
+ * The Thrift compact protocol, enough to read any struct (unknown fields are skipped by type).
+ * Nothing in the bytes is trusted: every count and length is checked against the bytes left
+ * and nesting is bounded, so a crafted footer fails at once instead of looping or allocating.
+ */
 class CompactReader {
   private pos = 0;
+  private depth = 0;
   constructor(private readonly bytes: Uint8Array) {}
+
+  private get remaining(): number {
+    return this.bytes.length - this.pos;
+  }
+
+  /**
+   * A container's element count, checked against the bytes left: every element takes at least
+   * one byte (booleans too, inside containers), so a count above that cannot be honest and is
+   * refused before anything is allocated or looped over.
+   */
+  private count(size: bigint, bytesPerElement: number, what: string): number {
+    if (size < 0n || size * BigInt(bytesPerElement) > BigInt(this.remaining)) {
+      throw new FooterError(`a ${what} at byte ${this.pos} claims ${size} elements, but only ${this.remaining} bytes follow`);
+    }
+    return Number(size);
+  }
+
+  /** A boolean element of a list, set or map: one byte, 1 true and 2 (or 0) false. */
+  private containerBool(): boolean {
+    const b = this.byte();
+    if (b !== 0 && b !== 1 && b !== 2) throw new FooterError(`a boolean at byte ${this.pos - 1} is ${b}, not 0, 1 or 2`);
+    return b === 1;
+  }
+
+  private element(type: number): ThriftValue {
+    return type === 1 || type === 2 ? this.containerBool() : this.value(type);
+  }
 
   private byte(): number {
     if (this.pos >= this.bytes.length) throw new FooterError('unexpected end of the footer');
@@ -194,8 +256,9 @@ class CompactReader {
         return v;
       }
       case 8: {
-        const length = Number(this.varint());
-        if (this.pos + length > this.bytes.length) throw new FooterError('a binary field runs past the end of the footer');
+        const declared = this.varint();
+        if (declared > BigInt(this.remaining)) throw new FooterError(`a binary field at byte ${this.pos} claims ${declared} bytes, but only ${this.remaining} follow`);
+        const length = Number(declared);
         const v = this.bytes.subarray(this.pos, this.pos + length);
         this.pos += length;
         return v;
@@ -203,20 +266,29 @@ class CompactReader {
       case 9:
       case 10: {
         const header = this.byte();
-        const size = header >> 4 === 15 ? Number(this.varint()) : header >> 4;
+        const size = this.count(header >> 4 === 15 ? this.varint() : BigInt(header >> 4), 1, 'list');
         const elementType = header & 0x0f;
+        checkElementType(elementType, this.pos);
         const out = Object.assign([] as ThriftValue[], { elementType });
-        for (let i = 0; i < size; i++) out.push(elementType === 1 || elementType === 2 ? this.byte() === 1 : this.value(elementType));
+        this.enter();
+        for (let i = 0; i < size; i++) out.push(this.element(elementType));
+        this.depth--;
         return out;
       }
       case 11: {
-        const size = Number(this.varint());
+        const declared = this.varint();
         const map = Object.assign(new Map<ThriftValue, ThriftValue>(), { keyType: 0, valueType: 0 });
-        if (size === 0) return map;
+        if (declared === 0n) return map;
         const types = this.byte();
+        // A key and a value per entry: at least two bytes each.
+        const size = this.count(declared, 2, 'map');
         map.keyType = types >> 4;
         map.valueType = types & 0x0f;
-        for (let i = 0; i < size; i++) map.set(this.value(types >> 4), this.value(types & 0x0f));
+        checkElementType(map.keyType, this.pos);
+        checkElementType(map.valueType, this.pos);
+        this.enter();
+        for (let i = 0; i < size; i++) map.set(this.element(map.keyType), this.element(map.valueType));
+        this.depth--;
         return map;
       }
       case 12:
@@ -226,12 +298,20 @@ class CompactReader {
     }
   }
 
+  private enter(): void {
+    if (++this.depth > MAX_THRIFT_DEPTH) throw new FooterError(`Thrift values nest more than ${MAX_THRIFT_DEPTH} deep at byte ${this.pos}`);
+  }
+
   readStruct(): ThriftStruct {
     const fields = new ThriftStruct();
     let last = 0;
+    this.enter();
     for (;;) {
       const header = this.byte();
-      if (header === 0) return fields;
+      if (header === 0) {
+        this.depth--;
+        return fields;
+      }
       const delta = header >> 4;
       const id = delta === 0 ? this.int() : last + delta;
       last = id;

@@ -30,9 +30,15 @@ export async function encodeParquet(table: Table, rowGroupRows = DEFAULT_ROW_GRO
 
 /** Reads a whole Parquet file held in memory (imports). */
 export async function decodeParquet(bytes: Uint8Array, name: string): Promise<Table> {
-  const { readParquet } = await loadParquetWasm();
   try {
     footerLengthFromTrailer(bytes.subarray(Math.max(0, bytes.length - 8)), bytes.length);
+    // Our bounded reader first: a crafted footer is refused here rather than handed to the wasm decoder.
+    parseFooter(bytes);
+  } catch (error) {
+    throw new CorruptDataFileError(name, (error as Error).message, { cause: error });
+  }
+  const { readParquet } = await loadParquetWasm();
+  try {
     return tableFromIPC(readParquet(bytes, { batchSize: 1_048_576 }).intoIPCStream());
   } catch (error) {
     throw new CorruptDataFileError(name, (error as Error).message, { cause: error });

@@ -1,8 +1,8 @@
 import { randomUUID } from 'node:crypto';
 import { Schema, Table, tableFromIPC, tableToIPC } from 'apache-arrow';
-import { decodeTime, ulid } from 'ulid';
+import { ulid } from 'ulid';
 import { NAME_PATTERN } from '../schemas/index.ts';
-import { tablePrefix, type Catalog, type CatalogHead } from './catalog.ts';
+import { tablePrefix, type Catalog, type CatalogHead, type TableChange } from './catalog.ts';
 import { columnKind, decodeStat, mergeStats, statToJson, type ColumnStats } from './columns.ts';
 import { StorageError, TableNotFoundError } from './errors.ts';
 import { manifest as manifestSchema, tableMetadata, type DataFileEntry, type Manifest, type Snapshot, type TableMetadata, type TableSchema } from './metadata.ts';
@@ -54,6 +54,15 @@ export function checkTableName(name: string): void {
   if (typeof name !== 'string' || !NAME_PATTERN.test(name)) {
     throw new StorageError('ERR_TABLE_BAD_NAME', `table name ${JSON.stringify(name)} must be an identifier: a letter or _, then letters, digits or _ (at most 64)`);
   }
+}
+
+/**
+ * The same store reading (and, for a branch, writing) at `ref`: a branch, a tag or a catalog
+ * commit id. Every function taking a TableStore then works on that ref.
+ * @default the store's own ref is `main`
+ */
+export function atRef<S extends TableStore>(store: S, ref: string | undefined): S {
+  return ref === undefined || ref === store.catalog.ref ? store : { ...store, catalog: store.catalog.at(ref) };
 }
 
 export function listTables(store: TableStore): Promise<string[]> {
@@ -157,73 +166,119 @@ export async function commitStaged(
   staged: StagedWrite,
   options: { mode: 'append' | 'replace'; base?: CatalogHead | null; now?: number },
 ): Promise<CommitResult> {
-  const name = staged.table;
-  const base = options.base === undefined ? await store.catalog.head(name) : options.base;
+  const [result] = await commitStagedMany(store, [{ staged, mode: options.mode, ...(options.base !== undefined ? { base: options.base } : {}) }], options.now !== undefined ? { now: options.now } : {});
+  return result!;
+}
+
+/** One table's part of {@link commitStagedMany}. */
+export interface StagedCommit {
+  staged: StagedWrite;
+  mode: 'append' | 'replace';
+  /** The table's head the write builds on. @default its head when the commit starts */
+  base?: CatalogHead | null;
+}
+
+/**
+ * Commits staged writes of several tables as one catalog commit on the store's branch: readers
+ * see all of them or none. Throws TableConflictError when another commit changed one of these
+ * tables first; then every staged file is removed and no table changed.
+ */
+export async function commitStagedMany(store: TableStore, writes: readonly StagedCommit[], options: { now?: number; message?: string } = {}): Promise<CommitResult[]> {
+  const names = writes.map((w) => w.staged.table);
+  const twice = names.find((n, i) => names.indexOf(n) !== i);
+  if (twice) throw new StorageError('ERR_TABLE_CONFLICT', `one commit cannot write table "${twice}" twice: materialize it from one step`);
+  const manifests: string[] = [];
   try {
-    const previous = base ? await readJson(store.objects, base.metadataKey, tableMetadata) : null;
-    const previousSnapshot = previous ? resolveSnapshot(previous) : null;
-    const fields = staged.schema.fields.map((f) => ({ name: f.name, type: String(f.type), nullable: f.nullable }));
-    let schemas = previous?.schemas ?? [];
-    let schemaId = schemas.find((s) => sameFields(s.fields, fields))?.schemaId;
-    if (options.mode === 'append' && previous && previousSnapshot && schemaId !== previous.currentSchemaId) {
-      const current = previous.schemas.find((s) => s.schemaId === previous.currentSchemaId)!;
-      throw new StorageError(
-        'ERR_TABLE_SCHEMA',
-        `cannot append to table "${name}": its columns are ${describeFields(current.fields)}, the new rows have ${describeFields(fields)}. Use mode 'replace' to change the schema`,
-      );
+    const changes: TableChange[] = [];
+    const results: CommitResult[] = [];
+    for (const write of writes) {
+      const { staged, mode } = write;
+      const base = write.base === undefined ? await store.catalog.head(staged.table) : write.base;
+      const previous = base ? await readTableMetadata(store.objects, base.metadataKey) : null;
+      const fields = staged.schema.fields.map((f) => ({ name: f.name, type: String(f.type), nullable: f.nullable }));
+      const arrowSchema = () => Buffer.from(tableToIPC(new Table(staged.schema), 'stream')).toString('base64');
+      const built = await buildSnapshot(store.objects, staged.table, previous, { fields, arrowSchema, files: staged.files }, mode, options.now ?? Date.now());
+      manifests.push(built.manifestKey);
+      changes.push({ table: staged.table, base, metadata: built.metadata });
+      results.push({ table: staged.table, version: built.metadata.version, snapshotId: built.metadata.currentSnapshotId!, rows: staged.files.reduce((n, f) => n + f.recordCount, 0), files: staged.files.length });
     }
-    if (schemaId === undefined) {
-      schemaId = schemas.length === 0 ? 0 : Math.max(...schemas.map((s) => s.schemaId)) + 1;
-      schemas = [...schemas, { schemaId, fields, arrowSchema: Buffer.from(tableToIPC(new Table(staged.schema), 'stream')).toString('base64') }];
-    }
-    const kept = options.mode === 'append' && previousSnapshot ? (await readManifest(store, previousSnapshot)).dataFiles : [];
-    const dataFiles = [...kept, ...staged.files];
-    const snapshotId = ulid();
-    const manifestKey = `${tablePrefix(name)}/metadata/snap-${snapshotId}.manifest.json`;
-    const manifest: Manifest = { formatVersion: 1, snapshotId, dataFiles };
-    await store.objects.put(manifestKey, encodeJson(manifest));
-    const now = options.now ?? Date.now();
-    const addedRows = staged.files.reduce((n, f) => n + f.recordCount, 0);
-    const snapshot: Snapshot = {
-      snapshotId,
-      parentSnapshotId: previousSnapshot?.snapshotId ?? null,
-      sequenceNumber: (previous?.snapshots.length ?? 0) + 1,
-      // Snapshots stay in time order even when clocks of two writers disagree.
-      timestampMs: Math.max(now, (previous?.snapshots.at(-1)?.timestampMs ?? 0) + 1),
-      operation: options.mode === 'append' ? 'append' : 'overwrite',
-      schemaId,
-      manifest: manifestKey,
-      summary: {
-        addedFiles: staged.files.length,
-        addedRows,
-        totalFiles: dataFiles.length,
-        totalRows: dataFiles.reduce((n, f) => n + f.recordCount, 0),
-        totalBytes: dataFiles.reduce((n, f) => n + f.fileSizeInBytes, 0),
-      },
-    };
-    const metadata: TableMetadata = {
-      formatVersion: 1,
-      tableUuid: previous?.tableUuid ?? randomUUID(),
-      name,
-      location: tablePrefix(name),
-      version: (base?.version ?? 0) + 1,
-      lastUpdatedMs: snapshot.timestampMs,
-      schemas,
-      currentSchemaId: schemaId,
-      currentSnapshotId: snapshotId,
-      snapshots: [...(previous?.snapshots ?? []), snapshot],
-    };
-    try {
-      const head = await store.catalog.commit(name, base, encodeJson(metadata));
-      return { table: name, version: head.version, snapshotId, rows: addedRows, files: staged.files.length };
-    } catch (error) {
-      await store.objects.delete([manifestKey]);
-      throw error;
-    }
+    await store.catalog.commit(changes, options.message ?? `write ${names.join(', ')}`);
+    return results;
   } catch (error) {
-    await discardStaged(store, staged);
+    await store.objects.delete(manifests);
+    for (const write of writes) await discardStaged(store, write.staged);
     throw error;
   }
+}
+
+/**
+ * The metadata of `previous` plus one snapshot holding `files` (added to the current ones for an
+ * append): writes the snapshot's manifest and returns the metadata, not yet committed.
+ */
+export async function buildSnapshot(
+  objects: ObjectStore,
+  name: string,
+  previous: TableMetadata | null,
+  add: { fields: TableSchema['fields']; arrowSchema: () => string; files: readonly DataFileEntry[] },
+  mode: 'append' | 'replace',
+  now: number,
+): Promise<{ metadata: TableMetadata; manifestKey: string }> {
+  const previousSnapshot = previous ? resolveSnapshot(previous) : null;
+  const { fields } = add;
+  let schemas = previous?.schemas ?? [];
+  let schemaId = schemas.find((s) => sameFields(s.fields, fields))?.schemaId;
+  if (mode === 'append' && previous && previousSnapshot && schemaId !== previous.currentSchemaId) {
+    const current = previous.schemas.find((s) => s.schemaId === previous.currentSchemaId)!;
+    throw new StorageError(
+      'ERR_TABLE_SCHEMA',
+      `cannot append to table "${name}": its columns are ${describeFields(current.fields)}, the new rows have ${describeFields(fields)}. Use mode 'replace' to change the schema`,
+    );
+  }
+  if (schemaId === undefined) {
+    schemaId = schemas.length === 0 ? 0 : Math.max(...schemas.map((s) => s.schemaId)) + 1;
+    schemas = [...schemas, { schemaId, fields, arrowSchema: add.arrowSchema() }];
+  }
+  const kept = mode === 'append' && previousSnapshot ? (await readJson(objects, previousSnapshot.manifest, manifestSchema)).dataFiles : [];
+  const dataFiles = [...kept, ...add.files];
+  const snapshotId = ulid();
+  const manifestKey = `${tablePrefix(name)}/metadata/snap-${snapshotId}.manifest.json`;
+  const manifest: Manifest = { formatVersion: 1, snapshotId, dataFiles };
+  await objects.put(manifestKey, encodeJson(manifest));
+  const snapshot: Snapshot = {
+    snapshotId,
+    parentSnapshotId: previousSnapshot?.snapshotId ?? null,
+    sequenceNumber: (previous?.snapshots.at(-1)?.sequenceNumber ?? 0) + 1,
+    // Snapshots stay in time order even when clocks of two writers disagree.
+    timestampMs: Math.max(now, (previous?.snapshots.at(-1)?.timestampMs ?? 0) + 1),
+    operation: mode === 'append' ? 'append' : 'overwrite',
+    schemaId,
+    manifest: manifestKey,
+    summary: {
+      addedFiles: add.files.length,
+      addedRows: add.files.reduce((n, f) => n + f.recordCount, 0),
+      totalFiles: dataFiles.length,
+      totalRows: dataFiles.reduce((n, f) => n + f.recordCount, 0),
+      totalBytes: dataFiles.reduce((n, f) => n + f.fileSizeInBytes, 0),
+    },
+  };
+  const metadata: TableMetadata = {
+    formatVersion: 1,
+    tableUuid: previous?.tableUuid ?? randomUUID(),
+    name,
+    location: tablePrefix(name),
+    version: (previous?.version ?? 0) + 1,
+    lastUpdatedMs: snapshot.timestampMs,
+    schemas,
+    currentSchemaId: schemaId,
+    currentSnapshotId: snapshotId,
+    snapshots: [...(previous?.snapshots ?? []), snapshot],
+  };
+  return { metadata, manifestKey };
+}
+
+/** A table metadata file, checked. */
+export function readTableMetadata(objects: ObjectStore, key: string): Promise<TableMetadata> {
+  return readJson(objects, key, tableMetadata);
 }
 
 /**
@@ -238,44 +293,6 @@ export async function findCommitted(store: TableStore, staged: StagedWrite): Pro
   const current = resolveSnapshot(metadata);
   if (!current || !(await readManifest(store, current)).dataFiles.some((f) => f.path === first.path)) return null;
   return { table: staged.table, version: head.version, snapshotId: current.snapshotId, rows: staged.files.reduce((n, f) => n + f.recordCount, 0), files: staged.files.length };
-}
-
-/** Options of {@link vacuumTable}. */
-export interface VacuumOptions {
-  /**
-   * Only files written longer ago than this are removed: younger ones may be staged by a run
-   * still going, whose commit is yet to come. @default 3_600_000 (one hour)
-   */
-  olderThanMs?: number;
-  /** @default Date.now() */
-  now?: number;
-}
-
-/**
- * Removes the table's data files and manifests that no snapshot refers to: what failed runs
- * staged and never committed, and what losing writers left. Every snapshot stays readable.
- * File names carry their creation time (ULIDs), so nothing younger than `olderThanMs` goes.
- */
-export async function vacuumTable(store: TableStore, name: string, options: VacuumOptions = {}): Promise<{ removed: string[]; bytes: number }> {
-  const { metadata } = await loadTable(store, name);
-  const cutoff = (options.now ?? Date.now()) - (options.olderThanMs ?? 3_600_000);
-  const referenced = new Set<string>();
-  for (const snapshot of metadata.snapshots) {
-    referenced.add(snapshot.manifest);
-    for (const file of (await readManifest(store, snapshot)).dataFiles) referenced.add(file.path);
-  }
-  const candidates = [...(await store.objects.list(`${tablePrefix(name)}/data/`)), ...(await store.objects.list(`${tablePrefix(name)}/metadata/snap-`))];
-  const removed: string[] = [];
-  let bytes = 0;
-  for (const key of candidates) {
-    if (referenced.has(key)) continue;
-    const id = /([0-9A-HJKMNP-TV-Z]{26})(?:\.manifest\.json|\.parquet)$/.exec(key)?.[1];
-    if (!id || decodeTime(id) > cutoff) continue;
-    bytes += (await store.objects.size(key)) ?? 0;
-    removed.push(key);
-  }
-  await store.objects.delete(removed);
-  return { removed, bytes };
 }
 
 /** What `quiver table show` prints: schema, snapshots, row counts. */

@@ -37,11 +37,12 @@ import {
   type DataType,
 } from 'apache-arrow';
 import { ulid } from 'ulid';
-import { FlightAuthError, FlightClient, FlightNotFoundError, FlightServer, signTicket, type StoredTable } from '../flight/index.ts';
+import { FlightAuthError, FlightClient, FlightNotFoundError, FlightServer, flightAccessToken, signTicket, type StoredTable } from '../flight/index.ts';
 import { listSegments, readTableFromShm, removeDir, unmapSegments, writeTableToShm } from '../shm/index.ts';
 import { TEST_SHM_ROOT, waitFor } from './helpers.ts';
 
 const secret = randomBytes(32);
+const accessToken = flightAccessToken(secret);
 const shmDir = join(TEST_SHM_ROOT, `flight-${ulid().toLowerCase()}`);
 const outputs = new Map<string, StoredTable>();
 let server: FlightServer;
@@ -122,8 +123,8 @@ before(async () => {
     host: '127.0.0.1',
     resolveOutput: (runId, step) => outputs.get(`${runId}/${step}`) ?? null,
   });
-  client = new FlightClient(server.location);
-  bulkClient = new FlightClient(server.location, { bulkLocation: server.bulkLocation! });
+  client = new FlightClient(server.location, { accessToken });
+  bulkClient = new FlightClient(server.location, { bulkLocation: server.bulkLocation!, accessToken });
 });
 
 after(async () => {
@@ -255,7 +256,7 @@ describe('Arrow Flight: tickets', () => {
     await assert.rejects(client.getFlightInfo('elsewhere'), /unknown flight path/);
   });
 
-  it('needs the access token for GetFlightInfo when one is configured', async () => {
+  it('takes another access token when one is configured', async () => {
     const guarded = await FlightServer.start({ shmDir, secret, host: '127.0.0.1', accessToken: 'let-me-in', resolveOutput: () => outputs.get(`${runId}/secret`)! });
     const anonymous = new FlightClient(guarded.location);
     const member = new FlightClient(guarded.location, { accessToken: 'let-me-in' });
@@ -278,8 +279,8 @@ describe('Arrow Flight: TLS', () => {
     assert.equal(made.status, 0, made.stderr);
     const cert = readFileSync(join(dir, 'cert.pem'));
     const tls = await FlightServer.start({ shmDir, secret, host: '127.0.0.1', tls: { cert, key: readFileSync(join(dir, 'key.pem')) } });
-    const trusting = new FlightClient(tls.location, { rootCerts: cert });
-    const untrusting = new FlightClient(tls.location);
+    const trusting = new FlightClient(tls.location, { rootCerts: cert, accessToken });
+    const untrusting = new FlightClient(tls.location, { accessToken });
     try {
       assert.match(tls.location, /^grpc\+tls:\/\/127\.0\.0\.1:\d+$/);
       await trusting.putTable('over_tls', tableFromArrays({ x: Int32Array.from([7, 8]) }));
@@ -349,12 +350,19 @@ describe('Arrow Flight: a non-JavaScript client', () => {
     const script = `
 import sys, pyarrow.flight as fl
 client = fl.connect("${server.location}")
-info = client.get_flight_info(fl.FlightDescriptor.for_path("runs", "${runId}", "shared"))
-table = client.do_get(info.endpoints[0].ticket).read_all()
-bulk = fl.connect(info.endpoints[0].locations[1]).do_get(info.endpoints[0].ticket).read_all()
+try:
+    client.list_actions()
+    sys.exit("listed actions without credentials")
+except fl.FlightUnauthenticatedError:
+    pass
+# Basic auth with the token as password, exchanged by Handshake for the bearer header.
+options = fl.FlightCallOptions(headers=[client.authenticate_basic_token("quiver", "${accessToken}")])
+info = client.get_flight_info(fl.FlightDescriptor.for_path("runs", "${runId}", "shared"), options)
+table = client.do_get(info.endpoints[0].ticket, options).read_all()
+bulk = fl.connect(info.endpoints[0].locations[1]).do_get(info.endpoints[0].ticket, options).read_all()
 assert bulk.equals(table), "the bulk port serves the same stream"
 print(table.num_rows, table.schema.field("ts_tz").type, table.column("utf8")[0], table.column("i64")[2], table.column("dict")[3])
-client.do_put(fl.FlightDescriptor.for_path("from_python"), table.schema)[0].close()
+client.do_put(fl.FlightDescriptor.for_path("from_python"), table.schema, options)[0].close()
 `;
     const result = await new Promise<{ status: number | null; stdout: string; stderr: string }>((resolve) => {
       const child = require_spawn(script);

@@ -317,7 +317,7 @@ describe("isolation: 'worker'", () => {
       const view = await handle.result();
       assert.equal(view.state, 'cancelled');
       await waitFor('the worker of the cancelled run to be killed', () => !isAlive(pid), 5000);
-      const nc = await connect({ servers: cluster.server.url });
+      const nc = await connect({ servers: cluster.server.url, ...cluster.server.connectionOptions });
       try {
         const steps = await new Kvm(nc).open(buckets.steps);
         const completion = await waitFor('the step completion', async () => (await steps.get(`${view.runId}.act`))?.json<{ type: string; error?: { code?: string; message: string } }>());

@@ -140,6 +140,9 @@ static const char *hint_for(int err, const char *syscall) {
       return "the kernel could not map it: out of memory or address space (check ulimit -v and vm.max_map_count)";
     case ENAMETOOLONG:
       return "shorten the directory path or the segment id";
+    case ELOOP:
+      return "the path is a symbolic link, which segments never are: someone planted it; remove it and check who "
+             "can write to the segment directory (it must be yours, mode 0700)";
     case EINVAL:
       if (strcmp(syscall, "fstat") == 0) return "the path is not a regular file";
       return "invalid argument for this file";

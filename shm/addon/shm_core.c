@@ -65,7 +65,8 @@ qshm_status qshm_create(const char *path, uint64_t byte_size, bool populate, qsh
     errno = EFBIG;
     return fail("open");
   }
-  int fd = open(path, O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600);
+  /* O_EXCL already refuses an existing symlink; O_NOFOLLOW says so for any kernel. */
+  int fd = open(path, O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC | O_NOFOLLOW, 0600);
   if (fd < 0) return fail("open");
   qshm_status status = reserve(fd, 0, byte_size);
   if (status.err == 0) status = map_fd(fd, byte_size, PROT_READ | PROT_WRITE, populate, out);
@@ -78,9 +79,12 @@ qshm_status qshm_create(const char *path, uint64_t byte_size, bool populate, qsh
   return status;
 }
 
-/* Opens `path`, which must be a regular file; on failure nothing is left open. */
+/*
+ * Opens `path`, which must be a regular file and not a symlink (ELOOP): a link planted in a
+ * segment directory must not make us map, or grow, a file elsewhere. On failure nothing is left open.
+ */
 static qshm_status open_regular(const char *path, int flags, int *fd_out, struct stat *st) {
-  int fd = open(path, flags | O_CLOEXEC);
+  int fd = open(path, flags | O_CLOEXEC | O_NOFOLLOW);
   if (fd < 0) return fail("open");
   qshm_status status = QSHM_OK;
   if (fstat(fd, st) != 0) {

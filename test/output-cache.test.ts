@@ -1,0 +1,150 @@
+import assert from 'node:assert/strict';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, test } from 'node:test';
+import { jetstreamManager } from '@nats-io/jetstream';
+import { connect } from '@nats-io/transport-node';
+import { tableFromArrays } from 'apache-arrow';
+import { isCachedSegment, OutputCache } from '../executor/index.ts';
+import { startNatsServer } from '../infra/index.ts';
+import { ensureTopology, readCacheEntry, silentLogger, type RunView } from '../schemas/index.ts';
+import { listSegments, releaseSegments, writeTableToShm } from '../shm/index.ts';
+import { loadPipeline, type LocalCluster } from '../sdk/index.ts';
+import { repoRoot, stepOf, TEST_SHM_ROOT, waitFor, withCluster } from './helpers.ts';
+
+const dir = mkdtempSync(join(tmpdir(), 'quiver-output-cache-'));
+after(() => rmSync(dir, { recursive: true, force: true }));
+
+/**
+ * a → b → c, and a → d → e where d opts out of the cache. Every step marks that its code ran.
+ * `leaf` is c's body: changing it changes c's code only.
+ */
+function pipelineFile(leaf = 't'): string {
+  const file = join(dir, 'pipeline.ts');
+  const mark = (step: string) => `appendFileSync(ctx.params.marks!, '${step}\\n');`;
+  writeFileSync(
+    file,
+    `import { appendFileSync } from 'node:fs';
+import { tableFromArrays } from 'apache-arrow';
+import { pipeline, step } from ${JSON.stringify(join(repoRoot, 'sdk', 'index.ts'))};
+export default pipeline('cached', {
+  a: step((_i, ctx) => { ${mark('a')} return tableFromArrays({ v: Int32Array.from({ length: 1000 }, (_, i) => i) }); }),
+  b: step({ t: 'a' }, ({ t }, ctx) => { ${mark('b')} return t.slice(0, 500); }),
+  c: step({ t: 'b' }, ({ t }, ctx) => { ${mark('c')} return ${leaf}; }),
+  d: step({ t: 'a' }, ({ t }, ctx) => { ${mark('d')} return t.slice(0, 10); }, { cache: false }),
+  e: step({ t: 'd' }, ({ t }, ctx) => { ${mark('e')} return t; }),
+});
+`,
+  );
+  return file;
+}
+
+async function run(cluster: LocalCluster, file: string, marks: string, cache: 'readwrite' | 'read' | 'off'): Promise<{ view: RunView; ran: string[]; firstC: unknown }> {
+  writeFileSync(marks, '');
+  const handle = await cluster.client.run(await loadPipeline(file), { params: { marks }, cache });
+  const view = await handle.result();
+  assert.equal(view.state, 'succeeded', JSON.stringify(view.steps.map((s) => [s.name, s.state, s.error?.message])));
+  const { table } = await cluster.client.readOutput(view.runId, 'c');
+  const firstC = table.getChildAt(0)?.get(0);
+  await handle.release();
+  return { view, ran: readFileSync(marks, 'utf8').split('\n').filter(Boolean).sort(), firstC };
+}
+
+const cachedSteps = (view: RunView) => view.steps.filter((s) => s.transport === 'cache').map((s) => s.name).sort();
+
+test('an unchanged rerun reuses every cacheable output; a changed leaf recomputes only itself; cache: false always runs', async () => {
+  await withCluster(async (cluster) => {
+    const marks = join(dir, 'marks');
+    const first = await run(cluster, pipelineFile(), marks, 'readwrite');
+    assert.deepEqual(first.ran, ['a', 'b', 'c', 'd', 'e']);
+    assert.deepEqual(cachedSteps(first.view), []);
+    for (const name of ['a', 'b', 'c']) assert.match(stepOf(first.view, name).cacheKey ?? '', /^[0-9a-f]{64}$/, `step ${name} has a cache key`);
+    // d opted out; e reads d, so it has no key either.
+    assert.equal(stepOf(first.view, 'd').cacheKey, null);
+    assert.equal(stepOf(first.view, 'e').cacheKey, null);
+
+    const second = await run(cluster, pipelineFile(), marks, 'readwrite');
+    assert.deepEqual(second.ran, ['d', 'e'], 'only the steps that opt out ran again');
+    assert.deepEqual(cachedSteps(second.view), ['a', 'b', 'c']);
+    assert.equal(second.firstC, first.firstC, 'the reused output reads as the computed one');
+    for (const name of ['a', 'b', 'c']) assert.equal(stepOf(second.view, name).cacheKey, stepOf(first.view, name).cacheKey);
+
+    const edited = await run(cluster, pipelineFile('t.slice(1)'), marks, 'readwrite');
+    assert.deepEqual(edited.ran, ['c', 'd', 'e'], 'the edited leaf ran, its unchanged parents did not');
+    assert.deepEqual(cachedSteps(edited.view), ['a', 'b']);
+    assert.notEqual(stepOf(edited.view, 'c').cacheKey, stepOf(first.view, 'c').cacheKey);
+    assert.equal(edited.firstC, 1);
+
+    const off = await run(cluster, pipelineFile(), marks, 'off');
+    assert.deepEqual(off.ran, ['a', 'b', 'c', 'd', 'e'], 'cache off computes everything');
+    assert.deepEqual(cachedSteps(off.view), []);
+
+    // Other params are another key: computed, and only read (not cached) with 'read'.
+    const otherMarks = join(dir, 'marks-other');
+    const read = await run(cluster, pipelineFile(), otherMarks, 'read');
+    assert.deepEqual(read.ran, ['a', 'b', 'c', 'd', 'e']);
+    const again = await run(cluster, pipelineFile(), otherMarks, 'read');
+    assert.deepEqual(again.ran, ['a', 'b', 'c', 'd', 'e'], "a 'read' run cached nothing");
+
+    // Cached outputs outlive their runs, and are the only segments left once every run released its outputs.
+    const shmDir = cluster.executor.shmDir;
+    // Releases travel on their own: wait for the last run's to land.
+    const left = await waitFor('only cached segments left', () => {
+      const ids = listSegments(shmDir).map((s) => s.id);
+      return ids.every((id) => isCachedSegment(shmDir, id)) && ids;
+    }, 10_000).catch(() => listSegments(shmDir).map((s) => s.id));
+    assert.ok(left.length > 0 && left.every((id) => isCachedSegment(shmDir, id)), `segments left: ${left.join(', ')}`);
+    await cluster.executor.stop();
+    assert.deepEqual(listSegments(shmDir), [], 'a stopped executor leaves no cached segment');
+  });
+});
+
+test('eviction drops the least recently used outputs over the cap, never one a step maps', async () => {
+  const natsDir = mkdtempSync(join(tmpdir(), 'quiver-cache-nats-'));
+  const server = await startNatsServer({ dir: natsDir });
+  const nc = await connect({ servers: server.url });
+  const shmDir = join(TEST_SHM_ROOT, `cache-eviction-${process.pid}`);
+  try {
+    const topology = await ensureTopology(nc, await jetstreamManager(nc));
+    const removed: string[] = [];
+    const output = (name: string) => {
+      const written = writeTableToShm(tableFromArrays({ v: Float64Array.from({ length: 1000 }, (_, i) => i) }), { dir: shmDir, idPrefix: `${name}.` });
+      return { kind: 'shm' as const, hostId: 'h1', segments: written.segments, byteSize: written.byteSize, rows: written.rows, schema: [] };
+    };
+    const outputs = { a: output('a'), b: output('b'), c: output('c'), d: output('d') };
+    // Room for two of them.
+    const cache = new OutputCache(
+      { kv: topology.cache, shmDir, hostId: 'h1', executorId: 'h1.exec', release: (ids) => (removed.push(...ids), releaseSegments(ids, { dir: shmDir, poolMaxBytes: 0 })), logger: silentLogger },
+      { maxBytes: 2 * outputs.a.byteSize, evictionGraceMs: 0 },
+    );
+    const key = (c: string) => c.repeat(64);
+    const from = { runId: '01JB0000000000000000000000', step: 'x' };
+    await cache.store(key('a'), outputs.a, from);
+    await cache.store(key('b'), outputs.b, from);
+    assert.equal(cache.size, 2);
+    // a is the oldest, but a running step maps it.
+    const mappedA = outputs.a.segments.map((s) => s.id);
+    cache.pin(mappedA);
+    await cache.store(key('c'), outputs.c, from);
+    assert.ok(await readCacheEntry(topology.cache, key('a')), 'the pinned output stays');
+    assert.equal(await readCacheEntry(topology.cache, key('b')), null, 'the least recently used unpinned one went');
+    assert.ok(await readCacheEntry(topology.cache, key('c')));
+    assert.deepEqual(removed, outputs.b.segments.map((s) => s.id));
+    assert.ok(!existsSync(join(shmDir, outputs.b.segments[0]!.id)), "b's segment is gone");
+    assert.ok(isCachedSegment(shmDir, outputs.a.segments[0]!.id));
+    cache.unpin(mappedA);
+    await cache.store(key('d'), outputs.d, from);
+    assert.equal(await readCacheEntry(topology.cache, key('a')), null, 'unpinned, a is the least recently used');
+    assert.ok(await readCacheEntry(topology.cache, key('c')));
+    assert.ok(await readCacheEntry(topology.cache, key('d')));
+    await cache.stop();
+    assert.equal(await readCacheEntry(topology.cache, key('d')), null, 'a stopped cache leaves no entry');
+    assert.deepEqual(listSegments(shmDir), [], 'and no segment');
+  } finally {
+    await nc.close();
+    await server.stop();
+    rmSync(shmDir, { recursive: true, force: true });
+    rmSync(natsDir, { recursive: true, force: true });
+  }
+});
