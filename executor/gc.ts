@@ -67,15 +67,26 @@ export async function collectGarbage(options: GcOptions): Promise<{ segments: nu
     // A worker may have finished that step and taken another (of a live run) while we looked.
     const now = stepOfProcess(pid, options.topology.clusterId);
     if (now?.runId !== runId || now.step !== step) continue;
-    try {
-      process.kill(pid, 'SIGKILL');
-      processes++;
-    } catch {
-      // Already gone.
-    }
+    if (killGroupOrProcess(pid)) processes++;
   }
   if (processes > 0) options.logger.info(`gc: killed ${processes} step process(es) of finished or unknown runs`);
   return { segments: doomed.length, processes };
+}
+
+/** Kills `pid`'s process group (a step process leads its own: whatever it started dies too), else `pid` alone. False when it is gone. */
+function killGroupOrProcess(pid: number): boolean {
+  try {
+    process.kill(-pid, 'SIGKILL');
+    return true;
+  } catch {
+    // Not a group leader (started by something else than an executor), or gone.
+  }
+  try {
+    process.kill(pid, 'SIGKILL');
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 /**

@@ -17,6 +17,11 @@ import { createHash } from 'node:crypto';
 
 /** The source map comment esbuild appends: positions in it move whenever any line moves. */
 const SOURCE_MAP_COMMENT = /\n?\/\/# sourceMappingURL=[^\n]*\n?$/;
+/**
+ * The `// path/to/module.ts` line esbuild writes before each module of a bundle (it drops the
+ * user's own comments): a renamed or moved file is the same code.
+ */
+const MODULE_PATH_COMMENTS = /^\/\/ [^\n]*$/gm;
 
 /**
  * Code keys of a bundle's steps, by step name.
@@ -24,7 +29,10 @@ const SOURCE_MAP_COMMENT = /\n?\/\/# sourceMappingURL=[^\n]*\n?$/;
  * @param functions each step's function, as the bundle, once imported, defines it
  */
 export function stepCodeKeys(bundle: string, functions: Readonly<Record<string, unknown>>): Record<string, string> {
-  const text = bundle.replace(SOURCE_MAP_COMMENT, '\n');
+  let text = bundle.replace(SOURCE_MAP_COMMENT, '\n').replace(MODULE_PATH_COMMENTS, '');
+  // esbuild names the entry's default export after its file (`pipeline_default`): not code.
+  const entryDefault = /([A-Za-z_$][\w$]*) as default\b/.exec(text.slice(Math.max(0, text.lastIndexOf('export {'))))?.[1];
+  if (entryDefault) text = text.replace(new RegExp(`(?<![\\w$])${entryDefault.replace(/\$/g, '\\$')}(?![\\w$])`, 'g'), 'entry_default');
   const cuttable = new Map<string, string>();
   for (const [name, fn] of Object.entries(functions)) {
     const source = cuttableSource(text, fn);

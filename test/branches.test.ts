@@ -7,7 +7,8 @@ import { DuckDBInstance } from '@duckdb/node-api';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import { tableFromArrays } from 'apache-arrow';
 import { startNatsServer, startS3Server, type NatsServer, type S3Server } from '../infra/index.ts';
-import { loadPipeline } from '../sdk/index.ts';
+import { planOnBranch, planPipeline } from '../planner/index.ts';
+import { loadPipeline, PlanError, pipeline, source, step } from '../sdk/index.ts';
 import {
   atRef,
   commitStagedMany,
@@ -479,6 +480,28 @@ for (const backend of pipelineBackends) {
     });
   });
 }
+
+describe('branches in plans', () => {
+  it('puts sources and materialized tables on the run\'s branch, and rejects bad refs', async () => {
+    const plan = (await loadPipeline(fixture('branches-copy.ts'))).plan;
+    const onDev = planOnBranch(plan, { branch: 'dev', transaction: true });
+    const systems = onDev.steps.flatMap((s) => (s.system ? [s.system] : []));
+    assert.deepEqual(
+      systems.map((s) => [s.kind, 'ref' in s ? s.ref : undefined, 'branch' in s ? s.branch : undefined, 'transaction' in s ? s.transaction : undefined]),
+      [
+        ['scan', 'dev', undefined, undefined],
+        ['stage', undefined, 'dev', true],
+        ['commit', undefined, 'dev', true],
+      ],
+    );
+    assert.deepEqual(planOnBranch(plan, {}), plan);
+    assert.throws(() => planOnBranch(plan, { branch: 'no spaces' }), PlanError);
+    const pinned = planPipeline(pipeline('p', { s: step({ t: source('t', { ref: 'v1' }) }, ({ t }) => t) }, { branch: 'dev' }));
+    const scan = pinned.steps.find((s) => s.system?.kind === 'scan')?.system as { ref?: string } | undefined;
+    assert.equal(scan?.ref, 'v1', 'a source naming its ref keeps it');
+    assert.throws(() => planPipeline(pipeline('p', { s: step({ t: source('t', { ref: '../x' }) }, ({ t }) => t) })), /the ref of input "t" of step "s" must be a branch or tag name/);
+  });
+});
 
 describe('branches from the CLI', () => {
   it('drives branches, tags, merges and expiry from the CLI', async () => {

@@ -17,9 +17,9 @@ interface Variant {
   b?: string;
 }
 
-/** Loads a pipeline written from `variant`, always at the same path (esbuild names files in the bundle), and returns its steps' code keys. */
-async function codeKeys(variant: Variant = {}): Promise<Record<string, string>> {
-  const file = join(dir, 'pipeline.ts');
+/** Loads a pipeline written from `variant` and returns its steps' code keys. */
+async function codeKeys(variant: Variant = {}, fileName = 'pipeline.ts'): Promise<Record<string, string>> {
+  const file = join(dir, fileName);
   writeFileSync(
     file,
     `import { tableFromArrays } from 'apache-arrow';
@@ -44,6 +44,7 @@ test('editing one step function changes its code key only', async () => {
   for (const key of Object.values(base)) assert.match(key, /^[0-9a-f]{64}$/);
   assert.equal(new Set(Object.values(base)).size, 4, 'four steps, four keys');
   assert.deepEqual(await codeKeys(), base, 'the same file gives the same keys');
+  assert.deepEqual(await codeKeys({}, 'renamed.ts'), base, 'the same code under another file name gives the same keys');
 
   const editedA = await codeKeys({ a: '2' });
   assert.notEqual(editedA.a, base.a);
