@@ -6,16 +6,18 @@ import { collectGarbage, Executor } from '../executor/index.ts';
 import { parseListenAddress } from '../flight/index.ts';
 import { Orchestrator } from '../orchestrator/index.ts';
 import { PlanError } from '../planner/index.ts';
-import { CACHE_MODES, connectForever, consoleLogger, ensureTopology, NAME_PATTERN, natsConnectionOptions, shmRoot, silentLogger, type CacheMode, type RunView, type StepState } from '../schemas/index.ts';
+import { CACHE_MODES, connectForever, consoleLogger, ensureTopology, NAME_PATTERN, natsConnectionOptions, shmRoot, silentLogger, readRunRecord, type CacheMode, type Plan, type RunView, type StepState } from '../schemas/index.ts';
 import {
   InvalidEventError,
   loadPipeline,
   NotDeployedError,
   PipelineLoadError,
   QuiverClient,
+  RerunError,
   startLocalCluster,
   TriggerError,
   type LocalCluster,
+  type RunHandle,
 } from '../sdk/index.ts';
 import {
   deployCommand,
@@ -67,6 +69,13 @@ Commands:
   runs [--pipeline NAME] [--limit N] [--json]
                  List runs, newest first: trigger, state, duration.
   runs show ID   One run's step table and errors.
+  rerun RUN_ID [--from STEP] [--cache readwrite|read|off] [--json] [--keep]
+                 Run a recorded run again: same code, params, event and table
+                 snapshots. --from STEP computes STEP and the steps after it again;
+                 the steps before come from the output cache when it holds them.
+  cancel RUN_ID [--reason TEXT]
+                 Cancel a queued or running run.
+  release RUN_ID Let go of the outputs a run kept (run --keep).
   orchestrator   Run the orchestrator daemon against QUIVER_NATS_URL.
   executor [--concurrency N] [--host-id ID] [--labels a,b] [--flight-listen ADDR]
                  Run an executor daemon against QUIVER_NATS_URL. Steps pinned with
@@ -89,8 +98,29 @@ Environment:
 `;
 
 
+/** The lines of USAGE about `command`: what `quiver COMMAND --help` prints. */
+function commandUsage(command: string): string | null {
+  const lines = USAGE.split('\n');
+  const picked: string[] = [];
+  let inside = false;
+  for (const line of lines) {
+    const starts = new RegExp(`^  ${command}( |$)`).test(line);
+    if (starts) inside = true;
+    else if (inside && !/^ {4,}\S/.test(line)) inside = false;
+    if (inside) picked.push(line);
+  }
+  return picked.length > 0 ? `Usage: quiver ${command} …\n\n${picked.join('\n')}\n` : null;
+}
+
 export async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
+  // Every command answers --help with its own part of the usage, before its options are parsed.
+  if (command && !command.startsWith('-') && command !== 'help' && (rest.includes('--help') || rest.includes('-h'))) {
+    const usage = commandUsage(command);
+    if (!usage) throw new UsageError(`unknown command "${command}"`);
+    process.stdout.write(usage);
+    return 0;
+  }
   switch (command) {
     case 'run':
       return runCommand(rest);
@@ -114,6 +144,11 @@ export async function main(argv: string[]): Promise<number> {
       return eventsCommand(rest);
     case 'runs':
       return runsCommand(rest);
+    case 'rerun':
+      return rerunCommand(rest);
+    case 'cancel':
+    case 'release':
+      return controlCommand(command, rest);
     case 'branch':
       return branchCommand(rest);
     case 'tag':
@@ -188,60 +223,136 @@ async function runCommand(args: string[]): Promise<number> {
       ...(values.transaction !== undefined ? { transaction: values.transaction } : {}),
       cache,
     });
-    const expectations = new ExpectationLog();
     const plan = loaded?.plan ?? (await client.getDeployment(file))!.plan;
-    say(`run ${handle.id}: ${plan.pipeline} (${plan.steps.length} steps)${cluster ? ' on an embedded NATS' : ` on ${natsUrl}`}`);
-    let interrupted = 0;
-    const onSigint = () => {
-      interrupted++;
-      if (interrupted === 1) {
-        say('cancelling the run (Ctrl-C again to leave now)…');
-        void handle.cancel('interrupted from the terminal');
-      } else process.exit(130);
-    };
-    process.on('SIGINT', onSigint);
-
-    const width = Math.max(...plan.steps.map((s) => s.name.length));
-    const lastState = new Map<string, StepState>();
-    for await (const event of handle.events()) {
-      if (event.type === 'log') {
-        // A step's first lines can overtake the status saying it runs: they travel separately.
-        if (!['running', 'succeeded', 'failed'].includes(lastState.get(event.log.step) ?? '')) {
-          lastState.set(event.log.step, 'running');
-          say(`${event.log.step.padEnd(width)} ● running`);
-        }
-        say(`${event.log.step.padEnd(width)} │ ${event.log.line}`);
-        expectations.log(event.log.step, event.log.line);
-        continue;
-      }
-      for (const step of event.view.steps) {
-        if (lastState.get(step.name) === step.state) continue;
-        lastState.set(step.name, step.state);
-        if (step.state === 'waiting') continue;
-        let detail = '';
-        if (step.state === 'succeeded') detail = `${(step.rows ?? 0).toLocaleString('en-US')} rows, ${formatBytes(step.bytes)}, ${step.transport === 'cache' ? 'cached, nothing ran' : formatDuration(stepDuration(step))}`;
-        if (step.state === 'running') detail = `on ${step.hostId}${step.attempt > 1 ? ` (attempt ${step.attempt})` : ''}`;
-        say(`${step.name.padEnd(width)} ● ${step.state}${detail ? `  ${detail}` : ''}`);
-        if (step.state === 'failed' && step.error) say(indent(step.error.stack ?? `${step.error.name}: ${step.error.message}`, `${' '.repeat(width)} │ `));
-      }
-    }
-    const view = await handle.result();
-    process.off('SIGINT', onSigint);
-
-    say('');
-    say(summaryTable(view));
-    expectations.report(view, say);
-    if (view.state === 'succeeded') await previewOutputs(client, view, say);
-    const hint = view.state === 'succeeded' ? '' : transactionHint(plan, view.runId, { branch: values.branch, transaction: values.transaction });
-    if (hint) say(hint);
-    say(`\nrun ${view.state}${view.finishedAt ? ` in ${formatDuration(view.finishedAt - view.submittedAt)}` : ''}`);
-    if (values.json) process.stdout.write(JSON.stringify(jsonResult(view)) + '\n');
-    if (!values.keep) await handle.release();
-    else if (cluster) say('note: --keep has no effect on the embedded NATS, which stops with this command');
-    return view.state === 'succeeded' ? 0 : 1;
+    return await followRun(client, handle, plan, {
+      where: cluster ? 'on an embedded NATS' : `on ${natsUrl}`,
+      json: values.json ?? false,
+      keep: values.keep ?? false,
+      embedded: cluster !== null,
+      say,
+      hint: (view) => (view.state === 'succeeded' ? '' : transactionHint(plan, view.runId, { branch: values.branch, transaction: values.transaction })),
+    });
   } finally {
     if (cluster) await cluster.stop();
     else await client.close();
+  }
+}
+
+interface FollowOptions {
+  where: string;
+  json: boolean;
+  keep: boolean;
+  /** The cluster stops with this command: kept outputs go with it. */
+  embedded: boolean;
+  say: (line: string) => void;
+  /** A line to add when the run ended (how to look at a failed transaction's branch). */
+  hint?: (view: RunView) => string;
+}
+
+/** Shows a submitted run live (states, logs), then its summary and outputs; the exit code says whether it succeeded. */
+async function followRun(client: QuiverClient, handle: RunHandle, plan: Plan, options: FollowOptions): Promise<number> {
+  const { say } = options;
+  const expectations = new ExpectationLog();
+  say(`run ${handle.id}: ${plan.pipeline} (${plan.steps.length} steps) ${options.where}`);
+  let interrupted = 0;
+  const onSigint = () => {
+    interrupted++;
+    if (interrupted === 1) {
+      say('cancelling the run (Ctrl-C again to leave now)…');
+      void handle.cancel('interrupted from the terminal');
+    } else process.exit(130);
+  };
+  process.on('SIGINT', onSigint);
+
+  const width = Math.max(...plan.steps.map((s) => s.name.length));
+  const lastState = new Map<string, StepState>();
+  for await (const event of handle.events()) {
+    if (event.type === 'log') {
+      // A step's first lines can overtake the status saying it runs: they travel separately.
+      if (!['running', 'succeeded', 'failed'].includes(lastState.get(event.log.step) ?? '')) {
+        lastState.set(event.log.step, 'running');
+        say(`${event.log.step.padEnd(width)} ● running`);
+      }
+      say(`${event.log.step.padEnd(width)} │ ${event.log.line}`);
+      expectations.log(event.log.step, event.log.line);
+      continue;
+    }
+    for (const step of event.view.steps) {
+      if (lastState.get(step.name) === step.state) continue;
+      lastState.set(step.name, step.state);
+      if (step.state === 'waiting') continue;
+      let detail = '';
+      if (step.state === 'succeeded') detail = `${(step.rows ?? 0).toLocaleString('en-US')} rows, ${formatBytes(step.bytes)}, ${step.transport === 'cache' ? 'cached, nothing ran' : formatDuration(stepDuration(step))}`;
+      if (step.state === 'running') detail = `on ${step.hostId}${step.attempt > 1 ? ` (attempt ${step.attempt})` : ''}`;
+      say(`${step.name.padEnd(width)} ● ${step.state}${detail ? `  ${detail}` : ''}`);
+      if (step.state === 'failed' && step.error) say(indent(step.error.stack ?? `${step.error.name}: ${step.error.message}`, `${' '.repeat(width)} │ `));
+    }
+  }
+  const view = await handle.result();
+  process.off('SIGINT', onSigint);
+
+  say('');
+  say(summaryTable(view));
+  expectations.report(view, say);
+  if (view.state === 'succeeded') await previewOutputs(client, view, say);
+  const hint = options.hint?.(view);
+  if (hint) say(hint);
+  say(`\nrun ${view.state}${view.finishedAt ? ` in ${formatDuration(view.finishedAt - view.submittedAt)}` : ''}`);
+  if (options.json) process.stdout.write(JSON.stringify(jsonResult(view)) + '\n');
+  if (!options.keep) await handle.release();
+  else if (options.embedded) say('note: --keep has no effect on the embedded NATS, which stops with this command');
+  return view.state === 'succeeded' ? 0 : 1;
+}
+
+/** `quiver rerun RUN_ID [--from STEP]`: the recorded run again, on the cluster that ran it. */
+async function rerunCommand(args: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args,
+    allowPositionals: true,
+    options: { from: { type: 'string' }, json: { type: 'boolean', default: false }, keep: { type: 'boolean', default: false }, cache: { type: 'string', default: 'readwrite' } },
+  });
+  if (positionals.length !== 1) throw new UsageError('rerun takes one run id (see `quiver runs`)');
+  const cache = values.cache as CacheMode;
+  if (!CACHE_MODES.includes(cache)) throw new UsageError(`--cache takes ${CACHE_MODES.join(', ')}; got "${values.cache}"`);
+  const found = await findCluster();
+  if (!found) throw new NoClusterError('rerun needs the cluster that ran the run: start one with `quiver up` or set QUIVER_NATS_URL');
+  const client = await QuiverClient.connect({ nc: found.nc, ownConnection: true });
+  try {
+    const handle = await client.rerun(positionals[0]!, { ...(values.from !== undefined ? { from: values.from } : {}), cache, keep: values.keep ?? false });
+    // The rerun's plan is the recorded run's.
+    const { plan } = (await readRunRecord(client.topology.runs, positionals[0]!))!.submit;
+    const out = values.json ? process.stderr : process.stdout;
+    return await followRun(client, handle, plan, { where: `on ${found.url}`, json: values.json ?? false, keep: values.keep ?? false, embedded: false, say: (line) => out.write(line + '\n') });
+  } finally {
+    await client.close();
+  }
+}
+
+/** `quiver cancel RUN_ID` and `quiver release RUN_ID`: the control messages a client sends. */
+async function controlCommand(command: 'cancel' | 'release', args: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({ args, allowPositionals: true, options: { reason: { type: 'string' } } });
+  if (positionals.length !== 1) throw new UsageError(`${command} takes one run id (see \`quiver runs\`)`);
+  const runId = positionals[0]!;
+  const found = await findCluster();
+  if (!found) throw new NoClusterError(`${command} needs the cluster of the run: start one with \`quiver up\` or set QUIVER_NATS_URL`);
+  const client = await QuiverClient.connect({ nc: found.nc, ownConnection: true });
+  try {
+    const view = await client.getRun(runId);
+    if (!view) throw new UsageError(`there is no run ${runId} (see \`quiver runs\`)`);
+    if (command === 'cancel') {
+      if (view.state !== 'running' && view.state !== 'queued') {
+        console.error(`run ${runId} is ${view.state} already: nothing to cancel`);
+        return 1;
+      }
+      await client.cancel(runId, values.reason ?? 'cancelled from the terminal');
+      console.log(`cancelling run ${runId}`);
+      return 0;
+    }
+    await client.release(runId);
+    console.log(`released the outputs of run ${runId}${view.state === 'running' || view.state === 'queued' ? ' (they go when it ends)' : ''}`);
+    return 0;
+  } finally {
+    await client.close();
   }
 }
 
@@ -377,6 +488,7 @@ export async function runCli(argv: string[]): Promise<void> {
       error instanceof NotDeployedError ||
       error instanceof InvalidEventError ||
       error instanceof StorageError ||
+      error instanceof RerunError ||
       error instanceof UiTokenRequiredError ||
       error instanceof UiOptionError
     ) {

@@ -217,7 +217,7 @@ export class Runs {
       });
     };
     const { cachedOutputs } = this.options;
-    if (!message.cacheKey || !cachedOutputs) {
+    if (!message.cacheKey || !cachedOutputs || run.record.submit.recompute?.includes(step)) {
       send();
       return;
     }

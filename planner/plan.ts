@@ -195,6 +195,21 @@ export function childrenOf(plan: Plan, step: string): string[] {
   return plan.steps.filter((s) => s.inputs.some((i) => i.step === step)).map((s) => s.name);
 }
 
+/** Every step that reads `step`'s output, directly or further down. */
+export function descendantsOf(plan: Plan, step: string): string[] {
+  const found = new Set<string>();
+  const next = [step];
+  while (next.length > 0) {
+    for (const child of childrenOf(plan, next.pop()!)) {
+      if (!found.has(child)) {
+        found.add(child);
+        next.push(child);
+      }
+    }
+  }
+  return [...found];
+}
+
 function describe(value: unknown): string {
   if (value === null) return 'null';
   if (value === undefined) return 'undefined';

@@ -218,6 +218,8 @@ export const runSubmit = z.object({
   admission: admission.optional(),
   /** How the run uses the output cache. @default 'off' */
   cache: cacheMode.optional(),
+  /** Steps computed again whatever the cache holds (a rerun from a step: it and the steps after it). */
+  recompute: z.array(name).optional(),
 });
 export type RunSubmit = z.infer<typeof runSubmit>;
 

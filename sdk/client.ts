@@ -25,6 +25,7 @@ import {
   type DeadEvent,
   type Deployment,
   type LogLine,
+  readRunRecord,
   type CacheMode,
   type RunSubmit,
   type RunView,
@@ -37,7 +38,7 @@ import { findLiveHost } from '../executor/index.ts';
 import { readRunView } from '../orchestrator/index.ts';
 import { readInput } from '../shm/index.ts';
 import type { LoadedPipeline } from './load.ts';
-import { planOnBranch } from '../planner/index.ts';
+import { descendantsOf, planOnBranch } from '../planner/index.ts';
 import { prepareSources } from './sources.ts';
 
 /** Options for {@link QuiverClient.connect}. */
@@ -85,6 +86,21 @@ export interface ReadOutput {
 }
 
 /** A pipeline name that is not deployed. */
+/** A run cannot be run again: it is unknown, has no such step, or its code is gone. */
+export class RerunError extends Error {
+  override readonly name = 'RerunError';
+  readonly code = 'ERR_RERUN';
+}
+
+export interface RerunOptions {
+  /** Compute this step and every step after it again; the steps before come from the cache when it holds them. @default none: every step as the cache has it */
+  from?: string;
+  /** @default 'readwrite' */
+  cache?: CacheMode;
+  /** @default false */
+  keep?: boolean;
+}
+
 export class NotDeployedError extends Error {
   override readonly name = 'NotDeployedError';
   readonly code = 'ERR_NOT_DEPLOYED';
@@ -198,8 +214,52 @@ export class QuiverClient {
     submit = { ...submit, plan: planOnBranch(submit.plan, onBranch) };
     // Stored-table inputs are checked now, so a bad column or filter fails before anything runs.
     submit = { ...submit, plan: await prepareSources(submit.plan, this.nc) };
+    return this.submit({
+      ...submit,
+      params: options.params ?? {},
+      keep: options.keep ?? false,
+      ...(options.cache && options.cache !== 'off' ? { cache: options.cache } : {}),
+      submittedBy: this.submittedBy,
+      trigger: { kind: 'user', by: this.submittedBy },
+    });
+  }
+
+  /**
+   * Runs a recorded run again: the same plan (with the same pinned table snapshots), code,
+   * deployed version, params and event. With `from`, that step and every step after it are
+   * computed again; the steps before it come from the output cache when it holds them.
+   * @throws OutputNotFoundError-like errors as {@link RerunError}: an unknown run, a step it does not have, code no longer stored
+   */
+  async rerun(runId: string, options: RerunOptions = {}): Promise<RunHandle> {
+    const record = await readRunRecord(this.topology.runs, runId);
+    if (!record) throw new RerunError(`there is no run ${runId} (see \`quiver runs\`)`);
+    const old = record.submit;
+    if (options.from !== undefined && !old.plan.steps.some((s) => s.name === options.from)) {
+      const steps = old.plan.steps.filter((s) => !s.system).map((s) => s.name);
+      throw new RerunError(`run ${runId} has no step "${options.from}"; its steps are ${steps.join(', ')}`);
+    }
+    if (!(await this.topology.code.info(old.codeHash))) {
+      throw new RerunError(`the code of run ${runId} is no longer stored: run the pipeline file again instead`);
+    }
+    const cache = options.cache ?? 'readwrite';
+    return this.submit({
+      plan: old.plan,
+      codeHash: old.codeHash,
+      params: old.params,
+      keep: options.keep ?? false,
+      ...(old.version !== undefined ? { version: old.version } : {}),
+      ...(old.event ? { event: old.event } : {}),
+      ...(old.admission ? { admission: old.admission } : {}),
+      ...(cache !== 'off' ? { cache } : {}),
+      ...(options.from !== undefined ? { recompute: [options.from, ...descendantsOf(old.plan, options.from)] } : {}),
+      submittedBy: this.submittedBy,
+      trigger: { kind: 'user', by: `${this.submittedBy} (rerun of ${runId})` },
+    });
+  }
+
+  /** Submits a run and watches it from before it exists, so no early event is missed. */
+  private async submit(fields: Omit<RunSubmit, 'type' | 'runId' | 'submittedAt'>): Promise<RunHandle> {
     const runId = ulid();
-    // Subscribed before submitting: no early event is missed.
     const queue = new EventQueue();
     const statusSub = this.nc.subscribe(subjects.status(runId), {
       callback: (_e, msg) => {
@@ -220,21 +280,7 @@ export class QuiverClient {
       },
     });
     await this.nc.flush();
-    await this.js.publish(
-      subjects.runSubmit,
-      encode(runSubmit, {
-        type: 'run.submit',
-        runId,
-        ...submit,
-        params: options.params ?? {},
-        keep: options.keep ?? false,
-        ...(options.cache && options.cache !== 'off' ? { cache: options.cache } : {}),
-        submittedAt: Date.now(),
-        submittedBy: this.submittedBy,
-        trigger: { kind: 'user', by: this.submittedBy },
-      }),
-      { msgID: `${runId}.submit` },
-    );
+    await this.js.publish(subjects.runSubmit, encode(runSubmit, { type: 'run.submit', runId, ...fields, submittedAt: Date.now() }), { msgID: `${runId}.submit` });
     const final = this.waitForEnd(runId, queue, [statusSub, logSub]);
     return {
       id: runId,

@@ -95,3 +95,18 @@ describe('quiver run, interrupted', () => {
     assert.match(stderr, /cancelling the run/);
   });
 });
+
+describe('quiver COMMAND --help', () => {
+  it('answers every command with its own usage, and an unknown one with an error', async () => {
+    for (const command of ['run', 'deploy', 'publish', 'rerun', 'cancel', 'release', 'table', 'ui']) {
+      const { code, stdout, stderr } = await runCli([command, '--help'], { env, timeoutMs: 30_000 });
+      assert.equal(code, 0, `quiver ${command} --help: ${stderr}`);
+      assert.match(stdout, new RegExp(`^Usage: quiver ${command} `), stdout);
+      assert.match(stdout, new RegExp(`\\n  ${command}( |\\n)`), `quiver ${command} --help shows its own lines`);
+      assert.doesNotMatch(stdout, /\n {2}orchestrator /, `quiver ${command} --help shows only its own lines`);
+    }
+    const unknown = await runCli(['frobnicate', '--help'], { env, timeoutMs: 30_000 });
+    assert.equal(unknown.code, 2);
+    assert.match(unknown.stderr, /unknown command "frobnicate"/);
+  });
+});

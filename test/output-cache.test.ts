@@ -76,6 +76,16 @@ test('an unchanged rerun reuses every cacheable output; a changed leaf recompute
     assert.notEqual(stepOf(edited.view, 'c').cacheKey, stepOf(first.view, 'c').cacheKey);
     assert.equal(edited.firstC, 1);
 
+    // A rerun from b computes b and what follows it; a comes from the cache.
+    writeFileSync(marks, '');
+    const rerun = await cluster.client.rerun(first.view.runId, { from: 'b' });
+    const rerunView = await rerun.result();
+    await rerun.release();
+    assert.equal(rerunView.state, 'succeeded');
+    assert.deepEqual(readFileSync(marks, 'utf8').split('\n').filter(Boolean).sort(), ['b', 'c', 'd', 'e']);
+    assert.deepEqual(cachedSteps(rerunView), ['a']);
+    await assert.rejects(cluster.client.rerun(first.view.runId, { from: 'nope' }), /has no step "nope"; its steps are a, b, d, c, e/);
+
     const off = await run(cluster, pipelineFile(), marks, 'off');
     assert.deepEqual(off.ran, ['a', 'b', 'c', 'd', 'e'], 'cache off computes everything');
     assert.deepEqual(cachedSteps(off.view), []);
