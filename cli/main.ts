@@ -6,7 +6,7 @@ import { collectGarbage, Executor } from '../executor/index.ts';
 import { parseListenAddress } from '../flight/index.ts';
 import { Orchestrator } from '../orchestrator/index.ts';
 import { PlanError } from '../planner/index.ts';
-import { CACHE_MODES, connectForever, consoleLogger, ensureTopology, NAME_PATTERN, natsConnectionOptions, shmRoot, silentLogger, readRunRecord, type CacheMode, type Plan, type RunView, type StepState } from '../schemas/index.ts';
+import { CACHE_MODES, connectForever, consoleLogger, ensureTopology, NAME_PATTERN, natsConnectionOptions, shmRoot, silentLogger, readRunRecord, type CacheMode, type Plan, type PlanStep, type RunView, type StepState } from '../schemas/index.ts';
 import {
   InvalidEventError,
   loadPipeline,
@@ -16,6 +16,7 @@ import {
   RerunError,
   startLocalCluster,
   TriggerError,
+  type DryRun,
   type LocalCluster,
   type RunHandle,
 } from '../sdk/index.ts';
@@ -31,7 +32,7 @@ import {
   upCommand,
   UsageError,
 } from './cluster.ts';
-import { formatBytes, formatDuration, previewTable, stepDuration, summaryTable } from './format.ts';
+import { formatBytes, formatDuration, previewTable, stepDuration, summaryTable, textTable } from './format.ts';
 import { BRANCH_USAGE, branchCommand, ExpectationLog, tagCommand, transactionHint } from './branch.ts';
 import { TABLE_USAGE, tableCommand } from './table.ts';
 import { UI_USAGE, uiCommand } from './ui.ts';
@@ -42,7 +43,7 @@ const USAGE = `Usage: quiver <command> [options]
 
 Commands:
   run FILE|NAME [--json] [--params key=value]... [--keep] [--branch NAME] [--transaction]
-                 [--cache readwrite|read|off]
+                 [--cache readwrite|read|off] [--dry-run]
                  Run a pipeline file (or a deployed pipeline by name) and show each
                  step's state and logs live. With no cluster (QUIVER_NATS_URL or
                  \`quiver up\`), a private nats-server, orchestrator and executor are
@@ -51,7 +52,9 @@ Commands:
                  merged only when every step and expectation passes. --cache:
                  reuse outputs of steps whose code, inputs and params did not
                  change and keep what is computed (readwrite, the default), only
-                 reuse (read), or compute everything (off).
+                 reuse (read), or compute everything (off). --dry-run prints the
+                 physical plan (scans with their columns, filters and snapshots;
+                 stages, commits) and what the cache would reuse, and runs nothing.
   up [--concurrency N] [--ui-port P] [--no-ui]
                  Start a local cluster that keeps its state (deployments, runs,
                  events) under QUIVER_HOME/cluster; the commands below find it.
@@ -189,6 +192,7 @@ async function runCommand(args: string[]): Promise<number> {
       branch: { type: 'string' },
       transaction: { type: 'boolean' },
       cache: { type: 'string', default: 'readwrite' },
+      'dry-run': { type: 'boolean', default: false },
     },
   });
   const file = positionals[0];
@@ -216,6 +220,17 @@ async function runCommand(args: string[]): Promise<number> {
     client = cluster.client;
   }
   try {
+    if (values['dry-run']) {
+      const dry = await client.dryRun(loaded ?? file, {
+        params,
+        ...(values.branch !== undefined ? { branch: values.branch } : {}),
+        ...(values.transaction !== undefined ? { transaction: values.transaction } : {}),
+        cache,
+      });
+      if (values.json) process.stdout.write(JSON.stringify(dry) + '\n');
+      else say(dryRunTable(dry, cluster !== null));
+      return 0;
+    }
     const handle = await client.run(loaded ?? file, {
       params,
       keep: values.keep ?? false,
@@ -302,6 +317,23 @@ async function followRun(client: QuiverClient, handle: RunHandle, plan: Plan, op
   if (!options.keep) await handle.release();
   else if (options.embedded) say('note: --keep has no effect on the embedded NATS, which stops with this command');
   return view.state === 'succeeded' ? 0 : 1;
+}
+
+/** The physical plan as `quiver run --dry-run` prints it: what each step reads and whether the cache would give it. */
+function dryRunTable(dry: DryRun, embedded: boolean): string {
+  const reads = (step: PlanStep): string => {
+    const system = step.system;
+    if (system?.kind === 'scan') {
+      const at = system.snapshot ? `snapshot ${system.snapshot}` : system.asOf !== undefined ? `as of ${new Date(system.asOf).toISOString()}` : 'the snapshot current when it runs';
+      return `table ${system.table}${system.ref ? `@${system.ref}` : ''}, ${at}; columns ${system.columns?.join(', ') ?? 'all'}${system.filter ? `; filter ${system.filter}` : ''}`;
+    }
+    const inputs = step.inputs.map((i) => `${i.param} ← ${i.step}${i.columns ? ` [${i.columns.join(', ')}]` : ''}`).join(', ');
+    return system ? `${system.kind}${inputs ? `: ${inputs}` : ''}` : inputs || '-';
+  };
+  const cacheState = (s: DryRun['steps'][number]) => (s.cached ? `reuse ${s.cacheKey!.slice(0, 12)}` : s.cacheKey ? `compute, cache ${s.cacheKey.slice(0, 12)}` : 'compute');
+  const rows = dry.steps.map((s) => [s.step.name, s.step.system?.kind ?? 'step', reads(s.step), cacheState(s)]);
+  const note = embedded ? '\n(no cluster found: the embedded one starts with an empty cache; `quiver up` keeps one)' : '';
+  return `dry run of ${dry.plan.pipeline}: ${dry.steps.length} steps, nothing ran\n\n${textTable(['step', 'kind', 'reads', 'cache'], rows)}${note}`;
 }
 
 /** `quiver rerun RUN_ID [--from STEP]`: the recorded run again, on the cluster that ran it. */

@@ -29,14 +29,18 @@ export interface CachedOutputsOptions {
 }
 
 /** A run's cache mode: runs that do not say use no cache. */
-export const cacheModeOf = (submit: RunSubmit): CacheMode => submit.cache ?? 'off';
+export const cacheModeOf = (submit: Pick<RunSubmit, 'cache'>): CacheMode => submit.cache ?? 'off';
 
 /**
  * The cache key of `step` in `submit`'s run, or null when its output is not to be cached or
  * reused: the run's cache is off, the step opted out, it is a system step other than a scan
  * pinned to a snapshot, or a parent has no key (it opted out, or it scanned an empty table).
  */
-export function cacheKeyOf(submit: RunSubmit, step: PlanStep, parents: Readonly<Record<string, StepFacts | undefined>>): string | null {
+export function cacheKeyOf(
+  submit: Pick<RunSubmit, 'cache' | 'keep' | 'plan' | 'params' | 'event'>,
+  step: PlanStep,
+  parents: Readonly<Record<string, ParentFacts | undefined>>,
+): string | null {
   // A kept output must outlive any eviction: runs that keep theirs neither reuse nor fill the cache.
   if (cacheModeOf(submit) === 'off' || submit.keep) return null;
   // A scan pinned to a snapshot (every run submitted by a client is) reads the same rows every time.
@@ -59,8 +63,11 @@ export function cacheKeyOf(submit: RunSubmit, step: PlanStep, parents: Readonly<
   });
 }
 
+/** What a child's key needs of its parent's completion. */
+export type ParentFacts = Pick<StepFacts, 'cacheKey' | 'scan'>;
+
 /** A parent's key: the one its completion reported, else, for a scan, one from the snapshot it read. */
-function parentKey(parent: PlanStep, facts: StepFacts | undefined): string | null {
+function parentKey(parent: PlanStep, facts: ParentFacts | undefined): string | null {
   if (!facts) return null;
   if (facts.cacheKey) return facts.cacheKey;
   if (parent.system?.kind === 'scan') {

@@ -25,8 +25,11 @@ import {
   type DeadEvent,
   type Deployment,
   type LogLine,
+  readCacheEntry,
   readRunRecord,
   type CacheMode,
+  type Plan,
+  type PlanStep,
   type RunSubmit,
   type RunView,
   type TableDescriptor,
@@ -35,7 +38,7 @@ import {
 } from '../schemas/index.ts';
 import { FlightClient, flightAccessToken } from '../flight/index.ts';
 import { findLiveHost } from '../executor/index.ts';
-import { readRunView } from '../orchestrator/index.ts';
+import { cacheKeyOf, readRunView } from '../orchestrator/index.ts';
 import { readInput } from '../shm/index.ts';
 import type { LoadedPipeline } from './load.ts';
 import { descendantsOf, planOnBranch } from '../planner/index.ts';
@@ -90,6 +93,13 @@ export interface ReadOutput {
 export class RerunError extends Error {
   override readonly name = 'RerunError';
   readonly code = 'ERR_RERUN';
+}
+
+/** What {@link QuiverClient.dryRun} found. */
+export interface DryRun {
+  plan: Plan;
+  /** In the order they would run. */
+  steps: { step: PlanStep; cacheKey: string | null; cached: boolean }[];
 }
 
 export interface RerunOptions {
@@ -190,7 +200,8 @@ export class QuiverClient {
    * Submits a run: of a loaded pipeline file (its code is stored once per hash), or of the
    * current version of a deployed pipeline, by name.
    */
-  async run(pipeline: LoadedPipeline | string, options: RunOptions = {}): Promise<RunHandle> {
+  /** A run's plan as it would be submitted: the deployed or loaded pipeline on its branch, its scans pinned to today's snapshots. */
+  private async prepare(pipeline: LoadedPipeline | string, options: RunOptions, storeCode: boolean): Promise<Pick<RunSubmit, 'plan' | 'codeHash' | 'version' | 'admission'>> {
     let submit: Pick<RunSubmit, 'plan' | 'codeHash' | 'version' | 'admission'>;
     if (typeof pipeline === 'string') {
       const deployed = await this.getDeployment(pipeline);
@@ -202,7 +213,7 @@ export class QuiverClient {
         admission: { maxConcurrentRuns: deployed.maxConcurrentRuns, overlap: null },
       };
     } else {
-      await this.storeCode(pipeline);
+      if (storeCode) await this.storeCode(pipeline);
       submit = {
         plan: pipeline.plan,
         codeHash: pipeline.codeHash,
@@ -214,6 +225,11 @@ export class QuiverClient {
     submit = { ...submit, plan: planOnBranch(submit.plan, onBranch) };
     // Stored-table inputs are checked now, so a bad column or filter fails before anything runs.
     submit = { ...submit, plan: await prepareSources(submit.plan, this.nc) };
+    return submit;
+  }
+
+  async run(pipeline: LoadedPipeline | string, options: RunOptions = {}): Promise<RunHandle> {
+    const submit = await this.prepare(pipeline, options, true);
     return this.submit({
       ...submit,
       params: options.params ?? {},
@@ -222,6 +238,28 @@ export class QuiverClient {
       submittedBy: this.submittedBy,
       trigger: { kind: 'user', by: this.submittedBy },
     });
+  }
+
+  /**
+   * What `run` would do, without running anything: the physical plan (system steps, pushed-down
+   * columns and filters, pinned snapshots) and, per step, its cache key and whether the cache
+   * holds its output now (it would be reused, in a run whose cache mode reads).
+   */
+  async dryRun(pipeline: LoadedPipeline | string, options: RunOptions = {}): Promise<DryRun> {
+    const { plan } = await this.prepare(pipeline, options, false);
+    const submit = { plan, params: options.params ?? {}, keep: options.keep ?? false, ...(options.cache && options.cache !== 'off' ? { cache: options.cache } : {}) };
+    // Keys as the orchestrator will compute them, each parent's key standing for its completion.
+    const facts: Record<string, { cacheKey: string | null } | undefined> = {};
+    const steps: DryRun['steps'] = [];
+    const live = new Set<string>();
+    for await (const key of await this.topology.hosts.keys()) live.add(key);
+    for (const step of plan.steps) {
+      const key = cacheKeyOf(submit, step, facts);
+      facts[step.name] = { cacheKey: key };
+      const entry = key ? await readCacheEntry(this.topology.cache, key).catch(() => null) : null;
+      steps.push({ step, cacheKey: key, cached: !!entry && live.has(entry.executorId) });
+    }
+    return { plan, steps };
   }
 
   /**

@@ -70,6 +70,13 @@ test('an unchanged rerun reuses every cacheable output; a changed leaf recompute
     assert.equal(second.firstC, first.firstC, 'the reused output reads as the computed one');
     for (const name of ['a', 'b', 'c']) assert.equal(stepOf(second.view, name).cacheKey, stepOf(first.view, name).cacheKey);
 
+    // A dry run says what the cache would give, and runs nothing.
+    writeFileSync(marks, '');
+    const dry = await cluster.client.dryRun(await loadPipeline(pipelineFile()), { params: { marks }, cache: 'readwrite' });
+    assert.deepEqual(dry.steps.filter((s) => s.cached).map((s) => s.step.name).sort(), ['a', 'b', 'c']);
+    assert.deepEqual(Object.fromEntries(dry.steps.map((s) => [s.step.name, s.cacheKey])), Object.fromEntries(second.view.steps.map((s) => [s.name, s.cacheKey])));
+    assert.equal(readFileSync(marks, 'utf8'), '', 'a dry run runs nothing');
+
     const edited = await run(cluster, pipelineFile('t.slice(1)'), marks, 'readwrite');
     assert.deepEqual(edited.ran, ['c', 'd', 'e'], 'the edited leaf ran, its unchanged parents did not');
     assert.deepEqual(cachedSteps(edited.view), ['a', 'b']);
