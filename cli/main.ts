@@ -79,6 +79,9 @@ Commands:
   cancel RUN_ID [--reason TEXT]
                  Cancel a queued or running run.
   release RUN_ID Let go of the outputs a run kept (run --keep).
+  logs RUN_ID [--follow] [--step NAME]
+                 A run's step logs (kept 7 days, at most 256 MiB for the cluster);
+                 --follow keeps printing until the run ends.
   orchestrator   Run the orchestrator daemon against QUIVER_NATS_URL.
   executor [--concurrency N] [--host-id ID] [--labels a,b] [--flight-listen ADDR]
                  Run an executor daemon against QUIVER_NATS_URL. Steps pinned with
@@ -149,6 +152,8 @@ export async function main(argv: string[]): Promise<number> {
       return runsCommand(rest);
     case 'rerun':
       return rerunCommand(rest);
+    case 'logs':
+      return logsCommand(rest);
     case 'cancel':
     case 'release':
       return controlCommand(command, rest);
@@ -355,6 +360,31 @@ async function rerunCommand(args: string[]): Promise<number> {
     const { plan } = (await readRunRecord(client.topology.runs, positionals[0]!))!.submit;
     const out = values.json ? process.stderr : process.stdout;
     return await followRun(client, handle, plan, { where: `on ${found.url}`, json: values.json ?? false, keep: values.keep ?? false, embedded: false, say: (line) => out.write(line + '\n') });
+  } finally {
+    await client.close();
+  }
+}
+
+/** `quiver logs RUN_ID [--follow] [--step NAME]`: a run's step logs, kept in the logs stream. */
+async function logsCommand(args: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({ args, allowPositionals: true, options: { follow: { type: 'boolean', short: 'f', default: false }, step: { type: 'string' } } });
+  if (positionals.length !== 1) throw new UsageError('logs takes one run id (see `quiver runs`)');
+  const found = await findCluster();
+  if (!found) throw new NoClusterError('logs needs the cluster of the run: start one with `quiver up` or set QUIVER_NATS_URL');
+  const client = await QuiverClient.connect({ nc: found.nc, ownConnection: true });
+  try {
+    const runId = positionals[0]!;
+    const view = await client.getRun(runId);
+    if (!view) throw new UsageError(`there is no run ${runId} (see \`quiver runs\`)`);
+    const width = Math.max(...view.steps.map((s) => s.name.length));
+    let lines = 0;
+    for await (const line of client.logs(runId, { follow: values.follow ?? false })) {
+      if (values.step !== undefined && line.step !== values.step) continue;
+      lines++;
+      process.stdout.write(`${line.step.padEnd(width)} │ ${line.line}\n`);
+    }
+    if (lines === 0) console.error(`no log lines kept for run ${runId}${values.step !== undefined ? ` step ${values.step}` : ''}`);
+    return 0;
   } finally {
     await client.close();
   }

@@ -50,6 +50,8 @@ export const streams = {
   work: 'QUIVER_WORK',
   events: 'QUIVER_EVENTS',
   dead: 'QUIVER_DEAD',
+  /** Step logs (`quiver.log.<runId>`), kept for `quiver logs` within their limits. */
+  logs: 'QUIVER_LOGS',
 } as const;
 export const consumers = {
   orchestrator: 'orchestrator',
@@ -123,6 +125,10 @@ export interface TopologyOptions {
   deadLetterMaxBytes?: number;
   /** How long clients' requests and ready steps are kept when nothing takes them. @default 7 days */
   controlMaxAgeMs?: number;
+  /** How long step logs are kept for `quiver logs`. @default 7 days */
+  logMaxAgeMs?: number;
+  /** Bytes of step logs kept; the oldest lines go first. @default 256 MiB */
+  logMaxBytes?: number;
 }
 
 export const DEFAULT_ACK_WAIT_MS = 30_000;
@@ -144,6 +150,8 @@ export const TOPOLOGY_DEFAULTS: Required<TopologyOptions> = {
   deadLetterMaxMessages: 100_000,
   deadLetterMaxBytes: 256 * 1024 ** 2,
   controlMaxAgeMs: 7 * DAY_MS,
+  logMaxAgeMs: 7 * DAY_MS,
+  logMaxBytes: 256 * 1024 ** 2,
 };
 
 /** The longest a failing message waits before its next delivery. */
@@ -218,6 +226,15 @@ export async function ensureTopology(nc: NatsConnection, jsm: JetStreamManager, 
     max_msg_size: o.eventMaxMessageBytes,
     discard: DiscardPolicy.Old,
     duplicate_window: ms(o.eventDedupWindowMs),
+  });
+  await ensureStream(jsm, {
+    name: streams.logs,
+    subjects: ['quiver.log.>'],
+    retention: RetentionPolicy.Limits,
+    max_age: ms(o.logMaxAgeMs),
+    max_bytes: o.logMaxBytes,
+    // Full, the oldest lines go: logging never fails for want of room.
+    discard: DiscardPolicy.Old,
   });
   await ensureStream(jsm, {
     name: streams.dead,

@@ -452,6 +452,31 @@ export class QuiverClient {
     return views;
   }
 
+  /**
+   * A run's step logs, as kept in the logs stream (within its limits: 7 days, 256 MiB by
+   * default). With `follow`, lines keep coming until the run has ended.
+   */
+  async *logs(runId: string, options: { follow?: boolean } = {}): AsyncGenerator<LogLine> {
+    // One subject, not a list: nats-server 2.9 (Debian's) takes no filter_subjects.
+    const consumer = await this.js.consumers.get(streams.logs, { filter_subjects: subjects.log(runId) });
+    for (;;) {
+      const msg = await consumer.next({ expires: 1000 });
+      if (msg) {
+        try {
+          yield decode(logLine, msg.subject, msg.data);
+        } catch {
+          // A line that is not a log line (someone else published there) is no line of the run's.
+        }
+        if (msg.info.pending > 0 || options.follow) continue;
+        return;
+      }
+      // Nothing for a second: done, unless following a run that still goes.
+      if (!options.follow) return;
+      const view = await this.getRun(runId);
+      if (!view || isFinished(view.state)) return;
+    }
+  }
+
   async cancel(runId: string, reason = 'cancelled by the client'): Promise<void> {
     await this.js.publish(subjects.runCancel, encode(runCancel, { type: 'run.cancel', runId, reason }));
   }
