@@ -43,6 +43,35 @@ export function listPool(dir: string): PooledFile[] {
   return files;
 }
 
+/**
+ * How old this process's view of a pool may be before a release lists it again. Listing costs a
+ * readdir of up to POOL_MAX_FILES names, and an executor releases after every run: a view kept
+ * for a moment, updated by this process's own claims and releases, makes that once per moment.
+ * Other processes' changes are seen at the next listing; the cap was soft already.
+ */
+const POOL_VIEW_MAX_AGE_MS = 250;
+
+interface PoolView {
+  files: PooledFile[];
+  listedAt: number;
+}
+const views = new Map<string, PoolView>();
+
+/** The pool as this process last saw it, listed again when older than POOL_VIEW_MAX_AGE_MS (or when `fresh`). */
+export function poolView(dir: string, fresh = false): PooledFile[] {
+  const now = performance.now();
+  const known = views.get(dir);
+  if (!fresh && known && now - known.listedAt < POOL_VIEW_MAX_AGE_MS) return known.files;
+  const files = listPool(dir);
+  views.set(dir, { files, listedAt: now });
+  return files;
+}
+
+function forgetPooled(dir: string, name: string): void {
+  const view = views.get(dir);
+  if (view) view.files = view.files.filter((f) => f.name !== name);
+}
+
 /** Bytes held by the pool right now. */
 export function poolBytes(files: readonly PooledFile[]): number {
   return files.reduce((sum, f) => sum + f.byteSize, 0);
@@ -54,10 +83,17 @@ export function poolBytes(files: readonly PooledFile[]): number {
  * @throws ShmSegmentExistsError when `target` already exists.
  */
 export function claimPooled(dir: string, target: string, byteSize: number): boolean {
-  const candidates = listPool(dir)
-    .filter((f) => f.byteSize >= byteSize && f.byteSize <= 2 * byteSize)
-    .sort((a, b) => a.byteSize - b.byteSize);
+  // First from this process's view; when nothing there fits (or all of it was taken), listed afresh.
+  for (const fresh of [false, true]) {
+    if (tryClaim(dir, target, byteSize, poolView(dir, fresh))) return true;
+  }
+  return false;
+}
+
+function tryClaim(dir: string, target: string, byteSize: number, pool: readonly PooledFile[]): boolean {
+  const candidates = pool.filter((f) => f.byteSize >= byteSize && f.byteSize <= 2 * byteSize).sort((a, b) => a.byteSize - b.byteSize);
   for (const file of candidates) {
+    forgetPooled(dir, file.name);
     try {
       native.renameNoReplace(join(poolDir(dir), file.name), target);
       return true;
@@ -88,6 +124,7 @@ export function addToPool(dir: string, path: string, byteSize: number): boolean 
     const name = `${byteSize}.${randomBytes(8).toString('hex')}`;
     try {
       native.renameNoReplace(path, join(pool, name));
+      views.get(dir)?.files.push({ name, byteSize });
       return true;
     } catch (e) {
       const code = errorCode(e);
@@ -101,6 +138,7 @@ export function addToPool(dir: string, path: string, byteSize: number): boolean 
 
 /** Unlinks every pooled file. */
 export function drainPoolDir(dir: string): void {
+  views.delete(dir);
   for (const file of listPool(dir)) {
     const path = join(poolDir(dir), file.name);
     try {

@@ -7,7 +7,7 @@ import { dirname, join, resolve } from 'node:path';
 import { ShmArgumentError, ShmUnsafePathError, errorCode, fromFsError } from './errors.ts';
 import { native } from './native.ts';
 import { type ResolvedShmOptions, checkDir, checkId, POOL_DIR_NAME } from './options.ts';
-import { addToPool, claimPooled, drainPoolDir, listPool, poolBytes } from './pool.ts';
+import { addToPool, claimPooled, drainPoolDir, poolBytes, poolView } from './pool.ts';
 
 /** A segment holding one Arrow IPC stream. */
 export interface SegmentRef {
@@ -135,13 +135,13 @@ function fileSize(path: string): number | null {
 }
 
 /**
- * Files the pool keeps at most, whatever their bytes: every claim and release lists the pool, so
- * after a burst of small outputs a pool of thousands of files would cost more than it saves.
+ * Files the pool keeps at most, whatever their bytes: claims and releases list the pool (at most
+ * every 250 ms per process), so a pool of thousands of files would cost more than it saves.
  */
 export const POOL_MAX_FILES = 256;
 
 export function releaseSegmentIds(ids: readonly string[], opts: ResolvedShmOptions): void {
-  const pool = opts.poolMaxBytes > 0 ? listPool(opts.dir) : [];
+  const pool = opts.poolMaxBytes > 0 ? poolView(opts.dir) : [];
   let pooled = poolBytes(pool);
   let files = pool.length;
   for (const id of ids) {
