@@ -117,7 +117,7 @@ export default pipeline('scheduled', {
     const gate = process.env.QUIVER_TEST_GATE;
     while (gate && !existsSync(gate)) await new Promise((r) => setTimeout(r, 20));
     return tableFromArrays({ done: Int32Array.of(1) });
-  }),
+  }, { env: ['QUIVER_TEST_GATE'] }),
 }, { schedule: { cron: ${JSON.stringify(cron)}, timezone: 'Europe/Rome', catchUp: 'none', overlap: ${JSON.stringify(overlap)} } });
 `,
   );
@@ -129,7 +129,7 @@ describe('scheduled runs on a live cluster', () => {
   async function withGatedSchedule(overlap: 'skip' | 'queue' | 'allow', body: (client: QuiverClient) => Promise<void>): Promise<RunView[]> {
     const dir = mkdtempSync(join(tmpdir(), 'quiver-gate-'));
     const gate = join(dir, 'open');
-    // Step processes inherit it from the executor, which starts below.
+    // The executor, which starts below, has it; the step declares it (env), so it gets it.
     process.env.QUIVER_TEST_GATE = gate;
     try {
       return await withCluster(

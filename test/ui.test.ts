@@ -137,6 +137,16 @@ describe('web UI', () => {
         assert.deepEqual(again!.submit.params, first!.submit.params);
         assert.deepEqual(again!.submit.plan, first!.submit.plan);
         assert.deepEqual(again!.submit.trigger, { kind: 'user', by: `web UI (rerun of ${handle.id})` });
+
+        // Rerun from a step: that step and the ones after it are computed again.
+        await page.locator('g.node[data-step="report"]').click();
+        await page.locator('button[data-action="rerun-from"]').click();
+        await page.waitForFunction((old) => /^#\/runs\/[0-9A-Z]{26}$/.test(location.hash) && !location.hash.endsWith(old), rerunId);
+        const fromId = (await page.evaluate(() => location.hash)).split('/').pop()!;
+        await page.locator('[data-run-state="succeeded"]').waitFor({ timeout: 30_000 });
+        const fromReport = await readRunRecord(cluster.client.topology.runs, fromId);
+        assert.deepEqual(fromReport!.submit.recompute, ['report']);
+        assert.equal(fromReport!.submit.cache, 'readwrite');
       });
     } finally {
       await handle.release();

@@ -5,7 +5,7 @@
 import { jetstream } from '@nats-io/jetstream';
 import type { Table } from 'apache-arrow';
 import { ulid } from 'ulid';
-import { nextTick, schemaViolation, subjectMatches } from '../planner/index.ts';
+import { descendantsOf, nextTick, schemaViolation, subjectMatches } from '../planner/index.ts';
 import { encode, readRunRecord, runSubmit, subjects, type Deployment, type RunSubmit } from '../schemas/index.ts';
 import { OutputNotFoundError, type QuiverClient } from '../sdk/index.ts';
 import { describeTable, listTables, scanTable, TableNotFoundError, type OpenedTableStore } from '../storage/index.ts';
@@ -75,12 +75,14 @@ export async function cancelRun(ctx: ApiContext, runId: string) {
 
 /**
  * Submits the run again exactly as it was: the same plan (with the same pinned table snapshots),
- * code hash, deployed version, params and event. Only what started it differs: this UI.
+ * code hash, deployed version, params and event. Only what started it differs: this UI. With
+ * `from`, a rerun from that step (see `QuiverClient.rerun`).
  */
-export async function rerunRun(ctx: ApiContext, runId: string) {
+export async function rerunRun(ctx: ApiContext, runId: string, from: string | null = null) {
   const record = await readRunRecord(ctx.client.topology.runs, runId).catch(() => null);
   if (!record) throw new HttpError(404, `no run ${runId}`);
   const old = record.submit;
+  if (from !== null && !old.plan.steps.some((s) => s.name === from)) throw new HttpError(404, `run ${runId} has no step ${from}`);
   if (!(await ctx.client.topology.code.info(old.codeHash))) throw new HttpError(409, `the code of run ${runId} is no longer stored: run the pipeline file again instead`);
   const newId = ulid();
   const submit: RunSubmit = {
@@ -96,6 +98,9 @@ export async function rerunRun(ctx: ApiContext, runId: string) {
     ...(old.version !== undefined ? { version: old.version } : {}),
     ...(old.event ? { event: old.event } : {}),
     ...(old.admission ? { admission: old.admission } : {}),
+    // From a step: it and the steps after it are computed again, the ones before come from the
+    // output cache when it holds them.
+    ...(from !== null ? { cache: 'readwrite' as const, recompute: [from, ...descendantsOf(old.plan, from)] } : {}),
   };
   ctx.startedHere.add(newId);
   await jetstream(ctx.client.nc).publish(subjects.runSubmit, encode(runSubmit, submit), { msgID: `${newId}.submit` });

@@ -115,7 +115,7 @@ export async function startUiServer(client: QuiverClient, options: UiOptions & {
       if ((m = path.match(/^\/api\/tables\/(\w+)\/preview$/))) return sendJson(res, 200, await api.previewTable(ctx, m[1]!, url.searchParams.get('snapshot')));
     } else if (req.method === 'POST') {
       if ((m = path.match(/^\/api\/runs\/([0-9A-Z]{26})\/cancel$/))) return sendJson(res, 200, await api.cancelRun(ctx, m[1]!));
-      if ((m = path.match(/^\/api\/runs\/([0-9A-Z]{26})\/rerun$/))) return sendJson(res, 200, await api.rerunRun(ctx, m[1]!));
+      if ((m = path.match(/^\/api\/runs\/([0-9A-Z]{26})\/rerun$/))) return sendJson(res, 200, await api.rerunRun(ctx, m[1]!, url.searchParams.get('from')));
       if ((m = path.match(/^\/api\/pipelines\/(\w+)\/check$/))) return sendJson(res, 200, await api.checkEvent(ctx, m[1]!, await readJson(req)));
       if ((m = path.match(/^\/api\/pipelines\/(\w+)\/publish$/))) return sendJson(res, 200, await api.publishEvent(ctx, m[1]!, await readJson(req)));
     }

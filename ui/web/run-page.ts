@@ -90,10 +90,10 @@ export function runPage(root: HTMLElement, runId: string): () => void {
     paintFacts();
   });
 
-  async function act(action: 'cancel' | 'rerun') {
+  async function act(action: 'cancel' | 'rerun', from?: string) {
     if (action === 'cancel' && !confirm(`Cancel run ${runId}? Its running steps are stopped.`)) return;
     try {
-      const answer = await postJson<{ runId: string }>(`/api/runs/${runId}/${action}`);
+      const answer = await postJson<{ runId: string }>(`/api/runs/${runId}/${action}${from ? `?from=${encodeURIComponent(from)}` : ''}`);
       if (action === 'rerun') location.hash = `#/runs/${answer.runId}`;
       else message.textContent = 'cancelling…';
     } catch (error) {
@@ -125,6 +125,7 @@ export function runPage(root: HTMLElement, runId: string): () => void {
       factsBox,
       h('dl', {}, rows.flatMap(([k, x]) => [h('dt', {}, k), h('dd', { 'data-fact': k }, x)])),
       step.error ? h('div', { class: 'error' }, h('strong', {}, `${step.error.name}: ${step.error.message}`), step.error.stack ? h('pre', { class: 'stack' }, step.error.stack) : null) : null,
+      h('button', { 'data-action': 'rerun-from', title: 'Run again from this step: it and the steps after it are computed, the ones before come from the output cache', onclick: () => void act('rerun', step.name) }, 'Rerun from here'),
       step.output && !(data.view.outputsReleased && !data.view.keep)
         ? h('button', { 'data-action': 'preview', onclick: () => void loadPreview(step.name) }, 'Preview output')
         : step.output
