@@ -1,9 +1,9 @@
 import { jetstream, jetstreamManager, type JetStreamClient } from '@nats-io/jetstream';
-import type { KV } from '@nats-io/kv';
 import type { NatsConnection, Subscription } from '@nats-io/transport-node';
 import type { Table } from 'apache-arrow';
 import { ulid } from 'ulid';
 import {
+  buckets,
   connectForever,
   deadEvent,
   decode,
@@ -387,7 +387,7 @@ export class QuiverClient {
   /** The current version of every deployed pipeline, by name. */
   async listDeployments(): Promise<Deployment[]> {
     const found: Deployment[] = [];
-    for (const key of await uniqueKeys(this.topology.pipelines, '*')) {
+    for (const key of await uniqueKeys(this.nc, buckets.pipelines, '*')) {
       const d = await this.getDeployment(key);
       if (d) found.push(d);
     }
@@ -440,7 +440,7 @@ export class QuiverClient {
 
   /** Runs as last recorded, newest first. */
   async listRuns(options: { pipeline?: string; limit?: number } = {}): Promise<RunView[]> {
-    const keys = [...(await uniqueKeys(this.topology.runs))];
+    const keys = [...(await uniqueKeys(this.nc, buckets.runs))];
     // Run ids are ULIDs: their order is their submission order.
     keys.sort().reverse();
     const views: RunView[] = [];
@@ -590,10 +590,16 @@ class EventQueue implements AsyncIterable<RunEvent> {
 }
 
 /** A KV key listing names a key again when it changes meanwhile (runs move on while listed): once each here. */
-async function uniqueKeys(kv: KV, filter?: string): Promise<Set<string>> {
-  const keys = new Set<string>();
-  for await (const key of await kv.keys(filter)) keys.add(key);
-  return keys;
+/**
+ * The keys a bucket has held (deleted ones too: their readers skip them), from one stream-info
+ * request. Not `kv.keys()`: its listing ends only when it catches up or goes idle, which a bucket
+ * written every second (runs of a schedule) may never let it do.
+ */
+async function uniqueKeys(nc: NatsConnection, bucket: string, filter = '>'): Promise<Set<string>> {
+  const jsm = await jetstreamManager(nc);
+  const prefix = `$KV.${bucket}.`;
+  const info = await jsm.streams.info(`KV_${bucket}`, { subjects_filter: `${prefix}${filter}` });
+  return new Set(Object.keys(info.state.subjects ?? {}).map((subject) => subject.slice(prefix.length)));
 }
 
 function sameSpec(d: Deployment, spec: Pick<Deployment, 'codeHash' | 'events' | 'schedule' | 'maxConcurrentRuns'>): boolean {

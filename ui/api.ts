@@ -173,7 +173,14 @@ export async function listTablesApi(ctx: ApiContext) {
 export async function showTable(ctx: ApiContext, name: string) {
   const store = await ctx.tableStore();
   try {
-    return await describeTable(store, name);
+    const table = await describeTable(store, name);
+    // Where the table exists, and at which snapshot: every branch and tag (one catalog commit read each).
+    const refs = [];
+    for (const ref of await store.catalog.versions.list()) {
+      const entry = (await store.catalog.versions.tablesAt(ref.name))[name];
+      if (entry) refs.push({ name: ref.name, kind: ref.kind, snapshotId: entry.snapshotId, rows: entry.rows });
+    }
+    return { ...table, refs };
   } catch (error) {
     if (error instanceof TableNotFoundError) throw new HttpError(404, error.message);
     throw error;

@@ -1,4 +1,4 @@
-/** Stored tables: schema, snapshots with row counts, and a preview of any snapshot. */
+/** Stored tables: schema, the branches and tags holding them, snapshots with row counts, and a preview of any snapshot. */
 import { getJson } from './api.ts';
 import { h, replace } from './dom.ts';
 import { formatBytes, formatCount, formatTime } from './format.ts';
@@ -19,6 +19,8 @@ interface TableDetail {
   currentSnapshotId: string | null;
   fields: { name: string; type: string; nullable: boolean }[];
   snapshots: { snapshotId: string; timestampMs: number; operation: string; summary: { addedRows: number; totalRows: number; totalFiles: number } }[];
+  /** The branches and tags where the table exists, at their snapshot. */
+  refs: { name: string; kind: 'branch' | 'tag'; snapshotId: string | null; rows: number }[];
 }
 
 export function tablesPage(root: HTMLElement, name: string | null): () => void {
@@ -69,6 +71,13 @@ async function showTable(root: HTMLElement, name: string) {
         h('p', { class: 'muted' }, `${formatCount(t.rows)} rows, ${formatBytes(t.bytes)}, at ${t.location}`),
         h('h3', {}, 'Schema'),
         h('table', {}, h('thead', {}, h('tr', {}, h('th', {}, 'column'), h('th', {}, 'type'), h('th', {}, 'nullable'))), h('tbody', {}, t.fields.map((f) => h('tr', {}, h('td', {}, f.name), h('td', {}, f.type), h('td', {}, f.nullable ? 'yes' : 'no'))))),
+        h('h3', {}, 'Branches and tags'),
+        h(
+          'table',
+          { 'data-refs': '' },
+          h('thead', {}, h('tr', {}, ['ref', 'kind', 'snapshot', 'rows'].map((c) => h('th', {}, c)))),
+          h('tbody', {}, t.refs.map((r) => h('tr', { 'data-ref': r.name }, h('td', {}, r.name), h('td', {}, r.kind), h('td', {}, r.snapshotId ?? '–'), h('td', { class: 'num' }, formatCount(r.rows))))),
+        ),
         h('h3', {}, 'Snapshots'),
         h(
           'table',
