@@ -204,18 +204,21 @@ describe('web UI', () => {
     await page.locator('tr[data-dead="ui-dead-1"]', { hasText: 'must be >= 0' }).waitFor();
   });
 
-  it('shows a stored table: schema, snapshots and a preview', async () => {
+  it('shows a stored table: schema, branches, snapshots and a preview', async () => {
     const store = await openTableStore(storage);
     try {
       await writeTable(store, 'cities', tableFromArrays({ id: Int32Array.of(7, 8), city: ['Lima', 'Bern'] }), { mode: 'replace' });
       await writeTable(store, 'cities', tableFromArrays({ id: Int32Array.of(9), city: ['Riga'] }), { mode: 'append' });
+      await store.catalog.versions.createBranch('dev');
     } finally {
       await store.close();
     }
     await page.goto(`${ui.url}#/tables`);
     await page.locator('tr[data-table="cities"]', { hasText: '3' }).locator('a').click();
     await page.getByRole('heading', { name: 'Snapshots' }).waitFor();
-    assert.equal(await page.locator('table').nth(1).locator('tbody tr').count(), 2);
+    assert.equal(await page.locator('table[data-snapshots] tbody tr').count(), 2);
+    // The branches holding it: main, and dev made from it.
+    assert.deepEqual((await page.locator('table[data-refs] tbody tr td:first-child').allInnerTexts()).sort(), ['dev', 'main']);
     await page.locator('button[data-action="preview-table"]').click();
     const firstRow = page.locator('[data-preview] tbody tr').first();
     await firstRow.waitFor();

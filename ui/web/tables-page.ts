@@ -81,7 +81,7 @@ async function showTable(root: HTMLElement, name: string) {
         h('h3', {}, 'Snapshots'),
         h(
           'table',
-          {},
+          { 'data-snapshots': '' },
           h('thead', {}, h('tr', {}, ['snapshot', 'time', 'operation', 'added rows', 'rows', 'files', ''].map((c) => h('th', {}, c)))),
           h(
             'tbody',
