@@ -459,6 +459,8 @@ export class QuiverClient {
   async *logs(runId: string, options: { follow?: boolean } = {}): AsyncGenerator<LogLine> {
     // One subject, not a list: nats-server 2.9 (Debian's) takes no filter_subjects.
     const consumer = await this.js.consumers.get(streams.logs, { filter_subjects: subjects.log(runId) });
+    // No line kept and none to wait for: done at once, not after a fetch's wait.
+    if (!options.follow && (await consumer.info()).num_pending === 0) return;
     for (;;) {
       const msg = await consumer.next({ expires: 1000 });
       if (msg) {

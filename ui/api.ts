@@ -51,8 +51,17 @@ export async function getRun(ctx: ApiContext, runId: string) {
     plan: record.submit.plan,
     params: record.submit.params,
     event: record.submit.event ?? null,
-    logs: ctx.hub.logsOf(runId),
+    logs: await logsOf(ctx, runId),
   };
+}
+
+/** Lines the hub heard since it started, else those the logs stream kept (the last ones, as many as the hub keeps per run). */
+async function logsOf(ctx: ApiContext, runId: string) {
+  const heard = ctx.hub.logsOf(runId);
+  if (heard.length > 0) return heard;
+  const kept = [];
+  for await (const line of ctx.client.logs(runId)) kept.push(line);
+  return kept.slice(-ctx.options.logLinesPerRun);
 }
 
 export async function previewOutput(ctx: ApiContext, runId: string, step: string) {

@@ -206,7 +206,7 @@ export class LiveHub {
     return [...this.summaries.values()].sort((a, b) => (a.runId < b.runId ? 1 : -1));
   }
 
-  /** The log lines kept for a run (lines logged before this server started are gone: logs are not persisted). */
+  /** The log lines this hub heard for a run since it started (older ones are in the logs stream: see api getRun). */
   logsOf(runId: string): LogLine[] {
     return this.logs.get(runId) ?? [];
   }
