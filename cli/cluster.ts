@@ -8,6 +8,7 @@ import {
   consoleLogger,
   isFinished,
   natsConnectionOptions,
+  natsServers,
   quiverHome,
   resolveClusterSecret,
   storedCredentialsFile,
@@ -42,7 +43,10 @@ const urlFile = () => join(clusterDir(), 'url');
  */
 export async function findCluster(): Promise<{ url: string; nc: NatsConnection } | null> {
   const explicit = process.env.QUIVER_NATS_URL;
-  if (explicit) return { url: explicit, nc: await connect({ servers: explicit, ...natsConnectionOptions({ url: explicit }) }) };
+  if (explicit) {
+    const servers = natsServers(explicit);
+    return { url: explicit, nc: await connect({ servers, ...natsConnectionOptions({ url: servers[0]! }) }) };
+  }
   if (!existsSync(urlFile())) return null;
   const url = readFileSync(urlFile(), 'utf8').trim();
   try {
@@ -85,11 +89,16 @@ async function withClient<T>(command: string, body: (client: QuiverClient) => Pr
 
 /** `quiver up`: a local cluster whose state survives restarts, for deployed pipelines. */
 export async function upCommand(args: string[], untilSignal: () => Promise<unknown>): Promise<number> {
-  const { values } = parseArgs({ args, options: { concurrency: { type: 'string' }, 'ui-port': { type: 'string' }, 'no-ui': { type: 'boolean', default: false } } });
+  const { values } = parseArgs({
+    args,
+    options: { concurrency: { type: 'string' }, 'ui-port': { type: 'string' }, 'no-ui': { type: 'boolean', default: false }, 'nats-cluster': { type: 'string', default: '1' } },
+  });
   const concurrency = values.concurrency === undefined ? undefined : Number(values.concurrency);
   if (concurrency !== undefined && (!Number.isInteger(concurrency) || concurrency < 1)) {
     throw new UsageError(`--concurrency takes a whole number ≥ 1, got "${values.concurrency}"`);
   }
+  const natsNodes = Number(values['nats-cluster']);
+  if (!Number.isInteger(natsNodes) || natsNodes < 1 || natsNodes > 7) throw new UsageError(`--nats-cluster takes the number of NATS nodes, 1 to 7; got "${values['nats-cluster']}"`);
   const running = await findCluster();
   if (running) {
     await running.nc.close();
@@ -99,7 +108,8 @@ export async function upCommand(args: string[], untilSignal: () => Promise<unkno
   // From the home (or QUIVER_CLUSTER_SECRET): executors started beside this cluster share it.
   const clusterSecret = resolveClusterSecret();
   const cluster = await startLocalCluster({
-    persistentDir: join(clusterDir(), 'nats'),
+    persistentDir: join(clusterDir(), natsNodes > 1 ? `nats-cluster-${natsNodes}` : 'nats'),
+    natsNodes,
     logger: consoleLogger('quiver'),
     executor: { clusterSecret, ...(concurrency ? { concurrency } : {}) },
   });
@@ -157,6 +167,8 @@ export async function pipelinesCommand(args: string[]): Promise<number> {
       nextFire: d.schedule ? nextTick(d.schedule, now) : null,
       maxConcurrentRuns: d.maxConcurrentRuns,
       deployedAt: d.deployedAt,
+      // The version's lock: every exact package version its steps run with.
+      packages: [...new Set(d.plan.steps.flatMap((s) => Object.entries(s.packages ?? {}).map(([n, v]) => `${n}@${v}`)))].sort(),
     }));
     if (values.json) {
       console.log(JSON.stringify(rows));
@@ -179,6 +191,7 @@ export async function pipelinesCommand(args: string[]): Promise<number> {
         ]),
       ),
     );
+    for (const r of rows.filter((r) => r.packages.length > 0)) console.log(`${r.name} v${r.version} packages: ${r.packages.join(' ')}`);
     return 0;
   });
 }

@@ -6,7 +6,7 @@ import { collectGarbage, Executor } from '../executor/index.ts';
 import { parseListenAddress } from '../flight/index.ts';
 import { Orchestrator } from '../orchestrator/index.ts';
 import { PlanError } from '../planner/index.ts';
-import { CACHE_MODES, connectForever, consoleLogger, ensureTopology, NAME_PATTERN, natsConnectionOptions, shmRoot, silentLogger, readRunRecord, type CacheMode, type Plan, type PlanStep, type RunView, type StepState } from '../schemas/index.ts';
+import { CACHE_MODES, connectForever, consoleLogger, ensureTopology, NAME_PATTERN, natsConnectionOptions, natsServers, shmRoot, silentLogger, readRunRecord, type CacheMode, type Plan, type PlanStep, type RunView, type StepState } from '../schemas/index.ts';
 import {
   InvalidEventError,
   loadPipeline,
@@ -36,6 +36,7 @@ import { formatBytes, formatDuration, previewTable, stepDuration, summaryTable, 
 import { BRANCH_USAGE, branchCommand, ExpectationLog, tagCommand, transactionHint } from './branch.ts';
 import { TABLE_USAGE, tableCommand } from './table.ts';
 import { UI_USAGE, uiCommand } from './ui.ts';
+import { ENV_USAGE, envCommand } from './env.ts';
 import { UiOptionError, UiTokenRequiredError } from '../ui/index.ts';
 import { StorageError } from '../storage/index.ts';
 
@@ -55,10 +56,12 @@ Commands:
                  reuse (read), or compute everything (off). --dry-run prints the
                  physical plan (scans with their columns, filters and snapshots;
                  stages, commits) and what the cache would reuse, and runs nothing.
-  up [--concurrency N] [--ui-port P] [--no-ui]
+  up [--concurrency N] [--ui-port P] [--no-ui] [--nats-cluster 3]
                  Start a local cluster that keeps its state (deployments, runs,
                  events) under QUIVER_HOME/cluster; the commands below find it.
                  It serves the web UI too (see \`quiver ui\`) and prints its address.
+                 --nats-cluster 3 runs three NATS nodes on loopback (streams and
+                 buckets with three replicas) instead of one, to try failover.
   deploy FILE    Deploy a pipeline with the triggers its file declares (a new
                  version when the code or triggers changed).
   pipelines [--json]
@@ -92,6 +95,7 @@ Commands:
 ${TABLE_USAGE}
 ${BRANCH_USAGE}
 ${UI_USAGE}
+${ENV_USAGE}
 
 Environment:
   QUIVER_NATS_URL   an existing NATS with JetStream (default: embedded private server)
@@ -165,6 +169,8 @@ export async function main(argv: string[]): Promise<number> {
       return tableCommand(rest);
     case 'ui':
       return uiCommand(rest, untilSignal);
+    case 'env':
+      return envCommand(rest);
     case undefined:
     case '-h':
     case '--help':
@@ -304,6 +310,8 @@ async function followRun(client: QuiverClient, handle: RunHandle, plan: Plan, op
       let detail = '';
       if (step.state === 'succeeded') detail = `${(step.rows ?? 0).toLocaleString('en-US')} rows, ${formatBytes(step.bytes)}, ${step.transport === 'cache' ? 'cached, nothing ran' : formatDuration(stepDuration(step))}`;
       if (step.state === 'running') detail = `on ${step.hostId}${step.attempt > 1 ? ` (attempt ${step.attempt})` : ''}`;
+      // Getting its packages' environment (built, fetched from the cluster or found) is part of the step's time.
+      if (step.envMs !== undefined && step.envMs >= 1) detail += `${detail ? ', ' : ''}packages ${formatDuration(step.envMs)}`;
       say(`${step.name.padEnd(width)} ● ${step.state}${detail ? `  ${detail}` : ''}`);
       if (step.state === 'failed' && step.error) say(indent(step.error.stack ?? `${step.error.name}: ${step.error.message}`, `${' '.repeat(width)} │ `));
     }
@@ -453,6 +461,8 @@ function jsonResult(view: RunView) {
       durationMs: stepDuration(s),
       /** From the step's claim to its function's first line: what starting it cost. */
       startMs: s.codeStartedAt !== null && s.startedAt !== null ? Math.max(0, Math.round((s.codeStartedAt - s.startedAt) * 10) / 10) : null,
+      /** Time spent getting the step's package environment (built, fetched from the cluster, or found); absent without packages. */
+      ...(s.envMs !== undefined ? { envMs: s.envMs } : {}),
       ...(s.scan ? { scan: s.scan } : {}),
       ...(s.error ? { error: s.error } : {}),
     })),
@@ -466,10 +476,11 @@ function indent(text: string, prefix: string): string {
     .join('\n');
 }
 
-function requireNatsUrl(command: string): string {
+/** The servers QUIVER_NATS_URL names (one, or a cluster's, comma-separated). */
+function requireNatsUrl(command: string): string[] {
   const url = process.env.QUIVER_NATS_URL;
-  if (!url) throw new UsageError(`${command} needs QUIVER_NATS_URL: the NATS (with JetStream) it serves, e.g. nats://127.0.0.1:4222`);
-  return url;
+  if (!url) throw new UsageError(`${command} needs QUIVER_NATS_URL: the NATS (with JetStream) it serves, e.g. nats://127.0.0.1:4222, or a cluster's servers comma-separated`);
+  return natsServers(url);
 }
 
 async function untilSignal(): Promise<NodeJS.Signals> {
@@ -520,8 +531,8 @@ async function executorCommand(args: string[]): Promise<number> {
 }
 
 async function gcCommand(): Promise<number> {
-  const url = requireNatsUrl('quiver gc');
-  const nc = await connect({ servers: url, ...natsConnectionOptions({ url }) });
+  const servers = requireNatsUrl('quiver gc');
+  const nc = await connect({ servers, ...natsConnectionOptions({ url: servers[0]! }) });
   const topology = await ensureTopology(nc, await jetstreamManager(nc), topologyFromEnv());
   const removed = await collectGarbage({ topology, shmDir: `${shmRoot()}/${topology.clusterId}`, logger: consoleLogger('gc') });
   console.log(`removed ${removed.segments} segment(s) and ${removed.processes} process(es)`);

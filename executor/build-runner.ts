@@ -51,9 +51,11 @@ export interface RunnerBuild {
   linkKey: string;
   /**
    * Rewrites a pipeline bundle's `apache-arrow` imports to the runner's own copy, so both share
-   * one module (`instanceof Table` holds) and the step process loads Arrow once.
+   * one module (`instanceof Table` holds) and the step process loads Arrow once. Imports of
+   * `packages` (the pipeline's declared ones, and their subpaths) stay as they are: Node resolves
+   * them from the environment the linked file is written into.
    */
-  linkCode(code: Uint8Array, outfile: string): Promise<Uint8Array>;
+  linkCode(code: Uint8Array, outfile: string, packages?: readonly string[]): Promise<Uint8Array>;
 }
 
 /**
@@ -109,7 +111,7 @@ export async function buildRunner(outDir: string): Promise<RunnerBuild> {
     runnerPath,
     systemCodePath,
     linkKey: createHash('sha256').update(arrowUrl).digest('hex').slice(0, 16),
-    linkCode: async (code, outfile) => {
+    linkCode: async (code, outfile, packages = []) => {
       const linked = await build({
         stdin: { contents: new TextDecoder().decode(code), loader: 'js', resolveDir: outDir, sourcefile: 'pipeline.mjs' },
         bundle: true,
@@ -120,6 +122,7 @@ export async function buildRunner(outDir: string): Promise<RunnerBuild> {
         // Where it will be written: source paths in the map are relative to it.
         outfile,
         plugins: [toArrow],
+        external: packages.flatMap((name) => [name, `${name}/*`]),
         // Keeps the user's own file names and lines in step stack traces.
         sourcemap: 'inline',
         logLevel: 'silent',

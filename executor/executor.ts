@@ -1,7 +1,7 @@
 import { createHash } from 'node:crypto';
-import { existsSync, readFileSync, renameSync, rmdirSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, renameSync, rmdirSync, writeFileSync } from 'node:fs';
 import { hostname, availableParallelism } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { jetstream, jetstreamManager, type Consumer, type JsMsg } from '@nats-io/jetstream';
 import { Kvm, type KV } from '@nats-io/kv';
 import type { NatsConnection, Subscription } from '@nats-io/transport-node';
@@ -41,6 +41,7 @@ import {
 } from '../schemas/index.ts';
 import { RegionBroker, drainPool, regionsAvailable, releaseRegionIds, releaseSegments, removeSegments } from '../shm/index.ts';
 import { buildRunner, type RunnerBuild } from './build-runner.ts';
+import { EnvironmentBuildError, Environments, type EnvironmentsOptions } from './environments.ts';
 import { collectGarbage } from './gc.ts';
 import { OutputCache, releasable, type OutputCacheOptions } from './output-cache.ts';
 import type { RunnerJob, RunnerReply } from './protocol.ts';
@@ -79,6 +80,8 @@ export interface ExecutorOptions {
   stepLimits?: StepLimitDefaults;
   /** The output cache: how many bytes of step outputs this executor keeps for reuse. */
   outputCache?: OutputCacheOptions;
+  /** Package environments of steps that declare packages (docs/packages.md). @default under QUIVER_HOME/envs, shared through the cluster's quiver-envs */
+  environments?: EnvironmentsOptions;
 }
 
 
@@ -105,6 +108,8 @@ export class Executor {
   private regionBroker: RegionBroker | null = null;
   private processes!: StepProcesses;
   private outputCache!: OutputCache;
+  /** This host's package environments, for steps that declare packages. */
+  environments!: Environments;
   /** Steps being handled now, from either queue. */
   private active = 0;
   private concurrency = 1;
@@ -134,6 +139,7 @@ export class Executor {
     const consumer = await js.consumers.get(streams.work, consumers.executors);
     const executor = new Executor(nc, topology, consumer, runner, hostId, shmDir, options, logger);
     executor.completions = await new Kvm(jetstream(nc, { timeout: 2_000 })).open(buckets.steps);
+    executor.environments = new Environments({ store: topology.envs, logger, ...options.environments });
     const placed = await js.consumers.get(streams.work, await ensureHostConsumer(jsm, hostId, topology));
     await executor.collectGarbage();
     if (regionsAvailable()) executor.regionBroker = RegionBroker.inDir(shmDir);
@@ -325,7 +331,7 @@ export class Executor {
         return;
       }
       if (prepared.kind === 'failed') {
-        await this.fail(ready, msg, attempt, startedAt, prepared.error);
+        await this.fail(ready, msg, attempt, startedAt, prepared.error, prepared.envMs !== undefined ? { envMs: prepared.envMs } : {});
         return;
       }
       // Cached outputs this step maps stay while it runs, however full the cache gets.
@@ -342,7 +348,7 @@ export class Executor {
         msg.nak();
         return;
       }
-      await this.complete(ready, msg, attempt, startedAt, reply, prepared.fetchedBytes);
+      await this.complete(ready, msg, attempt, startedAt, reply, prepared.fetchedBytes, prepared.envMs);
     } finally {
       clearInterval(heartbeat);
     }
@@ -393,14 +399,30 @@ export class Executor {
     this.nc.publish(subjects.stepStarted, encode(stepStarted, started));
   }
 
-  /** The step's code (fetched once per host) and its inputs on this host (fetched over Flight when elsewhere). */
+  /**
+   * The step's package environment (when it declares packages: found, fetched or built once per
+   * host), its code (fetched once per host) and its inputs on this host (fetched over Flight when elsewhere).
+   */
   private async prepare(
     ready: StepReady,
-  ): Promise<{ kind: 'ready'; codePath: string; inputs: StepReady['inputs']; fetchedBytes: number } | { kind: 'failed'; error: StepError } | { kind: 'stopped' }> {
+  ): Promise<{ kind: 'ready'; codePath: string; inputs: StepReady['inputs']; fetchedBytes: number; envMs?: number } | { kind: 'failed'; error: StepError; envMs?: number } | { kind: 'stopped' }> {
     let codePath = '';
+    let environment: { dir: string; packages: string[] } | undefined;
+    let envMs: number | undefined;
+    if (!ready.system && ready.packages && Object.keys(ready.packages).length > 0) {
+      const began = performance.now();
+      try {
+        environment = { dir: (await this.environments.ensure(ready.packages)).dir, packages: Object.keys(ready.packages) };
+        envMs = Math.round(performance.now() - began);
+      } catch (error) {
+        envMs = Math.round(performance.now() - began);
+        const built = error instanceof EnvironmentBuildError ? error : new EnvironmentBuildError((error as Error).message, { cause: error });
+        return { kind: 'failed', error: { name: built.name, code: built.code, message: `step "${ready.step}" could not get its packages: ${built.message}` }, envMs };
+      }
+    }
     if (!ready.system) {
       try {
-        codePath = await this.ensureCode(ready.codeHash);
+        codePath = await this.ensureCode(ready.codeHash, environment);
       } catch (error) {
         // Missing or corrupt code will not heal by redelivery: fail the step, saying why.
         return { kind: 'failed', error: { name: 'PipelineCodeError', code: 'ERR_PIPELINE_CODE', message: (error as Error).message } };
@@ -408,7 +430,7 @@ export class Executor {
     }
     try {
       const { inputs, fetchedBytes } = await this.flight!.localize(withoutOrderOnlyInputs(ready));
-      return { kind: 'ready', codePath, inputs, fetchedBytes };
+      return { kind: 'ready', codePath, inputs, fetchedBytes, ...(envMs !== undefined ? { envMs } : {}) };
     } catch (error) {
       if (this.stopped) return { kind: 'stopped' };
       // The host holding the input is gone or failed mid-transfer: its data is out of reach.
@@ -420,8 +442,10 @@ export class Executor {
     return ready.system ? runSystemStep(ready, ready.system, inputs, attempt, this.systemStepContext(ready)) : this.runStep({ ...ready, inputs }, attempt, codePath);
   }
 
-  private async complete(ready: StepReady, msg: JsMsg, attempt: number, startedAt: number, reply: SystemReply, fetchedBytes: number): Promise<void> {
-    const ran = ready.system ? {} : { isolation: ready.isolation ?? 'process', ...('codeStartedAt' in reply && reply.codeStartedAt !== undefined ? { codeStartedAt: reply.codeStartedAt } : {}) };
+  private async complete(ready: StepReady, msg: JsMsg, attempt: number, startedAt: number, reply: SystemReply, fetchedBytes: number, envMs?: number): Promise<void> {
+    const ran = ready.system
+      ? {}
+      : { isolation: ready.isolation ?? 'process', ...('codeStartedAt' in reply && reply.codeStartedAt !== undefined ? { codeStartedAt: reply.codeStartedAt } : {}), ...(envMs !== undefined ? { envMs } : {}) };
     if (reply.type === 'error') {
       await this.fail(ready, msg, attempt, startedAt, reply.error, ran);
       return;
@@ -473,7 +497,7 @@ export class Executor {
     };
   }
 
-  private async fail(ready: StepReady, msg: JsMsg, attempt: number, startedAt: number, error: StepError, ran: Pick<StepFailed, 'isolation' | 'codeStartedAt'> = {}): Promise<void> {
+  private async fail(ready: StepReady, msg: JsMsg, attempt: number, startedAt: number, error: StepError, ran: Pick<StepFailed, 'isolation' | 'codeStartedAt' | 'envMs'> = {}): Promise<void> {
     await this.record({ type: 'step.failed', runId: ready.runId, step: ready.step, attempt, executorId: this.executorId, error, ...ran, startedAt, at: Date.now() });
     msg.ack();
   }
@@ -506,24 +530,29 @@ export class Executor {
 
   /**
    * Fetches the pipeline bundle once per host (content-addressed, so a cached file is never stale)
-   * and links it against the runner's Arrow.
+   * and links it against the runner's Arrow. With an environment, the linked file is written inside
+   * it, so Node resolves the declared packages from its node_modules.
    */
-  private async ensureCode(codeHash: string): Promise<string> {
-    const known = this.linkedCode.get(codeHash);
-    if (known) return known;
-    const path = join(bundleDir('build'), `code-${codeHash.slice(0, 32)}-${this.runner.linkKey}.mjs`);
+  private async ensureCode(codeHash: string, environment?: { dir: string; packages: string[] }): Promise<string> {
+    const known = this.linkedCode.get(`${codeHash}:${environment?.dir ?? ''}`);
+    // An environment pruned since (quiver env prune) comes back without its linked code.
+    if (known && (!environment || existsSync(known))) return known;
+    const path = environment
+      ? join(environment.dir, 'code', `${codeHash.slice(0, 32)}-${this.runner.linkKey}.mjs`)
+      : join(bundleDir('build'), `code-${codeHash.slice(0, 32)}-${this.runner.linkKey}.mjs`);
     if (!existsSync(path)) {
       const local = join(bundleDir('code'), `${codeHash}.mjs`);
       const blob = existsSync(local) ? readFileSync(local) : await this.topology.code.getBlob(codeHash);
       if (!blob) throw new Error(`pipeline code ${codeHash} is not in the quiver-code object store`);
       const actual = createHash('sha256').update(blob).digest('hex');
       if (actual !== codeHash) throw new Error(`pipeline code ${codeHash} hashes to ${actual}: refusing to run it`);
-      const linked = await this.runner.linkCode(blob, path);
+      const linked = await this.runner.linkCode(blob, path, environment?.packages);
+      if (environment) mkdirSync(dirname(path), { recursive: true });
       const tmp = `${path}.${process.pid}.${ulid()}.tmp`;
       writeFileSync(tmp, linked);
       renameSync(tmp, path);
     }
-    this.linkedCode.set(codeHash, path);
+    this.linkedCode.set(`${codeHash}:${environment?.dir ?? ''}`, path);
     return path;
   }
 

@@ -70,7 +70,7 @@ const INSTALL_HINT = 'Install it with `apt-get install nats-server` (Debian) or 
 const ANY_PORT = -1;
 
 /** One nats-server process. */
-interface Launched {
+export interface Launched {
   child: ChildProcess;
   exited: Promise<unknown>;
   port: number;
@@ -129,7 +129,7 @@ export async function startNatsServer(options: NatsServerOptions): Promise<NatsS
   };
 }
 
-function serverCredentials(auth: NonNullable<NatsServerOptions['auth']>): NatsServerCredentials | null {
+export function serverCredentials(auth: NonNullable<NatsServerOptions['auth']>): NatsServerCredentials | null {
   if (auth === 'none') return null;
   let pair;
   try {
@@ -142,7 +142,7 @@ function serverCredentials(auth: NonNullable<NatsServerOptions['auth']>): NatsSe
   return { seed: new TextDecoder().decode(pair.getSeed()), publicKey };
 }
 
-async function launchNatsServer(binary: string, storeDir: string, portsDir: string, configFile: string | null, wantedPort: number, startTimeoutMs: number): Promise<Launched> {
+export async function launchNatsServer(binary: string, storeDir: string, portsDir: string, configFile: string | null, wantedPort: number, startTimeoutMs: number): Promise<Launched> {
   const configArgs = configFile ? ['-c', configFile] : [];
   const child = spawn(binary, [...configArgs, '-a', '127.0.0.1', '-p', String(wantedPort), '-js', '-sd', storeDir, '--ports_file_dir', portsDir], {
     stdio: ['ignore', 'ignore', 'pipe'],
@@ -196,7 +196,7 @@ function binaryBaseName(binary: string): string {
   return binary.split('/').pop() ?? binary;
 }
 
-async function stopChild(child: ChildProcess, exited: Promise<unknown>): Promise<void> {
+export async function stopChild(child: ChildProcess, exited: Promise<unknown>): Promise<void> {
   if (child.exitCode !== null || child.signalCode !== null) return;
   child.kill('SIGTERM');
   const timer = setTimeout(() => child.kill('SIGKILL'), 3000);
@@ -204,7 +204,7 @@ async function stopChild(child: ChildProcess, exited: Promise<unknown>): Promise
   clearTimeout(timer);
 }
 
-async function killChild(child: ChildProcess, exited: Promise<unknown>): Promise<void> {
+export async function killChild(child: ChildProcess, exited: Promise<unknown>): Promise<void> {
   if (child.exitCode !== null || child.signalCode !== null) return;
   child.kill('SIGKILL');
   await exited;

@@ -57,6 +57,7 @@ export function cacheKeyOf(
   }
   return stepCacheKey({
     codeKey: step.codeKey,
+    ...(step.packages ? { packages: step.packages } : {}),
     params: submit.params,
     ...(submit.event ? { event: { subject: submit.event.subject, payload: submit.event.payload } } : {}),
     inputs,

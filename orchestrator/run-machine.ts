@@ -25,6 +25,8 @@ export interface StepFacts {
   codeStartedAt?: number | null;
   /** The step's cache key, as its completion reported it: its children's keys build on it. */
   cacheKey?: string | null;
+  /** Time spent getting the step's package environment, as its completion reported it. */
+  envMs?: number;
   error: StepFailed['error'] | null;
 }
 
@@ -105,6 +107,7 @@ export function createRunMachine(plan: Plan) {
           isolation: e.isolation ?? null,
           codeStartedAt: e.codeStartedAt ?? null,
           cacheKey: e.cacheKey ?? null,
+          ...(e.envMs !== undefined ? { envMs: e.envMs } : {}),
         });
       }),
     };
@@ -121,6 +124,7 @@ export function createRunMachine(plan: Plan) {
           error: e.error,
           isolation: e.isolation ?? null,
           codeStartedAt: e.codeStartedAt ?? null,
+          ...(e.envMs !== undefined ? { envMs: e.envMs } : {}),
         });
       }),
     };

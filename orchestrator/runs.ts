@@ -252,6 +252,7 @@ export function readyMessage(run: { record: RunRecord }, step: string, snapshot:
     ...(planStep.isolation ? { isolation: planStep.isolation } : {}),
     ...(planStep.limits ? { limits: planStep.limits } : {}),
     ...(planStep.env ? { env: planStep.env } : {}),
+    ...(planStep.packages ? { packages: planStep.packages } : {}),
   };
   const cacheKey = cacheKeyOf(submit, planStep, snapshot.context.steps);
   if (cacheKey) {

@@ -72,6 +72,7 @@ export function machineView(record: RunRecord, snapshot: RunSnapshot): RunView {
         isolation: facts.isolation ?? null,
         codeStartedAt: facts.codeStartedAt ?? null,
         cacheKey: facts.cacheKey ?? null,
+        ...(facts.envMs !== undefined ? { envMs: facts.envMs } : {}),
         output: facts.output,
         error: facts.error,
       };

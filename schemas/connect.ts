@@ -24,6 +24,17 @@ export const RECONNECT_FOREVER = {
 export const DEFAULT_NATS_URL = 'nats://127.0.0.1:4222';
 
 /**
+ * The servers a QUIVER_NATS_URL names: one url, or several separated by commas (the nodes of a
+ * cluster: a connection whose server dies goes on through another).
+ */
+export function natsServers(urls: string): string[] {
+  return urls
+    .split(',')
+    .map((u) => u.trim())
+    .filter(Boolean);
+}
+
+/**
  * Environment variables that hold a secret or point at one. A step process must never inherit
  * them: its environment is built from an allowlist that leaves these out.
  */
@@ -145,7 +156,8 @@ export function natsConnectionOptions(settings: NatsConnectionSettings = {}): Na
     options.token = env.QUIVER_NATS_TOKEN;
   } else {
     const stored = readStoredCredentials(home);
-    if (stored && (url === undefined || sameServer(url, stored.url))) options.authenticator = nkeyAuthenticator(new TextEncoder().encode(stored.seed));
+    // Only to the servers they were made for (a cluster's are stored comma-separated).
+    if (stored && (url === undefined || natsServers(url).some((u) => natsServers(stored.url).some((v) => sameServer(u, v))))) options.authenticator = nkeyAuthenticator(new TextEncoder().encode(stored.seed));
   }
   if (Boolean(env.QUIVER_NATS_TLS_CERT) !== Boolean(env.QUIVER_NATS_TLS_KEY)) {
     throw new NatsCredentialsError('ERR_NATS_CREDENTIALS_INCOMPLETE', 'QUIVER_NATS_TLS_CERT and QUIVER_NATS_TLS_KEY go together (the client certificate and its key): set both, or neither');
@@ -263,7 +275,7 @@ export async function connectForever(servers: string | string[], options: Connec
  */
 export async function connectOnce(servers: string, options: { timeoutMs?: number; auth?: NatsAuthOptions; name?: string } = {}): Promise<NatsConnection> {
   return connect({
-    servers,
+    servers: natsServers(servers),
     maxReconnectAttempts: 0,
     ...(options.timeoutMs ? { timeout: options.timeoutMs } : {}),
     ...(options.name ? { name: options.name } : {}),

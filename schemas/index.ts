@@ -29,6 +29,7 @@ export {
   connectOnce,
   DEFAULT_NATS_URL,
   natsConnectionOptions,
+  natsServers,
   NatsCredentialsError,
   readStoredCredentials,
   RECONNECT_FOREVER,

@@ -116,6 +116,14 @@ export const ENV_NAME_PATTERN = /^[A-Za-z_][A-Za-z0-9_]{0,127}$/;
 /** The executor's environment variables a user step is given (its declared secrets): names only, never values. */
 export const stepEnv = z.array(z.string().regex(ENV_NAME_PATTERN, 'must be an environment variable name')).max(64);
 
+/** npm package names (npm's rules: lowercase, optionally scoped, at most 214 characters). */
+export const PACKAGE_NAME_PATTERN = /^(?:@[a-z0-9][a-z0-9._~-]*\/)?[a-z0-9][a-z0-9._~-]*$/;
+/** Exact versions a step's environment is installed with: package name → version. */
+export const stepPackages = z
+  .record(z.string().max(214).regex(PACKAGE_NAME_PATTERN, 'must be an npm package name'), z.string().max(256).regex(/^\d+\.\d+\.\d+(?:[-+][0-9A-Za-z.+-]*)?$/, 'must be an exact version'))
+  .refine((p) => Object.keys(p).length <= 256, 'at most 256 packages');
+export type StepPackages = z.infer<typeof stepPackages>;
+
 export const planStep = z.object({
   name,
   /** User steps only; absent means `process`. */
@@ -132,6 +140,11 @@ export const planStep = z.object({
   codeKey: z.string().regex(/^[0-9a-f]{64}$/).optional(),
   /** `step(..., { cache: false })`: never reused, never cached (clocks, randomness, side effects); nor are its descendants. */
   cache: z.literal(false).optional(),
+  /**
+   * User steps only: the exact npm packages of the step's environment (name → version): every
+   * package its pipeline declares, its own declared versions winning (docs/packages.md).
+   */
+  packages: stepPackages.optional(),
 });
 /** The logical plan: steps in topological order. The orchestrator only ever sees this, never data. */
 export const plan = z.object({
@@ -277,6 +290,8 @@ export const stepSucceeded = z.object({
   codeStartedAt: z.number().nonnegative().optional(),
   /** The step's cache key; with transport `cache`, the output is a cached one and nothing ran. */
   cacheKey: cacheKey.optional(),
+  /** Milliseconds spent building or fetching the step's package environment (steps with packages). */
+  envMs: z.number().nonnegative().optional(),
   startedAt: timestamp,
   at: timestamp,
 });
@@ -290,6 +305,8 @@ export const stepFailed = z.object({
   error: stepError,
   isolation: isolation.optional(),
   codeStartedAt: z.number().nonnegative().optional(),
+  /** Milliseconds spent building or fetching the step's package environment (steps with packages). */
+  envMs: z.number().nonnegative().optional(),
   startedAt: timestamp.optional(),
   at: timestamp,
 });
@@ -322,6 +339,8 @@ export const stepReady = z.object({
   limits: stepLimits.optional(),
   /** For a user step: the executor's environment variables it is given (names). */
   env: stepEnv.optional(),
+  /** For a user step: the exact packages of the environment it runs in (its plan step's). */
+  packages: stepPackages.optional(),
   /** The step's cache key, when its output can be cached: reported back with its completion. */
   cacheKey: cacheKey.optional(),
   /** Keep the output in the host's output cache under `cacheKey` (runs with cache `readwrite`). */
@@ -366,6 +385,8 @@ export const stepView = z.object({
   codeStartedAt: z.number().nonnegative().nullable().default(null),
   /** The step's cache key, when it had one; its transport is `cache` when its output was reused. */
   cacheKey: cacheKey.nullable().default(null),
+  /** Milliseconds the step spent getting its package environment (built, fetched or found), for steps with packages. */
+  envMs: z.number().nonnegative().optional(),
   output: tableDescriptor.nullable(),
   error: stepError.nullable(),
 });

@@ -76,6 +76,8 @@ export const buckets = {
   hosts: 'quiver-hosts',
   /** The output cache's index: a step's cache key → where its output lives (see executor/output-cache.ts). */
   cache: 'quiver-cache',
+  /** Packed package environments (`<hash>.tar.gz`), so a host fetches one instead of installing it (executor/environments.ts). */
+  envs: 'quiver-envs',
 } as const;
 
 /** How long an executor's entry in `quiver-hosts` outlives its last heartbeat. */
@@ -129,7 +131,15 @@ export interface TopologyOptions {
   logMaxAgeMs?: number;
   /** Bytes of step logs kept; the oldest lines go first. @default 256 MiB */
   logMaxBytes?: number;
+  /**
+   * Replicas of every stream, bucket and object store Quiver creates; one that exists with fewer
+   * is scaled up. @default QUIVER_REPLICAS, else min(3, the servers of the NATS cluster)
+   */
+  replicas?: number;
 }
+
+/** The topology options that are limits: whole numbers with a default each. */
+type LimitOptions = Omit<TopologyOptions, 'replicas'>;
 
 export const DEFAULT_ACK_WAIT_MS = 30_000;
 export const DEFAULT_MAX_DELIVER = 5;
@@ -137,7 +147,7 @@ export const DEFAULT_EVENT_DEDUP_WINDOW_MS = 3_600_000;
 const DAY_MS = 24 * 3600 * 1000;
 
 /** Every {@link TopologyOptions} default, in one place. */
-export const TOPOLOGY_DEFAULTS: Required<TopologyOptions> = {
+export const TOPOLOGY_DEFAULTS: Required<LimitOptions> = {
   ackWaitMs: DEFAULT_ACK_WAIT_MS,
   maxDeliver: DEFAULT_MAX_DELIVER,
   messageMaxDeliver: 20,
@@ -158,9 +168,10 @@ export const TOPOLOGY_DEFAULTS: Required<TopologyOptions> = {
 export const MAX_RETRY_DELAY_MS = 30_000;
 
 /** Options with their defaults; throws a TypeError naming an option that is not a positive whole number. */
-export function resolveTopologyOptions(options: TopologyOptions = {}): Required<TopologyOptions> {
+export function resolveTopologyOptions(options: TopologyOptions = {}): Required<LimitOptions> {
   const resolved = { ...TOPOLOGY_DEFAULTS };
-  for (const [key, value] of Object.entries(options) as [keyof TopologyOptions, number | undefined][]) {
+  const { replicas: _replicas, ...limits } = options;
+  for (const [key, value] of Object.entries(limits) as [keyof LimitOptions, number | undefined][]) {
     if (value === undefined) continue;
     if (!(key in TOPOLOGY_DEFAULTS)) throw new TypeError(`unknown topology option "${key}"; known: ${Object.keys(TOPOLOGY_DEFAULTS).join(', ')}`);
     if (!Number.isSafeInteger(value) || value < 1) throw new TypeError(`topology option ${key} must be a whole number ≥ 1, got ${value}`);
@@ -185,6 +196,8 @@ export interface Topology {
   /** The output cache's index, by cache key. */
   cache: KV;
   code: ObjectStore;
+  /** Packed package environments, by hash (see executor/environments.ts). */
+  envs: ObjectStore;
   /** A random id made once per cluster: it namespaces shared memory so clusters never touch each other's segments. */
   clusterId: string;
   ackWaitMs: number;
@@ -202,7 +215,9 @@ const ms = (n: number) => n * 1_000_000;
  */
 export async function ensureTopology(nc: NatsConnection, jsm: JetStreamManager, options: TopologyOptions = {}): Promise<Topology> {
   const o = resolveTopologyOptions(options);
+  const replicas = replicasFor(nc, options.replicas);
   await ensureStream(jsm, {
+    num_replicas: replicas,
     name: streams.control,
     // Only what clients ask for; step completions live in the quiver-steps bucket.
     subjects: [subjects.runSubmit, subjects.runCancel, subjects.runRelease],
@@ -211,6 +226,7 @@ export async function ensureTopology(nc: NatsConnection, jsm: JetStreamManager, 
     duplicate_window: ms(120_000),
   });
   await ensureStream(jsm, {
+    num_replicas: replicas,
     name: streams.work,
     subjects: ['quiver.work.>'],
     retention: RetentionPolicy.Workqueue,
@@ -218,6 +234,7 @@ export async function ensureTopology(nc: NatsConnection, jsm: JetStreamManager, 
     duplicate_window: ms(120_000),
   });
   await ensureStream(jsm, {
+    num_replicas: replicas,
     name: streams.events,
     subjects: ['quiver.events.>'],
     retention: RetentionPolicy.Limits,
@@ -228,6 +245,7 @@ export async function ensureTopology(nc: NatsConnection, jsm: JetStreamManager, 
     duplicate_window: ms(o.eventDedupWindowMs),
   });
   await ensureStream(jsm, {
+    num_replicas: replicas,
     name: streams.logs,
     subjects: ['quiver.log.>'],
     retention: RetentionPolicy.Limits,
@@ -237,6 +255,7 @@ export async function ensureTopology(nc: NatsConnection, jsm: JetStreamManager, 
     discard: DiscardPolicy.Old,
   });
   await ensureStream(jsm, {
+    num_replicas: replicas,
     name: streams.dead,
     subjects: ['quiver.dead.>'],
     retention: RetentionPolicy.Limits,
@@ -280,15 +299,16 @@ export async function ensureTopology(nc: NatsConnection, jsm: JetStreamManager, 
   const maxDeliver = work.config.max_deliver && work.config.max_deliver > 0 ? work.config.max_deliver : o.maxDeliver;
   const kvm = new Kvm(nc);
   const [runs, steps, claims, meta, pipelines, leases, schedules, hosts, cache] = await Promise.all([
-    kvm.create(buckets.runs, { history: 1, ttl: o.runHistoryTtlMs }),
-    kvm.create(buckets.steps, { history: 1, ttl: o.runHistoryTtlMs }),
-    kvm.create(buckets.claims, { history: 1, ttl: o.runHistoryTtlMs }),
-    kvm.create(buckets.meta, { history: 1 }),
-    kvm.create(buckets.pipelines, { history: 1 }),
-    kvm.create(buckets.leases, { history: 1 }),
-    kvm.create(buckets.schedules, { history: 1 }),
-    kvm.create(buckets.hosts, { history: 1, ttl: HOST_TTL_MS }),
-    kvm.create(buckets.cache, { history: 1 }),
+    kvm.create(buckets.runs, { history: 1, ttl: o.runHistoryTtlMs, replicas }),
+    kvm.create(buckets.steps, { history: 1, ttl: o.runHistoryTtlMs, replicas }),
+    kvm.create(buckets.claims, { history: 1, ttl: o.runHistoryTtlMs, replicas }),
+    kvm.create(buckets.meta, { history: 1, replicas }),
+    kvm.create(buckets.pipelines, { history: 1, replicas }),
+    kvm.create(buckets.leases, { history: 1, replicas }),
+    kvm.create(buckets.schedules, { history: 1, replicas }),
+    kvm.create(buckets.hosts, { history: 1, ttl: HOST_TTL_MS, replicas }),
+    // Entries go when their output is evicted; the ttl bounds those of executors that died.
+    kvm.create(buckets.cache, { history: 1, ttl: o.runHistoryTtlMs, replicas }),
   ]);
   await ensureConsumer(jsm, `KV_${buckets.steps}`, {
     durable_name: consumers.facts,
@@ -302,11 +322,16 @@ export async function ensureTopology(nc: NatsConnection, jsm: JetStreamManager, 
   for (const bucket of [buckets.runs, buckets.steps, buckets.claims]) await ensureLimits(jsm, `KV_${bucket}`, { max_age: ms(o.runHistoryTtlMs) });
   const facts = await jsm.consumers.info(`KV_${buckets.steps}`, consumers.facts);
   const messageMaxDeliver = facts.config.max_deliver && facts.config.max_deliver > 0 ? facts.config.max_deliver : o.messageMaxDeliver;
-  const code = await new Objm(nc).create(buckets.code);
+  const code = await new Objm(nc).create(buckets.code, { replicas });
+  const envs = await new Objm(nc).create(buckets.envs, { replicas });
+  // Buckets and object stores made with fewer replicas (a cluster that grew) are scaled up too.
+  for (const name of [...Object.values(buckets).filter((b) => b !== buckets.code && b !== buckets.envs).map((b) => `KV_${b}`), `OBJ_${buckets.code}`, `OBJ_${buckets.envs}`]) {
+    await ensureReplicas(jsm, name, replicas);
+  }
   const clusterId = await ensureClusterId(meta);
   // Older Quivers kept a generated cluster secret here, where every NATS client could read it.
   if (await meta.get(LEGACY_SECRET_KEY)) await meta.purge(LEGACY_SECRET_KEY);
-  return { runs, steps, claims, meta, pipelines, leases, schedules, hosts, cache, code, clusterId, ackWaitMs, maxDeliver, messageMaxDeliver };
+  return { runs, steps, claims, meta, pipelines, leases, schedules, hosts, cache, code, envs, clusterId, ackWaitMs, maxDeliver, messageMaxDeliver };
 }
 
 /** The consumer of the work placed on `hostId`, made like the shared one. */
@@ -363,6 +388,51 @@ async function ensureStream(jsm: JetStreamManager, config: Partial<StreamConfig>
   if (Object.keys(update).length > 0) await jsm.streams.update(config.name, { ...existing.config, ...update });
   // ...and have no limits at all: it gets ours. A limit someone set stays.
   await ensureLimits(jsm, config.name, config);
+  if (config.num_replicas) await ensureReplicas(jsm, config.name, config.num_replicas);
+}
+
+/** A topology that cannot be what this Quiver needs; the message says how to migrate. */
+export class TopologyError extends Error {
+  override readonly name = 'TopologyError';
+  constructor(
+    readonly code: 'ERR_TOPOLOGY_REPLICAS',
+    message: string,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+  }
+}
+
+/**
+ * Replicas of what Quiver creates: `wanted`, else QUIVER_REPLICAS, else min(3, the servers of the
+ * cluster the connection is in, as its server announces them).
+ */
+export function replicasFor(nc: NatsConnection, wanted?: number): number {
+  const fromEnv = process.env.QUIVER_REPLICAS;
+  const value = wanted ?? (fromEnv !== undefined && fromEnv !== '' ? Number(fromEnv) : undefined);
+  if (value !== undefined) {
+    if (!Number.isInteger(value) || value < 1 || value > 5) throw new TypeError(`replicas (QUIVER_REPLICAS) must be a whole number from 1 to 5, got ${fromEnv ?? value}`);
+    return value;
+  }
+  const servers = new Set(nc.info?.connect_urls ?? []).size;
+  return Math.min(3, Math.max(1, servers));
+}
+
+/** Scales a stream (or a bucket's) up to `replicas`; one that has more keeps them. */
+async function ensureReplicas(jsm: JetStreamManager, name: string, replicas: number): Promise<void> {
+  const existing = await jsm.streams.info(name);
+  const have = existing.config.num_replicas ?? 1;
+  if (have >= replicas) return;
+  try {
+    await jsm.streams.update(name, { ...existing.config, num_replicas: replicas });
+  } catch (error) {
+    throw new TopologyError(
+      'ERR_TOPOLOGY_REPLICAS',
+      `stream ${name} has ${have} replica(s) and ${replicas} are wanted (QUIVER_REPLICAS or the cluster's size), but JetStream refused to scale it: ${(error as Error).message}. ` +
+        `Scale it by hand (\`nats stream edit ${name} --replicas ${replicas}\`), or set QUIVER_REPLICAS=${have} to keep it as it is.`,
+      { cause: error },
+    );
+  }
 }
 
 /** Creates the consumer when missing; gives one made by an older Quiver without max_deliver a bound. */

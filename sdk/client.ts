@@ -348,11 +348,11 @@ export class QuiverClient {
     const kv = this.topology.pipelines;
     const current = await kv.get(name);
     const currentDeployment = current?.operation === 'PUT' ? deploymentSchema.parse(current.json()) : null;
-    const spec = { codeHash: pipeline.codeHash, events: pipeline.triggers.events, schedule: pipeline.triggers.schedule, maxConcurrentRuns: pipeline.triggers.maxConcurrentRuns };
+    const spec = { codeHash: pipeline.codeHash, events: pipeline.triggers.events, schedule: pipeline.triggers.schedule, maxConcurrentRuns: pipeline.triggers.maxConcurrentRuns, plan: pipeline.plan };
     if (currentDeployment && sameSpec(currentDeployment, spec)) return { deployment: currentDeployment, changed: false };
     // Versions go on after an undeploy: a version number never names two different things.
     let last = 0;
-    for await (const key of await kv.keys(`${name}.*`)) last = Math.max(last, Number(key.slice(name.length + 2)) || 0);
+    for (const key of await uniqueKeys(this.nc, buckets.pipelines, `${name}.*`)) last = Math.max(last, Number(key.slice(name.length + 2)) || 0);
     const deployment: Deployment = {
       name,
       version: last + 1,
@@ -604,7 +604,8 @@ async function uniqueKeys(nc: NatsConnection, bucket: string, filter = '>'): Pro
   return new Set(Object.keys(info.state.subjects ?? {}).map((subject) => subject.slice(prefix.length)));
 }
 
-function sameSpec(d: Deployment, spec: Pick<Deployment, 'codeHash' | 'events' | 'schedule' | 'maxConcurrentRuns'>): boolean {
-  const pick = (x: typeof spec) => JSON.stringify([x.codeHash, x.events, x.schedule, x.maxConcurrentRuns]);
+function sameSpec(d: Deployment, spec: Pick<Deployment, 'codeHash' | 'events' | 'schedule' | 'maxConcurrentRuns' | 'plan'>): boolean {
+  // The packages too: a range resolving to a newer release is a new version of unchanged code.
+  const pick = (x: typeof spec) => JSON.stringify([x.codeHash, x.events, x.schedule, x.maxConcurrentRuns, x.plan.steps.map((s) => s.packages ?? null)]);
   return pick(d) === pick(spec);
 }

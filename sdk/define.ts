@@ -108,6 +108,15 @@ export interface StepOptions {
    * step, naming it. @default none
    */
   readonly env?: readonly string[];
+  /**
+   * npm packages this step imports, name → semver range (`{ 'date-fns': '^3.6.0' }`), on top of
+   * its pipeline's `packages` (its own range wins for a package both declare). Ranges are resolved
+   * to exact versions when the pipeline is loaded (the lock stored with a deployment), the bundle
+   * leaves them out, and the step runs in an environment installed once per host for that exact
+   * set and shared through the cluster. An unknown package or a range no release matches fails
+   * planning. See docs/packages.md. @default none
+   */
+  readonly packages?: Readonly<Record<string, string>>;
 }
 
 /** A step as declared in a pipeline file. The name is its key in the pipeline. */
@@ -168,6 +177,11 @@ export interface PipelineOptions {
    * cache unless told `--cache off`, whatever this says. @default false
    */
   readonly cache?: boolean;
+  /**
+   * npm packages every one of its steps can import, name → semver range (see
+   * {@link StepOptions.packages}, whose ranges win). @default none
+   */
+  readonly packages?: Readonly<Record<string, string>>;
 }
 
 /** Where a pipeline's runs read and write tables (docs/branches.md); merged into {@link PipelineOptions}. */
@@ -230,6 +244,7 @@ export function source(
  * step(() => tableFromArrays({ x: [1, 2, 3] }))
  * step({ data: 'transactions' }, ({ data }) => data)
  * step({ data: 'transactions' }, ({ data }) => data, { host: 'eu' }) // only on hosts labelled eu
+ * step({ data: 'transactions' }, ({ data }) => data, { packages: { 'is-number': '^7.0.0' } }) // imports is-number
  */
 export function step(fn: StepFunction<never>, options?: StepOptions): StepDefinition;
 export function step<I extends string>(

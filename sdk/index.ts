@@ -22,5 +22,5 @@ export type { LoadedPipeline } from './load.ts';
 export { QuiverClient, NotDeployedError, DeployConflictError, InvalidEventError, OutputNotFoundError, RerunError } from './client.ts';
 export type { ClientOptions, DeployResult, DryRun, OpenedTable, PublishOptions, PublishResult, ReadOutput, RerunOptions, RunEvent, RunHandle, RunOptions } from './client.ts';
 export { startLocalCluster } from './local.ts';
-export type { LocalCluster, LocalClusterOptions } from './local.ts';
+export type { LocalCluster, LocalClusterOptions, LocalNats } from './local.ts';
 export { PlanError, TriggerError } from '../planner/index.ts';

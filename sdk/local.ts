@@ -3,7 +3,7 @@ import { join } from 'node:path';
 import type { NatsConnection } from '@nats-io/transport-node';
 import { ulid } from 'ulid';
 import { Executor, type ExecutorOptions } from '../executor/index.ts';
-import { startNatsServer, type NatsServer } from '../infra/index.ts';
+import { startNatsCluster, startNatsServer, type NatsCluster, type NatsServer, type NatsServerCredentials } from '../infra/index.ts';
 import { Orchestrator } from '../orchestrator/index.ts';
 import { connectForever, quiverHome, silentLogger, type Logger, type TopologyOptions } from '../schemas/index.ts';
 import { removeDir } from '../shm/index.ts';
@@ -27,12 +27,27 @@ export interface LocalClusterOptions {
    * cluster use it; nothing else gets in. @default one generated for this start, kept in memory
    */
   natsSeed?: string;
+  /** Nodes of the private NATS: more than one starts a cluster of them on loopback (R3 streams with 3). @default 1 */
+  natsNodes?: number;
+}
+
+/** The private NATS of a local cluster: one server, or the nodes of a cluster. */
+export interface LocalNats {
+  /** Its url; a cluster's are comma-separated (as QUIVER_NATS_URL takes them). */
+  readonly url: string;
+  readonly urls: string[];
+  readonly credentials: NatsServerCredentials | null;
+  /** Credentials for nats.js `connect()`. */
+  readonly connectionOptions: NatsServer['connectionOptions'];
+  /** The cluster's nodes, to kill or restart one; null for one server. */
+  readonly cluster: NatsCluster | null;
+  stop(): Promise<void>;
 }
 
 /** A private nats-server with an orchestrator and an executor in this process: the embedded default. */
 export interface LocalCluster {
   /** Requires credentials: connect with `server.connectionOptions`. */
-  readonly server: NatsServer;
+  readonly server: LocalNats;
   readonly client: QuiverClient;
   readonly orchestrator: Orchestrator;
   readonly executor: Executor;
@@ -44,11 +59,11 @@ export async function startLocalCluster(options: LocalClusterOptions = {}): Prom
   const home = options.home ?? quiverHome();
   const dir = options.persistentDir ?? join(home, 'embedded', ulid());
   // Credentials always: whoever reaches the port could otherwise deploy code that executors run.
-  const server = await startNatsServer({ dir, removeDirOnStop: !options.persistentDir, auth: options.natsSeed ? { seed: options.natsSeed } : 'nkey' });
+  const server = await startNats(dir, options);
   const logger = options.logger ?? silentLogger;
   const connections: NatsConnection[] = [];
   const open = async () => {
-    const nc = await connectForever(server.url, { logger, auth: server.connectionOptions });
+    const nc = await connectForever(server.urls, { logger, auth: server.connectionOptions });
     connections.push(nc);
     return nc;
   };
@@ -81,4 +96,16 @@ export async function startLocalCluster(options: LocalClusterOptions = {}): Prom
     await server.stop();
     throw error;
   }
+}
+
+/** One nats-server, or `natsNodes` of them in a cluster; credentials always. */
+async function startNats(dir: string, options: LocalClusterOptions): Promise<LocalNats> {
+  const auth = options.natsSeed ? { seed: options.natsSeed } : ('nkey' as const);
+  const removeDirOnStop = !options.persistentDir;
+  if ((options.natsNodes ?? 1) > 1) {
+    const cluster = await startNatsCluster({ dir, size: options.natsNodes!, auth, removeDirOnStop });
+    return { url: cluster.urls.join(','), urls: cluster.urls, credentials: cluster.credentials, connectionOptions: cluster.connectionOptions, cluster, stop: () => cluster.stop() };
+  }
+  const server = await startNatsServer({ dir, removeDirOnStop, auth });
+  return { url: server.url, urls: [server.url], credentials: server.credentials, connectionOptions: server.connectionOptions, cluster: null, stop: () => server.stop() };
 }
