@@ -14,7 +14,11 @@
  * they write a snapshot), and steps reused. Figures, not a test: nothing is asserted but that
  * every run succeeds and that the reuse is what the cache promises.
  *
- * Per-step packages (issue 12's first part) are not built yet, so their timings are not here.
+ * Then a step declaring an npm package (`is-odd`, which the repository does not have), three
+ * times: its environment built from the registry on a fresh cluster (npm's own cache may be
+ * warm), found on this host, and fetched from the cluster's object store by a second executor
+ * with its own environment folder and the registry unreachable. For each: the step's `envMs`,
+ * the load (bundling, and resolving the range with the registry), and the whole run.
  *
  * Run: npm run bench:feedback [-- --rows 1000000 --repeat 3]
  */
@@ -24,7 +28,8 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { generateTransactions } from '../examples/transactions/data.ts';
-import { silentLogger, type CacheMode, type RunView } from '../schemas/index.ts';
+import { Executor } from '../executor/index.ts';
+import { connectForever, silentLogger, type CacheMode, type RunView } from '../schemas/index.ts';
 import { loadPipeline, startLocalCluster, type LocalCluster } from '../sdk/index.ts';
 import { tableStoreFromEnv, writeTable } from '../storage/index.ts';
 
@@ -66,6 +71,51 @@ async function runOnce(cluster: LocalCluster, file: string, cache: CacheMode): P
   return { ms, computed: view.steps.length - reused, reused };
 }
 
+/** The package part: see the header. */
+async function benchPackages(cluster: LocalCluster): Promise<void> {
+  const pipelineFile = (name: string, host?: string) => {
+    const file = join(dir, `${name}.ts`);
+    writeFileSync(
+      file,
+      `import { tableFromArrays } from 'apache-arrow';
+import isOdd from 'is-odd';
+import { pipeline, step } from ${JSON.stringify(join(repoRoot, 'sdk', 'index.ts'))};
+export default pipeline(${JSON.stringify(name)}, {
+  odds: step(() => tableFromArrays({ odd: [1, 2, 3].map((n) => isOdd(n) as boolean) }), { packages: { 'is-odd': '^3.0.1' }${host ? `, host: ${JSON.stringify(host)}` : ''} }),
+});
+`,
+    );
+    return file;
+  };
+  const once = async (file: string) => {
+    const started = performance.now();
+    const loaded = await loadPipeline(file);
+    const loadMs = performance.now() - started;
+    const handle = await cluster.client.run(loaded, { cache: 'off' });
+    const view = await handle.result();
+    await handle.release();
+    if (view.state !== 'succeeded') throw new Error(`the package step ${view.state}: ${view.steps[0]?.error?.message}`);
+    return { envMs: view.steps[0]!.envMs ?? 0, loadMs, totalMs: performance.now() - started };
+  };
+  const here = pipelineFile('packages_here');
+  const rows: [string, Awaited<ReturnType<typeof once>>][] = [['built from the registry', await once(here)], ['found on this host', await once(here)]];
+  const second = await Executor.start(await connectForever(cluster.server.urls, { auth: cluster.server.connectionOptions }), {
+    hostId: 'second',
+    prewarm: 0,
+    logger: silentLogger,
+    environments: { dir: join(dir, 'second-envs'), npmEnv: { npm_config_registry: 'http://127.0.0.1:9/' } },
+  });
+  try {
+    rows.push(['fetched by an offline host', await once(pipelineFile('packages_there', 'second'))]);
+  } finally {
+    await second.stop();
+  }
+  console.log(`\na step with one declared npm package (is-odd)`);
+  console.log(`${'environment'.padEnd(28)} ${'envMs'.padStart(7)} ${'load ms'.padStart(8)} ${'run ms'.padStart(8)}`);
+  for (const [label, r] of rows) console.log(`${label.padEnd(28)} ${r.envMs.toFixed(0).padStart(7)} ${r.loadMs.toFixed(0).padStart(8)} ${r.totalMs.toFixed(0).padStart(8)}`);
+  console.log('load resolves the range against the registry every time (npm view); run ms includes it.');
+}
+
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 
 let edited: string | null = null;
@@ -99,6 +149,7 @@ try {
     console.log(`${label.padEnd(22)} ${ms.toFixed(1).padStart(9)} ${`${(ms / base).toFixed(2)}x`.padStart(8)} ${String(last.computed).padStart(9)} ${String(last.reused).padStart(7)}`);
   }
   console.log('computed counts the stage and commit of the materialized table, which always run (each run commits a snapshot).');
+  await benchPackages(cluster);
 } finally {
   if (edited) rmSync(edited, { force: true });
   await cluster.stop();

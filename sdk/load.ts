@@ -1,6 +1,6 @@
 import { execFile } from 'node:child_process';
 import { createHash, randomUUID } from 'node:crypto';
-import { existsSync, mkdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { isBuiltin } from 'node:module';
 import { join, resolve, sep } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
@@ -8,7 +8,7 @@ import { promisify } from 'node:util';
 import { build, type Plugin } from 'esbuild';
 import semver from 'semver';
 import { PlanError, planPipeline, stepCodeKeys, triggersOf, type TriggerSpec } from '../planner/index.ts';
-import { bundleDir, PACKAGE_NAME_PATTERN, type Plan } from '../schemas/index.ts';
+import { bundleDir, PACKAGE_NAME_PATTERN, quiverHome, type Plan } from '../schemas/index.ts';
 
 const execFileAsync = promisify(execFile);
 
@@ -282,10 +282,54 @@ async function resolvePackages(declared: DeclaredPackages): Promise<LockedPackag
 }
 
 /**
+ * How long a range's resolution is reused without asking the registry again
+ * (QUIVER_PACKAGE_RESOLVE_TTL_MS): the edit-and-re-run loop should not pay an `npm view` (~0.3 s)
+ * every time. A release published meanwhile is picked up once it expires. @default 10 minutes
+ */
+function resolveTtlMs(): number {
+  const raw = process.env.QUIVER_PACKAGE_RESOLVE_TTL_MS;
+  const value = raw === undefined || raw === '' ? 10 * 60_000 : Number(raw);
+  if (!Number.isFinite(value) || value < 0) throw new PipelineLoadError(`QUIVER_PACKAGE_RESOLVE_TTL_MS must be milliseconds ≥ 0, got "${raw}"`);
+  return value;
+}
+
+const resolutionsFile = () => join(quiverHome(), 'package-resolutions.json');
+
+type Resolutions = Record<string, { version: string; at: number }>;
+
+function readResolutions(): Resolutions {
+  try {
+    return JSON.parse(readFileSync(resolutionsFile(), 'utf8')) as Resolutions;
+  } catch {
+    return {};
+  }
+}
+
+/** Remembers a resolution; concurrent loads may overwrite each other's, which only costs a lookup. */
+function rememberResolution(key: string, version: string): void {
+  const all = readResolutions();
+  all[key] = { version, at: Date.now() };
+  mkdirSync(quiverHome(), { recursive: true });
+  const tmp = `${resolutionsFile()}.${process.pid}.tmp`;
+  writeFileSync(tmp, JSON.stringify(all));
+  renameSync(tmp, resolutionsFile());
+}
+
+/**
  * The highest version of `name` matching `range` on the registry the user's npm is configured for
- * (`npm view`, so .npmrc, scopes, auth and proxies apply).
+ * (`npm view`, so .npmrc, scopes, auth and proxies apply), or as resolved within the last
+ * {@link resolveTtlMs}.
  */
 async function resolveVersion(name: string, range: string, what: string, step?: string): Promise<string> {
+  const key = `${name}@${range}`;
+  const known = readResolutions()[key];
+  if (known && Date.now() - known.at < resolveTtlMs() && semver.satisfies(known.version, range)) return known.version;
+  const version = await askRegistry(name, range, what, step);
+  rememberResolution(key, version);
+  return version;
+}
+
+async function askRegistry(name: string, range: string, what: string, step?: string): Promise<string> {
   let stdout: string;
   try {
     ({ stdout } = await execFileAsync('npm', ['view', `${name}@${range}`, 'version', '--json'], { timeout: NPM_VIEW_TIMEOUT_MS, maxBuffer: 16 << 20 }));

@@ -34,6 +34,32 @@ function notInRepository(name: string): void {
   assert.ok(!existsSync(join(repoRoot, 'node_modules', name)), `${name} must not be installed in the repository for this test to mean anything`);
 }
 
+describe('resolving declared packages', () => {
+  it('reuses a resolution for a while, so a re-run does not ask the registry again', TIMEOUT, async () => {
+    const home = tempHome();
+    const saved = { home: process.env.QUIVER_HOME, registry: process.env.npm_config_registry };
+    try {
+      process.env.QUIVER_HOME = home.dir;
+      const first = await loadPipeline(fixture('packages-basic.ts'));
+      assert.deepEqual(first.plan.steps[0]!.packages, { 'is-odd': '3.0.1' });
+      // The registry gone: the resolution made a moment ago stands.
+      process.env.npm_config_registry = 'http://127.0.0.1:9/';
+      const again = await loadPipeline(fixture('packages-basic.ts'));
+      assert.deepEqual(again.plan.steps[0]!.packages, { 'is-odd': '3.0.1' });
+      // Expired, it is asked again, and the unreachable registry fails the load.
+      process.env.QUIVER_PACKAGE_RESOLVE_TTL_MS = '0';
+      await assert.rejects(loadPipeline(fixture('packages-basic.ts')), /could not resolve package "is-odd@\^3.0.1"/);
+    } finally {
+      for (const [key, value] of [['QUIVER_HOME', saved.home], ['npm_config_registry', saved.registry]] as const) {
+        if (value === undefined) delete process.env[key];
+        else process.env[key] = value;
+      }
+      delete process.env.QUIVER_PACKAGE_RESOLVE_TTL_MS;
+      home.remove();
+    }
+  });
+});
+
 describe('declared packages', () => {
   it('runs a step importing a package the repository does not have', TIMEOUT, async () => {
     notInRepository('is-odd');
