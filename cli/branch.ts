@@ -1,9 +1,9 @@
 import { parseArgs } from 'node:util';
 import type { Plan, RunView } from '../schemas/index.ts';
-import { MAIN_BRANCH, type OpenedTableStore } from '../storage/index.ts';
+import { MAIN_BRANCH } from '../storage/index.ts';
 import { UsageError } from './cluster.ts';
 import { textTable } from './format.ts';
-import { openStore } from './table.ts';
+import { withStore } from './table.ts';
 
 export const BRANCH_USAGE = `  branch list [--json]
                  Branches and tags: the catalog commit each points to, its tables.
@@ -23,14 +23,6 @@ export const BRANCH_USAGE = `  branch list [--json]
                  An immutable name for what REF (default main) points to now.
   tag delete NAME`;
 
-async function withStore<T>(fn: (store: OpenedTableStore) => Promise<T>): Promise<T> {
-  const store = await openStore();
-  try {
-    return await fn(store);
-  } finally {
-    await store.close();
-  }
-}
 
 const when = (ms: number) => (ms ? new Date(ms).toISOString().replace('T', ' ').replace(/\.\d+Z$/, 'Z') : '-');
 const rows = (n: number) => n.toLocaleString('en-US');

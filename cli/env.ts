@@ -3,6 +3,7 @@ import { parseArgs } from 'node:util';
 import { environmentsDir, listEnvironments, pruneEnvironments, type EnvironmentInfo } from '../executor/index.ts';
 import { UsageError } from './cluster.ts';
 import { formatBytes, textTable } from './format.ts';
+import { parseDuration } from './table.ts';
 
 export const ENV_USAGE = `  env list [--json]
                  This host's package environments (QUIVER_HOME/envs): hash, packages,
@@ -41,7 +42,7 @@ function listCommand(args: string[]): number {
 
 function pruneCommand(args: string[]): number {
   const { values } = parseArgs({ args, options: { 'older-than': { type: 'string', default: '7d' } } });
-  const removed = pruneEnvironments(environmentsDir(), durationMs(values['older-than']));
+  const removed = pruneEnvironments(environmentsDir(), parseDuration(values['older-than']));
   const bytes = removed.reduce((sum, e) => sum + e.bytes, 0);
   process.stdout.write(removed.length === 0 ? 'No environment to prune.\n' : `Removed ${removed.length} environment${removed.length === 1 ? '' : 's'} (${formatBytes(bytes)}).\n`);
   return 0;
@@ -57,9 +58,3 @@ function ago(ms: number): string {
   return `${Math.floor(value)} ${unit} ago`;
 }
 
-/** `30m`, `12h`, `7d`, `90s`; a bare number is days (as `quiver table expire` reads it). */
-function durationMs(text: string): number {
-  const parsed = /^(\d+(?:\.\d+)?)(s|m|h|d)?$/.exec(text.trim());
-  if (!parsed) throw new UsageError(`--older-than takes a duration like 30m, 12h or 7d, got "${text}"`);
-  return Number(parsed[1]) * { s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 }[(parsed[2] ?? 'd') as 'd'];
-}

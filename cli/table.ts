@@ -76,7 +76,8 @@ export async function tableCommand(args: string[]): Promise<number> {
   }
 }
 
-async function withStore<T>(fn: (store: OpenedTableStore) => Promise<T>): Promise<T> {
+/** Opens the table store the environment names, hands it to `fn`, and closes it. */
+export async function withStore<T>(fn: (store: OpenedTableStore) => Promise<T>): Promise<T> {
   const store = await openStore();
   try {
     return await fn(store);
@@ -181,7 +182,7 @@ async function vacuumCommand(args: string[]): Promise<number> {
 }
 
 /** `30m`, `12h`, `7d`, `90s`, `500ms`; a bare number is days. */
-function parseDuration(text: string): number {
+export function parseDuration(text: string): number {
   const m = /^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$/.exec(text.trim());
   if (!m) throw new UsageError(`--older-than takes a duration like 30m, 12h or 7d, got "${text}"`);
   const unit = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 }[(m[2] ?? 'd') as 'd'];

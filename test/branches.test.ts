@@ -2,11 +2,9 @@ import assert from 'node:assert/strict';
 import { linkSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { after, before, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import { DuckDBInstance } from '@duckdb/node-api';
-import { connect, type NatsConnection } from '@nats-io/transport-node';
 import { tableFromArrays } from 'apache-arrow';
-import { startNatsServer, startS3Server, type NatsServer, type S3Server } from '../infra/index.ts';
 import { planOnBranch, planPipeline } from '../planner/index.ts';
 import { loadPipeline, PlanError, pipeline, source, step } from '../sdk/index.ts';
 import {
@@ -26,6 +24,7 @@ import {
   type OpenedTableStore,
   type TableStore,
 } from '../storage/index.ts';
+import { storageBackends } from './storage-backends.ts';
 import { fixture, runCli, stepOf, waitFor, withCluster } from './helpers.ts';
 
 const ids = (from: number, n: number) => tableFromArrays({ id: Int32Array.from({ length: n }, (_, i) => from + i) });
@@ -37,55 +36,8 @@ async function idsOf(store: TableStore, table: string): Promise<number[]> {
 
 const range = (from: number, n: number) => Array.from({ length: n }, (_, i) => from + i);
 
-interface Backend {
-  name: string;
-  open(): Promise<OpenedTableStore>;
-}
-
-let s3: S3Server;
-let nats: NatsServer;
-let nc: NatsConnection;
-const dirs: string[] = [];
-let bucketCount = 0;
-
-before(async () => {
-  s3 = await startS3Server({ buckets: Array.from({ length: 12 }, (_, i) => `br${i}`) });
-  const natsDir = mkdtempSync(join(tmpdir(), 'quiver-branches-nats-'));
-  dirs.push(natsDir);
-  nats = await startNatsServer({ dir: natsDir });
-  nc = await connect({ servers: nats.url });
-});
-
-after(async () => {
-  await nc?.close();
-  await nats?.stop();
-  await s3?.stop();
-  for (const d of dirs) rmSync(d, { recursive: true, force: true });
-});
-
-const backends: Backend[] = [
-  {
-    name: 'local directory',
-    open: () => {
-      const root = mkdtempSync(join(tmpdir(), 'quiver-branches-'));
-      dirs.push(root);
-      return openTableStore({ kind: 'local', root });
-    },
-  },
-  {
-    name: 'S3 (s3rver) with a NATS KV catalog',
-    open: () => openTableStore({ kind: 's3', s3: { bucket: `br${bucketCount++}`, endpoint: s3.endpoint, credentials: s3.credentials, forcePathStyle: true }, nc }),
-  },
-];
-
-async function withStore(backend: Backend, fn: (store: OpenedTableStore) => Promise<void>): Promise<void> {
-  const store = await backend.open();
-  try {
-    await fn(store);
-  } finally {
-    await store.close();
-  }
-}
+const storage = storageBackends('br', 12);
+const { backends, withStore, dirs } = storage;
 
 /** Every object of the store with its bytes: to prove something changed nothing. */
 async function objectsUnder(store: TableStore, prefix: string): Promise<Map<string, string>> {
@@ -345,14 +297,14 @@ const pipelineBackends: { name: string; env(): Record<string, string>; open(clus
   {
     name: 'S3 (s3rver)',
     env: () => ({
-      QUIVER_STORAGE: `s3://br${bucketCount++}`,
-      QUIVER_S3_ENDPOINT: s3.endpoint,
+      QUIVER_STORAGE: `s3://${storage.nextBucket()}`,
+      QUIVER_S3_ENDPOINT: storage.s3.endpoint,
       QUIVER_S3_FORCE_PATH_STYLE: '1',
-      AWS_ACCESS_KEY_ID: s3.credentials.accessKeyId,
-      AWS_SECRET_ACCESS_KEY: s3.credentials.secretAccessKey,
+      AWS_ACCESS_KEY_ID: storage.s3.credentials.accessKeyId,
+      AWS_SECRET_ACCESS_KEY: storage.s3.credentials.secretAccessKey,
     }),
     open: (cluster, env) =>
-      openTableStore({ kind: 's3', s3: { bucket: env.QUIVER_STORAGE!.slice(5), endpoint: s3.endpoint, credentials: s3.credentials, forcePathStyle: true }, nc: cluster.client.nc }),
+      openTableStore({ kind: 's3', s3: { bucket: env.QUIVER_STORAGE!.slice(5), endpoint: storage.s3.endpoint, credentials: storage.s3.credentials, forcePathStyle: true }, nc: cluster.client.nc }),
   },
 ];
 

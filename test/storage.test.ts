@@ -2,11 +2,9 @@ import assert from 'node:assert/strict';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { after, before, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import { DuckDBInstance } from '@duckdb/node-api';
-import { connect, type NatsConnection } from '@nats-io/transport-node';
 import { Bool, Dictionary, Field, Float64, Int32, Int64, List, Schema, Struct, Table, TimestampMillisecond, Utf8, makeBuilder, tableFromArrays, vectorFromArray } from 'apache-arrow';
-import { startNatsServer, startS3Server, type NatsServer, type S3Server } from '../infra/index.ts';
 import {
   ColumnCache,
   CorruptDataFileError,
@@ -22,6 +20,7 @@ import {
   writeTable,
   type OpenedTableStore,
 } from '../storage/index.ts';
+import { storageBackends } from './storage-backends.ts';
 
 const ROWS = 100_000;
 const ROW_GROUP_ROWS = 10_000;
@@ -68,55 +67,8 @@ function rowsOf(table: Table): Record<string, unknown>[] {
   return table.toArray().map((r) => ({ ...(r as { toJSON(): Record<string, unknown> }).toJSON() }));
 }
 
-interface Backend {
-  name: string;
-  open(): Promise<OpenedTableStore>;
-}
-
-let s3: S3Server;
-let nats: NatsServer;
-let nc: NatsConnection;
-const dirs: string[] = [];
-let bucketCount = 0;
-
-before(async () => {
-  s3 = await startS3Server({ buckets: Array.from({ length: 20 }, (_, i) => `b${i}`) });
-  const natsDir = mkdtempSync(join(tmpdir(), 'quiver-storage-nats-'));
-  nats = await startNatsServer({ dir: natsDir });
-  nc = await connect({ servers: nats.url });
-});
-
-after(async () => {
-  await nc?.close();
-  await nats?.stop();
-  await s3?.stop();
-  for (const d of dirs) rmSync(d, { recursive: true, force: true });
-});
-
-const backends: Backend[] = [
-  {
-    name: 'local directory',
-    open: () => {
-      const root = mkdtempSync(join(tmpdir(), 'quiver-storage-'));
-      dirs.push(root);
-      return openTableStore({ kind: 'local', root });
-    },
-  },
-  {
-    name: 'S3 (s3rver) with a NATS KV catalog',
-    // A bucket per test: tests do not see each other's tables.
-    open: () => openTableStore({ kind: 's3', s3: { bucket: `b${bucketCount++}`, endpoint: s3.endpoint, credentials: s3.credentials, forcePathStyle: true }, nc }),
-  },
-];
-
-async function withStore(backend: Backend, fn: (store: OpenedTableStore) => Promise<void>): Promise<void> {
-  const store = await backend.open();
-  try {
-    await fn(store);
-  } finally {
-    await store.close();
-  }
-}
+const storage = storageBackends('b', 20);
+const { backends, withStore, dirs } = storage;
 
 for (const backend of backends) {
   describe(`stored tables on ${backend.name}`, () => {
@@ -357,12 +309,13 @@ describe('filters and columns are checked before reading', () => {
   });
 
   it('refuses to trust conditional writes of an S3 server that ignores them', async () => {
+    const bucket = storage.nextBucket();
     await assert.rejects(
-      openTableStore({ kind: 's3', s3: { bucket: 'b19', endpoint: s3.endpoint, credentials: s3.credentials, conditionalWrites: true } }),
+      openTableStore({ kind: 's3', s3: { bucket, endpoint: storage.s3.endpoint, credentials: storage.s3.credentials, conditionalWrites: true } }),
       (error: StorageError) => error.code === 'ERR_STORAGE_CONFIG' && /ignores If-None-Match on PUT/.test(error.message),
     );
     await assert.rejects(
-      openTableStore({ kind: 's3', s3: { bucket: 'b19', endpoint: s3.endpoint, credentials: s3.credentials } }),
+      openTableStore({ kind: 's3', s3: { bucket, endpoint: storage.s3.endpoint, credentials: storage.s3.credentials } }),
       /needs either a server that honours conditional PUTs .* or a NATS for the table catalog/,
     );
   });
