@@ -195,8 +195,8 @@ export class OutputCache {
     try {
       const current = await this.deps.kv.get(key);
       if (!current || current.operation !== 'PUT') return;
-      const entry = await readCacheEntry(this.deps.kv, key).catch(() => null);
-      if (entry && entry.executorId !== this.deps.executorId) return;
+      const entry = cacheEntry.safeParse(current.json());
+      if (entry.success && entry.data.executorId !== this.deps.executorId) return;
       await this.deps.kv.delete(key, { previousSeq: current.revision });
     } catch (error) {
       this.deps.logger.warn(`could not remove cache entry ${key}: ${(error as Error).message}`);

@@ -89,6 +89,32 @@ export interface ReadOutput {
 }
 
 /** A pipeline name that is not deployed. */
+/**
+ * The submission that runs `old` (run `runId`) again: the same plan (with its pinned snapshots),
+ * code, deployed version, params and event, submitted by `by`. With `from`, that step and the
+ * steps after it are computed again; the ones before come from the output cache when it holds
+ * them. The caller checks that the step exists and the code is still stored.
+ */
+export function rerunOf(old: RunSubmit, runId: string, options: RerunOptions & { by: string }): Omit<RunSubmit, 'type' | 'runId' | 'submittedAt'> {
+  const cache = options.cache ?? 'readwrite';
+  return {
+    plan: old.plan,
+    codeHash: old.codeHash,
+    params: old.params,
+    keep: options.keep ?? false,
+    ...(old.version !== undefined ? { version: old.version } : {}),
+    ...(old.event ? { event: old.event } : {}),
+    ...(old.admission ? { admission: old.admission } : {}),
+    ...(cache !== 'off' ? { cache } : {}),
+    ...(options.from !== undefined ? { recompute: [options.from, ...descendantsOf(old.plan, options.from)] } : {}),
+    submittedBy: options.by,
+    trigger: { kind: 'user', by: `${options.by} (rerun of ${runId})` },
+  };
+}
+
+/** How long a control message (cancel, release) is retried while JetStream elects a leader. */
+const CONTROL_RETRY_MS = 15_000;
+
 /** A run cannot be run again: it is unknown, has no such step, or its code is gone. */
 export class RerunError extends Error {
   override readonly name = 'RerunError';
@@ -279,20 +305,7 @@ export class QuiverClient {
     if (!(await this.topology.code.info(old.codeHash))) {
       throw new RerunError(`the code of run ${runId} is no longer stored: run the pipeline file again instead`);
     }
-    const cache = options.cache ?? 'readwrite';
-    return this.submit({
-      plan: old.plan,
-      codeHash: old.codeHash,
-      params: old.params,
-      keep: options.keep ?? false,
-      ...(old.version !== undefined ? { version: old.version } : {}),
-      ...(old.event ? { event: old.event } : {}),
-      ...(old.admission ? { admission: old.admission } : {}),
-      ...(cache !== 'off' ? { cache } : {}),
-      ...(options.from !== undefined ? { recompute: [options.from, ...descendantsOf(old.plan, options.from)] } : {}),
-      submittedBy: this.submittedBy,
-      trigger: { kind: 'user', by: `${this.submittedBy} (rerun of ${runId})` },
-    });
+    return this.submit(rerunOf(old, runId, { ...options, by: this.submittedBy }));
   }
 
   /** Submits a run and watches it from before it exists, so no early event is missed. */
@@ -480,11 +493,30 @@ export class QuiverClient {
   }
 
   async cancel(runId: string, reason = 'cancelled by the client'): Promise<void> {
-    await this.js.publish(subjects.runCancel, encode(runCancel, { type: 'run.cancel', runId, reason }));
+    await this.publishControl(subjects.runCancel, encode(runCancel, { type: 'run.cancel', runId, reason }), `${runId}.cancel`);
   }
 
   async release(runId: string): Promise<void> {
-    await this.js.publish(subjects.runRelease, encode(runRelease, { type: 'run.release', runId }), { msgID: `${runId}.release` });
+    await this.publishControl(subjects.runRelease, encode(runRelease, { type: 'run.release', runId }), `${runId}.release`);
+  }
+
+  /**
+   * A control message, sent again while the stream has no leader (a NATS node died and JetStream
+   * is electing another: its API answers "not enabled" or not at all for a few seconds). The id
+   * keeps a message stored before its answer was lost from counting twice.
+   */
+  private async publishControl(subject: string, data: Uint8Array, msgID: string): Promise<void> {
+    const deadline = Date.now() + CONTROL_RETRY_MS;
+    for (;;) {
+      try {
+        await this.js.publish(subject, data, { msgID });
+        return;
+      } catch (error) {
+        const transient = ['JetStreamNotEnabled', 'TimeoutError', 'NoRespondersError'].includes((error as Error).name);
+        if (!transient || Date.now() > deadline) throw error;
+        await new Promise((r) => setTimeout(r, 250));
+      }
+    }
   }
 
   /** The run as recorded now (its record and its steps' completions), or null for an unknown run. */

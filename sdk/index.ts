@@ -19,7 +19,7 @@ export type {
 } from './define.ts';
 export { loadPipeline, PipelineLoadError } from './load.ts';
 export type { LoadedPipeline } from './load.ts';
-export { QuiverClient, NotDeployedError, DeployConflictError, InvalidEventError, OutputNotFoundError, RerunError } from './client.ts';
+export { QuiverClient, NotDeployedError, DeployConflictError, InvalidEventError, OutputNotFoundError, RerunError, rerunOf } from './client.ts';
 export type { ClientOptions, DeployResult, DryRun, OpenedTable, PublishOptions, PublishResult, ReadOutput, RerunOptions, RunEvent, RunHandle, RunOptions } from './client.ts';
 export { startLocalCluster } from './local.ts';
 export type { LocalCluster, LocalClusterOptions, LocalNats } from './local.ts';

@@ -5,9 +5,9 @@
 import { jetstream } from '@nats-io/jetstream';
 import type { Table } from 'apache-arrow';
 import { ulid } from 'ulid';
-import { descendantsOf, nextTick, schemaViolation, subjectMatches } from '../planner/index.ts';
+import { nextTick, schemaViolation, subjectMatches } from '../planner/index.ts';
 import { encode, readRunRecord, runSubmit, subjects, type Deployment, type RunSubmit } from '../schemas/index.ts';
-import { OutputNotFoundError, type QuiverClient } from '../sdk/index.ts';
+import { OutputNotFoundError, rerunOf, type QuiverClient } from '../sdk/index.ts';
 import { describeTable, listTables, scanTable, TableNotFoundError, type OpenedTableStore } from '../storage/index.ts';
 import { HttpError } from './errors.ts';
 import type { LiveHub } from './hub.ts';
@@ -94,22 +94,12 @@ export async function rerunRun(ctx: ApiContext, runId: string, from: string | nu
   if (from !== null && !old.plan.steps.some((s) => s.name === from)) throw new HttpError(404, `run ${runId} has no step ${from}`);
   if (!(await ctx.client.topology.code.info(old.codeHash))) throw new HttpError(409, `the code of run ${runId} is no longer stored: run the pipeline file again instead`);
   const newId = ulid();
+  // A plain rerun computes everything again; one from a step takes the steps before it from the cache.
   const submit: RunSubmit = {
     type: 'run.submit',
     runId: newId,
-    plan: old.plan,
-    codeHash: old.codeHash,
-    params: old.params,
-    keep: false,
     submittedAt: Date.now(),
-    submittedBy: 'web UI',
-    trigger: { kind: 'user', by: `web UI (rerun of ${runId})` },
-    ...(old.version !== undefined ? { version: old.version } : {}),
-    ...(old.event ? { event: old.event } : {}),
-    ...(old.admission ? { admission: old.admission } : {}),
-    // From a step: it and the steps after it are computed again, the ones before come from the
-    // output cache when it holds them.
-    ...(from !== null ? { cache: 'readwrite' as const, recompute: [from, ...descendantsOf(old.plan, from)] } : {}),
+    ...rerunOf(old, runId, { by: 'web UI', ...(from !== null ? { from } : { cache: 'off' }) }),
   };
   ctx.startedHere.add(newId);
   await jetstream(ctx.client.nc).publish(subjects.runSubmit, encode(runSubmit, submit), { msgID: `${newId}.submit` });

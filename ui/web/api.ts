@@ -32,21 +32,13 @@ export async function postJson<T>(path: string, body: unknown = {}): Promise<T> 
 }
 
 /**
- * Follows the server's live stream. EventSource reconnects by itself; `onReconnect` lets a page
- * read its state again, since messages sent while disconnected are gone.
+ * Follows the server's live stream. EventSource reconnects by itself; `onOpen` lets a page read
+ * its state again each time the stream (re)opens, since messages sent before it were not heard.
  */
-export function follow(query: string, onMessage: (m: LiveMessage) => void, onReconnect: () => void): () => void {
+export function follow(query: string, onMessage: (m: LiveMessage) => void, onOpen: () => void): () => void {
   const source = new EventSource(`/api/events?${query}`);
-  let lost = false;
   source.onmessage = (e) => onMessage(JSON.parse(e.data as string) as LiveMessage);
-  source.onerror = () => {
-    lost = true;
-  };
-  source.onopen = () => {
-    if (lost) {
-      lost = false;
-      onReconnect();
-    }
-  };
+  // On every open, the first one too: a page's first read may have raced the stream's start.
+  source.onopen = () => onOpen();
   return () => source.close();
 }

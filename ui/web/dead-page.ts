@@ -15,8 +15,12 @@ export function deadPage(root: HTMLElement): () => void {
         ? [...dead].reverse().map((d) => h('tr', { 'data-dead': d.eventId }, h('td', {}, formatTime(d.at)), h('td', {}, d.subject), h('td', {}, d.eventId), h('td', {}, d.pipeline ?? '–'), h('td', {}, d.reason), h('td', {}, h('code', {}, d.payload))))
         : h('tr', {}, h('td', { colspan: 6, class: 'muted' }, 'No dead-lettered events.')),
     );
+  const key = (d: DeadEvent) => `${d.at} ${d.eventId}`;
   const load = async () => {
-    dead = await getJson<DeadEvent[]>('/api/dead');
+    const read = await getJson<DeadEvent[]>('/api/dead');
+    // Letters heard live while the read was on its way stay.
+    const known = new Set(read.map(key));
+    dead = [...read, ...dead.filter((d) => !known.has(key(d)))].sort((a, b) => a.at - b.at);
     paint();
   };
   const stop = follow(

@@ -17,15 +17,20 @@ interface RunPageData {
 }
 
 const FINISHED_STEP = new Set(['succeeded', 'failed', 'skipped', 'cancelled']);
+/** How far a step has gone: within one attempt it only moves forward. */
+const stepRank = (state: string) => (FINISHED_STEP.has(state) ? 3 : state === 'running' ? 2 : state === 'ready' ? 1 : 0);
 const FINISHED_RUN = new Set(['succeeded', 'failed', 'cancelled']);
+/** How long a run page waits for a just-submitted run's record: 40 looks, 250 ms apart. */
+const RECORD_LOOKUPS = 40;
+const RECORD_LOOKUP_MS = 250;
 
-/** A view may arrive after a fresher fact (they travel separately): a finished step or run never goes back. */
+/** A view may arrive after a fresher fact (they travel separately): a step never goes back within its attempt, a finished run never goes back. */
 export function mergeView(current: RunView, next: RunView): RunView {
   if (FINISHED_RUN.has(current.state) && !FINISHED_RUN.has(next.state)) return current;
   const before = new Map(current.steps.map((s) => [s.name, s]));
   const steps = next.steps.map((n) => {
     const c = before.get(n.name);
-    return c && FINISHED_STEP.has(c.state) && !FINISHED_STEP.has(n.state) && c.attempt >= n.attempt ? c : n;
+    return c && stepRank(c.state) > stepRank(n.state) && c.attempt >= n.attempt ? c : n;
   });
   return { ...next, steps };
 }
@@ -159,8 +164,13 @@ export function runPage(root: HTMLElement, runId: string): () => void {
     if (selected === step) paintDetail();
   }
 
+  /** Heard before the first read answered: applied once it has. */
+  const early: LiveMessage[] = [];
   function onMessage(m: LiveMessage) {
-    if (!data) return;
+    if (!data) {
+      early.push(m);
+      return;
+    }
     if (m.type === 'view') data.view = mergeView(data.view, m.view as RunView);
     else if (m.type === 'started') {
       data.view = patchStep(data.view, m.step, (s) => (FINISHED_STEP.has(s.state) ? null : { ...s, state: 'running', startedAt: m.at, hostId: m.hostId, attempt: m.attempt }));
@@ -196,11 +206,19 @@ export function runPage(root: HTMLElement, runId: string): () => void {
     paint();
   }
 
+  let left = false;
+  let lookups = 0;
   async function load() {
     try {
       const fresh = await getJson<RunPageData>(`/api/runs/${runId}`);
+      if (left) return;
       const firstLoad = !data;
-      data = data ? { ...fresh, view: mergeView(data.view, fresh.view), logs: fresh.logs } : fresh;
+      // Lines heard live since an earlier read stay: a read may have been answered before they came.
+      data = data ? { ...fresh, view: mergeView(data.view, fresh.view), logs: mergeLogs(data.logs, fresh.logs) } : fresh;
+      for (const m of early.splice(0)) {
+        if (m.type === 'log') data.logs = mergeLogs([m.log], data.logs);
+        else onMessage(m);
+      }
       if (firstLoad) {
         dag = drawDag(data.plan, select);
         replace(graph, dag.element);
@@ -208,6 +226,13 @@ export function runPage(root: HTMLElement, runId: string): () => void {
       paint();
       paintDetail();
     } catch (error) {
+      if (left) return;
+      // A run submitted a moment ago may not be recorded yet (its page opened from a link the
+      // submitter printed): look again for a few seconds before saying there is none.
+      if (!data && error instanceof ApiError && error.status === 404 && lookups++ < RECORD_LOOKUPS) {
+        setTimeout(() => void load(), RECORD_LOOKUP_MS);
+        return;
+      }
       replace(root, h('p', { class: 'error' }, (error as Error).message));
     }
   }
@@ -220,9 +245,17 @@ export function runPage(root: HTMLElement, runId: string): () => void {
     if (data && !FINISHED_RUN.has(data.view.state)) paint();
   }, 1000);
   return () => {
+    left = true;
     stop();
     clearInterval(tick);
   };
+}
+
+/** Both lists' lines once each, in time order. */
+function mergeLogs(heard: LogLine[], read: LogLine[]): LogLine[] {
+  const key = (l: LogLine) => `${l.at} ${l.step} ${l.stream} ${l.line}`;
+  const seen = new Set(read.map(key));
+  return [...read, ...heard.filter((l) => !seen.has(key(l)))].sort((a, b) => a.at - b.at);
 }
 
 function logLineOf(l: LogLine): HTMLElement {
