@@ -7,7 +7,8 @@ import type { RunView } from '../schemas/index.ts';
 import { loadPipeline, startLocalCluster, type LocalCluster, type LocalClusterOptions, type RunEvent } from '../sdk/index.ts';
 
 /** Every test's shared memory lives under this root, so the last test can prove nothing leaked. */
-export const TEST_SHM_ROOT = '/dev/shm/quiver-test';
+/** QUIVER_TEST_SHM_ROOT lets two checkouts run their tests side by side without seeing each other's segments. */
+export const TEST_SHM_ROOT = process.env.QUIVER_TEST_SHM_ROOT ?? '/dev/shm/quiver-test';
 process.env.QUIVER_SHM_ROOT = TEST_SHM_ROOT;
 
 export const repoRoot = fileURLToPath(new URL('..', import.meta.url));
