@@ -3,6 +3,8 @@
  * is called (the runner's `codeStartedAt`), and the CPU each step costs in its step processes:
  *
  *   cold       no spare: the step waits for node, Arrow and the runner to boot
+ *              (each mode twice: `plain` compiles and runs the runner and Arrow at every start,
+ *              `snapshot` deserializes them from the startup snapshot, the executor's default)
  *   prewarmed  a spare booted ahead of need (the executor's default), so only the step's own work remains
  *   worker     isolation 'worker': the pipeline version's long-lived process runs it
  *
@@ -39,19 +41,30 @@ const p90 = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length
 const dir = mkdtempSync(join(tmpdir(), 'quiver-bench-start-'));
 const shmDir = `/dev/shm/quiver-bench-start-${process.pid}`;
 try {
-  const runner = await buildRunner(join(dir, 'build'));
-  const codePath = join(dir, 'noop.mjs');
   const source = `import { tableFromArrays } from 'apache-arrow';\nexport default { steps: { noop: { fn: () => tableFromArrays({ v: Int32Array.of(1) }) } } };\n`;
-  writeFileSync(codePath, await runner.linkCode(new TextEncoder().encode(source), codePath));
+  const runners = { plain: await buildRunner(join(dir, 'build'), { snapshot: false }), snapshot: await buildRunner(join(dir, 'build'), { snapshot: true }) };
+  if (!runners.snapshot.snapshot) throw new Error('this node cannot start step processes from a snapshot (needs >= 20.11)');
+  const codePaths = { plain: join(dir, 'noop-plain.mjs'), snapshot: join(dir, 'noop-snapshot.mjs') };
+  for (const kind of ['plain', 'snapshot'] as const) writeFileSync(codePaths[kind], await runners[kind].linkCode(new TextEncoder().encode(source), codePaths[kind]));
 
   const rows: string[] = [];
-  for (const [mode, isolation, prewarm] of [['cold', 'process', 0], ['prewarmed', 'process', 1], ['worker', 'worker', 0]] as [string, Isolation, number][]) {
-    const processes = new StepProcesses({ runnerPath: runner.runnerPath, clusterId: 'bench', prewarm, onLog: () => undefined });
+  const modes: [string, 'plain' | 'snapshot', Isolation, number][] = [
+    ['cold', 'plain', 'process', 0],
+    ['cold', 'snapshot', 'process', 0],
+    ['prewarmed', 'plain', 'process', 1],
+    ['prewarmed', 'snapshot', 'process', 1],
+    ['worker', 'plain', 'worker', 0],
+    ['worker', 'snapshot', 'worker', 0],
+  ];
+  for (const [mode, kind, isolation, prewarm] of modes) {
+    const runner = runners[kind];
+    const codePath = codePaths[kind];
+    const processes = new StepProcesses({ runnerPath: runner.runnerPath, snapshot: runner.snapshot, clusterId: 'bench', prewarm, onLog: () => undefined });
     const latencies: number[] = [];
     await sleep(gapMs);
     const cpuBefore = childrenCpuMs();
     for (let i = 0; i < steps + 1; i++) {
-      const job: RunnerJob = { codePath, runId: `bench${i}`, step: 'noop', params: {}, event: null, inputs: [], shmDir, outputIdPrefix: `bench-${mode}-${i}` };
+      const job: RunnerJob = { codePath, runId: `bench${i}`, step: 'noop', params: {}, event: null, inputs: [], shmDir, outputIdPrefix: `bench-${mode}-${kind}-${i}` };
       const sent = performance.timeOrigin + performance.now();
       const reply = await processes.run(job, isolation);
       if (reply.type !== 'result') throw new Error(JSON.stringify(reply));
@@ -63,11 +76,11 @@ try {
     await sleep(500);
     // The spare started last never ran a step, and the worker's boot is shared by all its steps.
     const cpu = (childrenCpuMs() - cpuBefore) / (steps + 1);
-    rows.push(`${mode.padEnd(10)} ${median(latencies).toFixed(1).padStart(8)} ${p90(latencies).toFixed(1).padStart(8)} ${cpu.toFixed(0).padStart(8)}`);
+    rows.push(`${mode.padEnd(10)} ${kind.padEnd(9)} ${median(latencies).toFixed(1).padStart(8)} ${p90(latencies).toFixed(1).padStart(8)} ${cpu.toFixed(0).padStart(8)}`);
     removeDir(shmDir);
   }
   console.log(`${steps} steps each, ${gapMs} ms apart; job sent → step function called (ms), CPU of step processes per step (ms)`);
-  console.log('mode         median      p90      cpu');
+  console.log('mode       start        median      p90      cpu');
   for (const row of rows) console.log(row);
 } finally {
   rmSync(dir, { recursive: true, force: true });

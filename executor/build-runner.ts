@@ -1,11 +1,14 @@
+import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { builtinModules } from 'node:module';
 import { join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
+import vm from 'node:vm';
 import { build, type Plugin } from 'esbuild';
 
 const RUNNER_SOURCE = fileURLToPath(new URL('./runner.ts', import.meta.url));
+const SNAPSHOT_SOURCE = fileURLToPath(new URL('./step-snapshot.ts', import.meta.url));
 const SYSTEM_STEPS_SOURCE = fileURLToPath(new URL('./system-steps.ts', import.meta.url));
 const BUILTINS = new Set(builtinModules);
 const ARROW_ENTRY = fileURLToPath(import.meta.resolve('apache-arrow'));
@@ -39,9 +42,33 @@ const packagesInPlace: Plugin = {
   },
 };
 
+/** Options for {@link buildRunner}. */
+export interface BuildRunnerOptions {
+  /**
+   * Start step processes from a V8 startup snapshot holding node, apache-arrow and the runner
+   * (`node --build-snapshot`), instead of compiling and running them at every start.
+   * @default true unless QUIVER_STEP_SNAPSHOT=0; false on a node that cannot
+   */
+  snapshot?: boolean;
+  /**
+   * The V8 heap limit (`--max-old-space-size`) the snapshot is built with: a snapshot only starts
+   * a node with the same one, so steps with another limit start without it. @default 1024
+   */
+  snapshotHeapMb?: number;
+}
+
+/** A step-process startup snapshot: started with `--snapshot-blob blobPath` and exactly `--max-old-space-size=heapMb`. */
+export interface StepSnapshot {
+  blobPath: string;
+  heapMb: number;
+}
+
 /** The step runner, ready to fork, and how to link pipeline code against its copy of Arrow. */
 export interface RunnerBuild {
+  /** The script step processes run: from {@link snapshot} when their heap limit is its own, else on its own. */
   runnerPath: string;
+  /** The startup snapshot of step processes, when there is one. */
+  snapshot: StepSnapshot | null;
   /**
    * Quiver's system steps (scans, stages; system-steps.ts) as code a step process imports like a
    * pipeline's: they run in step processes, not in the executor.
@@ -64,7 +91,8 @@ export interface RunnerBuild {
  * Files are named by their hash, so concurrent executors write the same files and never see a
  * half-written one.
  */
-export async function buildRunner(outDir: string): Promise<RunnerBuild> {
+export async function buildRunner(outDir: string, options: BuildRunnerOptions = {}): Promise<RunnerBuild> {
+  const snapshot = resolveSnapshotOption(options);
   const arrow = await build({
     entryPoints: [ARROW_ENTRY],
     bundle: true,
@@ -75,7 +103,9 @@ export async function buildRunner(outDir: string): Promise<RunnerBuild> {
     logLevel: 'silent',
   });
   const arrowPath = writeByHash(outDir, 'arrow', arrow.outputFiles[0]!.contents);
-  const arrowUrl = pathToFileURL(arrowPath).href;
+  const started = snapshot ? await buildSnapshot(outDir, options.snapshotHeapMb ?? 1024) : null;
+  // From the snapshot, pipeline code must share its Arrow: through a shim, not the file.
+  const arrowUrl = pathToFileURL(started ? started.shimPath : arrowPath).href;
   const toArrow: Plugin = {
     name: 'quiver-arrow',
     setup(b) {
@@ -92,7 +122,7 @@ export async function buildRunner(outDir: string): Promise<RunnerBuild> {
     plugins: [pinImportMetaUrl, toArrow],
     logLevel: 'silent',
   });
-  const runnerPath = writeByHash(outDir, 'runner', runner.outputFiles[0]!.contents);
+  const runnerPath = started ? started.scriptPath : writeByHash(outDir, 'runner', runner.outputFiles[0]!.contents);
   const system = await build({
     entryPoints: [SYSTEM_STEPS_SOURCE],
     bundle: true,
@@ -109,6 +139,7 @@ export async function buildRunner(outDir: string): Promise<RunnerBuild> {
   const systemCodePath = writeByHash(outDir, 'system', system.outputFiles[0]!.contents);
   return {
     runnerPath,
+    snapshot: started ? started.snapshot : null,
     systemCodePath,
     linkKey: createHash('sha256').update(arrowUrl).digest('hex').slice(0, 16),
     linkCode: async (code, outfile, packages = []) => {
@@ -132,9 +163,60 @@ export async function buildRunner(outDir: string): Promise<RunnerBuild> {
   };
 }
 
-function writeByHash(outDir: string, name: string, contents: Uint8Array): string {
+/** Node >= 20.8 starts from a user snapshot and has the loader a process from it imports pipeline code with (code-import.ts). */
+const SNAPSHOT_SUPPORTED = process.allowedNodeEnvironmentFlags.has('--snapshot-blob') && vm.constants?.USE_MAIN_CONTEXT_DEFAULT_LOADER !== undefined;
+
+function resolveSnapshotOption(options: BuildRunnerOptions): boolean {
+  return (options.snapshot ?? process.env.QUIVER_STEP_SNAPSHOT !== '0') && SNAPSHOT_SUPPORTED;
+}
+
+/**
+ * The startup snapshot of a step process: the runner and Arrow bundled into one CommonJS script
+ * (what `--build-snapshot` takes), run once by `node --build-snapshot` into a blob. Named by the
+ * script's hash and node's version (a blob only starts the node that built it), so it is built
+ * once per host and version. Also writes the shim through which linked pipeline code imports
+ * the snapshot's Arrow: one module, so `instanceof Table` holds across the two.
+ */
+async function buildSnapshot(outDir: string, heapMb: number): Promise<{ scriptPath: string; shimPath: string; snapshot: StepSnapshot }> {
+  const script = await build({
+    entryPoints: [SNAPSHOT_SOURCE],
+    bundle: true,
+    platform: 'node',
+    format: 'cjs',
+    target: 'node20',
+    write: false,
+    plugins: [pinImportMetaUrl],
+    logLevel: 'silent',
+  });
+  const scriptPath = writeByHash(outDir, 'step-snapshot', script.outputFiles[0]!.contents, '.cjs');
+  const blobPath = scriptPath.replace(/\.cjs$/, `-${process.version}-${process.arch}-${heapMb}mb.blob`);
+  if (!existsSync(blobPath)) {
+    const tmp = `${blobPath}.${process.pid}.tmp`;
+    try {
+      await new Promise<void>((resolve, reject) => {
+        execFile(process.execPath, [`--max-old-space-size=${heapMb}`, '--snapshot-blob', tmp, '--build-snapshot', scriptPath], { env: { PATH: process.env.PATH ?? '' } }, (error, _stdout, stderr) =>
+          error ? reject(new Error(`building the step-process snapshot failed: ${stderr.trim() || error.message}`)) : resolve(),
+        );
+      });
+      renameSync(tmp, blobPath);
+    } finally {
+      rmSync(tmp, { force: true });
+    }
+  }
+  // The names Arrow exports, from the module itself: the shim re-exports every one.
+  const names = Object.keys(await import('apache-arrow')).filter((n) => n !== 'default');
+  const shim =
+    `// The step-process snapshot's apache-arrow (see executor/code-import.ts).\n` +
+    `const arrow = globalThis[Symbol.for('quiver.stepSnapshot.arrow')];\n` +
+    `if (!arrow) throw new Error('this pipeline code was linked for step processes started from the Quiver step snapshot');\n` +
+    `export const { ${names.join(', ')} } = arrow;\n`;
+  const shimPath = writeByHash(outDir, 'arrow-shim', new TextEncoder().encode(shim));
+  return { scriptPath, shimPath, snapshot: { blobPath, heapMb } };
+}
+
+function writeByHash(outDir: string, name: string, contents: Uint8Array, extension = '.mjs'): string {
   const hash = createHash('sha256').update(contents).digest('hex').slice(0, 16);
-  const path = join(outDir, `${name}-${hash}.mjs`);
+  const path = join(outDir, `${name}-${hash}${extension}`);
   if (!existsSync(path)) {
     mkdirSync(outDir, { recursive: true });
     const tmp = `${path}.${process.pid}.tmp`;

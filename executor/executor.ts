@@ -45,7 +45,7 @@ import { EnvironmentBuildError, Environments, type EnvironmentsOptions } from '.
 import { collectGarbage } from './gc.ts';
 import { OutputCache, releasable, type OutputCacheOptions } from './output-cache.ts';
 import type { RunnerJob, RunnerReply } from './protocol.ts';
-import { StepProcesses, type StepLimitDefaults, type WorkerOptions } from './step-processes.ts';
+import { StepProcesses, defaultStepMemoryMb, type StepLimitDefaults, type WorkerOptions } from './step-processes.ts';
 import { FlightInputs, type ExecutorFlightOptions } from './flight-inputs.ts';
 import { closeExecutorTableStore, executorTableStore, runSystemStep, type SystemReply, type SystemStepContext } from './system-steps.ts';
 
@@ -110,9 +110,10 @@ export class Executor {
   private outputCache!: OutputCache;
   /** This host's package environments, for steps that declare packages. */
   environments!: Environments;
-  /** Steps being handled now, from either queue. */
+  /** Ready steps held now, from either queue: claimed, waiting for a slot, running or being recorded. */
   private active = 0;
-  private concurrency = 1;
+  /** Steps executing at once (step processes busy): the executor's concurrency. */
+  private slots!: Slots;
   private flight: FlightInputs | null = null;
 
   private constructor(
@@ -134,7 +135,7 @@ export class Executor {
     const topology = await ensureTopology(nc, jsm, options.topology);
     const hostId = sanitizeHostId(options.hostId ?? process.env.QUIVER_HOST_ID ?? hostname());
     const shmDir = join(options.shmRoot ?? shmRoot(), topology.clusterId);
-    const runner = await buildRunner(bundleDir('build'));
+    const runner = await buildRunner(bundleDir('build'), { snapshotHeapMb: defaultStepMemoryMb(options.stepLimits) });
     const js = jetstream(nc);
     const consumer = await js.consumers.get(streams.work, consumers.executors);
     const executor = new Executor(nc, topology, consumer, runner, hostId, shmDir, options, logger);
@@ -145,6 +146,7 @@ export class Executor {
     if (regionsAvailable()) executor.regionBroker = RegionBroker.inDir(shmDir);
     executor.processes = new StepProcesses({
       runnerPath: runner.runnerPath,
+      snapshot: runner.snapshot,
       clusterId: topology.clusterId,
       ...(options.prewarm !== undefined ? { prewarm: options.prewarm } : {}),
       ...(options.workers ? { workers: options.workers } : {}),
@@ -157,14 +159,16 @@ export class Executor {
     );
     executor.listen();
     const concurrency = options.concurrency ?? (Number(process.env.QUIVER_CONCURRENCY) || availableParallelism());
-    executor.concurrency = concurrency;
+    executor.slots = new Slots(concurrency);
     const labels = options.labels ?? (process.env.QUIVER_HOST_LABELS ?? '').split(',').map((l) => l.trim()).filter(Boolean);
     executor.flight = await FlightInputs.start({
       nc, topology, hostId, executorId: executor.executorId, labels, capacity: concurrency, running: () => executor.active,
       shmDir, ...(options.clusterSecret ? { secret: options.clusterSecret } : {}), ...(options.flight ? { options: options.flight } : {}), logger,
     });
-    // Work placed on this host first; shared work only while there is room.
-    for (let i = 0; i < concurrency; i++) executor.loops.push(executor.pullLoop(placed, false), executor.pullLoop(executor.consumer, true));
+    // Work placed on this host first; shared work only while there is room. Each slot has a
+    // second step held beside it, claimed and its inputs at hand, so the NATS round trips of one
+    // step (claim, completion) overlap the execution of another instead of idling the slot.
+    for (let i = 0; i < concurrency * HELD_PER_SLOT; i++) executor.loops.push(executor.pullLoop(placed, false), executor.pullLoop(executor.consumer, true));
     const gcIntervalMs = options.gcIntervalMs ?? 60_000;
     executor.gcTimer = setInterval(() => void executor.collectGarbage(), gcIntervalMs).unref();
     logger.info(`${executor.executorId} ready: ${concurrency} concurrent steps, shared memory in ${shmDir}`);
@@ -257,7 +261,7 @@ export class Executor {
 
   private async pullLoop(consumer: Consumer, shared: boolean): Promise<void> {
     while (!this.stopped) {
-      if (shared && this.active >= this.concurrency) {
+      if (shared && this.active >= this.slots.size * HELD_PER_SLOT) {
         await new Promise((r) => setTimeout(r, 100));
         continue;
       }
@@ -337,11 +341,21 @@ export class Executor {
       // Cached outputs this step maps stay while it runs, however full the cache gets.
       const mapped = prepared.inputs.flatMap((i) => i.descriptor.segments.map((s) => s.id));
       this.outputCache.pin(mapped);
-      let reply: SystemReply;
+      let reply: SystemReply | 'cancelled';
       try {
-        reply = await this.execute(ready, prepared.inputs, attempt, prepared.codePath);
+        await this.slots.take();
+        try {
+          // The run may have been cancelled while the step waited for its slot.
+          reply = this.stopped ? STOPPED_REPLY : this.killedRuns.has(ready.runId) ? 'cancelled' : await this.execute(ready, prepared.inputs, attempt, prepared.codePath);
+        } finally {
+          this.slots.give();
+        }
       } finally {
         this.outputCache.unpin(mapped);
+      }
+      if (reply === 'cancelled') {
+        msg.ack();
+        return;
       }
       if (this.stopped) {
         // Killed by our own stop: not the step's fault. Another executor gets it.
@@ -574,10 +588,32 @@ export class Executor {
   }
 }
 
-/**
- * A commit step reads only what the stage steps wrote; its other inputs (the run's leaves) only
- * order it after everything else, so their tables are not fetched from other hosts.
- */
+/** Ready steps an executor holds per slot (see Executor.start). */
+const HELD_PER_SLOT = 2;
+
+/** What a step held for a slot gets when the executor stops first: it is handed back unrun (nak). */
+const STOPPED_REPLY: SystemReply = { type: 'error', error: { name: 'ExecutorStopped', code: 'ERR_EXECUTOR_STOPPED', message: 'the executor stopped before the step started' } };
+
+/** A counting semaphore: steps wait here, first come first served, for a free slot. */
+class Slots {
+  private used = 0;
+  private readonly waiting: (() => void)[] = [];
+  constructor(readonly size: number) {}
+  take(): Promise<void> {
+    if (this.used < this.size) {
+      this.used++;
+      return Promise.resolve();
+    }
+    return new Promise((resolve) => this.waiting.push(resolve));
+  }
+  /** Hands the slot straight to the next waiter, if any. */
+  give(): void {
+    const next = this.waiting.shift();
+    if (next) next();
+    else this.used--;
+  }
+}
+
 /** How many cancelled runs an executor remembers: far more than can have ready steps queued at once. */
 const KILLED_RUNS_REMEMBERED = 10_000;
 
@@ -595,16 +631,20 @@ class RecentSet {
   }
 }
 
+/**
+ * A commit step reads only what the stage steps wrote; its other inputs (the run's leaves) only
+ * order it after everything else, so their tables are not fetched from other hosts.
+ */
 function withoutOrderOnlyInputs(ready: StepReady): StepReady {
   return ready.system?.kind === 'commit' ? { ...ready, inputs: ready.inputs.filter((i) => i.param.startsWith('staged')) } : ready;
 }
 
-/** rmdir, not rm -r: another executor of the host may be writing here, and then the folder stays. */
 /** True when every input lives in regions of the quiver module (kmod/) rather than segment files. */
 function inputsAreRegions(ready: StepReady): boolean {
   return ready.inputs.every((i) => i.descriptor.segments.length > 0 && i.descriptor.segments.every((s) => s.kind === 'region'));
 }
 
+/** rmdir, not rm -r: another executor of the host may be writing here, and then the folder stays. */
 function removeEmptyDir(dir: string): void {
   try {
     rmdirSync(dir);

@@ -4,6 +4,7 @@
  */
 import { Table } from 'apache-arrow';
 import { type BorrowableInput, isViewOf, readInput, unmapSegments, writeOutput } from '../shm/index.ts';
+import { importCode } from './code-import.ts';
 import type { RunnerJob, RunnerReply, ScanReport } from './protocol.ts';
 
 export interface JobHooks {
@@ -20,7 +21,7 @@ export async function runJob(job: RunnerJob, hooks: JobHooks = {}): Promise<Runn
   let codeStartedAt: number | undefined;
   try {
     // Imported once per process: a worker's later steps find the module (and its globals) in the cache.
-    const mod = (await import(job.codePath)) as { default?: { steps?: Record<string, { fn?: unknown }> } };
+    const mod = (await importCode(job.codePath)) as { default?: { steps?: Record<string, { fn?: unknown }> } };
     const fn = mod.default?.steps?.[job.system?.entry ?? job.step]?.fn;
     if (typeof fn !== 'function') {
       return { type: 'error', error: { name: 'StepNotFound', code: 'ERR_STEP_NOT_FOUND', message: `the pipeline code has no step "${job.step}"` } };

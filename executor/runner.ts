@@ -5,18 +5,15 @@
  * pipeline version). Either way each step goes through {@link runJob}.
  */
 import { Writable } from 'node:stream';
+import { startupSnapshot } from 'node:v8';
 import { parentPid, setParentDeathSignal } from '../shm/index.ts';
+import { importCode } from './code-import.ts';
 import { STEP_PROCESS_MARKER, stepProcessTitle, type RunnerJob, type RunnerMessage, type RunnerRequest } from './protocol.ts';
 import { runJob } from './run-job.ts';
 import { workerCrashed } from './step-errors.ts';
 
-const expectedParent = Number(process.env.QUIVER_EXECUTOR_PID);
-// Die with the executor, even when it is SIGKILLed: no orphaned step keeps running.
-setParentDeathSignal('SIGKILL');
-if (expectedParent && parentPid() !== expectedParent) process.exit(70);
-
-// gc finds step processes of dead runs by this title (`quiver-step <cluster> <run> <step>`).
-const clusterId = process.argv[process.argv.indexOf(STEP_PROCESS_MARKER) + 1] ?? '';
+/** gc finds step processes of dead runs by their title (`quiver-step <cluster> <run> <step>`). */
+let clusterId = '';
 
 function send(message: RunnerMessage): Promise<void> {
   return new Promise((resolve, reject) => {
@@ -29,7 +26,7 @@ function send(message: RunnerMessage): Promise<void> {
  * The streams as they were before any step ran: a step may replace process.stdout. Writes to a
  * pipe queue when it is full, so the end marker goes through the same queue, after every line.
  */
-const output = { stdout: process.stdout, stderr: process.stderr };
+const output = {} as { stdout: NodeJS.WriteStream; stderr: NodeJS.WriteStream };
 const writeLine = (stream: NodeJS.WriteStream, line: string) =>
   new Promise<void>((resolve, reject) => {
     Writable.prototype.write.call(stream, `${line}\n`, 'utf8', (error?: Error | null) => (error ? reject(error) : resolve()));
@@ -96,11 +93,27 @@ async function handle(request: RunnerRequest & { type: 'job' }): Promise<void> {
   if (!keepAlive) process.exit(0);
 }
 
-process.on('message', (request: RunnerRequest) => {
+/**
+ * Starts serving the executor. Nothing happens before it is called: in the startup snapshot
+ * (step-snapshot.ts) it runs when a process starts from the snapshot, not when it is built.
+ */
+export function main(): void {
+  const expectedParent = Number(process.env.QUIVER_EXECUTOR_PID);
+  // Die with the executor, even when it is SIGKILLed: no orphaned step keeps running.
+  setParentDeathSignal('SIGKILL');
+  if (expectedParent && parentPid() !== expectedParent) process.exit(70);
+  clusterId = process.argv[process.argv.indexOf(STEP_PROCESS_MARKER) + 1] ?? '';
+  output.stdout = process.stdout;
+  output.stderr = process.stderr;
+  process.on('message', onRequest);
+  process.on('disconnect', () => process.exit(71));
+}
+
+function onRequest(request: RunnerRequest): void {
   if (request.type === 'ping') {
     send({ type: 'pong', seq: request.seq }).catch(() => process.exit(71));
   } else if (request.type === 'preload') {
-    import(request.codePath).catch(() => undefined);
+    importCode(request.codePath).catch(() => undefined);
   } else if (request.type === 'job') {
     handle(request).catch((error: unknown) => {
       // Nothing left to answer with (the executor is gone, or a restore failed): end the process.
@@ -108,5 +121,7 @@ process.on('message', (request: RunnerRequest) => {
       else process.exit(1);
     });
   }
-});
-process.on('disconnect', () => process.exit(71));
+}
+
+// Bundled as the runner itself, it serves at once; bundled into the snapshot, the snapshot's entry decides.
+if (!startupSnapshot.isBuildingSnapshot()) main();

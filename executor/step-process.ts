@@ -2,12 +2,15 @@ import { execFile, fork, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { createInterface } from 'node:readline';
 import type { LogLine } from '../schemas/index.ts';
+import type { StepSnapshot } from './build-runner.ts';
 import { stepProcessArgs, type RunnerJob, type RunnerMessage, type RunnerReply, type RunnerRequest } from './protocol.ts';
 import { stepKilled, stepOutOfMemory, stepProcessDied, stepSpawnFailed, stepTimedOut, workerDied, workerHung } from './step-errors.ts';
 
 /** How a step process is started. */
 export interface SpawnOptions {
   runnerPath: string;
+  /** The runner's startup snapshot (RunnerBuild.snapshot): used when memoryMb is its heap limit. */
+  snapshot?: StepSnapshot | null;
   clusterId: string;
   onLog: (line: LogLine) => void;
   /** Its V8 heap limit (--max-old-space-size): fixed for the life of the process. */
@@ -117,6 +120,7 @@ export class StepProcess {
     // Not the executor's flags: a TypeScript loader or test runner would triple the start-up time.
     // Source maps point step stack traces at the user's own files.
     const nodeArgs = ['--enable-source-maps', `--max-old-space-size=${options.memoryMb}`];
+    if (options.snapshot?.heapMb === options.memoryMb) nodeArgs.unshift('--snapshot-blob', options.snapshot.blobPath);
     // WebAssembly memories reserve ~10 GB of guard pages each for the trap handler, which no
     // RLIMIT_AS leaves room for: under the limit, bounds are checked by code instead (parquet-wasm).
     if (options.prlimit && WASM_TRAP_HANDLER_FLAG) nodeArgs.push(WASM_TRAP_HANDLER_FLAG);

@@ -3,6 +3,7 @@ import { hostname } from 'node:os';
 import type { Isolation, LogLine, StepLimits } from '../schemas/index.ts';
 import type { RunnerJob, RunnerReply } from './protocol.ts';
 import { stepEnvMissing } from './step-errors.ts';
+import type { StepSnapshot } from './build-runner.ts';
 import { ADDRESS_SPACE_LIMIT_SUPPORTED, StepProcess, type RunLimits } from './step-process.ts';
 
 /** The limits of steps that declare none (`timeoutMs`, `memoryMb` step or pipeline options). */
@@ -43,6 +44,8 @@ export interface WorkerOptions {
 export interface StepProcessesOptions {
   /** The bundled runner (see build-runner.ts). */
   runnerPath: string;
+  /** The runner's startup snapshot (RunnerBuild.snapshot). @default none: every process compiles the runner */
+  snapshot?: StepSnapshot | null;
   /** Written into each step process's title, where gc finds it. */
   clusterId: string;
   /** Step processes kept booted ahead of need (each has run nothing yet). 0 starts each on demand. @default 2 */
@@ -107,24 +110,31 @@ type ResolvedOptions = Required<Omit<StepProcessesOptions, 'workers' | 'limits'>
   limits: { timeoutMs: number; memoryMb: number; prlimit: string | null };
 };
 
+function count(name: string, value: number | undefined, fallback: number, min: number): number {
+  const v = value ?? fallback;
+  if (!Number.isSafeInteger(v) || v < min) throw new RangeError(`StepProcesses: ${name} must be an integer >= ${min}, got ${value}`);
+  return v;
+}
+
+/** The heap limit of steps that declare none: what the executor's startup snapshot is built for. */
+export function defaultStepMemoryMb(limits: StepLimitDefaults = {}): number {
+  return count('limits.memoryMb', limits.memoryMb ?? fromEnv('QUIVER_STEP_MEMORY_MB'), DEFAULT_STEP_MEMORY_MB, 16);
+}
+
 /** User options → defaults → checked options, in one place. Throws at once on a bad value. */
 export function resolveStepProcessesOptions(options: StepProcessesOptions): ResolvedOptions {
-  const count = (name: string, value: number | undefined, fallback: number, min: number): number => {
-    const v = value ?? fallback;
-    if (!Number.isSafeInteger(v) || v < min) throw new RangeError(`StepProcesses: ${name} must be an integer >= ${min}, got ${value}`);
-    return v;
-  };
   const w = options.workers ?? {};
   const l = options.limits ?? {};
   return {
     runnerPath: options.runnerPath,
+    snapshot: options.snapshot ?? null,
     clusterId: options.clusterId,
     prewarm: count('prewarm', options.prewarm, DEFAULT_PREWARM, 0),
     onLog: options.onLog,
     secrets: options.secrets ?? process.env,
     limits: {
       timeoutMs: count('limits.timeoutMs', l.timeoutMs ?? fromEnv('QUIVER_STEP_TIMEOUT_MS'), DEFAULT_STEP_TIMEOUT_MS, 1),
-      memoryMb: count('limits.memoryMb', l.memoryMb ?? fromEnv('QUIVER_STEP_MEMORY_MB'), DEFAULT_STEP_MEMORY_MB, 16),
+      memoryMb: defaultStepMemoryMb(l),
       prlimit: l.addressSpace === false || !ADDRESS_SPACE_LIMIT_SUPPORTED ? null : findPrlimit(),
     },
     workers: {
@@ -324,8 +334,8 @@ export class StepProcesses {
   }
 
   private spawn(memoryMb: number): StepProcess {
-    const { runnerPath, clusterId, onLog, limits } = this.options;
-    return new StepProcess({ runnerPath, clusterId, onLog, memoryMb, prlimit: limits.prlimit, addressSpaceBytes: addressSpaceFor(memoryMb, 0) });
+    const { runnerPath, snapshot, clusterId, onLog, limits } = this.options;
+    return new StepProcess({ runnerPath, snapshot, clusterId, onLog, memoryMb, prlimit: limits.prlimit, addressSpaceBytes: addressSpaceFor(memoryMb, 0) });
   }
 }
 

@@ -253,6 +253,10 @@ export async function connectForever(servers: string | string[], options: Connec
   const nc = await connect({
     servers,
     ...RECONNECT_FOREVER,
+    // nats.js captures two stack traces per request for errors that may never happen (a timeout,
+    // the caller's context): a tenth of a daemon's CPU per step at queue speed. Quiver's errors
+    // name the request that failed, so the traces buy nothing.
+    noAsyncTraces: true,
     ...(options.auth ?? natsConnectionOptions({ url: [servers].flat()[0]! })),
     ...(options.name ? { name: options.name } : {}),
     ...(options.waitOnFirstConnect ? { waitOnFirstConnect: true } : {}),

@@ -62,10 +62,15 @@ export async function startLocalCluster(options: LocalClusterOptions = {}): Prom
   const server = await startNats(dir, options);
   const logger = options.logger ?? silentLogger;
   const connections: NatsConnection[] = [];
+  // One connection for the orchestrator, the executor and the client: what they send in one
+  // event-loop turn leaves in one write, and nats-server wakes once for it (schemas/nats-writes.ts).
+  let shared: Promise<NatsConnection> | null = null;
   const open = async () => {
-    const nc = await connectForever(server.urls, { logger, auth: server.connectionOptions });
-    connections.push(nc);
-    return nc;
+    shared ??= connectForever(server.urls, { logger, auth: server.connectionOptions }).then((nc) => {
+      connections.push(nc);
+      return nc;
+    });
+    return shared;
   };
   try {
     const topology = options.topology ?? {};
