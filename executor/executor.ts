@@ -502,10 +502,10 @@ export class Executor {
       ...(this.options.poolMaxBytes !== undefined ? { poolMaxBytes: this.options.poolMaxBytes } : {}),
       tables: () => executorTableStore(this.nc),
       log: (line) => this.nc.publish(subjects.log(ready.runId), encode(logLine, { runId: ready.runId, step: ready.step, stream: 'stdout', line, at: Date.now() })),
-      // Scans and stages run in step processes, under the default step limits (docs/limits.md).
+      // Scans, stages and commits run in step processes, under the default step limits (docs/limits.md).
       processes: {
         codePath: this.runner.systemCodePath,
-        run: (job, env) => this.processes.run(job, 'worker', { env, system: true }),
+        run: (job, env, catalog) => this.processes.run(job, 'worker', { env, system: true, ...(catalog ? { catalog } : {}) }),
         ...(this.regionBroker ? { regionBroker: this.regionBroker.socketPath } : {}),
       },
     };

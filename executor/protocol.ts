@@ -49,6 +49,29 @@ export interface RunnerJob {
   system?: { entry: string; payload: unknown };
 }
 
+/** A branch or tag pointer as the catalog reads it (storage's RefHead): the commit it names and the token a swap hands back. */
+export interface CatalogPointer {
+  commit: string | null;
+  token: number;
+}
+
+/**
+ * What a system step process asks its executor when the store's catalog is on NATS (S3 without
+ * conditional writes), which a step process never reaches: pointer reads and compare-and-swaps,
+ * and the pre-branch table heads. Every object (data files, manifests, metadata, catalog
+ * commits) the process reads and writes itself. The executor checks each call against the
+ * branches the step may move (system-steps.ts).
+ */
+export type CatalogCall =
+  | { op: 'readRef'; kind: 'branch' | 'tag'; name: string }
+  | { op: 'swapRef'; kind: 'branch' | 'tag'; name: string; expected: CatalogPointer; commit: string | null }
+  | { op: 'listRefs'; kind: 'branch' | 'tag' }
+  | { op: 'tableHead'; table: string }
+  | { op: 'listTables' };
+
+/** The executor's side of {@link CatalogCall}: the answer, or a throw the process sees as its error. */
+export type CatalogHandler = (call: CatalogCall) => Promise<unknown>;
+
 /** What a scan read, reported with its output (a scan's facts in its completion). */
 export interface ScanReport {
   table: string;
@@ -95,11 +118,16 @@ export type RunnerRequest =
    * To a booted spare: import this pipeline version's code now, so a step of it finds the module
    * compiled. A failing import is left for the step to report.
    */
-  | { type: 'preload'; codePath: string };
+  | { type: 'preload'; codePath: string }
+  /** The answer to a system step's {@link CatalogCall}. */
+  | { type: 'catalog-reply'; id: number; ok: true; result: unknown }
+  | { type: 'catalog-reply'; id: number; ok: false; error: StepError };
 
 /** Step process → executor. */
 export type RunnerMessage =
   | { type: 'reply'; reply: RunnerReply; /** Resident set size after the step. */ rssBytes: number }
   | { type: 'pong'; seq: number }
   /** A worker's uncaught exception or unhandled rejection: it exits right after sending this. */
-  | { type: 'fatal'; error: StepError };
+  | { type: 'fatal'; error: StepError }
+  /** A system step's call on the catalog its executor holds (answered with 'catalog-reply'). */
+  | { type: 'catalog'; id: number; call: CatalogCall };

@@ -3,7 +3,7 @@ import { randomBytes } from 'node:crypto';
 import { createInterface } from 'node:readline';
 import type { LogLine } from '../schemas/index.ts';
 import type { StepSnapshot } from './build-runner.ts';
-import { stepProcessArgs, type RunnerJob, type RunnerMessage, type RunnerReply, type RunnerRequest } from './protocol.ts';
+import { stepProcessArgs, type CatalogHandler, type RunnerJob, type RunnerMessage, type RunnerReply, type RunnerRequest } from './protocol.ts';
 import { stepKilled, stepOutOfMemory, stepProcessDied, stepSpawnFailed, stepTimedOut, workerDied, workerHung } from './step-errors.ts';
 
 /** How a step process is started. */
@@ -78,6 +78,8 @@ interface ActiveJob {
   /** Streams whose end marker arrived. */
   flushed: Set<'stdout' | 'stderr'>;
   resolve: (outcome: StepOutcome) => void;
+  /** Answers the step's catalog calls (a system step on a NATS catalog); absent: each is refused. */
+  catalog?: CatalogHandler;
 }
 
 /** Lines printed before a process has a step (a spare's warnings) go to its first step, up to this many. */
@@ -198,7 +200,7 @@ export class StepProcess {
    * Runs `job`. With `keepAlive` the process stays for the next step (a worker) and `hangMs`
    * bounds how long its event loop may stop answering pings.
    */
-  run(job: RunnerJob, options: { keepAlive: boolean; hangMs?: number; limits?: RunLimits }): Promise<StepOutcome> {
+  run(job: RunnerJob, options: { keepAlive: boolean; hangMs?: number; limits?: RunLimits; catalog?: CatalogHandler }): Promise<StepOutcome> {
     if (this.active) throw new Error(`step process ${this.pid} already runs step "${this.active.job.step}" of run ${this.active.job.runId}`);
     this.steps++;
     return new Promise<StepOutcome>((resolve) => {
@@ -209,6 +211,7 @@ export class StepProcess {
         message: null,
         flushed: new Set(),
         resolve,
+        ...(options.catalog ? { catalog: options.catalog } : {}),
       };
       this.active = active;
       for (const { stream, line } of this.early.splice(0)) this.log(job, stream, line);
@@ -307,11 +310,28 @@ export class StepProcess {
         this.active.message = message;
         this.settleIfDone();
       }
+    } else if (message.type === 'catalog') {
+      void this.answerCatalog(message);
     } else if (message.type === 'fatal') {
       this.fatal ??= message;
       // An idle worker's crash fails no step: the step that ran last hears of it in its log.
       if (!this.active && this.last) this.log(this.last, 'stderr', message.error.message);
     }
+  }
+
+  /** Only the step running now is answered, by the handler its job came with. */
+  private async answerCatalog(message: RunnerMessage & { type: 'catalog' }): Promise<void> {
+    const active = this.active;
+    let answer: RunnerRequest;
+    try {
+      if (!active?.catalog) throw Object.assign(new Error(`step process ${this.pid} has no catalog access now`), { name: 'CatalogCallRefused', code: 'ERR_CATALOG_REFUSED' });
+      answer = { type: 'catalog-reply', id: message.id, ok: true, result: await active.catalog(message.call) };
+    } catch (error) {
+      const e = error as Error & { code?: unknown };
+      answer = { type: 'catalog-reply', id: message.id, ok: false, error: { name: e.name ?? 'Error', message: e.message ?? String(error), ...(typeof e.code === 'string' ? { code: e.code } : {}) } };
+    }
+    // A process gone meanwhile: its exit decides its step.
+    if (this.child.connected) this.child.send(answer, () => undefined);
   }
 
   /** Answered and flushed: the step's outcome is its reply. */

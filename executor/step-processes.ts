@@ -1,7 +1,7 @@
 import { accessSync, constants } from 'node:fs';
 import { hostname } from 'node:os';
 import type { Isolation, LogLine, StepLimits } from '../schemas/index.ts';
-import type { RunnerJob, RunnerReply } from './protocol.ts';
+import type { CatalogHandler, RunnerJob, RunnerReply } from './protocol.ts';
 import { stepEnvMissing } from './step-errors.ts';
 import type { StepSnapshot } from './build-runner.ts';
 import { ADDRESS_SPACE_LIMIT_SUPPORTED, StepProcess, type RunLimits } from './step-process.ts';
@@ -187,7 +187,11 @@ export class StepProcesses {
    * Runs one user step to its reply: a table's segments, or the error that ended it. `limits`
    * and `env` are what the step declared (its StepReady): limits it leaves out take the defaults.
    */
-  async run(job: RunnerJob, isolation: Isolation, declared: { limits?: StepLimits; env?: readonly string[]; system?: boolean } = {}): Promise<RunnerReply> {
+  async run(
+    job: RunnerJob,
+    isolation: Isolation,
+    declared: { limits?: StepLimits; env?: readonly string[]; system?: boolean; /** A system step's catalog calls (system-steps.ts). */ catalog?: CatalogHandler } = {},
+  ): Promise<RunnerReply> {
     const secrets: Record<string, string> = {};
     const missing: string[] = [];
     for (const name of declared.env ?? []) {
@@ -206,7 +210,7 @@ export class StepProcesses {
     set.add(proc);
     this.running.set(job.runId, set);
     try {
-      const outcome = await proc.run(job, { keepAlive, hangMs: this.options.workers.workerHangMs, limits });
+      const outcome = await proc.run(job, { keepAlive, hangMs: this.options.workers.workerHangMs, limits, ...(declared.catalog ? { catalog: declared.catalog } : {}) });
       if (keepAlive) this.afterWorkerStep(poolKey(job.codePath, limits.memoryMb), proc, outcome.reusable, outcome.rssBytes);
       return outcome.reply;
     } finally {

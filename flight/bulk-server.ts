@@ -6,9 +6,10 @@
  * wire protocol (any gRPC client's DoGet works against it), listed as a second location of
  * every endpoint. The mapping is unmapped only once every write that views it has completed.
  */
-import { constants, createSecureServer, createServer, type Http2Server, type Http2Session, type IncomingHttpHeaders, type ServerHttp2Stream } from 'node:http2';
+import { constants, createSecureServer, createServer, type Http2Server, type IncomingHttpHeaders, type ServerHttp2Stream } from 'node:http2';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { FlightProtocolError } from './errors.ts';
+import { listenGated, type ConnectionLimits, type GatedListener } from './listener.ts';
 import { varintBytes } from './frames.ts';
 import { streamMessages } from './ipc.ts';
 import { SERVICE_NAME } from './protocol.ts';
@@ -51,9 +52,12 @@ function framing(header: Uint8Array, bodyLength: number): Buffer {
 export class BulkServer {
   private constructor(
     private readonly server: Http2Server,
-    readonly port: number,
-    private readonly sessions: Set<Http2Session>,
+    private readonly listener: GatedListener,
   ) {}
+
+  get port(): number {
+    return this.listener.port;
+  }
 
   static async start(options: {
     host: string;
@@ -62,8 +66,8 @@ export class BulkServer {
     redeemer: TicketRedeemer;
     /** Streams one connection may have open at once. */
     maxConcurrentStreams: number;
-    /** Connections held at once; more are closed as they arrive. */
-    maxConnections: number;
+    /** Connections held at once, in all and per client; more are closed as they arrive (listener.ts). */
+    limits: ConnectionLimits;
   }): Promise<BulkServer> {
     // Session memory is left unbounded because node counts queued outgoing DATA in it; what a
     // session holds is bounded instead by streams per session times maxInFlightBytes each.
@@ -73,27 +77,15 @@ export class BulkServer {
       : createServer({ maxSessionMemory: Number.MAX_SAFE_INTEGER, settings });
     server.on('stream', (stream, headers) => receive(stream, headers, options.redeemer));
     server.on('sessionError', () => undefined);
-    const sessions = new Set<Http2Session>();
-    server.on('session', (session) => {
-      if (sessions.size >= options.maxConnections) {
-        session.destroy();
-        return;
-      }
-      sessions.add(session);
-      session.once('close', () => sessions.delete(session));
-    });
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(options.port ?? 0, options.host, () => resolve());
-    });
-    const address = server.address();
-    return new BulkServer(server, typeof address === 'object' && address ? address.port : 0, sessions);
+    // The HTTP/2 server never listens itself: the gated listener hands it the connections it admits.
+    const listener = await listenGated({ host: options.host, port: options.port ?? 0, limits: options.limits, accept: (socket) => server.emit('connection', socket) });
+    return new BulkServer(server, listener);
   }
 
   stop(): void {
+    // Streams in progress end with their connections; their mappings go as their writes complete.
+    this.listener.close();
     this.server.close();
-    // Streams in progress end with their sessions; their mappings go as their writes complete.
-    for (const session of this.sessions) session.destroy();
   }
 }
 

@@ -27,6 +27,7 @@ import { type FlightDataFrame, encodeFlightData, flightDataLength } from './fram
 import { MessageType, schemaBytes, streamMessages } from './ipc.ts';
 import { type ActionMessage, type FlightDescriptorMessage, type FlightInfoMessage, type TicketMessage, TRANSFER_CHANNEL_OPTIONS, flightServiceDefinition } from './protocol.ts';
 import { BulkServer, type TicketRedeemer } from './bulk-server.ts';
+import { listenGated, type ConnectionLimits, type GatedListener } from './listener.ts';
 import { SegmentWriter } from './segment-writer.ts';
 import { DEFAULT_TICKET_TTL_MS, checkSecret, signTicket, verifyTicket } from './tickets.ts';
 import { authorize, bearer, flightAccessToken, sameToken } from './auth.ts';
@@ -66,6 +67,13 @@ export interface FlightServerOptions {
   maxConcurrentStreams?: number;
   /** Connections the bulk port holds at once; more are closed as they arrive. @default 256 */
   maxBulkConnections?: number;
+  /** Connections the gRPC port holds at once; more are closed as they arrive. @default 256 */
+  maxConnections?: number;
+  /**
+   * Connections one client address may hold at once, on each port; more are closed as they
+   * arrive, so one client cannot take every connection. @default 64
+   */
+  maxConnectionsPerClient?: number;
   /** Lifetime of tickets handed out by GetFlightInfo. @default 10 minutes */
   ticketTtlMs?: number;
   /** Bytes a DoGet stream may have queued for the network before it waits. @default 32 MiB */
@@ -86,6 +94,8 @@ const DEFAULT_MAX_IN_FLIGHT_BYTES = 32 * 1024 * 1024;
 const DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
 const DEFAULT_MAX_CONCURRENT_STREAMS = 128;
 const DEFAULT_MAX_BULK_CONNECTIONS = 256;
+const DEFAULT_MAX_CONNECTIONS = 256;
+const DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 64;
 /** A Handshake is one or two messages; more is someone keeping the call open. */
 const MAX_HANDSHAKE_REQUESTS = 4;
 const UPLOAD_NAME = /^[A-Za-z0-9_-]{1,128}$/;
@@ -142,6 +152,8 @@ export class FlightServer {
 
   private constructor(
     private readonly server: Server,
+    /** Accepts the gRPC port's connections, within its caps, and hands them to `server`. */
+    private readonly listener: GatedListener,
     readonly port: number,
     /** URI clients use to reach this server: `grpc+tcp://host:port` or `grpc+tls://host:port`. */
     readonly location: string,
@@ -164,13 +176,15 @@ export class FlightServer {
     });
     const host = options.host ?? '127.0.0.1';
     const credentials = options.tls ? ServerCredentials.createSsl(null, [{ cert_chain: options.tls.cert, private_key: options.tls.key }]) : ServerCredentials.createInsecure();
-    const bindHost = host.includes(':') ? `[${host}]` : host;
-    const port = await new Promise<number>((resolve, reject) =>
-      server.bindAsync(`${bindHost}:${options.port ?? 0}`, credentials, (error, bound) => (error ? reject(error) : resolve(bound))),
-    );
+    const perClient = options.maxConnectionsPerClient ?? DEFAULT_MAX_CONNECTIONS_PER_CLIENT;
+    // grpc-js never listens itself: the gated listener hands it the connections it admits.
+    const injector = server.createConnectionInjector(credentials);
+    const limits: ConnectionLimits = { maxConnections: options.maxConnections ?? DEFAULT_MAX_CONNECTIONS, maxConnectionsPerClient: perClient };
+    const listener = await listenGated({ host, port: options.port ?? 0, limits, accept: (socket) => injector.injectConnection(socket) });
+    const port = listener.port;
     const advertised = options.advertiseHost ?? (host === '0.0.0.0' || host === '::' ? hostname() : host);
     const scheme = options.tls ? 'grpc+tls' : 'grpc+tcp';
-    const flight = new FlightServer(server, port, `${scheme}://${advertised.includes(':') ? `[${advertised}]` : advertised}:${port}`, options);
+    const flight = new FlightServer(server, listener, port, `${scheme}://${advertised.includes(':') ? `[${advertised}]` : advertised}:${port}`, options);
     server.addService(flightServiceDefinition(), flight.handlers());
     if (options.bulk !== false) {
       flight.bulk = await BulkServer.start({
@@ -179,7 +193,7 @@ export class FlightServer {
         ...(options.tls ? { tls: options.tls } : {}),
         redeemer: flight.redeemer(),
         maxConcurrentStreams: options.maxConcurrentStreams ?? DEFAULT_MAX_CONCURRENT_STREAMS,
-        maxConnections: options.maxBulkConnections ?? DEFAULT_MAX_BULK_CONNECTIONS,
+        limits: { maxConnections: options.maxBulkConnections ?? DEFAULT_MAX_BULK_CONNECTIONS, maxConnectionsPerClient: perClient },
       });
       flight.bulkLocation = flight.location.replace(/:\d+$/, `:${flight.bulk.port}`);
     }
@@ -204,6 +218,7 @@ export class FlightServer {
   /** Stops at once: streams in progress are cancelled and uploads removed. */
   async stop(): Promise<void> {
     for (const cancel of [...this.activeCalls]) cancel();
+    this.listener.close();
     this.server.forceShutdown();
     this.bulk?.stop();
     this.uploads.clear();

@@ -73,7 +73,8 @@ export class Versions {
   constructor(
     readonly objects: ObjectStore,
     readonly refs: RefStore,
-    private readonly legacy: TableHeads | null,
+    /** The per-table catalog from before branches, read as `main` until its first commit. */
+    readonly legacy: TableHeads | null,
     options: VersionsOptions = {},
   ) {
     this.clock = options.clock ?? Date.now;

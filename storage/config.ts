@@ -3,11 +3,11 @@ import { Kvm } from '@nats-io/kv';
 import type { NatsConnection } from '@nats-io/transport-node';
 import { quiverHome } from '../schemas/index.ts';
 import { BranchCatalog, Versions } from './branches.ts';
-import { NatsKvCatalog, ObjectStoreCatalog } from './catalog.ts';
+import { NatsKvCatalog, ObjectStoreCatalog, type TableHeads } from './catalog.ts';
 import { StorageError } from './errors.ts';
 import { LocalObjectStore } from './object-store.ts';
 import { ulid } from 'ulid';
-import { KvRefs, ObjectStoreRefs } from './refs.ts';
+import { KvRefs, ObjectStoreRefs, type RefStore } from './refs.ts';
 import type { S3ObjectStore, S3StoreOptions } from './s3-store.ts';
 import type { TableStore } from './tables.ts';
 
@@ -49,6 +49,21 @@ export async function openTableStore(config: StorageConfig): Promise<OpenedTable
   }
   const kv = await new Kvm(config.nc).create(TABLES_BUCKET, { history: 10 });
   return { objects, catalog: new BranchCatalog(new Versions(objects, new KvRefs(objects.id, kv), new NatsKvCatalog(objects, kv))), close: () => objects.close() };
+}
+
+/**
+ * Opens the objects a configuration names, with the branch pointers and the pre-branch table
+ * heads kept elsewhere: a step process, which never reaches NATS, asks its executor for those
+ * (executor/system-steps.ts) and reads and writes every object itself.
+ */
+export async function openTableStoreWithRefs(config: StorageConfig, refs: RefStore, legacy: TableHeads | null): Promise<OpenedTableStore> {
+  if (config.kind === 'local') {
+    const objects = new LocalObjectStore(config.root);
+    return { objects, catalog: new BranchCatalog(new Versions(objects, refs, legacy)), close: async () => {} };
+  }
+  const { S3ObjectStore } = await import('./s3-store.ts');
+  const objects = new S3ObjectStore(config.s3);
+  return { objects, catalog: new BranchCatalog(new Versions(objects, refs, legacy)), close: () => objects.close() };
 }
 
 /**

@@ -13,7 +13,7 @@ import { planPipeline } from '../planner/index.ts';
 import type { RunView } from '../schemas/index.ts';
 import { pipeline, step, type LocalCluster } from '../sdk/index.ts';
 import { hostCache, openTableStore, scanTable, writeTable } from '../storage/index.ts';
-import { fixture, runFile, stepOf, tempHome, waitFor, withCluster } from './helpers.ts';
+import { fixture, runFile, stepOf, tempHome, waitFor, withCluster, withEnv } from './helpers.ts';
 
 const TIMEOUT = { timeout: 120_000 };
 
@@ -39,20 +39,6 @@ function isAlive(pid: number): boolean {
     return !/^State:\s+Z/m.test(readFileSync(`/proc/${pid}/status`, 'utf8'));
   } catch {
     return false;
-  }
-}
-
-/** Sets variables for the length of `fn` (the executor runs in this process and reads its environment). */
-async function withEnv<T>(vars: Record<string, string>, fn: () => Promise<T>): Promise<T> {
-  const saved = Object.fromEntries(Object.keys(vars).map((k) => [k, process.env[k]]));
-  Object.assign(process.env, vars);
-  try {
-    return await fn();
-  } finally {
-    for (const [k, v] of Object.entries(saved)) {
-      if (v === undefined) delete process.env[k];
-      else process.env[k] = v;
-    }
   }
 }
 
