@@ -14,7 +14,21 @@ export const SNAPSHOT_ARROW = Symbol.for('quiver.stepSnapshot.arrow');
 
 type SnapshotGlobals = { [IN_STEP_SNAPSHOT]?: true };
 
+/** Each module once per process: a worker's later steps take it from here, with its globals. */
+const imported = new Map<string, Promise<unknown>>();
+
 export function importCode(path: string): Promise<unknown> {
+  let module = imported.get(path);
+  if (!module) {
+    module = load(path);
+    imported.set(path, module);
+    // A failed import is tried again by the next step, as import() itself would.
+    module.catch(() => imported.delete(path));
+  }
+  return module;
+}
+
+function load(path: string): Promise<unknown> {
   if (!(globalThis as SnapshotGlobals)[IN_STEP_SNAPSHOT]) return import(path);
   // Node 20 calls the loader experimental and says so on stderr, which is the step's log: kept quiet.
   const emitWarning = process.emitWarning;

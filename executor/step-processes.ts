@@ -171,6 +171,7 @@ export class StepProcesses {
   private idleSequence = 0;
   /** The pipeline version a fresh process last ran: spares import its code while they wait. */
   private likelyCode: string | null = null;
+  private refillScheduled = false;
   private stopped = false;
 
   constructor(options: StepProcessesOptions) {
@@ -320,7 +321,14 @@ export class StepProcesses {
       this.likelyCode = codePath;
       for (const waiting of this.spares) waiting.preload(codePath);
     }
-    this.refillSpares();
+    // After this step's job is sent: forking a replacement blocks this process for milliseconds.
+    if (!this.refillScheduled) {
+      this.refillScheduled = true;
+      setImmediate(() => {
+        this.refillScheduled = false;
+        this.refillSpares();
+      });
+    }
     return spare ?? this.spawn(memoryMb);
   }
 
