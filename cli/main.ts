@@ -308,7 +308,7 @@ async function followRun(client: QuiverClient, handle: RunHandle, plan: Plan, op
       lastState.set(step.name, step.state);
       if (step.state === 'waiting') continue;
       let detail = '';
-      if (step.state === 'succeeded') detail = `${(step.rows ?? 0).toLocaleString('en-US')} rows, ${formatBytes(step.bytes)}, ${step.transport === 'cache' ? 'cached, nothing ran' : formatDuration(stepDuration(step))}`;
+      if (step.state === 'succeeded') detail = succeededDetail(step);
       if (step.state === 'running') detail = `on ${step.hostId}${step.attempt > 1 ? ` (attempt ${step.attempt})` : ''}`;
       // Getting its packages' environment (built, fetched from the cluster or found) is part of the step's time.
       if (step.envMs !== undefined && step.envMs >= 1) detail += `${detail ? ', ' : ''}packages ${formatDuration(step.envMs)}`;
@@ -330,6 +330,14 @@ async function followRun(client: QuiverClient, handle: RunHandle, plan: Plan, op
   if (!options.keep) await handle.release();
   else if (options.embedded) say('note: --keep has no effect on the embedded NATS, which stops with this command');
   return view.state === 'succeeded' ? 0 : 1;
+}
+
+/** What a succeeded step's line says: its output, and how long it ran or that it was reused. */
+function succeededDetail(step: RunView['steps'][number]): string {
+  if (step.committed) return `cached: ${step.committed.map((c) => `${c.table} is at snapshot ${c.snapshotId}`).join(', ')} already, nothing committed`;
+  // A stage left out because its table holds the run's output already: there is no output to size.
+  if (step.transport === 'cache' && step.output?.segments.length === 0) return 'cached: the table holds this output already, nothing staged';
+  return `${(step.rows ?? 0).toLocaleString('en-US')} rows, ${formatBytes(step.bytes)}, ${step.transport === 'cache' ? 'cached, nothing ran' : formatDuration(stepDuration(step))}`;
 }
 
 /** The physical plan as `quiver run --dry-run` prints it: what each step reads and whether the cache would give it. */
@@ -464,6 +472,8 @@ function jsonResult(view: RunView) {
       /** Time spent getting the step's package environment (built, fetched from the cluster, or found); absent without packages. */
       ...(s.envMs !== undefined ? { envMs: s.envMs } : {}),
       ...(s.scan ? { scan: s.scan } : {}),
+      /** A commit left unchanged: the snapshots that hold the run's tables already. */
+      ...(s.committed ? { committed: s.committed } : {}),
       ...(s.error ? { error: s.error } : {}),
     })),
   };

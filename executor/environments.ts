@@ -125,12 +125,20 @@ export class Environments {
     return this.options.dir;
   }
 
-  /** The environment of exactly `packages`, ready on this host. Throws {@link EnvironmentBuildError}. */
-  async ensure(packages: StepPackages): Promise<ReadyEnvironment> {
+  /**
+   * The environment of exactly `packages`, ready on this host. Throws {@link EnvironmentBuildError}.
+   * `onProgress` hears, as it happens, a line when the environment is not on this host yet (it
+   * is fetched or built now) and a line once it is ready, saying how long it took and how.
+   */
+  async ensure(packages: StepPackages, options: { onProgress?: (line: string) => void } = {}): Promise<ReadyEnvironment> {
+    const began = performance.now();
     const hash = environmentHash(packages);
     const dir = join(this.options.dir, hash);
+    const say = options.onProgress ?? (() => {});
+    const what = `environment ${hash.slice(0, 12)} (${describePackages(packages)})`;
     if (existsSync(dir)) {
       touch(join(dir, LAST_USED));
+      say(readyLine(what, 'local', began));
       return { hash, dir, source: 'local' };
     }
     let going = this.pending.get(hash);
@@ -138,7 +146,15 @@ export class Environments {
       going = this.obtain(hash, dir, packages).finally(() => this.pending.delete(hash));
       this.pending.set(hash, going);
     }
-    return going;
+    say(`getting ${what}: not on this host yet, fetching it from the cluster or installing it with npm…`);
+    try {
+      const ready = await going;
+      say(readyLine(what, ready.source, began));
+      return ready;
+    } catch (error) {
+      say(`${what} failed after ${seconds(began)}`);
+      throw error;
+    }
   }
 
   /** Every environment on this host. */
@@ -225,12 +241,19 @@ export class Environments {
         throw new Error(`its packages are not ${JSON.stringify(packages)}`);
       }
       this.place(tmp, dir);
-      return true;
     } catch (error) {
       rmSync(tmp, { recursive: true, force: true });
       this.options.logger.warn(`could not use the cluster's copy of environment ${hash}, installing it instead: ${(error as Error).message}`);
       return false;
     }
+    // What `quiver env prune` goes by for the cluster's copies: when a host last needed one.
+    // An update replaces every field of the object's meta: the others are given again as they were.
+    const { description, options } = found.info;
+    const meta = { ...(description ? { description } : {}), ...(options ? { options } : {}), metadata: { ...(found.info.metadata ?? {}), [LAST_USED_METADATA]: String(Date.now()) } };
+    await store.update(objectName(hash), meta).catch((error: unknown) => {
+      this.options.logger.warn(`could not mark environment ${hash} used in the cluster: ${(error as Error).message}`);
+    });
+    return true;
   }
 
   /** `npm install` of exactly `packages` into a temporary folder, renamed into place once complete. */
@@ -327,6 +350,62 @@ export function pruneEnvironments(dir: string = environmentsDir(), olderThanMs: 
 }
 
 const objectName = (hash: string) => `${hash}.tar.gz`;
+/** Metadata of a packed environment in the cluster's store: when a host last fetched it (epoch ms). */
+const LAST_USED_METADATA = 'quiver-last-used';
+
+/** A packed environment in the cluster's object store, as `quiver env list --cluster` shows it. */
+export interface ClusterEnvironmentInfo {
+  hash: string;
+  /** `name@version …`, as the host that built it described it. */
+  packages: string;
+  bytes: number;
+  /** When it was packed, or last fetched by a host, whichever is later. */
+  lastUsedAt: number;
+}
+
+/** Every packed environment in the cluster's store, newest use first. */
+export async function listClusterEnvironments(store: ObjectStore): Promise<ClusterEnvironmentInfo[]> {
+  const found: ClusterEnvironmentInfo[] = [];
+  for (const info of await store.list()) {
+    const hash = /^([0-9a-f]{64})\.tar\.gz$/.exec(info.name)?.[1];
+    if (!hash || info.deleted) continue;
+    const fetchedAt = Number(info.metadata?.[LAST_USED_METADATA]);
+    const packedAt = Date.parse(info.mtime);
+    found.push({ hash, packages: info.description ?? '', bytes: info.size, lastUsedAt: Math.max(Number.isFinite(fetchedAt) ? fetchedAt : 0, Number.isFinite(packedAt) ? packedAt : 0) });
+  }
+  return found.sort((a, b) => b.lastUsedAt - a.lastUsedAt);
+}
+
+/**
+ * Removes the cluster's copies of environments no host packed or fetched for `olderThanMs`;
+ * returns them. A host that has one installed keeps it; a new host needing it installs it again.
+ */
+export async function pruneClusterEnvironments(store: ObjectStore, olderThanMs: number, now = Date.now()): Promise<ClusterEnvironmentInfo[]> {
+  const removed: ClusterEnvironmentInfo[] = [];
+  for (const env of await listClusterEnvironments(store)) {
+    if (now - env.lastUsedAt < olderThanMs) continue;
+    await store.delete(objectName(env.hash));
+    removed.push(env);
+  }
+  return removed;
+}
+
+const SOURCE_WORDS: Record<ReadyEnvironment['source'], string> = { local: 'cached on this host', store: 'fetched from the cluster', built: 'built with npm' };
+
+function readyLine(what: string, source: ReadyEnvironment['source'], began: number): string {
+  return `${what} ready in ${seconds(began)} (${SOURCE_WORDS[source]})`;
+}
+
+function seconds(since: number): string {
+  return `${((performance.now() - since) / 1000).toFixed(1)} s`;
+}
+
+/** `3 packages: a@1.0.0, b@2.0.0, c@3.0.0`, shortened past a few. */
+function describePackages(packages: StepPackages): string {
+  const names = Object.entries(sorted(packages)).map(([n, v]) => `${n}@${v}`);
+  const shown = names.length > 4 ? `${names.slice(0, 4).join(', ')}, …` : names.join(', ');
+  return `${names.length} package${names.length === 1 ? '' : 's'}: ${shown}`;
+}
 
 /** What npm and install scripts see of the executor's environment, then `extra`. */
 function npmEnvironment(extra: Readonly<Record<string, string>>): NodeJS.ProcessEnv {

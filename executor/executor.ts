@@ -154,7 +154,18 @@ export class Executor {
       onLog: (line) => nc.publish(subjects.log(line.runId), encode(logLine, line)),
     });
     executor.outputCache = new OutputCache(
-      { kv: topology.cache, shmDir, hostId, executorId: executor.executorId, release: (ids) => executor.removeEvicted(ids), logger },
+      {
+        kv: topology.cache,
+        shmDir,
+        hostId,
+        executorId: executor.executorId,
+        release: (ids) => executor.removeEvicted(ids),
+        logger,
+        // The persisted tier (QUIVER_CACHE_PERSIST) lives in the table store.
+        objects: async () => (await executorTableStore(nc)).objects,
+        ...(options.maxSegmentBytes ? { maxSegmentBytes: options.maxSegmentBytes } : {}),
+        ...(options.poolMaxBytes !== undefined ? { poolMaxBytes: options.poolMaxBytes } : {}),
+      },
       options.outputCache,
     );
     executor.listen();
@@ -329,6 +340,12 @@ export class Executor {
     this.announceStart(ready, attempt, startedAt);
     const heartbeat = setInterval(() => msg.working(), Math.max(200, Math.floor(this.topology.ackWaitMs / 3)));
     try {
+      // The output cache's persisted tier may hold the output shared memory lost: then nothing runs.
+      const restored = await this.outputCache.restore(ready, attempt);
+      if (restored) {
+        await this.complete(ready, msg, attempt, startedAt, restored, 0, undefined, 'cache');
+        return;
+      }
       const prepared = await this.prepare(ready);
       if (prepared.kind === 'stopped') {
         msg.nak();
@@ -426,7 +443,9 @@ export class Executor {
     if (!ready.system && ready.packages && Object.keys(ready.packages).length > 0) {
       const began = performance.now();
       try {
-        environment = { dir: (await this.environments.ensure(ready.packages)).dir, packages: Object.keys(ready.packages) };
+        // Shown live in the run's log: building an environment can take a while.
+        const onProgress = (line: string) => this.nc.publish(subjects.log(ready.runId), encode(logLine, { runId: ready.runId, step: ready.step, stream: 'stdout', line, at: Date.now() }));
+        environment = { dir: (await this.environments.ensure(ready.packages, { onProgress })).dir, packages: Object.keys(ready.packages) };
         envMs = Math.round(performance.now() - began);
       } catch (error) {
         envMs = Math.round(performance.now() - began);
@@ -456,8 +475,8 @@ export class Executor {
     return ready.system ? runSystemStep(ready, ready.system, inputs, attempt, this.systemStepContext(ready)) : this.runStep({ ...ready, inputs }, attempt, codePath);
   }
 
-  private async complete(ready: StepReady, msg: JsMsg, attempt: number, startedAt: number, reply: SystemReply, fetchedBytes: number, envMs?: number): Promise<void> {
-    const ran = ready.system
+  private async complete(ready: StepReady, msg: JsMsg, attempt: number, startedAt: number, reply: SystemReply, fetchedBytes: number, envMs?: number, from?: 'cache'): Promise<void> {
+    const ran = ready.system || from === 'cache'
       ? {}
       : { isolation: ready.isolation ?? 'process', ...('codeStartedAt' in reply && reply.codeStartedAt !== undefined ? { codeStartedAt: reply.codeStartedAt } : {}), ...(envMs !== undefined ? { envMs } : {}) };
     if (reply.type === 'error') {
@@ -471,7 +490,7 @@ export class Executor {
       attempt,
       executorId: this.executorId,
       output: { kind: 'shm', hostId: this.hostId, segments: reply.segments, byteSize: reply.byteSize, rows: reply.rows, schema: reply.schema },
-      transport: fetchedBytes > 0 ? 'flight' : ready.inputs.length > 0 ? (inputsAreRegions(ready) ? 'region' : 'shm') : null,
+      transport: from ?? (fetchedBytes > 0 ? 'flight' : ready.inputs.length > 0 ? (inputsAreRegions(ready) ? 'region' : 'shm') : null),
       inputCopiedBytes: reply.inputCopiedBytes + fetchedBytes,
       ...(fetchedBytes > 0 ? { fetchedBytes } : {}),
       ...(reply.scan ? { scan: reply.scan } : {}),

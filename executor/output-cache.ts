@@ -12,11 +12,22 @@
  *   were sent it just before.
  * - A stopped executor evicts everything it cached: nothing is left behind. Entries of an
  *   executor that died are removed by gc on its host (see {@link removeOrphanedEntries}).
+ * - Optionally (`persist`, QUIVER_CACHE_PERSIST=1), every output cached is also written, in the
+ *   background, as an Arrow IPC stream into the table store (`cache/outputs/<key>.arrow`, a
+ *   local folder or S3): the persisted tier. A step whose key shared memory no longer holds
+ *   (evicted, another host, an executor restarted) is still sent to an executor, which reads
+ *   the output back from there instead of running the step ({@link OutputCache.restore}). That
+ *   tier has no cap: remove `cache/outputs/` from the store to empty it.
  */
 import { existsSync, mkdirSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { KV } from '@nats-io/kv';
-import { cacheEntry, encode, readCacheEntry, type CacheEntry, type Logger, type TableDescriptor } from '../schemas/index.ts';
+import { tableFromIPC, tableToIPC } from 'apache-arrow';
+import { cacheEntry, encode, readCacheEntry, type CacheEntry, type Logger, type StepReady, type TableDescriptor } from '../schemas/index.ts';
+import { readInput, unmapSegments } from '../shm/index.ts';
+import type { ObjectStore } from '../storage/index.ts';
+import type { RunnerReply } from './protocol.ts';
+import { writeStepOutput } from './system-steps.ts';
 
 /** Options of {@link OutputCache}. */
 export interface OutputCacheOptions {
@@ -24,16 +35,29 @@ export interface OutputCacheOptions {
   maxBytes?: number;
   /** How long an evicted entry's segments stay, for steps sent them just before. @default 60_000 */
   evictionGraceMs?: number;
+  /**
+   * Also keep cached outputs in the table store (the persisted tier), where they outlive
+   * eviction and executor restarts. @default QUIVER_CACHE_PERSIST is 1 or true, else false
+   */
+  persist?: boolean;
 }
 
 /** Resolves {@link OutputCacheOptions} against their defaults. */
 export function resolveOutputCacheOptions(options: OutputCacheOptions = {}): Required<OutputCacheOptions> {
   const fromEnv = Number(process.env.QUIVER_CACHE_BYTES);
+  const persist = process.env.QUIVER_CACHE_PERSIST;
+  if (options.persist === undefined && persist !== undefined && !['', '0', '1', 'true', 'false'].includes(persist)) {
+    throw new RangeError(`QUIVER_CACHE_PERSIST must be 1 (keep cached outputs in the table store too) or 0; got ${JSON.stringify(persist)}`);
+  }
   return {
     maxBytes: options.maxBytes ?? (Number.isFinite(fromEnv) && fromEnv >= 0 && process.env.QUIVER_CACHE_BYTES !== '' ? fromEnv : 1024 ** 3),
     evictionGraceMs: options.evictionGraceMs ?? 60_000,
+    persist: options.persist ?? (persist === '1' || persist === 'true'),
   };
 }
+
+/** Where the persisted tier keeps the output of `key` in the table store. */
+export const persistedOutputKey = (key: string) => `cache/outputs/${key}.arrow`;
 
 const MARKERS = 'cache';
 const markerDir = (shmDir: string) => join(shmDir, MARKERS);
@@ -63,6 +87,11 @@ export interface OutputCacheDeps {
   /** Removes segments for good (the executor's release: pool or unlink, files or regions). */
   release: (segmentIds: string[]) => void;
   logger: Logger;
+  /** The table store's objects, for the persisted tier (opened on first use). Without it, there is none. */
+  objects?: () => Promise<ObjectStore>;
+  /** How restored outputs are written into shared memory (the executor's segment options). */
+  maxSegmentBytes?: number;
+  poolMaxBytes?: number;
 }
 
 export class OutputCache {
@@ -76,7 +105,14 @@ export class OutputCache {
   private readonly leaving = new Map<string, NodeJS.Timeout | null>();
   private used = 0;
   private stopped = false;
+  private readonly persist: boolean;
+  /** Writes to the persisted tier going on: a stopping executor lets them finish. */
+  private readonly saving = new Set<Promise<void>>();
+  /** Keys this executor wrote to or read from the persisted tier: not encoded again. */
+  private readonly persisted = new Set<string>();
   evictions = 0;
+  /** Outputs read back from the persisted tier instead of running their step. */
+  restored = 0;
 
   constructor(
     private readonly deps: OutputCacheDeps,
@@ -85,6 +121,7 @@ export class OutputCache {
     const resolved = resolveOutputCacheOptions(options);
     this.maxBytes = resolved.maxBytes;
     this.graceMs = resolved.evictionGraceMs;
+    this.persist = resolved.persist && deps.objects !== undefined;
   }
 
   get bytes(): number {
@@ -95,9 +132,14 @@ export class OutputCache {
     return this.held.size;
   }
 
-  /** Keeps `output` under `key`. An output larger than the whole cache is not kept. */
+  /**
+   * Keeps `output` under `key`. An output larger than the whole cache is not kept in shared
+   * memory (the persisted tier, when on, keeps it still).
+   */
   async store(key: string, output: TableDescriptor, from: { runId: string; step: string }): Promise<void> {
-    if (this.stopped || output.byteSize > this.maxBytes || this.held.has(key)) return;
+    if (this.stopped) return;
+    if (this.persist && !this.persisted.has(key)) this.saveInBackground(key, output, from.step);
+    if (output.byteSize > this.maxBytes || this.held.has(key)) return;
     const segments = output.segments.map((s) => s.id);
     mkdirSync(markerDir(this.deps.shmDir), { recursive: true, mode: 0o700 });
     for (const id of segments) writeFileSync(join(markerDir(this.deps.shmDir), id), key, { mode: 0o600 });
@@ -172,9 +214,73 @@ export class OutputCache {
     for (const id of held.segments) this.leaving.set(id, timer);
   }
 
+  /**
+   * The step's output read back from the persisted tier into shared memory, as if it had run;
+   * null when the tier is off, does not hold it, or the step may not reuse (see StepReady.cacheRead).
+   */
+  async restore(ready: StepReady, attempt: number): Promise<(RunnerReply & { type: 'result' }) | null> {
+    if (!this.persist || this.stopped || !ready.cacheKey || !ready.cacheRead) return null;
+    const objectKey = persistedOutputKey(ready.cacheKey);
+    let bytes: Uint8Array;
+    try {
+      const objects = await this.deps.objects!();
+      if ((await objects.size(objectKey)) === null) return null;
+      bytes = await objects.get(objectKey);
+    } catch (error) {
+      this.deps.logger.warn(`could not read the persisted output ${ready.cacheKey} of step ${ready.step}, running it: ${(error as Error).message}`);
+      return null;
+    }
+    let table;
+    try {
+      table = tableFromIPC(bytes);
+    } catch (error) {
+      this.deps.logger.warn(`the persisted output ${ready.cacheKey} of step ${ready.step} is unreadable, running it: ${(error as Error).message}`);
+      return null;
+    }
+    const reply = writeStepOutput(table, {
+      dir: this.deps.shmDir,
+      idPrefix: `${ready.runId}.${ready.step}.${attempt}`,
+      maxSegmentBytes: this.deps.maxSegmentBytes,
+      poolMaxBytes: this.deps.poolMaxBytes,
+    });
+    this.restored++;
+    this.persisted.add(ready.cacheKey);
+    return reply;
+  }
+
+  /**
+   * Writes the output into the persisted tier. Encoded now, while the run still holds its
+   * segments (once released they may be reused for other data); written off the step's path.
+   */
+  private saveInBackground(key: string, output: TableDescriptor, step: string): void {
+    let bytes: Uint8Array;
+    try {
+      const opened = readInput(output.segments, { dir: this.deps.shmDir });
+      try {
+        bytes = tableToIPC(opened.table, 'stream');
+      } finally {
+        unmapSegments(opened.mappings);
+      }
+    } catch (error) {
+      this.deps.logger.warn(`could not persist the cached output ${key} of step ${step}: ${(error as Error).message}`);
+      return;
+    }
+    const tracked: Promise<void> = (async () => {
+      const objects = await this.deps.objects!();
+      const objectKey = persistedOutputKey(key);
+      // Content-addressed: an output already there is this one.
+      if ((await objects.size(objectKey)) === null) await objects.put(objectKey, bytes);
+      this.persisted.add(key);
+    })()
+      .catch((error: unknown) => this.deps.logger.warn(`could not persist the cached output ${key} of step ${step}: ${(error as Error).message}`))
+      .finally(() => this.saving.delete(tracked));
+    this.saving.add(tracked);
+  }
+
   /** Evicts everything at once: the executor stops, and leaves nothing behind. */
   async stop(): Promise<void> {
     this.stopped = true;
+    await Promise.all([...this.saving]);
     for (const key of [...this.held.keys()]) await this.evict(key, 0);
     for (const [id, timer] of this.leaving) {
       if (timer) clearTimeout(timer);

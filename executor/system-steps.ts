@@ -101,7 +101,7 @@ export async function runSystemStep(ready: StepReady, system: SystemStep, inputs
     const wanted = inputsOf(ready, system, inputs);
     if (ctx.processes) return await inStepProcess(ready, system, wanted, attempt, ctx, ctx.processes);
     const store = await ctx.tables();
-    const work: SystemWork = { runId: ready.runId, step: ready.step, log: ctx.log, cache: ctx.cache ?? hostCache };
+    const work: SystemWork = { runId: ready.runId, step: ready.step, log: ctx.log, cache: ctx.cache ?? hostCache, ...(ready.cacheKey ? { cacheKey: ready.cacheKey } : {}) };
     const done = await withInputs(wanted, ctx, (tables) => perform(work, system, tables, store));
     return { ...output(done.table, ready, attempt, ctx), ...(done.scan ? { scan: done.scan } : {}) };
   } catch (error) {
@@ -125,11 +125,16 @@ function inputsOf(ready: StepReady, system: SystemStep, inputs: readonly Input[]
 }
 
 function output(table: Table, ready: StepReady, attempt: number, ctx: SystemStepContext): RunnerReply & { type: 'result' } {
+  return writeStepOutput(table, { dir: ctx.shmDir, idPrefix: `${ready.runId}.${ready.step}.${attempt}`, maxSegmentBytes: ctx.maxSegmentBytes, poolMaxBytes: ctx.poolMaxBytes });
+}
+
+/** Writes a table made in the executor's own process into shared memory, as a step's reply. */
+export function writeStepOutput(table: Table, where: { dir: string; idPrefix: string; maxSegmentBytes?: number | undefined; poolMaxBytes?: number | undefined }): RunnerReply & { type: 'result' } {
   const written = writeTableToShm(table, {
-    dir: ctx.shmDir,
-    idPrefix: `${ready.runId}.${ready.step}.${attempt}`,
-    ...(ctx.maxSegmentBytes ? { maxSegmentBytes: ctx.maxSegmentBytes } : {}),
-    ...(ctx.poolMaxBytes !== undefined ? { poolMaxBytes: ctx.poolMaxBytes } : {}),
+    dir: where.dir,
+    idPrefix: where.idPrefix,
+    ...(where.maxSegmentBytes ? { maxSegmentBytes: where.maxSegmentBytes } : {}),
+    ...(where.poolMaxBytes !== undefined ? { poolMaxBytes: where.poolMaxBytes } : {}),
   });
   return {
     type: 'result',
@@ -162,6 +167,8 @@ async function withInputs<T>(inputs: readonly Input[], ctx: SystemStepContext, f
 interface SystemWork {
   runId: string;
   step: string;
+  /** The step's cache key: a commit records it in the snapshots it writes (orchestrator/cached-outputs.ts). */
+  cacheKey?: string;
   log(line: string): void;
   cache: ColumnCache;
 }
@@ -310,7 +317,9 @@ async function commit(work: SystemWork, system: SystemStep & { kind: 'commit' },
   // A commit step run again (its executor died after committing) must not commit twice: the
   // tables were committed together, so finding one of them committed means all were.
   const already = await Promise.all(writes.map((w) => findCommitted(store, w.staged)));
-  const results = already.every((r) => r !== null) ? (already as NonNullable<(typeof already)[number]>[]) : await commitStagedMany(store, writes, { message: `run ${work.runId}` });
+  const results = already.every((r) => r !== null)
+    ? (already as NonNullable<(typeof already)[number]>[])
+    : await commitStagedMany(store, writes, { message: `run ${work.runId}`, ...(work.cacheKey ? { cacheKey: work.cacheKey } : {}) });
   const where = system.branch ? ` on branch ${system.branch}` : '';
   for (const [i, result] of results.entries()) {
     work.log(`committed snapshot ${result.snapshotId} of table ${result.table}${where} (${writes[i]!.mode}, ${result.rows.toLocaleString('en-US')} rows, version ${result.version})`);
@@ -360,6 +369,7 @@ interface SystemJob {
   store: StorageConfig;
   refsViaExecutor: boolean;
   system: SystemStep;
+  cacheKey?: string;
 }
 
 /** The branches a system step moves: a transactional stage its run's branch, a commit its target (a transaction's: and the run's branch, which it deletes). */
@@ -420,7 +430,7 @@ async function inStepProcess(ready: StepReady, system: SystemStep, inputs: reado
   const { nc: _connection, ...config } = (ctx.storage ?? storageConfigFromEnv()) as StorageConfig & { nc?: NatsConnection };
   // A local store, or S3 with conditional writes, the process opens whole; a catalog on NATS it reaches through this executor.
   const refsViaExecutor = config.kind === 's3' && !config.s3.conditionalWrites;
-  const job: SystemJob = { store: config, refsViaExecutor, system };
+  const job: SystemJob = { store: config, refsViaExecutor, system, ...(ready.cacheKey ? { cacheKey: ready.cacheKey } : {}) };
   const runnerJob: RunnerJob = {
     codePath: processes.codePath,
     runId: ready.runId,
@@ -507,8 +517,8 @@ interface SystemCallContext {
 
 /** In a step process: the whole system step (see the module comment). */
 async function systemHere(inputs: Readonly<Record<string, Table>>, ctx: SystemCallContext): Promise<Table> {
-  const { store, refsViaExecutor, system } = ctx.system;
-  const work: SystemWork = { runId: ctx.runId, step: ctx.step, log: (line) => ctx.log(line), cache: hostCache };
+  const { store, refsViaExecutor, system, cacheKey } = ctx.system;
+  const work: SystemWork = { runId: ctx.runId, step: ctx.step, log: (line) => ctx.log(line), cache: hostCache, ...(cacheKey ? { cacheKey } : {}) };
   const done = await perform(work, system, inputs, await childStore(store, refsViaExecutor));
   if (done.scan) ctx.reportScan(done.scan);
   return done.table;

@@ -7,4 +7,4 @@ export type { ScheduleState, SchedulerOptions } from './scheduler.ts';
 export { DEFAULT_LEASE_TTL_MS } from './orchestrator.ts';
 export { readRunView } from './run-store.ts';
 export { replayRun, type RunFacts } from './run-machine.ts';
-export { cacheKeyOf } from './cached-outputs.ts';
+export { cacheKeyOf, plannedCacheKeys, unchangedTables } from './cached-outputs.ts';

@@ -27,6 +27,8 @@ export interface StepFacts {
   cacheKey?: string | null;
   /** Time spent getting the step's package environment, as its completion reported it. */
   envMs?: number;
+  /** A commit step left unchanged: the snapshots holding the run's tables. */
+  committed?: StepView['committed'];
   error: StepFailed['error'] | null;
 }
 
@@ -108,6 +110,7 @@ export function createRunMachine(plan: Plan) {
           codeStartedAt: e.codeStartedAt ?? null,
           cacheKey: e.cacheKey ?? null,
           ...(e.envMs !== undefined ? { envMs: e.envMs } : {}),
+          ...(e.committed ? { committed: e.committed } : {}),
         });
       }),
     };

@@ -25,7 +25,7 @@ import type { Dispatcher } from './placement.ts';
 import { replayRun, runMachineOf, runStateOf, stepStatesOf, type RunFacts, type RunMachine, type RunSnapshot } from './run-machine.ts';
 import type { RunStore } from './run-store.ts';
 import { machineView } from './views.ts';
-import { cacheKeyOf, cacheModeOf, type CachedOutputs } from './cached-outputs.ts';
+import { cacheKeyOf, cacheReadOf, cacheWriteOf, type CachedOutputs } from './cached-outputs.ts';
 
 const SETTLED = new Set(['succeeded', 'failed', 'skipped', 'cancelled']);
 /** A ready step whose publish failed (NATS away) is sent again after this long. */
@@ -222,7 +222,7 @@ export class Runs {
       return;
     }
     // A reused output's completion, written from the cache, comes back as a fact like any other.
-    void cachedOutputs.reuse(message.runId, step, message.cacheKey).then(
+    void cachedOutputs.reuse(run.record.submit, planStep, message.cacheKey).then(
       (reused) => {
         if (!reused && stillDriven()) send();
       },
@@ -257,7 +257,8 @@ export function readyMessage(run: { record: RunRecord }, step: string, snapshot:
   const cacheKey = cacheKeyOf(submit, planStep, snapshot.context.steps);
   if (cacheKey) {
     message.cacheKey = cacheKey;
-    if (cacheModeOf(submit) === 'readwrite') message.cacheWrite = true;
+    if (cacheWriteOf(submit, planStep)) message.cacheWrite = true;
+    if (cacheReadOf(submit, planStep)) message.cacheRead = true;
   }
   return { message, planStep };
 }

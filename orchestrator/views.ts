@@ -73,6 +73,7 @@ export function machineView(record: RunRecord, snapshot: RunSnapshot): RunView {
         codeStartedAt: facts.codeStartedAt ?? null,
         cacheKey: facts.cacheKey ?? null,
         ...(facts.envMs !== undefined ? { envMs: facts.envMs } : {}),
+        ...(facts.committed ? { committed: facts.committed } : {}),
         output: facts.output,
         error: facts.error,
       };

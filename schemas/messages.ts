@@ -74,6 +74,12 @@ export const systemStep = z.discriminatedUnion('kind', [
     branch: z.string().max(300).optional(),
     /** Commit the table to the run's branch `run/<runId>` now (merged by the commit step). */
     transaction: z.boolean().optional(),
+    /**
+     * The table's current snapshot on `branch` when the run was submitted, and the cache key of
+     * the commit step that wrote it: when this run's commit has that key, the table holds this
+     * run's output already, and the stage and commit are not run. Not part of any cache key.
+     */
+    current: z.object({ snapshotId: z.string().min(1).max(64), cacheKey: z.string().regex(/^[0-9a-f]{64}$/) }).optional(),
   }),
   z.object({
     kind: z.literal('commit'),
@@ -267,6 +273,10 @@ export const scanFacts = z.object({
 });
 export type ScanFacts = z.infer<typeof scanFacts>;
 
+/** A stored table's snapshot a run's commit left it at. */
+export const committedSnapshot = z.object({ table: name, snapshotId: z.string().min(1).max(64) });
+export type CommittedSnapshot = z.infer<typeof committedSnapshot>;
+
 export const stepSucceeded = z.object({
   type: z.literal('step.succeeded'),
   runId,
@@ -292,6 +302,8 @@ export const stepSucceeded = z.object({
   cacheKey: cacheKey.optional(),
   /** Milliseconds spent building or fetching the step's package environment (steps with packages). */
   envMs: z.number().nonnegative().optional(),
+  /** A commit step left unchanged (transport `cache`): the snapshots that hold the run's tables, written earlier from the same inputs. */
+  committed: z.array(committedSnapshot).optional(),
   startedAt: timestamp,
   at: timestamp,
 });
@@ -345,6 +357,11 @@ export const stepReady = z.object({
   cacheKey: cacheKey.optional(),
   /** Keep the output in the host's output cache under `cacheKey` (runs with cache `readwrite`). */
   cacheWrite: z.boolean().optional(),
+  /**
+   * The executor may read the output under `cacheKey` back from the persisted tier instead of
+   * running the step (not for a step a rerun computes again, nor for stages and commits).
+   */
+  cacheRead: z.boolean().optional(),
 });
 export type StepReady = z.infer<typeof stepReady>;
 
@@ -387,6 +404,8 @@ export const stepView = z.object({
   cacheKey: cacheKey.nullable().default(null),
   /** Milliseconds the step spent getting its package environment (built, fetched or found), for steps with packages. */
   envMs: z.number().nonnegative().optional(),
+  /** A commit step left unchanged (transport `cache`): the snapshots holding the run's tables. */
+  committed: z.array(committedSnapshot).optional(),
   output: tableDescriptor.nullable(),
   error: stepError.nullable(),
 });

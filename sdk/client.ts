@@ -38,11 +38,12 @@ import {
 } from '../schemas/index.ts';
 import { FlightClient, flightAccessToken } from '../flight/index.ts';
 import { findLiveHost } from '../executor/index.ts';
-import { cacheKeyOf, readRunView } from '../orchestrator/index.ts';
+import { plannedCacheKeys, readRunView, unchangedTables } from '../orchestrator/index.ts';
 import { readInput } from '../shm/index.ts';
 import type { LoadedPipeline } from './load.ts';
 import { descendantsOf, planOnBranch } from '../planner/index.ts';
-import { prepareSources } from './sources.ts';
+import { pinTableHeads, prepareSources, withoutTableHeads } from './sources.ts';
+import { tableStoreFromEnv } from '../storage/index.ts';
 
 /** Options for {@link QuiverClient.connect}. */
 export interface ClientOptions {
@@ -98,7 +99,8 @@ export interface ReadOutput {
 export function rerunOf(old: RunSubmit, runId: string, options: RerunOptions & { by: string }): Omit<RunSubmit, 'type' | 'runId' | 'submittedAt'> {
   const cache = options.cache ?? 'readwrite';
   return {
-    plan: old.plan,
+    // Its tables may have moved on since: the rerun writes them unless pinned again (QuiverClient.rerun).
+    plan: withoutTableHeads(old.plan),
     codeHash: old.codeHash,
     params: old.params,
     keep: options.keep ?? false,
@@ -275,13 +277,18 @@ export class QuiverClient {
     const { plan } = await this.prepare(pipeline, options, false);
     const submit = { plan, params: options.params ?? {}, keep: options.keep ?? false, ...(options.cache && options.cache !== 'off' ? { cache: options.cache } : {}) };
     // Keys as the orchestrator will compute them, each parent's key standing for its completion.
-    const facts: Record<string, { cacheKey: string | null } | undefined> = {};
+    const keys = plannedCacheKeys(submit);
+    // Stages and commits are left out when storage holds the run's tables already.
+    const tablesUnchanged = unchangedTables(submit) !== null;
     const steps: DryRun['steps'] = [];
     const live = new Set<string>();
     for await (const key of await this.topology.hosts.keys()) live.add(key);
     for (const step of plan.steps) {
-      const key = cacheKeyOf(submit, step, facts);
-      facts[step.name] = { cacheKey: key };
+      const key = keys[step.name] ?? null;
+      if (step.system?.kind === 'stage' || step.system?.kind === 'commit') {
+        steps.push({ step, cacheKey: key, cached: !!key && tablesUnchanged });
+        continue;
+      }
       const entry = key ? await readCacheEntry(this.topology.cache, key).catch(() => null) : null;
       steps.push({ step, cacheKey: key, cached: !!entry && live.has(entry.executorId) });
     }
@@ -305,7 +312,23 @@ export class QuiverClient {
     if (!(await this.topology.code.info(old.codeHash))) {
       throw new RerunError(`the code of run ${runId} is no longer stored: run the pipeline file again instead`);
     }
-    return this.submit(rerunOf(old, runId, { ...options, by: this.submittedBy }));
+    const again = rerunOf(old, runId, { ...options, by: this.submittedBy });
+    return this.submit({ ...again, plan: await this.pinTableHeadsIfReachable(again.plan) });
+  }
+
+  /** The plan with its tables pinned to their current snapshots; unpinned (they are written) when storage cannot be read from here. */
+  private async pinTableHeadsIfReachable(plan: Plan): Promise<Plan> {
+    if (!plan.steps.some((s) => s.system?.kind === 'stage')) return plan;
+    try {
+      const store = await tableStoreFromEnv({ nc: this.nc });
+      try {
+        return await pinTableHeads(plan, store);
+      } finally {
+        await store.close();
+      }
+    } catch {
+      return plan;
+    }
   }
 
   /** Submits a run and watches it from before it exists, so no early event is missed. */

@@ -14,6 +14,7 @@ export {
   checkTableName,
   commitStaged,
   commitStagedMany,
+  currentSnapshot,
   describeTable,
   discardStaged,
   findCommitted,

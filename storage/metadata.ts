@@ -60,6 +60,12 @@ export const snapshot = z.object({
     totalRows: z.number().int().nonnegative(),
     totalBytes: z.number().int().nonnegative(),
   }),
+  /**
+   * The cache key of the run's commit step that wrote this snapshot (orchestrator
+   * `cacheKeyOf`): a later run whose commit has the same key would write the same rows, so it
+   * leaves the table as it is.
+   */
+  cacheKey: z.string().regex(/^[0-9a-f]{64}$/).optional(),
 });
 export type Snapshot = z.infer<typeof snapshot>;
 

@@ -183,7 +183,16 @@ export interface StagedCommit {
  * see all of them or none. Throws TableConflictError when another commit changed one of these
  * tables first; then every staged file is removed and no table changed.
  */
-export async function commitStagedMany(store: TableStore, writes: readonly StagedCommit[], options: { now?: number; message?: string } = {}): Promise<CommitResult[]> {
+export async function commitStagedMany(
+  store: TableStore,
+  writes: readonly StagedCommit[],
+  options: {
+    now?: number;
+    message?: string;
+    /** The cache key of the run step committing, kept in every snapshot written (Snapshot.cacheKey). */
+    cacheKey?: string;
+  } = {},
+): Promise<CommitResult[]> {
   const names = writes.map((w) => w.staged.table);
   const twice = names.find((n, i) => names.indexOf(n) !== i);
   if (twice) throw new StorageError('ERR_TABLE_CONFLICT', `one commit cannot write table "${twice}" twice: materialize it from one step`);
@@ -197,7 +206,7 @@ export async function commitStagedMany(store: TableStore, writes: readonly Stage
       const previous = base ? await readTableMetadata(store.objects, base.metadataKey) : null;
       const fields = staged.schema.fields.map((f) => ({ name: f.name, type: String(f.type), nullable: f.nullable }));
       const arrowSchema = () => Buffer.from(tableToIPC(new Table(staged.schema), 'stream')).toString('base64');
-      const built = await buildSnapshot(store.objects, staged.table, previous, { fields, arrowSchema, files: staged.files }, mode, options.now ?? Date.now());
+      const built = await buildSnapshot(store.objects, staged.table, previous, { fields, arrowSchema, files: staged.files, ...(options.cacheKey ? { cacheKey: options.cacheKey } : {}) }, mode, options.now ?? Date.now());
       manifests.push(built.manifestKey);
       changes.push({ table: staged.table, base, metadata: built.metadata });
       results.push({ table: staged.table, version: built.metadata.version, snapshotId: built.metadata.currentSnapshotId!, rows: staged.files.reduce((n, f) => n + f.recordCount, 0), files: staged.files.length });
@@ -219,7 +228,7 @@ export async function buildSnapshot(
   objects: ObjectStore,
   name: string,
   previous: TableMetadata | null,
-  add: { fields: TableSchema['fields']; arrowSchema: () => string; files: readonly DataFileEntry[] },
+  add: { fields: TableSchema['fields']; arrowSchema: () => string; files: readonly DataFileEntry[]; cacheKey?: string },
   mode: 'append' | 'replace',
   now: number,
 ): Promise<{ metadata: TableMetadata; manifestKey: string }> {
@@ -260,6 +269,7 @@ export async function buildSnapshot(
       totalRows: dataFiles.reduce((n, f) => n + f.recordCount, 0),
       totalBytes: dataFiles.reduce((n, f) => n + f.fileSizeInBytes, 0),
     },
+    ...(add.cacheKey ? { cacheKey: add.cacheKey } : {}),
   };
   const metadata: TableMetadata = {
     formatVersion: 1,
@@ -293,6 +303,14 @@ export async function findCommitted(store: TableStore, staged: StagedWrite): Pro
   const current = resolveSnapshot(metadata);
   if (!current || !(await readManifest(store, current)).dataFiles.some((f) => f.path === first.path)) return null;
   return { table: staged.table, version: head.version, snapshotId: current.snapshotId, rows: staged.files.reduce((n, f) => n + f.recordCount, 0), files: staged.files.length };
+}
+
+/** The table's current snapshot on the store's ref; null when there is no such table or it has no snapshot yet. */
+export async function currentSnapshot(store: TableStore, name: string): Promise<Snapshot | null> {
+  checkTableName(name);
+  const head = await store.catalog.head(name);
+  if (!head) return null;
+  return resolveSnapshot(await readJson(store.objects, head.metadataKey, tableMetadata));
 }
 
 /** What `quiver table show` prints: schema, snapshots, row counts. */

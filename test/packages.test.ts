@@ -9,7 +9,7 @@ import { existsSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import { connect } from '@nats-io/transport-node';
-import { Environments, Executor, listEnvironments } from '../executor/index.ts';
+import { Environments, Executor, listClusterEnvironments, listEnvironments, pruneClusterEnvironments } from '../executor/index.ts';
 import { PlanError } from '../planner/index.ts';
 import { loadPipeline, type LocalCluster } from '../sdk/index.ts';
 import { fixture, repoRoot, runCli, runFile, stepOf, tempHome, withCluster } from './helpers.ts';
@@ -77,6 +77,19 @@ describe('declared packages', () => {
       assert.equal(cluster.executor.environments.list().length, 1);
       assert.ok(cluster.executor.environments.list()[0]!.dir.startsWith(envDir));
       await cluster.client.release(run.view.runId);
+
+      // Getting the environment is shown live, in the step's log: building it, then ready and how.
+      const environmentLines = (logs: { step: string; line: string }[]) => logs.filter((l) => l.step === 'odds' && /environment [0-9a-f]{12} /.test(l.line)).map((l) => l.line);
+      const [getting, built, ...more] = environmentLines(run.logs);
+      assert.match(getting ?? '', /^getting environment [0-9a-f]{12} \(1 package: is-odd@3\.0\.1\): not on this host yet/);
+      assert.match(built ?? '', /^environment [0-9a-f]{12} \(1 package: is-odd@3\.0\.1\) ready in \d+\.\d s \(built with npm\)$/);
+      assert.deepEqual(more, []);
+      const again = await runFile(cluster, '', fixture('packages-basic.ts'));
+      assert.equal(again.view.state, 'succeeded');
+      assert.equal(typeof stepOf(again.view, 'odds').envMs, 'number');
+      const [found, ...rest] = environmentLines(again.logs);
+      assert.match(found ?? '', /^environment [0-9a-f]{12} \(1 package: is-odd@3\.0\.1\) ready in \d+\.\d s \(cached on this host\)$/);
+      assert.deepEqual(rest, []);
     });
   });
 
@@ -174,7 +187,20 @@ describe('declared packages', () => {
         assert.equal(odds.hostId, 'second');
         assert.deepEqual(rowsOf(cluster, odds.output!).map((r) => r.odd), [true, false, true]);
         assert.deepEqual(second.environments.counts, { built: 0, fetched: 1 });
+        assert.ok(run.logs.some((l) => l.step === 'odds' && /^environment [0-9a-f]{12} .* ready in \d+\.\d s \(fetched from the cluster\)$/.test(l.line)), 'the fetch is shown live');
         await cluster.client.release(run.view.runId);
+
+        // The cluster's copies are pruned by when a host last packed or fetched them.
+        const store = cluster.client.topology.envs;
+        const [packed, ...others] = await listClusterEnvironments(store);
+        assert.deepEqual(others, []);
+        assert.equal(packed!.packages, 'is-odd@3.0.1');
+        assert.ok(Date.now() - packed!.lastUsedAt < 60_000, 'the fetch counts as a use');
+        const third = new Environments({ dir: join(offline.dir, 'envs-third'), store });
+        assert.equal((await third.ensure({ 'is-odd': '3.0.1' })).source, 'store', 'marked used, it is still fetched whole');
+        assert.deepEqual(await pruneClusterEnvironments(store, 86_400_000), [], 'used today: kept');
+        assert.deepEqual((await pruneClusterEnvironments(store, 0)).map((e) => e.hash), [packed!.hash]);
+        assert.deepEqual(await listClusterEnvironments(store), []);
       } finally {
         await second?.stop();
         await nc.close();
