@@ -89,8 +89,9 @@ Commands:
   executor [--concurrency N] [--host-id ID] [--labels a,b] [--flight-listen ADDR]
                  Run an executor daemon against QUIVER_NATS_URL. Steps pinned with
                  step(..., { host: 'a' }) run on executors labelled a. Flight listens on
-                 ADDR (host[:port]; default QUIVER_FLIGHT_LISTEN, else every address), and
-                 every call needs the cluster's token (docs/security-flight.md).
+                 ADDR (host[:port]; default QUIVER_FLIGHT_LISTEN, else every address), its
+                 bulk port on QUIVER_FLIGHT_BULK_PORT (default: any free one), and every
+                 call needs the cluster's token (docs/security-flight.md).
   gc             Remove shared memory and step processes of runs that are no longer alive.
 ${TABLE_USAGE}
 ${BRANCH_USAGE}

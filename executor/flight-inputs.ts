@@ -61,6 +61,18 @@ export class InputFetchError extends Error {
 const TICKET_TTL_MS = 5 * 60_000;
 
 /**
+ * QUIVER_FLIGHT_BULK_PORT: the DoGet-only bulk port on a fixed port, so a firewall between hosts
+ * can name it; without it the bulk port is a free one.
+ */
+function bulkPortFromEnv(): { bulk: { port: number } } | Record<string, never> {
+  const text = process.env.QUIVER_FLIGHT_BULK_PORT;
+  if (!text) return {};
+  const port = Number(text);
+  if (!Number.isInteger(port) || port < 1 || port > 65_535) throw new Error(`QUIVER_FLIGHT_BULK_PORT must be a port from 1 to 65535, got "${text}"`);
+  return { bulk: { port } };
+}
+
+/**
  * The cluster secret tickets are signed with: the option, else QUIVER_CLUSTER_SECRET, else
  * QUIVER_CLUSTER_SECRET_FILE, else `<QUIVER_HOME>/cluster-secret` (resolveClusterSecret). Never
  * kept in NATS, where anyone allowed to read a bucket could take it.
@@ -113,6 +125,7 @@ export class FlightInputs {
       port: options.port ?? listen?.port ?? (Number.isInteger(envPort) ? envPort : 0),
       advertiseHost: options.advertiseHost ?? process.env.QUIVER_FLIGHT_ADVERTISE ?? hostname(),
       ...(options.tls ? { tls: options.tls } : {}),
+      ...bulkPortFromEnv(),
       logger: args.logger,
       resolveOutput: (runId, step) => resolveOutput(args.topology, args.hostId, args.shmDir, runId, step),
     });
@@ -218,7 +231,7 @@ export class FlightInputs {
   }
 
   private async endpointOf(hostId: string): Promise<HostRecord> {
-    const host = await findLiveHost(this.topology.hosts, hostId);
+    const host = await findLiveHost(this.topology, hostId);
     if (host) return host;
     throw new InputFetchError(`host ${hostId}, which holds the input, has no live executor (it stopped heartbeating): its shared memory is out of reach`);
   }

@@ -5,7 +5,7 @@
  * last one, which is how the orchestrator learns that an executor died.
  */
 import type { KV } from '@nats-io/kv';
-import { HOST_TTL_MS, hostRecord, type HostRecord, type Logger } from '../schemas/index.ts';
+import { buckets, HOST_TTL_MS, hostRecord, type HostRecord, type Logger, type Topology } from '../schemas/index.ts';
 
 /** What an executor announces about itself; the heartbeat adds `running` and `at`. */
 export type HostAnnouncement = Omit<HostRecord, 'running' | 'at'>;
@@ -53,9 +53,9 @@ export class HostRegistry {
 }
 
 /** A live executor of `hostId` (any one: they share the host's segments), or null when none heartbeats. */
-export async function findLiveHost(hosts: KV, hostId: string): Promise<HostRecord | null> {
-  for await (const key of await hosts.keys()) {
-    const entry = await hosts.get(key);
+export async function findLiveHost(topology: Pick<Topology, 'hosts' | 'keys'>, hostId: string): Promise<HostRecord | null> {
+  for (const key of await topology.keys(buckets.hosts)) {
+    const entry = await topology.hosts.get(key);
     const parsed = entry?.string() ? hostRecord.safeParse(entry.json()) : null;
     if (parsed?.success && parsed.data.hostId === hostId) return parsed.data;
   }

@@ -1,6 +1,7 @@
 /**
- * A real nats-server cluster on loopback: N nodes with JetStream (file storage each), joined by
- * routes, for tests, benchmarks and `quiver up --nats-cluster 3`. Each node can be killed and
+ * A real nats-server cluster, on loopback or on given addresses and network namespaces: N nodes
+ * with JetStream (file storage each), joined by routes, for tests, benchmarks and
+ * `quiver up --nats-cluster 3`. Each node can be killed and
  * started again on its ports with its storage, as a crashed host would.
  */
 import { chmodSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
@@ -8,7 +9,7 @@ import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { connect, nkeyAuthenticator, type ConnectionOptions } from '@nats-io/transport-node';
 import { QuiverInfraError } from './errors.ts';
-import { killChild, launchNatsServer, serverCredentials, stopChild, type Launched, type NatsServerCredentials } from './nats-server.ts';
+import { killChild, launchNatsServer, serverCredentials, stopChild, type Launched, type LaunchNetwork, type NatsServerCredentials } from './nats-server.ts';
 
 /** Options for {@link startNatsCluster}. */
 export interface NatsClusterOptions {
@@ -24,6 +25,23 @@ export interface NatsClusterOptions {
   startTimeoutMs?: number;
   /** Remove `dir` when the cluster stops. @default true */
   removeDirOnStop?: boolean;
+  /**
+   * Where each node listens, one entry per node (missing entries: loopback). A node given a
+   * network namespace runs inside it, as on a host of its own. @default every node on 127.0.0.1
+   */
+  network?: readonly NatsClusterNodeNetwork[];
+}
+
+/** Where one node of a {@link NatsCluster} listens. */
+export interface NatsClusterNodeNetwork {
+  /** The address its client and route ports listen on, and other nodes and clients dial. @default '127.0.0.1' */
+  address?: string;
+  /**
+   * Runs the node inside this network namespace (`ip netns exec`; needs root). Its ports are
+   * then the standard ones, 4222 for clients and 6222 for routes: nothing else listens in a
+   * namespace made for it. Without one, free ports are picked on `address`.
+   */
+  netns?: string;
 }
 
 /** One node of a {@link NatsCluster}. */
@@ -52,6 +70,9 @@ export interface NatsCluster {
 }
 
 const CLUSTER_NAME = 'quiver';
+/** nats-server's standard ports, used inside a network namespace of a node's own. */
+const NAMESPACE_CLIENT_PORT = 4222;
+const NAMESPACE_ROUTE_PORT = 6222;
 
 /**
  * Starts `size` nodes, waits for each to listen, and returns. Route and client ports are chosen
@@ -64,8 +85,23 @@ export async function startNatsCluster(options: NatsClusterOptions): Promise<Nat
   const binary = options.binary ?? process.env.QUIVER_NATS_SERVER ?? 'nats-server';
   const startTimeoutMs = options.startTimeoutMs ?? 20_000;
   const credentials = serverCredentials(options.auth ?? 'none');
-  const clientPorts = await freePorts(size);
-  const routePorts = await freePorts(size);
+  if ((options.network?.length ?? 0) > size) throw new QuiverInfraError('ERR_NATS_SERVER_START', `network names ${options.network!.length} nodes for a cluster of ${size}; give at most one entry per node`);
+  const network = Array.from({ length: size }, (_, i): LaunchNetwork & { address: string } => ({
+    address: options.network?.[i]?.address ?? '127.0.0.1',
+    ...(options.network?.[i]?.netns ? { netns: options.network[i]!.netns! } : {}),
+  }));
+  // All of one address's ports at once: ports asked for separately could come back twice.
+  const freeByAddress = new Map<string, number[]>();
+  for (const address of new Set(network.filter((n) => !n.netns).map((n) => n.address))) {
+    freeByAddress.set(address, await freePorts(2 * network.filter((n) => !n.netns && n.address === address).length, address));
+  }
+  const clientPorts: number[] = [];
+  const routePorts: number[] = [];
+  for (const n of network) {
+    const [client, route] = n.netns ? [NAMESPACE_CLIENT_PORT, NAMESPACE_ROUTE_PORT] : freeByAddress.get(n.address)!.splice(0, 2);
+    clientPorts.push(client!);
+    routePorts.push(route!);
+  }
   mkdirSync(options.dir, { recursive: true, mode: 0o700 });
 
   const nodes = Array.from({ length: size }, (_, i) => {
@@ -74,22 +110,22 @@ export async function startNatsCluster(options: NatsClusterOptions): Promise<Nat
     mkdirSync(join(dir, 'jetstream'), { recursive: true });
     mkdirSync(join(dir, 'ports'), { recursive: true });
     const configFile = join(dir, 'nats-server.conf');
-    const routes = routePorts.filter((_, j) => j !== i).map((p) => `nats://127.0.0.1:${p}`);
+    const routes = routePorts.flatMap((p, j) => (j === i ? [] : [`nats://${network[j]!.address}:${p}`]));
     writeFileSync(
       configFile,
       [
         `server_name: ${name}`,
-        `cluster {\n  name: ${CLUSTER_NAME}\n  listen: 127.0.0.1:${routePorts[i]}\n  routes: [${routes.map((r) => `"${r}"`).join(', ')}]\n}`,
+        `cluster {\n  name: ${CLUSTER_NAME}\n  listen: ${network[i]!.address}:${routePorts[i]}\n  routes: [${routes.map((r) => `"${r}"`).join(', ')}]\n}`,
         // Only the public key: the files let nobody in.
         credentials ? `authorization {\n  users = [\n    { nkey: "${credentials.publicKey}" }\n  ]\n}` : '',
       ].join('\n') + '\n',
       { mode: 0o600 },
     );
     chmodSync(configFile, 0o600);
-    return { name, dir, configFile, port: clientPorts[i]!, current: null as Launched | null, down: false };
+    return { name, dir, configFile, port: clientPorts[i]!, network: network[i]!, current: null as Launched | null, down: false };
   });
   const launch = async (node: (typeof nodes)[number]) => {
-    node.current = await launchNatsServer(binary, join(node.dir, 'jetstream'), join(node.dir, 'ports'), node.configFile, node.port, startTimeoutMs);
+    node.current = await launchNatsServer(binary, join(node.dir, 'jetstream'), join(node.dir, 'ports'), node.configFile, node.port, startTimeoutMs, node.network);
     node.down = false;
   };
   try {
@@ -100,7 +136,7 @@ export async function startNatsCluster(options: NatsClusterOptions): Promise<Nat
   }
 
   try {
-    await jetStreamReady(`nats://127.0.0.1:${nodes[0]!.port}`, credentials, startTimeoutMs);
+    await jetStreamReady(`nats://${nodes[0]!.network.address}:${nodes[0]!.port}`, credentials, startTimeoutMs);
   } catch (error) {
     await Promise.all(nodes.map((n) => (n.current ? stopChild(n.current.child, n.current.exited) : undefined)));
     throw error;
@@ -109,7 +145,7 @@ export async function startNatsCluster(options: NatsClusterOptions): Promise<Nat
   let stopped = false;
   const faces: NatsClusterNode[] = nodes.map((node) => ({
     name: node.name,
-    url: `nats://127.0.0.1:${node.port}`,
+    url: `nats://${node.network.address}:${node.port}`,
     get pid() {
       return node.current?.child.pid ?? -1;
     },
@@ -167,8 +203,8 @@ async function jetStreamReady(url: string, credentials: NatsServerCredentials | 
   throw new QuiverInfraError('ERR_NATS_SERVER_START', `the cluster's JetStream did not elect a leader within ${timeoutMs} ms: ${(last as Error)?.message ?? 'no answer'}`);
 }
 
-/** Ports free now on loopback (the OS picks them; they stay free unless another process takes one meanwhile). */
-async function freePorts(count: number): Promise<number[]> {
+/** Ports free now on `address` (the OS picks them; they stay free unless another process takes one meanwhile). */
+async function freePorts(count: number, address = '127.0.0.1'): Promise<number[]> {
   const servers = await Promise.all(
     Array.from(
       { length: count },
@@ -176,7 +212,7 @@ async function freePorts(count: number): Promise<number[]> {
         new Promise<ReturnType<typeof createServer>>((resolve, reject) => {
           const server = createServer();
           server.once('error', reject);
-          server.listen(0, '127.0.0.1', () => resolve(server));
+          server.listen(0, address, () => resolve(server));
         }),
     ),
   );

@@ -142,11 +142,28 @@ export function serverCredentials(auth: NonNullable<NatsServerOptions['auth']>):
   return { seed: new TextDecoder().decode(pair.getSeed()), publicKey };
 }
 
-export async function launchNatsServer(binary: string, storeDir: string, portsDir: string, configFile: string | null, wantedPort: number, startTimeoutMs: number): Promise<Launched> {
+/** Where a launched server listens: an address, inside a network namespace or not. */
+export interface LaunchNetwork {
+  /** @default '127.0.0.1' */
+  address?: string;
+  /** Run it inside this network namespace (`ip netns exec`, which execs: the child is the server itself). */
+  netns?: string;
+}
+
+export async function launchNatsServer(
+  binary: string,
+  storeDir: string,
+  portsDir: string,
+  configFile: string | null,
+  wantedPort: number,
+  startTimeoutMs: number,
+  network: LaunchNetwork = {},
+): Promise<Launched> {
   const configArgs = configFile ? ['-c', configFile] : [];
-  const child = spawn(binary, [...configArgs, '-a', '127.0.0.1', '-p', String(wantedPort), '-js', '-sd', storeDir, '--ports_file_dir', portsDir], {
-    stdio: ['ignore', 'ignore', 'pipe'],
-  });
+  const args = [...configArgs, '-a', network.address ?? '127.0.0.1', '-p', String(wantedPort), '-js', '-sd', storeDir, '--ports_file_dir', portsDir];
+  const child = network.netns
+    ? spawn('ip', ['netns', 'exec', network.netns, binary, ...args], { stdio: ['ignore', 'ignore', 'pipe'] })
+    : spawn(binary, args, { stdio: ['ignore', 'ignore', 'pipe'] });
   let stderr = '';
   child.stderr?.setEncoding('utf8').on('data', (chunk: string) => {
     stderr = (stderr + chunk).slice(-4000);

@@ -14,7 +14,7 @@ import { deployedRun } from './admission.ts';
 import { deterministicUlid } from './lease.ts';
 
 export interface EventTriggersOptions {
-  topology: Pick<Topology, 'pipelines' | 'messageMaxDeliver'>;
+  topology: Pick<Topology, 'pipelines' | 'messageMaxDeliver' | 'keys'>;
   js: JetStreamClient;
   jsm: JetStreamManager;
   logger: Logger;
@@ -32,6 +32,8 @@ export const MAX_EVENT_ID_LENGTH = 200;
 export class EventTriggers {
   private readonly deployments = new Map<string, Deployment>();
   private watch: { stop(): void } | null = null;
+  /** Between start and stop: a watch opened later is kept only then. */
+  private running = false;
   /** The last revision of the `quiver-pipelines` bucket reflected in `deployments`. */
   private revision = 0;
   /** When the last catch-up asked for the bucket's last revision (`performance.now()`). */
@@ -41,26 +43,55 @@ export class EventTriggers {
 
   /** Watches the deployed pipelines; resolves once the current ones are in memory. */
   async start(): Promise<void> {
+    this.running = true;
     // Watching before reading the current ones: nothing deployed in between is missed. Every key
     // is watched (version keys too) so the revision seen can be compared with the bucket's last.
-    const watch = await this.options.topology.pipelines.watch({ key: '>', include: KvWatchInclude.UpdatesOnly });
+    await this.openWatch();
+    const lastBeforeReading = await this.lastRevision();
+    await this.readDeployments();
+    this.revision = Math.max(this.revision, lastBeforeReading);
+  }
+
+  /**
+   * Opens the watch, or leaves it closed when its consumer cannot be made now (nats-server 2.9
+   * may place it on a cluster node that is down): events then read the bucket (catchUp), and
+   * the next catch-up tries the watch again. Failing leadership over it would only hand the same
+   * trouble to the next orchestrator.
+   */
+  private async openWatch(): Promise<void> {
+    if (this.watch) return;
+    let watch;
+    try {
+      watch = await this.options.topology.pipelines.watch({ key: '>', include: KvWatchInclude.UpdatesOnly });
+    } catch (error) {
+      this.options.logger.warn(`cannot watch ${buckets.pipelines} (${(error as Error).message}); reading it per event until the watch opens`);
+      return;
+    }
+    // Stopped (or opened by another caller) meanwhile.
+    if (!this.running || this.watch) {
+      watch.stop();
+      return;
+    }
     this.watch = watch;
     void (async () => {
       for await (const entry of watch) {
         this.revision = Math.max(this.revision, entry.revision);
         if (!entry.key.includes('.')) this.apply(entry);
       }
+      if (this.watch === watch) this.watch = null;
     })();
-    const lastBeforeReading = await this.lastRevision();
-    // Only current versions: their keys are the bare names.
-    for await (const key of await this.options.topology.pipelines.keys('*')) {
+  }
+
+  /** The current versions (their keys are the bare names), read from the bucket. */
+  private async readDeployments(): Promise<void> {
+    for (const key of await this.options.topology.keys(buckets.pipelines, '*')) {
       const entry = await this.options.topology.pipelines.get(key);
       if (entry) this.apply(entry);
     }
-    this.revision = Math.max(this.revision, lastBeforeReading);
   }
 
   stop(): void {
+    this.running = false;
     this.watch?.stop();
     this.watch = null;
     this.deployments.clear();
@@ -152,7 +183,17 @@ export class EventTriggers {
     const askedAt = performance.now();
     const last = await this.lastRevision();
     const deadline = askedAt + CATCH_UP_TIMEOUT_MS;
-    while (this.revision < last && performance.now() < deadline) await new Promise((r) => setTimeout(r, 2));
+    while (this.watch && this.revision < last && performance.now() < deadline) await new Promise((r) => setTimeout(r, 2));
+    if (this.revision < last) {
+      // No watch, or one that stopped delivering: the bucket itself is the truth.
+      if (this.watch) {
+        this.watch.stop();
+        this.watch = null;
+      }
+      await this.readDeployments();
+      this.revision = Math.max(this.revision, last);
+      void this.openWatch();
+    }
     this.caughtUpAsOf = askedAt;
   }
 

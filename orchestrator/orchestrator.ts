@@ -53,6 +53,12 @@ export const DEFAULT_LEASE_TTL_MS = 5_000;
 const LEADER_LEASE = 'orchestrator';
 /** Messages a consumer buffers ahead of the one being handled. */
 const PREFETCH = 256;
+/**
+ * How long one pull waits. Its heartbeats come every half of it, and a pull lost with a stream
+ * leader that died is noticed when they stop: nats.js' 30 s default left requests, events and
+ * completions unread for up to that long after a NATS node was lost.
+ */
+const PULL_EXPIRES_MS = 5_000;
 
 /**
  * Leads or stands by. The leader takes up every unfinished run, then handles, one at a time and
@@ -192,7 +198,7 @@ export class Orchestrator {
    * handled: the next ones arrive meanwhile, so an event can tell it came before a catch-up.
    */
   private async consume(stream: string, consumer: string, handle: (msg: JsMsg, arrivedAt: number) => Promise<void>): Promise<void> {
-    const messages = await (await this.js.consumers.get(stream, consumer)).consume({ max_messages: PREFETCH });
+    const messages = await (await this.js.consumers.get(stream, consumer)).consume({ max_messages: PREFETCH, expires: PULL_EXPIRES_MS });
     const loop = (async () => {
       for await (const msg of messages) {
         const arrivedAt = performance.now();

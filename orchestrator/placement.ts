@@ -6,8 +6,9 @@
  * heartbeating is re-sent elsewhere, since only that host's executors read its queue.
  */
 import type { JetStreamClient, JetStreamManager } from '@nats-io/jetstream';
-import { KvWatchInclude, type KV } from '@nats-io/kv';
+import { KvWatchInclude } from '@nats-io/kv';
 import {
+  buckets,
   encode,
   hostRecord,
   stepCompletion,
@@ -20,6 +21,7 @@ import {
   type PlanStep,
   type StepReady,
   type TableDescriptor,
+  type Topology,
 } from '../schemas/index.ts';
 
 /** Where to send a step: one host, any executor, or nowhere (with the reason). */
@@ -102,16 +104,27 @@ export class Dispatcher {
   /** Host records as the watch last saw them; null until its first full read. */
   private cache: Map<string, HostRecord> | null = null;
   private watch: { stop(): void } | null = null;
+  /** When the watch last delivered a heartbeat (or the cache was first filled). */
+  private watchSeenAt = 0;
 
   constructor(
     private readonly js: JetStreamClient,
     private readonly jsm: () => Promise<JetStreamManager>,
-    private readonly kv: { hosts: KV; steps: KV; claims: KV },
+    private readonly kv: Pick<Topology, 'hosts' | 'steps' | 'claims' | 'keys'>,
     private readonly logger: Logger,
     private readonly now: () => number,
   ) {}
 
   async liveHosts(): Promise<HostRecord[]> {
+    if (this.cache && this.cache.size > 0 && this.now() - this.watchSeenAt > HOST_TTL_MS / 2) {
+      // Every executor heartbeats several times a ttl: a watch that heard none for this long
+      // is stuck (its consumer could not be made again while a NATS node was away), and its
+      // cache would age every host out. Listing takes over until checkHosts watches again.
+      this.logger.warn('the watch on quiver-hosts went silent; listing it instead');
+      this.watch?.stop();
+      this.watch = null;
+      this.cache = null;
+    }
     if (this.cache) {
       // Expiry removes a record without a notice to watchers: a silent host ages out here.
       const oldest = this.now() - HOST_TTL_MS;
@@ -122,10 +135,8 @@ export class Dispatcher {
 
   private async listHosts(): Promise<HostRecord[]> {
     const hosts: HostRecord[] = [];
-    // A key listing can name a key twice when it changes meanwhile; a host counted twice would double its capacity.
-    const keys = new Set<string>();
-    for await (const key of await this.kv.hosts.keys()) keys.add(key);
-    for (const key of keys) {
+    // Each key once: a host counted twice would double its capacity.
+    for (const key of await this.kv.keys(buckets.hosts)) {
       const entry = await this.kv.hosts.get(key);
       if (!entry?.string()) continue;
       const parsed = hostRecord.safeParse(entry.json());
@@ -205,9 +216,18 @@ export class Dispatcher {
         }
         const parsed = hostRecord.safeParse(entry.json());
         if (parsed.success) cache.set(entry.key, parsed.data);
+        this.watchSeenAt = this.now();
+      }
+      // The watch died (its consumer could not be made again while a NATS node was away): a
+      // cache no heartbeat refreshes would age every host out. Listing takes over until
+      // checkHosts watches again.
+      if (this.watch === watch) {
+        this.watch = null;
+        this.cache = null;
       }
     })();
     for (const host of await this.listHosts()) cache.set(host.executorId, host);
+    this.watchSeenAt = this.now();
     if (this.watch === watch) this.cache = cache;
   }
 
@@ -221,6 +241,7 @@ export class Dispatcher {
 
   /** Places again the unfinished steps placed on hosts that disappeared. */
   async checkHosts(): Promise<void> {
+    if (this.timer && !this.watch) void this.watchHosts().catch((e) => this.logger.warn(`cannot watch quiver-hosts, listing it per step instead: ${(e as Error).message}`));
     for (const w of this.waiting.values()) await this.place(w.message, w.step, w.msgID, w.since);
     const live = new Set((await this.liveHosts()).map((h) => h.hostId));
     const lost = [...this.known].filter((id) => !live.has(id));

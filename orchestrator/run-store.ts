@@ -5,6 +5,7 @@
  * own small record in `quiver-steps`, so no transition rewrites the run.
  */
 import {
+  buckets,
   encode,
   readClaim,
   readRunRecord,
@@ -23,7 +24,7 @@ import { machineView, unstartedView } from './views.ts';
 
 export class RunStore {
   constructor(
-    private readonly topology: Pick<Topology, 'runs' | 'steps' | 'claims'>,
+    private readonly topology: Pick<Topology, 'runs' | 'steps' | 'claims' | 'keys'>,
     private readonly logger: Logger,
   ) {}
 
@@ -53,9 +54,7 @@ export class RunStore {
 
   /** Runs still going or waiting, for a new leader to take up; malformed records are reported and left alone. */
   async unfinished(): Promise<RunRecord[]> {
-    // A key listing can name a key twice when it changes meanwhile: each run is read once.
-    const keys = new Set<string>();
-    for await (const key of await this.topology.runs.keys()) keys.add(key);
+    const keys = await this.topology.keys(buckets.runs);
     const records: RunRecord[] = [];
     for (const key of keys) {
       try {

@@ -204,6 +204,21 @@ export interface Topology {
   maxDeliver: number;
   /** Deliveries of a control message, event or completion before it is dead-lettered (see TopologyOptions). */
   messageMaxDeliver: number;
+  /**
+   * The keys `bucket` has held that match `filter` (deleted ones too: their readers skip them),
+   * each once, from one stream-info request. Use it instead of `kv.keys()`: that creates an
+   * ephemeral consumer, which nats-server 2.9 may place on a cluster node that is down (the
+   * request then times out, again and again, while the node stays down), and whose listing ends
+   * only when it catches up, which a bucket written every second may never let it do.
+   */
+  keys(bucket: string, filter?: string): Promise<Set<string>>;
+}
+
+/** See {@link Topology.keys}. */
+export async function bucketKeys(jsm: JetStreamManager, bucket: string, filter = '>'): Promise<Set<string>> {
+  const prefix = `$KV.${bucket}.`;
+  const info = await jsm.streams.info(`KV_${bucket}`, { subjects_filter: `${prefix}${filter}` });
+  return new Set(Object.keys(info.state.subjects ?? {}).map((subject) => subject.slice(prefix.length)));
 }
 
 const ms = (n: number) => n * 1_000_000;
@@ -331,7 +346,10 @@ export async function ensureTopology(nc: NatsConnection, jsm: JetStreamManager, 
   const clusterId = await ensureClusterId(meta);
   // Older Quivers kept a generated cluster secret here, where every NATS client could read it.
   if (await meta.get(LEGACY_SECRET_KEY)) await meta.purge(LEGACY_SECRET_KEY);
-  return { runs, steps, claims, meta, pipelines, leases, schedules, hosts, cache, code, envs, clusterId, ackWaitMs, maxDeliver, messageMaxDeliver };
+  return {
+    runs, steps, claims, meta, pipelines, leases, schedules, hosts, cache, code, envs, clusterId, ackWaitMs, maxDeliver, messageMaxDeliver,
+    keys: (bucket, filter) => bucketKeys(jsm, bucket, filter),
+  };
 }
 
 /** The consumer of the work placed on `hostId`, made like the shared one. */
@@ -350,16 +368,25 @@ export async function ensureHostConsumer(jsm: JetStreamManager, hostId: string, 
 
 const LEGACY_SECRET_KEY = 'cluster.secret';
 
+/** How long the cluster id is tried for: a bucket just made with replicas has no leader for a moment. */
+const CLUSTER_ID_WAIT_MS = 15_000;
+
 async function ensureClusterId(meta: KV): Promise<string> {
-  try {
-    await meta.create('cluster.id', ulid().toLowerCase());
-  } catch {
-    // Another process made it first: theirs is the one.
+  const deadline = Date.now() + CLUSTER_ID_WAIT_MS;
+  for (;;) {
+    let failure: unknown = null;
+    try {
+      await meta.create('cluster.id', ulid().toLowerCase());
+    } catch (error) {
+      // Another process made it first (theirs is the one), or the bucket, just made on a
+      // cluster, is still electing its leader and neither write nor read answers yet.
+      failure = error;
+    }
+    const id = (await meta.get('cluster.id').catch((error: unknown) => void (failure = error)))?.string();
+    if (id) return id;
+    if (Date.now() > deadline) throw new Error(`the cluster id in the quiver-meta bucket is missing after creating it: ${(failure as Error | null)?.message ?? 'no entry'}`);
+    await new Promise((r) => setTimeout(r, 250));
   }
-  const entry = await meta.get('cluster.id');
-  const id = entry?.string();
-  if (!id) throw new Error('the cluster id in the quiver-meta bucket is missing after creating it');
-  return id;
 }
 
 /** Gives a stream that has none of these limits ours; a limit already set stays. */

@@ -1,5 +1,6 @@
-import { jetstream, jetstreamManager, type JetStreamClient } from '@nats-io/jetstream';
+import { jetstream, jetstreamManager, type JetStreamClient, type PubAck } from '@nats-io/jetstream';
 import type { NatsConnection, Subscription } from '@nats-io/transport-node';
+import type { KvEntry } from '@nats-io/kv';
 import type { Table } from 'apache-arrow';
 import { ulid } from 'ulid';
 import {
@@ -114,8 +115,13 @@ export function rerunOf(old: RunSubmit, runId: string, options: RerunOptions & {
   };
 }
 
-/** How long a control message (cancel, release) is retried while JetStream elects a leader. */
-const CONTROL_RETRY_MS = 15_000;
+/** Pause before opening a run's watch again after it failed or ended early. */
+const WATCH_RETRY_MS = 500;
+/** A run's record is read when its watch has said nothing for this long (it may be stuck). */
+const RECORD_POLL_MS = 5_000;
+
+/** How long a publish (submit, event, cancel, release) is retried while JetStream elects a stream leader. */
+const PUBLISH_RETRY_MS = 15_000;
 
 /** A run cannot be run again: it is unknown, has no such step, or its code is gone. */
 export class RerunError extends Error {
@@ -354,7 +360,7 @@ export class QuiverClient {
       },
     });
     await this.nc.flush();
-    await this.js.publish(subjects.runSubmit, encode(runSubmit, { type: 'run.submit', runId, ...fields, submittedAt: Date.now() }), { msgID: `${runId}.submit` });
+    await this.publishRetrying(subjects.runSubmit, encode(runSubmit, { type: 'run.submit', runId, ...fields, submittedAt: Date.now() }), `${runId}.submit`);
     const final = this.waitForEnd(runId, queue, [statusSub, logSub]);
     return {
       id: runId,
@@ -388,7 +394,7 @@ export class QuiverClient {
     if (currentDeployment && sameSpec(currentDeployment, spec)) return { deployment: currentDeployment, changed: false };
     // Versions go on after an undeploy: a version number never names two different things.
     let last = 0;
-    for (const key of await uniqueKeys(this.nc, buckets.pipelines, `${name}.*`)) last = Math.max(last, Number(key.slice(name.length + 2)) || 0);
+    for (const key of await this.topology.keys(buckets.pipelines, `${name}.*`)) last = Math.max(last, Number(key.slice(name.length + 2)) || 0);
     const deployment: Deployment = {
       name,
       version: last + 1,
@@ -423,7 +429,7 @@ export class QuiverClient {
   /** The current version of every deployed pipeline, by name. */
   async listDeployments(): Promise<Deployment[]> {
     const found: Deployment[] = [];
-    for (const key of await uniqueKeys(this.nc, buckets.pipelines, '*')) {
+    for (const key of await this.topology.keys(buckets.pipelines, '*')) {
       const d = await this.getDeployment(key);
       if (d) found.push(d);
     }
@@ -451,7 +457,9 @@ export class QuiverClient {
     } catch (error) {
       throw new InvalidEventError(`the payload of ${subject} cannot be sent as JSON: ${(error as Error).message}`);
     }
-    const ack = await this.js.publish(subjects.event(subject), data, { msgID: id });
+    // Retried through a stream leader election with the same id: the event is stored once. A
+    // retry whose first try had been stored answers `duplicate`, as a second publish would.
+    const ack = await this.publishRetrying(subjects.event(subject), data, id);
     return { id, sequence: ack.seq, duplicate: ack.duplicate };
   }
 
@@ -476,7 +484,7 @@ export class QuiverClient {
 
   /** Runs as last recorded, newest first. */
   async listRuns(options: { pipeline?: string; limit?: number } = {}): Promise<RunView[]> {
-    const keys = [...(await uniqueKeys(this.nc, buckets.runs))];
+    const keys = [...(await this.topology.keys(buckets.runs))];
     // Run ids are ULIDs: their order is their submission order.
     keys.sort().reverse();
     const views: RunView[] = [];
@@ -516,24 +524,24 @@ export class QuiverClient {
   }
 
   async cancel(runId: string, reason = 'cancelled by the client'): Promise<void> {
-    await this.publishControl(subjects.runCancel, encode(runCancel, { type: 'run.cancel', runId, reason }), `${runId}.cancel`);
+    await this.publishRetrying(subjects.runCancel, encode(runCancel, { type: 'run.cancel', runId, reason }), `${runId}.cancel`);
   }
 
   async release(runId: string): Promise<void> {
-    await this.publishControl(subjects.runRelease, encode(runRelease, { type: 'run.release', runId }), `${runId}.release`);
+    await this.publishRetrying(subjects.runRelease, encode(runRelease, { type: 'run.release', runId }), `${runId}.release`);
   }
 
   /**
-   * A control message, sent again while the stream has no leader (a NATS node died and JetStream
-   * is electing another: its API answers "not enabled" or not at all for a few seconds). The id
-   * keeps a message stored before its answer was lost from counting twice.
+   * Publishes to a stream, sending again while the stream has no leader (a NATS node died and
+   * JetStream is electing another: its API answers "not enabled", no one answers, or the answer
+   * times out, for a few seconds). The same id each time: a message stored before its answer was
+   * lost is dropped as a duplicate rather than counted twice.
    */
-  private async publishControl(subject: string, data: Uint8Array, msgID: string): Promise<void> {
-    const deadline = Date.now() + CONTROL_RETRY_MS;
+  private async publishRetrying(subject: string, data: Uint8Array | string, msgID: string): Promise<PubAck> {
+    const deadline = Date.now() + PUBLISH_RETRY_MS;
     for (;;) {
       try {
-        await this.js.publish(subject, data, { msgID });
-        return;
+        return await this.js.publish(subject, data, { msgID });
       } catch (error) {
         const transient = ['JetStreamNotEnabled', 'TimeoutError', 'NoRespondersError'].includes((error as Error).name);
         if (!transient || Date.now() > deadline) throw error;
@@ -572,7 +580,7 @@ export class QuiverClient {
     } catch {
       // Not on this host: ask the one that has it.
     }
-    const host = await findLiveHost(this.topology.hosts, facts.output.hostId);
+    const host = await findLiveHost(this.topology, facts.output.hostId);
     if (!host) throw new OutputNotFoundError(`step "${step}" of run ${runId} lives on host ${facts.output.hostId}, where no executor runs now`);
     const flight = new FlightClient(host.flightEndpoint, {
       ...(host.bulkEndpoint ? { bulkLocation: host.bulkEndpoint } : {}),
@@ -586,24 +594,53 @@ export class QuiverClient {
     }
   }
 
-  /** The run ends when its KV record says so: status messages may be missed, the record is not. */
+  /**
+   * The run ends when its KV record says so: status messages may be missed, the record is not.
+   * A watch can fail to start or end early while a NATS node is away (its consumer cannot be
+   * made meanwhile): the record is then read directly and the watch opened again.
+   */
   private async waitForEnd(runId: string, queue: EventQueue, subs: Subscription[]): Promise<RunView> {
-    const watch = await this.topology.runs.watch({ key: runId });
+    const finished = (entry: KvEntry | null): RunView | null => {
+      if (!entry?.string()) return null;
+      const { view } = decode(runRecord, `${entry.bucket}/${entry.key}`, entry.value);
+      return view && isFinished(view.state) ? view : null;
+    };
+    const end = async (view: RunView) => {
+      // Status messages published before the final record may still be in flight.
+      await this.nc.flush();
+      // The final status is published after the record: events() ends with it either way.
+      if (!queue.sawFinalStatus) queue.push({ type: 'status', view });
+      return view;
+    };
     try {
-      for await (const entry of watch) {
-        if (!entry.string()) continue;
-        const { view } = decode(runRecord, `${entry.bucket}/${entry.key}`, entry.value);
-        if (view && isFinished(view.state)) {
-          // Status messages published before the final record may still be in flight.
-          await this.nc.flush();
-          // The final status is published after the record: events() ends with it either way.
-          if (!queue.sawFinalStatus) queue.push({ type: 'status', view });
-          return view;
+      for (;;) {
+        const watch = await this.topology.runs.watch({ key: runId }).catch((error: unknown) => {
+          if (this.nc.isClosed()) throw error;
+          return null;
+        });
+        if (watch) {
+          try {
+            // A watch whose consumer is being made again yields nothing, and may not end either:
+            // the record is read between its entries too.
+            const entries = watch[Symbol.asyncIterator]();
+            let next = entries.next();
+            for (;;) {
+              const got = await Promise.race([next, new Promise<null>((r) => setTimeout(r, RECORD_POLL_MS, null).unref())]);
+              const view = finished(got ? (got.done ? null : got.value) : await this.topology.runs.get(runId).catch(() => null));
+              if (view) return await end(view);
+              if (got?.done) break;
+              if (got) next = entries.next();
+            }
+          } finally {
+            watch.stop();
+          }
         }
+        if (this.nc.isClosed()) throw new Error(`lost the watch on run ${runId}: the NATS connection is closed`);
+        const view = finished(await this.topology.runs.get(runId).catch(() => null));
+        if (view) return await end(view);
+        await new Promise((r) => setTimeout(r, WATCH_RETRY_MS));
       }
-      throw new Error(`lost the watch on run ${runId}`);
     } finally {
-      watch.stop();
       for (const s of subs) s.unsubscribe();
       queue.end();
     }
@@ -644,19 +681,6 @@ class EventQueue implements AsyncIterable<RunEvent> {
       },
     };
   }
-}
-
-/** A KV key listing names a key again when it changes meanwhile (runs move on while listed): once each here. */
-/**
- * The keys a bucket has held (deleted ones too: their readers skip them), from one stream-info
- * request. Not `kv.keys()`: its listing ends only when it catches up or goes idle, which a bucket
- * written every second (runs of a schedule) may never let it do.
- */
-async function uniqueKeys(nc: NatsConnection, bucket: string, filter = '>'): Promise<Set<string>> {
-  const jsm = await jetstreamManager(nc);
-  const prefix = `$KV.${bucket}.`;
-  const info = await jsm.streams.info(`KV_${bucket}`, { subjects_filter: `${prefix}${filter}` });
-  return new Set(Object.keys(info.state.subjects ?? {}).map((subject) => subject.slice(prefix.length)));
 }
 
 function sameSpec(d: Deployment, spec: Pick<Deployment, 'codeHash' | 'events' | 'schedule' | 'maxConcurrentRuns' | 'plan'>): boolean {

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -11,6 +11,7 @@ import { silentLogger, type RunView } from '../schemas/index.ts';
 import { QuiverClient, loadPipeline } from '../sdk/index.ts';
 import { listSegments, readTableFromShm, removeDir, unmapSegments } from '../shm/index.ts';
 import { TEST_SHM_ROOT, quiverBin, repoRoot, fixture, stepOf, stopProcess, waitFor } from './helpers.ts';
+import { cannotMakeNamespaces, mustSh, sh } from './netns.ts';
 
 /**
  * Two hosts for real: two network namespaces joined by a veth pair (the data plane), each with
@@ -22,26 +23,7 @@ const ns = { a: `qv-${tag}-a`, b: `qv-${tag}-b` };
 const ip = { a: '10.213.0.1', b: '10.213.0.2', root: '10.214.0.1', nats: '10.214.0.2' };
 const hostRoots = { alpha: join(TEST_SHM_ROOT, `host-alpha-${tag}`), beta: join(TEST_SHM_ROOT, `host-beta-${tag}`) };
 
-function sh(...args: string[]): { ok: boolean; err: string } {
-  const r = spawnSync(args[0]!, args.slice(1), { encoding: 'utf8' });
-  return { ok: r.status === 0, err: `${r.stderr ?? ''}${r.error?.message ?? ''}`.trim() };
-}
-
-function mustSh(...args: string[]): void {
-  const r = sh(...args);
-  if (!r.ok) throw new Error(`${args.join(' ')}: ${r.err}`);
-}
-
-/** Null when namespaces can be made here, else why not. */
-function cannotMakeNamespaces(): string | null {
-  const probe = `qv-${tag}-probe`;
-  const r = sh('ip', 'netns', 'add', probe);
-  if (!r.ok) return `cannot create network namespaces (${r.err || 'ip netns add failed'}); needs root and iproute2`;
-  sh('ip', 'netns', 'del', probe);
-  return null;
-}
-
-const skip = cannotMakeNamespaces();
+const skip = cannotMakeNamespaces(`qv-${tag}-probe`);
 if (skip) console.log(`# flight-hosts: skipped: ${skip}`);
 
 describe('two hosts joined by a veth pair', { skip: skip ?? false }, () => {
