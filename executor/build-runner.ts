@@ -69,6 +69,8 @@ export interface RunnerBuild {
   runnerPath: string;
   /** The startup snapshot of step processes, when there is one. */
   snapshot: StepSnapshot | null;
+  /** Why there is no snapshot although one was wanted (its build failed), for the executor's log. */
+  snapshotFailure: string | null;
   /**
    * Quiver's system steps (scans, stages; system-steps.ts) as code a step process imports like a
    * pipeline's: they run in step processes, not in the executor.
@@ -103,7 +105,14 @@ export async function buildRunner(outDir: string, options: BuildRunnerOptions = 
     logLevel: 'silent',
   });
   const arrowPath = writeByHash(outDir, 'arrow', arrow.outputFiles[0]!.contents);
-  const started = snapshot ? await buildSnapshot(outDir, options.snapshotHeapMb ?? 1024) : null;
+  let snapshotFailure: string | null = null;
+  // Without a snapshot step processes only start slower: a failed build must not stop the executor.
+  const started = snapshot
+    ? await buildSnapshot(outDir, options.snapshotHeapMb ?? 1024).catch((error: unknown) => {
+        snapshotFailure = (error as Error).message;
+        return null;
+      })
+    : null;
   // From the snapshot, pipeline code must share its Arrow: through a shim, not the file.
   const arrowUrl = pathToFileURL(started ? started.shimPath : arrowPath).href;
   const toArrow: Plugin = {
@@ -140,6 +149,7 @@ export async function buildRunner(outDir: string, options: BuildRunnerOptions = 
   return {
     runnerPath,
     snapshot: started ? started.snapshot : null,
+    snapshotFailure,
     systemCodePath,
     linkKey: createHash('sha256').update(arrowUrl).digest('hex').slice(0, 16),
     linkCode: async (code, outfile, packages = []) => {

@@ -136,6 +136,7 @@ export class Executor {
     const hostId = sanitizeHostId(options.hostId ?? process.env.QUIVER_HOST_ID ?? hostname());
     const shmDir = join(options.shmRoot ?? shmRoot(), topology.clusterId);
     const runner = await buildRunner(bundleDir('build'), { snapshotHeapMb: defaultStepMemoryMb(options.stepLimits) });
+    if (runner.snapshotFailure) logger.warn(`step processes start without a startup snapshot: ${runner.snapshotFailure}`);
     const js = jetstream(nc);
     const consumer = await js.consumers.get(streams.work, consumers.executors);
     const executor = new Executor(nc, topology, consumer, runner, hostId, shmDir, options, logger);

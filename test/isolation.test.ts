@@ -10,7 +10,7 @@ import { StepProcesses } from '../executor/step-processes.ts';
 import { removeDir } from '../shm/index.ts';
 import { bundleDir, buckets, type LogLine, type RunView } from '../schemas/index.ts';
 import { loadPipeline, type LocalCluster, type LocalClusterOptions } from '../sdk/index.ts';
-import { TEST_SHM_ROOT, fixture, runFile, stepOf, tempHome, waitFor, withCluster } from './helpers.ts';
+import { TEST_SHM_ROOT, fixture, runFile, stepOf, tempHome, waitFor, withCluster, withEnv } from './helpers.ts';
 
 /** Step processes and workers of one cluster, running a step or not, found by their command line. */
 function stepProcessesOf(clusterId: string): number[] {
@@ -103,6 +103,54 @@ describe('StepProcesses, without a cluster', () => {
       await waitFor('the worker to exit', () => stepProcessesOf('isolation-unit').length === 0, 5000);
       home.remove();
       removeDir(shmDir);
+    }
+  });
+  it('starts step processes from the startup snapshot at its heap limit, and without it at any other, with one Arrow either way', TIMEOUT, async () => {
+    const home = tempHome();
+    const runner = await buildRunner(join(home.dir, 'build'), { snapshot: true, snapshotHeapMb: 256 });
+    assert.ok(runner.snapshot, `a snapshot was built: ${runner.snapshotFailure}`);
+    assert.equal(runner.snapshot.heapMb, 256);
+    const codePath = join(home.dir, 'flags.mjs');
+    // instanceof holds only if the step's Arrow is the runner's: the shim must hand over the snapshot's module.
+    const source = `import { tableFromArrays, Table } from 'apache-arrow';
+      import { writeFileSync } from 'node:fs';
+      export default { steps: { flags: { fn: (_inputs, ctx) => {
+        const table = tableFromArrays({ v: Int32Array.of(1) });
+        writeFileSync(ctx.params.out, JSON.stringify({ execArgv: process.execArgv, sameArrow: table instanceof Table }));
+        return table;
+      } } } };`;
+    writeFileSync(codePath, await runner.linkCode(new TextEncoder().encode(source), codePath));
+    const shmDir = join(TEST_SHM_ROOT, `isolation-snapshot-${process.pid}`);
+    mkdirSync(shmDir, { recursive: true });
+    const processes = new StepProcesses({ runnerPath: runner.runnerPath, snapshot: runner.snapshot, clusterId: 'isolation-snapshot', prewarm: 0, limits: { memoryMb: 256 }, onLog: () => {} });
+    try {
+      const seen: Record<string, { execArgv: string[]; sameArrow: boolean }> = {};
+      for (const [name, memoryMb] of [['snapshot', 256], ['plain', 300]] as const) {
+        const out = join(home.dir, `${name}.json`);
+        const job: RunnerJob = { codePath, runId: `run-${name}`, step: 'flags', params: { out }, event: null, inputs: [], shmDir, outputIdPrefix: `run-${name}.flags.1` };
+        const reply = await processes.run(job, 'process', { limits: { memoryMb } });
+        assert.equal(reply.type, 'result', JSON.stringify(reply));
+        seen[name] = JSON.parse(readFileSync(out, 'utf8'));
+      }
+      assert.ok(seen.snapshot!.execArgv.includes('--snapshot-blob'), `from the snapshot: ${seen.snapshot!.execArgv.join(' ')}`);
+      assert.ok(!seen.plain!.execArgv.includes('--snapshot-blob'), `another heap limit starts plain: ${seen.plain!.execArgv.join(' ')}`);
+      assert.ok(seen.snapshot!.sameArrow && seen.plain!.sameArrow);
+      assert.equal(runner.snapshot.blobPath.endsWith('-256mb.blob'), true);
+    } finally {
+      processes.stop('the test ended');
+      await waitFor('the step processes to exit', () => stepProcessesOf('isolation-snapshot').length === 0, 5000);
+      home.remove();
+      removeDir(shmDir);
+    }
+  });
+  it('builds no snapshot when QUIVER_STEP_SNAPSHOT=0', TIMEOUT, async () => {
+    const home = tempHome();
+    try {
+      const runner = await withEnv({ QUIVER_STEP_SNAPSHOT: '0' }, () => buildRunner(join(home.dir, 'build')));
+      assert.equal(runner.snapshot, null);
+      assert.equal(runner.snapshotFailure, null);
+    } finally {
+      home.remove();
     }
   });
   it('keeps at most maxIdleWorkers idle workers over every pipeline version, letting the one idle longest go', TIMEOUT, async () => {
