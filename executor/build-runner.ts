@@ -88,23 +88,14 @@ export interface RunnerBuild {
 }
 
 /**
- * Builds the step process's code into plain ESM, so it starts with `node` alone: apache-arrow as
- * one file (its ~160 modules cost ~80 ms more to load one by one), and the runner importing it.
+ * Builds the step process's code so it starts with `node` alone: the startup snapshot of the
+ * runner and apache-arrow (see buildSnapshot), or without one, plain ESM: apache-arrow as one
+ * file (its ~160 modules cost ~80 ms more to load one by one) and the runner importing it.
  * Files are named by their hash, so concurrent executors write the same files and never see a
  * half-written one.
  */
 export async function buildRunner(outDir: string, options: BuildRunnerOptions = {}): Promise<RunnerBuild> {
   const snapshot = resolveSnapshotOption(options);
-  const arrow = await build({
-    entryPoints: [ARROW_ENTRY],
-    bundle: true,
-    platform: 'node',
-    format: 'esm',
-    target: 'node20',
-    write: false,
-    logLevel: 'silent',
-  });
-  const arrowPath = writeByHash(outDir, 'arrow', arrow.outputFiles[0]!.contents);
   let snapshotFailure: string | null = null;
   // Without a snapshot step processes only start slower: a failed build must not stop the executor.
   const started = snapshot
@@ -113,25 +104,15 @@ export async function buildRunner(outDir: string, options: BuildRunnerOptions = 
         return null;
       })
     : null;
-  // From the snapshot, pipeline code must share its Arrow: through a shim, not the file.
-  const arrowUrl = pathToFileURL(started ? started.shimPath : arrowPath).href;
+  // From the snapshot, pipeline code shares its Arrow through a shim; without it, through Arrow's own file.
+  const arrowUrl = pathToFileURL(started ? started.shimPath : await buildArrowFile(outDir)).href;
   const toArrow: Plugin = {
     name: 'quiver-arrow',
     setup(b) {
       b.onResolve({ filter: /^apache-arrow$/ }, () => ({ path: arrowUrl, external: true }));
     },
   };
-  const runner = await build({
-    entryPoints: [RUNNER_SOURCE],
-    bundle: true,
-    platform: 'node',
-    format: 'esm',
-    target: 'node20',
-    write: false,
-    plugins: [pinImportMetaUrl, toArrow],
-    logLevel: 'silent',
-  });
-  const runnerPath = started ? started.scriptPath : writeByHash(outDir, 'runner', runner.outputFiles[0]!.contents);
+  const runnerPath = started ? started.scriptPath : await buildPlainRunner(outDir, toArrow);
   const system = await build({
     entryPoints: [SYSTEM_STEPS_SOURCE],
     bundle: true,
@@ -171,6 +152,35 @@ export async function buildRunner(outDir: string, options: BuildRunnerOptions = 
       return linked.outputFiles[0]!.contents;
     },
   };
+}
+
+/** apache-arrow as one ESM file, for step processes that start without the snapshot. */
+async function buildArrowFile(outDir: string): Promise<string> {
+  const arrow = await build({
+    entryPoints: [ARROW_ENTRY],
+    bundle: true,
+    platform: 'node',
+    format: 'esm',
+    target: 'node20',
+    write: false,
+    logLevel: 'silent',
+  });
+  return writeByHash(outDir, 'arrow', arrow.outputFiles[0]!.contents);
+}
+
+/** The runner as plain ESM importing the Arrow file, for step processes that start without the snapshot. */
+async function buildPlainRunner(outDir: string, toArrow: Plugin): Promise<string> {
+  const runner = await build({
+    entryPoints: [RUNNER_SOURCE],
+    bundle: true,
+    platform: 'node',
+    format: 'esm',
+    target: 'node20',
+    write: false,
+    plugins: [pinImportMetaUrl, toArrow],
+    logLevel: 'silent',
+  });
+  return writeByHash(outDir, 'runner', runner.outputFiles[0]!.contents);
 }
 
 /** Node >= 20.8 starts from a user snapshot and has the loader a process from it imports pipeline code with (code-import.ts). */
