@@ -125,7 +125,18 @@ export type RunnerRequest =
 
 /** Step process → executor. */
 export type RunnerMessage =
-  | { type: 'reply'; reply: RunnerReply; /** Resident set size after the step. */ rssBytes: number }
+  | {
+      type: 'reply';
+      reply: RunnerReply;
+      /** Resident set size after the step. */
+      rssBytes: number;
+      /**
+       * The streams the step printed to (through process.stdout / process.stderr), which carry
+       * the job's end marker after its last line. A stream it did not print to gets no marker,
+       * saving the write and the executor's wake-up for it.
+       */
+      markedStreams: ('stdout' | 'stderr')[];
+    }
   | { type: 'pong'; seq: number }
   /** A worker's uncaught exception or unhandled rejection: it exits right after sending this. */
   | { type: 'fatal'; error: StepError }

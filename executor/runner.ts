@@ -27,6 +27,22 @@ function send(message: RunnerMessage): Promise<void> {
  * pipe queue when it is full, so the end marker goes through the same queue, after every line.
  */
 const output = {} as { stdout: NodeJS.WriteStream; stderr: NodeJS.WriteStream };
+/**
+ * Whether the step running now printed to each stream. A stream it printed to gets the end
+ * marker; one it did not is left alone (two pipe writes per step, and the executor's wake-ups
+ * for them, were most of a worker step's cost). Only writes through the stream objects count:
+ * bytes a step writes to fd 1 or 2 itself still reach its log, routed to the step that ran
+ * last, but may arrive after its reply.
+ */
+const printed = { stdout: false, stderr: false };
+function notePrinting(name: 'stdout' | 'stderr'): void {
+  const stream = process[name];
+  const write = stream.write;
+  stream.write = function (this: NodeJS.WriteStream, ...args: Parameters<NodeJS.WriteStream['write']>) {
+    printed[name] = true;
+    return write.apply(this, args);
+  } as NodeJS.WriteStream['write'];
+}
 const writeLine = (stream: NodeJS.WriteStream, line: string) =>
   new Promise<void>((resolve, reject) => {
     Writable.prototype.write.call(stream, `${line}\n`, 'utf8', (error?: Error | null) => (error ? reject(error) : resolve()));
@@ -74,6 +90,7 @@ async function handle(request: RunnerRequest & { type: 'job' }): Promise<void> {
     process.on('uncaughtException', crash);
   }
   current = job;
+  printed.stdout = printed.stderr = false;
   process.title = stepProcessTitle(clusterId, job);
   const reply = await runJob(job, {
     beforeCall: () => {
@@ -84,12 +101,13 @@ async function handle(request: RunnerRequest & { type: 'job' }): Promise<void> {
     },
   });
   restoreProcessState();
-  // The executor forwards lines until it sees these: every line of the step is then ahead of its reply.
-  await Promise.all([writeLine(output.stdout, endMarker), writeLine(output.stderr, endMarker)]);
+  // The executor forwards lines until it sees these: every line the step printed is then ahead of its reply.
+  const markedStreams = (['stdout', 'stderr'] as const).filter((name) => printed[name]);
+  await Promise.all(markedStreams.map((name) => writeLine(output[name], endMarker)));
   current = null;
   last = job;
   if (keepAlive) process.title = stepProcessTitle(clusterId, null);
-  await send({ type: 'reply', reply, rssBytes: process.memoryUsage.rss() });
+  await send({ type: 'reply', reply, rssBytes: process.memoryUsage.rss(), markedStreams });
   if (!keepAlive) process.exit(0);
 }
 
@@ -105,6 +123,8 @@ export function main(): void {
   clusterId = process.argv[process.argv.indexOf(STEP_PROCESS_MARKER) + 1] ?? '';
   output.stdout = process.stdout;
   output.stderr = process.stderr;
+  notePrinting('stdout');
+  notePrinting('stderr');
   process.on('message', onRequest);
   process.on('disconnect', () => process.exit(71));
 }

@@ -337,7 +337,7 @@ export class StepProcess {
   /** Answered and flushed: the step's outcome is its reply. */
   private settleIfDone(): void {
     const active = this.active;
-    if (!active?.message || active.flushed.size < 2 || this.killedBecause !== null || this.hungAfterMs !== null || this.timedOutAfterMs !== null) return;
+    if (!active?.message || active.message.markedStreams.some((s) => !active.flushed.has(s)) || this.killedBecause !== null || this.hungAfterMs !== null || this.timedOutAfterMs !== null) return;
     this.active = null;
     this.last = active.job;
     this.clearTimeout();

@@ -9,7 +9,7 @@ import {
   deadEvent,
   decode,
   deployment as deploymentSchema,
-  encode,
+  encodeChecked,
   ensureTopology,
   EVENT_SUBJECT_PATTERN,
   isFinished,
@@ -360,7 +360,7 @@ export class QuiverClient {
       },
     });
     await this.nc.flush();
-    await this.publishRetrying(subjects.runSubmit, encode(runSubmit, { type: 'run.submit', runId, ...fields, submittedAt: Date.now() }), `${runId}.submit`);
+    await this.publishRetrying(subjects.runSubmit, encodeChecked(runSubmit, { type: 'run.submit', runId, ...fields, submittedAt: Date.now() }), `${runId}.submit`);
     const final = this.waitForEnd(runId, queue, [statusSub, logSub]);
     return {
       id: runId,
@@ -524,11 +524,11 @@ export class QuiverClient {
   }
 
   async cancel(runId: string, reason = 'cancelled by the client'): Promise<void> {
-    await this.publishRetrying(subjects.runCancel, encode(runCancel, { type: 'run.cancel', runId, reason }), `${runId}.cancel`);
+    await this.publishRetrying(subjects.runCancel, encodeChecked(runCancel, { type: 'run.cancel', runId, reason }), `${runId}.cancel`);
   }
 
   async release(runId: string): Promise<void> {
-    await this.publishRetrying(subjects.runRelease, encode(runRelease, { type: 'run.release', runId }), `${runId}.release`);
+    await this.publishRetrying(subjects.runRelease, encodeChecked(runRelease, { type: 'run.release', runId }), `${runId}.release`);
   }
 
   /**

@@ -6,7 +6,7 @@ import { jetstream } from '@nats-io/jetstream';
 import type { Table } from 'apache-arrow';
 import { ulid } from 'ulid';
 import { nextTick, schemaViolation, subjectMatches } from '../planner/index.ts';
-import { encode, readRunRecord, runSubmit, subjects, type Deployment, type RunSubmit } from '../schemas/index.ts';
+import { encodeChecked, readRunRecord, runSubmit, subjects, type Deployment, type RunSubmit } from '../schemas/index.ts';
 import { OutputNotFoundError, rerunOf, type QuiverClient } from '../sdk/index.ts';
 import { describeTable, listTables, scanTable, TableNotFoundError, type OpenedTableStore } from '../storage/index.ts';
 import { HttpError } from './errors.ts';
@@ -102,7 +102,7 @@ export async function rerunRun(ctx: ApiContext, runId: string, from: string | nu
     ...rerunOf(old, runId, { by: 'web UI', ...(from !== null ? { from } : { cache: 'off' }) }),
   };
   ctx.startedHere.add(newId);
-  await jetstream(ctx.client.nc).publish(subjects.runSubmit, encode(runSubmit, submit), { msgID: `${newId}.submit` });
+  await jetstream(ctx.client.nc).publish(subjects.runSubmit, encodeChecked(runSubmit, submit), { msgID: `${newId}.submit` });
   return { runId: newId };
 }
 
