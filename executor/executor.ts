@@ -12,6 +12,7 @@ import {
   consumers,
   decode,
   encode,
+  encodeChecked,
   ensureTopology,
   refuse,
   retryOrDeadLetter,
@@ -338,7 +339,7 @@ export class Executor {
       });
       return;
     }
-    this.announceStart(ready, attempt, startedAt);
+    const stopAnnouncing = this.announceStart(ready, attempt, startedAt);
     const heartbeat = setInterval(() => msg.working(), Math.max(200, Math.floor(this.topology.ackWaitMs / 3)));
     try {
       // The output cache's persisted tier may hold the output shared memory lost: then nothing runs.
@@ -383,6 +384,7 @@ export class Executor {
       await this.complete(ready, msg, attempt, startedAt, reply, prepared.fetchedBytes, prepared.envMs);
     } finally {
       clearInterval(heartbeat);
+      stopAnnouncing();
     }
   }
 
@@ -425,10 +427,17 @@ export class Executor {
     return 'run';
   }
 
-  /** For live views only (core NATS): losing it changes nothing, so it costs no round trip. */
-  private announceStart(ready: StepReady, attempt: number, at: number): void {
+  /**
+   * Says the step started, for live views only (core NATS: losing it changes nothing, so it costs
+   * no round trip), once it has run for {@link ANNOUNCE_START_AFTER_MS}. A step done sooner says
+   * nothing: its completion carries when it started, and the start would only have cost a
+   * message, a decode, a transition and a run view published for a state nobody could watch.
+   * Returns what stops a start not yet said from being said.
+   */
+  private announceStart(ready: StepReady, attempt: number, at: number): () => void {
     const started = { type: 'step.started' as const, runId: ready.runId, step: ready.step, attempt, executorId: this.executorId, hostId: this.hostId, at };
-    this.nc.publish(subjects.stepStarted, encode(stepStarted, started));
+    const timer = setTimeout(() => this.nc.publish(subjects.stepStarted, encode(stepStarted, started)), ANNOUNCE_START_AFTER_MS);
+    return () => clearTimeout(timer);
   }
 
   /**
@@ -543,8 +552,9 @@ export class Executor {
    */
   private async record(completion: StepCompletion): Promise<boolean> {
     const key = stepKey(completion.runId, completion.step);
-    // Validated once, before anything is recorded: a malformed completion is never kept.
-    const data = encode(stepCompletion, completion);
+    // Validated once, before anything is recorded, even where outgoing messages are not (it
+    // carries what a step process replied): a malformed completion is never kept.
+    const data = encodeChecked(stepCompletion, completion);
     for (let tries = 1; ; tries++) {
       try {
         await this.completions.create(key, data);
@@ -607,6 +617,9 @@ export class Executor {
     return this.processes.run(job, ready.isolation ?? 'process', { ...(ready.limits ? { limits: ready.limits } : {}), ...(ready.env ? { env: ready.env } : {}) });
   }
 }
+
+/** How long a step runs before the executor announces its start (see Executor.announceStart). */
+export const ANNOUNCE_START_AFTER_MS = 20;
 
 /** Ready steps an executor holds per slot (see Executor.start). */
 const HELD_PER_SLOT = 2;

@@ -128,7 +128,7 @@ export type RunnerMessage =
   | {
       type: 'reply';
       reply: RunnerReply;
-      /** Resident set size after the step. */
+      /** The process's peak resident set size so far, after the step. */
       rssBytes: number;
       /**
        * The streams the step printed to (through process.stdout / process.stderr), which carry

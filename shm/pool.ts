@@ -9,7 +9,7 @@
  * is soft: releases racing each other may overshoot it by one segment each.
  */
 import { randomBytes } from 'node:crypto';
-import { mkdirSync, readdirSync, unlinkSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, unlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { ShmSegmentExistsError, errorCode, fromFsError } from './errors.ts';
 import { native } from './native.ts';
@@ -112,14 +112,26 @@ function tryClaim(dir: string, target: string, byteSize: number, pool: readonly 
   return false;
 }
 
-/** Moves the segment at `path` (of `byteSize` bytes) into the pool. False if it was already gone. */
-export function addToPool(dir: string, path: string, byteSize: number): boolean {
-  const pool = poolDir(dir);
+/**
+ * Pool directories this process has created or found: an executor pools a segment or more per
+ * step, and creating the directory each time cost a mkdir and a stat. One removed since (its
+ * segment directory emptied) is made again when a rename into it finds it missing.
+ */
+const madePools = new Set<string>();
+
+function makePool(pool: string): void {
   try {
     mkdirSync(pool, { recursive: true, mode: 0o700 });
   } catch (e) {
     throw fromFsError(e, `quiver shm: cannot create the segment pool ${pool}`);
   }
+  madePools.add(pool);
+}
+
+/** Moves the segment at `path` (of `byteSize` bytes) into the pool. False if it was already gone. */
+export function addToPool(dir: string, path: string, byteSize: number): boolean {
+  const pool = poolDir(dir);
+  if (!madePools.has(pool)) makePool(pool);
   for (;;) {
     const name = `${byteSize}.${randomBytes(8).toString('hex')}`;
     try {
@@ -128,7 +140,12 @@ export function addToPool(dir: string, path: string, byteSize: number): boolean 
       return true;
     } catch (e) {
       const code = errorCode(e);
-      if (code === 'ENOENT') return false;
+      if (code === 'ENOENT') {
+        // The segment was gone already, or the pool was: only the pool is worth another try.
+        if (existsSync(pool)) return false;
+        makePool(pool);
+        continue;
+      }
       // A random name collided; draw another.
       if (code === 'EEXIST') continue;
       throw e;

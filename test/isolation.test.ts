@@ -73,8 +73,12 @@ describe('StepProcesses, without a cluster', () => {
     const source = `import { tableFromArrays } from 'apache-arrow';
       export default { steps: { chatty: { fn: (_inputs, ctx) => {
         const n = Number(ctx.params.lines);
-        for (let i = 0; i < n; i++) { console.log(ctx.runId + ' out ' + i + ' ' + 'x'.repeat(200)); console.error(ctx.runId + ' err ' + i); }
-        process.stdout.write(ctx.runId + ' unterminated');
+        const streams = ctx.params.streams;
+        for (let i = 0; i < n; i++) {
+          if (streams !== 'stderr') console.log(ctx.runId + ' out ' + i + ' ' + 'x'.repeat(200));
+          if (streams !== 'stdout') console.error(ctx.runId + ' err ' + i);
+        }
+        if (streams !== 'stderr' && n > 0) process.stdout.write(ctx.runId + ' unterminated');
         return tableFromArrays({ n: Int32Array.of(n) });
       } } } };`;
     writeFileSync(codePath, await runner.linkCode(new TextEncoder().encode(source), codePath));
@@ -82,21 +86,31 @@ describe('StepProcesses, without a cluster', () => {
     mkdirSync(shmDir, { recursive: true });
     const logs: LogLine[] = [];
     const processes = new StepProcesses({ runnerPath: runner.runnerPath, clusterId: 'isolation-unit', prewarm: 0, onLog: (l) => logs.push(l) });
-    const job = (runId: string, lines: number): RunnerJob => ({
-      codePath, runId, step: 'chatty', params: { lines: String(lines) }, event: null, inputs: [], shmDir, outputIdPrefix: `${runId}.chatty.1`,
+    const job = (runId: string, lines: number, streams: string): RunnerJob => ({
+      codePath, runId, step: 'chatty', params: { lines: String(lines), streams }, event: null, inputs: [], shmDir, outputIdPrefix: `${runId}.chatty.1`,
     });
+    // Only a stream a step printed to carries its end marker: steps printing to both, to one, or to none.
+    const kinds = [
+      { streams: 'both', lines: 2000, stdout: 2001, stderr: 2000 },
+      { streams: 'stdout', lines: 2000, stdout: 2001, stderr: 0 },
+      { streams: 'stderr', lines: 2000, stdout: 0, stderr: 2000 },
+      { streams: 'both', lines: 0, stdout: 0, stderr: 0 },
+      { streams: 'both', lines: 1500, stdout: 1501, stderr: 1500 },
+    ];
     try {
       for (let i = 0; i < 15; i++) {
         const runId = `run${i}`;
-        const reply = await processes.run(job(runId, 2000), 'worker');
+        const kind = kinds[i % kinds.length]!;
+        const reply = await processes.run(job(runId, kind.lines, kind.streams), 'worker');
         assert.equal(reply.type, 'result', JSON.stringify(reply));
         const mine = logs.filter((l) => l.runId === runId);
-        assert.equal(mine.filter((l) => l.stream === 'stdout').length, 2001, `all stdout lines of ${runId} before its reply`);
-        assert.equal(mine.filter((l) => l.stream === 'stderr').length, 2000, `all stderr lines of ${runId} before its reply`);
+        assert.equal(mine.filter((l) => l.stream === 'stdout').length, kind.stdout, `all stdout lines of ${runId} (${kind.streams}) before its reply`);
+        assert.equal(mine.filter((l) => l.stream === 'stderr').length, kind.stderr, `all stderr lines of ${runId} (${kind.streams}) before its reply`);
         assert.ok(mine.every((l) => l.line.startsWith(`${runId} `) && l.step === 'chatty'));
-        assert.ok(mine.some((l) => l.stream === 'stdout' && l.line === `${runId} unterminated`), 'a last line without a newline is forwarded too');
+        if (kind.stdout > 0) assert.ok(mine.some((l) => l.stream === 'stdout' && l.line === `${runId} unterminated`), 'a last line without a newline is forwarded too');
       }
-      assert.equal(logs.length, 15 * 4001, 'no line twice, no marker forwarded');
+      const expected = Array.from({ length: 15 }, (_, i) => kinds[i % kinds.length]!).reduce((sum, k) => sum + k.stdout + k.stderr, 0);
+      assert.equal(logs.length, expected, 'no line twice, no marker forwarded');
       assert.equal(processes.workerCount, 1, 'one worker ran all fifteen');
     } finally {
       processes.stop('the test ended');

@@ -7,7 +7,7 @@ import { tableFromArrays } from 'apache-arrow';
 import { jetstream } from '@nats-io/jetstream';
 import { ulid } from 'ulid';
 import { stepProcesses } from '../executor/index.ts';
-import { consumers, encode, stepReady, streams, subjects } from '../schemas/index.ts';
+import { consumers, decode, encode, runView, stepReady, stepStarted, streams, subjects, type RunView } from '../schemas/index.ts';
 import { loadPipeline } from '../sdk/index.ts';
 import { listSegments, writeTableToShm } from '../shm/index.ts';
 import { EUROPEAN_COUNTRIES, generateTransactions } from '../examples/transactions/data.ts';
@@ -105,6 +105,30 @@ describe('bad work', () => {
       assert.equal(first.error?.code, 'ERR_PIPELINE_CODE');
       assert.match(first.error?.message ?? '', /hashes to [0-9a-f]{64}: refusing to run it/);
       assert.equal(stepOf(view, 'slow').state, 'skipped');
+    });
+  });
+});
+
+describe('live starts', () => {
+  it('a step running longer than a moment is announced and shows running; every step still reports when it started', async () => {
+    await withCluster(async (cluster) => {
+      const started: string[] = [];
+      const sub = cluster.client.nc.subscribe(subjects.stepStarted, { callback: (_e, msg) => void started.push(decode(stepStarted, msg.subject, msg.data).step) });
+      const views: RunView[] = [];
+      const loaded = await loadPipeline(fixture('slow.ts'));
+      const handle = await cluster.client.run(loaded, { params: { sleepMs: '1500' } });
+      const status = cluster.client.nc.subscribe(subjects.status(handle.id), { callback: (_e, msg) => void views.push(decode(runView, msg.subject, msg.data)) });
+      try {
+        await waitFor('the slow step to be announced', () => started.includes('slow'), 20_000);
+        await waitFor('a view with the slow step running', () => views.some((v) => v.steps.find((s) => s.name === 'slow')?.state === 'running'), 5000);
+        const view = await handle.result();
+        assert.equal(view.state, 'succeeded');
+        for (const step of view.steps) assert.ok(typeof step.startedAt === 'number' && step.startedAt <= (step.finishedAt ?? 0), `step ${step.name} reports when it started`);
+        await handle.release();
+      } finally {
+        sub.unsubscribe();
+        status.unsubscribe();
+      }
     });
   });
 });
