@@ -541,7 +541,7 @@ export class Executor {
   }
 
   private async fail(ready: StepReady, msg: JsMsg, attempt: number, startedAt: number, error: StepError, ran: Pick<StepFailed, 'isolation' | 'codeStartedAt' | 'envMs'> = {}): Promise<void> {
-    await this.record({ type: 'step.failed', runId: ready.runId, step: ready.step, attempt, executorId: this.executorId, error, ...ran, startedAt, at: Date.now() });
+    await this.record({ type: 'step.failed', runId: ready.runId, step: ready.step, attempt, executorId: this.executorId, hostId: this.hostId, error, ...ran, startedAt, at: Date.now() });
     msg.ack();
   }
 

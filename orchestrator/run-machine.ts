@@ -133,6 +133,8 @@ export function createRunMachine(plan: Plan) {
         return patch(context, step.name, {
           attempt: e.attempt,
           executorId: e.executorId,
+          // A step failing fast says where only here: its start may never have been announced.
+          ...(e.hostId ? { hostId: e.hostId } : {}),
           startedAt: e.startedAt ?? context.steps[step.name]?.startedAt ?? null,
           finishedAt: e.at,
           error: e.error,

@@ -314,6 +314,8 @@ export const stepFailed = z.object({
   step: name,
   attempt: z.number().int().positive(),
   executorId: z.string().min(1).max(200),
+  /** The host of the executor that failed it; absent when no executor ran it (it could not be placed). */
+  hostId: hostId.optional(),
   error: stepError,
   isolation: isolation.optional(),
   codeStartedAt: z.number().nonnegative().optional(),
