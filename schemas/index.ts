@@ -5,6 +5,7 @@ export {
   streams,
   consumers,
   buckets,
+  bucketKeys,
   ensureTopology,
   ensureHostConsumer,
   resolveTopologyOptions,
