@@ -22,9 +22,9 @@ export interface StepLimitDefaults {
 
 /** Limits of the long-lived step processes that run steps with `isolation: 'worker'`. */
 export interface WorkerOptions {
-  /** Steps a worker runs before it is replaced by a new one. @default 1000 */
+  /** Steps a worker runs before it is replaced by a new one. @default 10_000 */
   maxStepsPerWorker?: number;
-  /** A worker whose resident set is above this after a step is replaced (the step still succeeds). @default 1 GiB */
+  /** A worker whose peak resident set is above this after a step is replaced (the step still succeeds). @default 1 GiB */
   maxWorkerRssBytes?: number;
   /** A worker with no step for this long exits. @default 60_000 */
   workerIdleMs?: number;
@@ -60,7 +60,13 @@ export interface StepProcessesOptions {
 }
 
 export const DEFAULT_PREWARM = 2;
-export const DEFAULT_MAX_STEPS_PER_WORKER = 1000;
+/**
+ * Ten thousand, not a thousand: a worker runs a few hundred steps a second under load, and at a
+ * thousand it was replaced every few seconds, each time booting a spare and importing the
+ * pipeline's code again (about 0.4 ms of CPU per run in a burst of `npm run bench:trigger`).
+ * Leaks stay bounded by the RSS limit, and a worker idle for workerIdleMs goes anyway.
+ */
+export const DEFAULT_MAX_STEPS_PER_WORKER = 10_000;
 export const DEFAULT_MAX_WORKER_RSS_BYTES = 1024 ** 3;
 export const DEFAULT_WORKER_IDLE_MS = 60_000;
 export const DEFAULT_WORKER_HANG_MS = 30_000;
