@@ -619,7 +619,7 @@ export class Executor {
 }
 
 /** How long a step runs before the executor announces its start (see Executor.announceStart). */
-export const ANNOUNCE_START_AFTER_MS = 20;
+const ANNOUNCE_START_AFTER_MS = 20;
 
 /** Ready steps an executor holds per slot (see Executor.start). */
 const HELD_PER_SLOT = 2;

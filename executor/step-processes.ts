@@ -63,7 +63,8 @@ export const DEFAULT_PREWARM = 2;
 /**
  * Ten thousand, not a thousand: a worker runs a few hundred steps a second under load, and at a
  * thousand it was replaced every few seconds, each time booting a spare and importing the
- * pipeline's code again (about 0.4 ms of CPU per run in a burst of `npm run bench:trigger`).
+ * pipeline's code again (step processes used 15-40% less CPU per run without it, in bursts of
+ * `npm run bench:trigger -- --routes worker`).
  * Leaks stay bounded by the RSS limit, and a worker idle for workerIdleMs goes anyway.
  */
 export const DEFAULT_MAX_STEPS_PER_WORKER = 10_000;

@@ -19,11 +19,11 @@ const decoder = new TextDecoder();
 /**
  * Whether {@link encode} validates what it sends (QUIVER_CHECK_OUTGOING=1; `npm test` sets it).
  * Every receiver validates each message it decodes, so a sender's bug is refused there anyway;
- * checking on the way out as well names the sender in tests, but in a running cluster it only
- * doubled the cost of each message (zod was a tenth of the embedded cluster's main thread in a
+ * checking on the way out as well names the sender in tests, but in a running cluster it
+ * validated each message twice (zod was a tenth of the embedded cluster's main thread in a
  * burst of `npm run bench:trigger`).
  */
-export const CHECK_OUTGOING = process.env.QUIVER_CHECK_OUTGOING === '1';
+const CHECK_OUTGOING = process.env.QUIVER_CHECK_OUTGOING === '1';
 
 export function encode<T>(schema: z.ZodType<T>, value: T): Uint8Array {
   return encoder.encode(JSON.stringify(CHECK_OUTGOING ? schema.parse(value) : value));

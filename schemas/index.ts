@@ -5,7 +5,6 @@ export {
   streams,
   consumers,
   buckets,
-  bucketKeys,
   ensureTopology,
   ensureHostConsumer,
   resolveTopologyOptions,
@@ -20,7 +19,7 @@ export {
   TOPOLOGY_DEFAULTS,
 } from './topology.ts';
 export type { DeadLetter, DeadLetterKind, Topology, TopologyOptions } from './topology.ts';
-export { encode, encodeChecked, decode, InvalidMessageError, CHECK_OUTGOING } from './codec.ts';
+export { encode, encodeChecked, decode, InvalidMessageError } from './codec.ts';
 export { consoleLogger, silentLogger } from './logger.ts';
 export type { Logger } from './logger.ts';
 export { bundleDir, packageRoot, quiverHome, shmRoot } from './paths.ts';
@@ -45,4 +44,4 @@ export {
   type StoredNatsCredentials,
 } from './connect.ts';
 // Loaded for its effect too: every process that speaks Quiver's messages writes to NATS once per turn.
-export { coalesceNatsWrites, natsWritesCoalesced, natsRequestsPatched, skipErrorsOfAnsweredRequests } from './nats-patches.ts';
+export { coalesceNatsWrites, natsWritesCoalesced, natsRequestsPatched } from './nats-patches.ts';

@@ -45,16 +45,21 @@ const PATCHED = Symbol.for('quiver.nats.writesPerTurn');
 const ANSWERED = Symbol.for('quiver.nats.requestAnswered');
 const encoder = new TextEncoder();
 
+/** The prototype of a class nats-core keeps internal, or null when this nats.js has no such export. */
+function internalPrototype<T>(name: 'ProtocolHandler' | 'RequestOne'): (T & { [PATCHED]?: true }) | null {
+  try {
+    const internal = createRequire(import.meta.url)('@nats-io/nats-core/internal') as Record<string, { prototype: T } | undefined>;
+    return internal[name]?.prototype ?? null;
+  } catch {
+    return null;
+  }
+}
+
 /** Applies the patch once per process; returns whether it is in force. QUIVER_NATS_COALESCE=0 leaves nats.js as it is. */
 export function coalesceNatsWrites(): boolean {
   if (process.env.QUIVER_NATS_COALESCE === '0') return false;
-  const require = createRequire(import.meta.url);
-  let proto: Protocol & { [PATCHED]?: true };
-  try {
-    proto = (require('@nats-io/nats-core/internal') as { ProtocolHandler: { prototype: Protocol } }).ProtocolHandler.prototype;
-  } catch {
-    return false;
-  }
+  const proto = internalPrototype<Protocol>('ProtocolHandler');
+  if (!proto) return false;
   if (proto[PATCHED]) return true;
   const source = String(proto.sendCommand);
   if (!source.includes('queueMicrotask') || !source.includes('flushPending') || !source.includes('pendingLimit')) return false;
@@ -72,13 +77,8 @@ export const natsWritesCoalesced = coalesceNatsWrites();
 
 /** Applies the answered-request patch once per process; returns whether it is in force. */
 export function skipErrorsOfAnsweredRequests(): boolean {
-  const require = createRequire(import.meta.url);
-  let proto: Request & { [PATCHED]?: true; [ANSWERED]?: boolean };
-  try {
-    proto = (require('@nats-io/nats-core/internal') as { RequestOne: { prototype: Request } }).RequestOne.prototype;
-  } catch {
-    return false;
-  }
+  const proto = internalPrototype<Request>('RequestOne');
+  if (!proto) return false;
   if (proto[PATCHED]) return true;
   const resolver = proto.resolver;
   const cancel = proto.cancel;

@@ -8,8 +8,8 @@ import { after, before, describe, it } from 'node:test';
 import { jetstreamManager, type JetStreamManager } from '@nats-io/jetstream';
 import type { NatsConnection } from '@nats-io/transport-node';
 import { startNatsCluster, type NatsCluster } from '../infra/index.ts';
-import { Kvm } from '@nats-io/kv';
-import { bucketKeys, buckets, connectForever, decode, hostRecord, streams, type RunView } from '../schemas/index.ts';
+import { findLiveHost } from '../executor/index.ts';
+import { connectForever, streams, type RunView } from '../schemas/index.ts';
 import { loadPipeline, QuiverClient } from '../sdk/index.ts';
 import { removeDir } from '../shm/index.ts';
 import { fixture, quiverBin, repoRoot, stepOf, stopProcess, TEST_SHM_ROOT, waitFor } from './helpers.ts';
@@ -275,11 +275,9 @@ export default pipeline('cluster_pings', { got: step(() => tableFromArrays({ v: 
     const marks = join(dir, 'marks-host');
     // Placement goes by the load each host last reported (heartbeats every 2.5 s): the last runs
     // of the tests before must not tip it, so both hosts report nothing running first.
-    const hostsKv = await new Kvm(client.nc).open(buckets.hosts);
     await waitFor('both hosts to report no steps running', async () => {
-      const entries = await Promise.all([...(await bucketKeys(jsm, buckets.hosts))].map((key) => hostsKv.get(key)));
-      const live = entries.flatMap((e) => (e && e.length > 0 ? [decode(hostRecord, e.key, e.value)] : []));
-      return (['alpha', 'beta'] as const).every((h) => live.some((r) => r.hostId === `${h}-${tag}`)) && live.every((r) => r.running === 0);
+      const reported = await Promise.all((['alpha', 'beta'] as const).map((h) => findLiveHost(client.topology, `${h}-${tag}`)));
+      return reported.every((r) => r?.running === 0);
     }, 30_000);
     // Pinned to the label both hosts carry: beta, with more room, gets them.
     const lone = await client.run(await loadPipeline(pipelineFile(dir, 'lone', `
