@@ -209,12 +209,15 @@ async function waitFinished(route: Route, ids: readonly string[], stallMs: numbe
 /**
  * CPU time by process over a phase: this process (the client, orchestrator and executor of the
  * embedded cluster), and each descendant by kind (nats-server, step processes). Sampled from
- * /proc every 250 ms, so a step process that exits mid-phase keeps what it used until its last
- * sample (a worker recycled after maxStepsPerWorker loses at most 250 ms of CPU). The meter's
- * own CPU is taken off this process's.
+ * /proc every 250 ms. A process that exits between two samples (a step process forked and done in
+ * milliseconds) is never seen, or seen only in part: what it used reaches its parent's reaped-
+ * children time (cutime and cstime) once its parent waits for it, so each parent's reaped time in
+ * the phase, less what its children that vanished were last seen using, counts as what those
+ * children used unseen (as step processes: only step processes come and go during a burst).
+ * The meter's own CPU is taken off this process's.
  */
 class CpuMeter {
-  private readonly used = new Map<number, { kind: string; first: number; last: number }>();
+  private readonly used = new Map<number, { kind: string; ppid: number; first: number; last: number; reapedFirst: number; reapedLast: number; gone: boolean }>();
   private timer: NodeJS.Timeout | undefined;
   private readonly ticksPerMs = 100 / 1000;
   start(): void {
@@ -225,7 +228,12 @@ class CpuMeter {
     clearInterval(this.timer);
     this.sample();
     const byKind = new Map<string, number>();
-    for (const { kind, first, last } of this.used.values()) byKind.set(kind, (byKind.get(kind) ?? 0) + (last - first) / this.ticksPerMs);
+    const add = (kind: string, ticks: number) => byKind.set(kind, (byKind.get(kind) ?? 0) + ticks / this.ticksPerMs);
+    for (const [pid, { kind, first, last, reapedFirst, reapedLast }] of this.used) {
+      add(kind, last - first);
+      const seenOfVanished = [...this.used.values()].filter((c) => c.gone && c.ppid === pid).reduce((n, c) => n + c.last, 0);
+      add('step processes', Math.max(0, reapedLast - reapedFirst - seenOfVanished));
+    }
     // The meter's own reading of /proc is not the route's.
     byKind.set('main', Math.max(0, (byKind.get('main') ?? 0) - this.ownMs));
     return byKind;
@@ -242,7 +250,7 @@ class CpuMeter {
   }
   private read(): void {
     const parents = new Map<number, number>();
-    const stats = new Map<number, { ticks: number; cmd: string }>();
+    const stats = new Map<number, { ticks: number; reaped: number; cmd: string }>();
     for (const entry of readdirSync('/proc')) {
       const pid = Number(entry);
       if (!Number.isInteger(pid)) continue;
@@ -250,7 +258,7 @@ class CpuMeter {
         const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
         const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
         parents.set(pid, Number(fields[1]));
-        stats.set(pid, { ticks: Number(fields[11]) + Number(fields[12]), cmd: stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')')) });
+        stats.set(pid, { ticks: Number(fields[11]) + Number(fields[12]), reaped: Number(fields[13]) + Number(fields[14]), cmd: stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')')) });
       } catch {
         // exited between the listing and the read
       }
@@ -259,15 +267,21 @@ class CpuMeter {
       for (let p: number | undefined = pid; p !== undefined && p > 1; p = parents.get(p)) if (p === process.pid) return true;
       return false;
     };
-    for (const [pid, { ticks, cmd }] of stats) {
+    for (const [pid, known] of this.used) if (!stats.has(pid)) known.gone = true;
+    for (const [pid, { ticks, reaped, cmd }] of stats) {
       // BullMQ's Redis is the machine's when one runs on 6379: its CPU is the route's all the same.
       const isRedis = cmd.startsWith('redis-server');
       if (!isRedis && !descends(pid)) continue;
       const kind = pid === process.pid ? 'main' : isRedis ? 'redis-server' : cmd.includes('nats-server') ? 'nats-server' : cmd.startsWith('quiver-step') || cmd === 'node' ? 'step processes' : 'other';
       const known = this.used.get(pid);
-      if (known) known.last = ticks;
+      if (known) {
+        known.last = ticks;
+        known.reapedLast = reaped;
+        continue;
+      }
       // A process first seen mid-phase started in it: all its CPU counts.
-      else this.used.set(pid, { kind, first: this.used.size === 0 || pid === process.pid ? ticks : this.started ? 0 : ticks, last: ticks });
+      const fromStart = this.used.size === 0 || pid === process.pid || !this.started;
+      this.used.set(pid, { kind, ppid: parents.get(pid) ?? 0, first: fromStart ? ticks : 0, last: ticks, reapedFirst: fromStart ? reaped : 0, reapedLast: reaped, gone: false });
     }
     this.started = true;
   }

@@ -76,6 +76,8 @@ export interface RunnerBuild {
    * pipeline's: they run in step processes, not in the executor.
    */
   systemCodePath: string;
+  /** Linked code of the steps a step zygote warms up with (WARM_UP_STEPS). */
+  warmUpCodePath: string;
   /** Names what {@link linkCode} links against: a linked bundle is valid for this key only. */
   linkKey: string;
   /**
@@ -127,13 +129,7 @@ export async function buildRunner(outDir: string, options: BuildRunnerOptions = 
     logLevel: 'silent',
   });
   const systemCodePath = writeByHash(outDir, 'system', system.outputFiles[0]!.contents);
-  return {
-    runnerPath,
-    snapshot: started ? started.snapshot : null,
-    snapshotFailure,
-    systemCodePath,
-    linkKey: createHash('sha256').update(arrowUrl).digest('hex').slice(0, 16),
-    linkCode: async (code, outfile, packages = []) => {
+  const linkCode: RunnerBuild['linkCode'] = async (code, outfile, packages = []) => {
       const linked = await build({
         stdin: { contents: new TextDecoder().decode(code), loader: 'js', resolveDir: outDir, sourcefile: 'pipeline.mjs' },
         bundle: true,
@@ -150,9 +146,34 @@ export async function buildRunner(outDir: string, options: BuildRunnerOptions = 
         logLevel: 'silent',
       });
       return linked.outputFiles[0]!.contents;
-    },
+  };
+  const warmUpCodePath = writeByHash(outDir, 'warm-up', await linkCode(new TextEncoder().encode(WARM_UP_STEPS), join(outDir, 'warm-up.mjs')));
+  return {
+    runnerPath,
+    snapshot: started ? started.snapshot : null,
+    snapshotFailure,
+    systemCodePath,
+    warmUpCodePath,
+    linkKey: createHash('sha256').update(arrowUrl).digest('hex').slice(0, 16),
+    linkCode,
   };
 }
+
+/**
+ * What a step zygote runs before it forks (step-zygote.ts): a table made, written, mapped back and
+ * turned into another, so the code every step runs (the runner's, Arrow's builders and IPC) is
+ * compiled once in the zygote rather than in each forked process.
+ */
+const WARM_UP_STEPS = `import { tableFromArrays } from 'apache-arrow';
+export default { steps: {
+  make: { fn: () => tableFromArrays({ id: Int32Array.of(1, 2, 3), x: Float64Array.of(0.5, 1.5, 2.5), name: ['a', 'b', 'c'] }) },
+  use: { fn: (inputs) => {
+    const table = inputs.made.select(['id', 'x']);
+    const ids = table.getChild('id').toArray();
+    return tableFromArrays({ id: ids, twice: Float64Array.from(table.getChild('x').toArray(), (x) => 2 * x), rows: [String(table.numRows), 'b', 'c'] });
+  } },
+} };
+`;
 
 /** apache-arrow as one ESM file, for step processes that start without the snapshot. */
 async function buildArrowFile(outDir: string): Promise<string> {

@@ -75,6 +75,11 @@ export interface ExecutorOptions {
   flight?: ExecutorFlightOptions;
   /** Secret Flight tickets are signed with, the same on every host. @default QUIVER_CLUSTER_SECRET, else one kept in quiver-meta */
   clusterSecret?: string;
+  /**
+   * Fork step processes from a booted, warmed-up step zygote instead of booting node for each
+   * (executor/step-zygote.ts). @default QUIVER_FORK_SERVER ('0' turns it off), else true
+   */
+  forkServer?: boolean;
   /** Limits of the long-lived step processes of steps with `isolation: 'worker'`. */
   workers?: WorkerOptions;
   /** Time and memory limits of steps that declare none (docs/limits.md). @default 15 min, 1024 MB */
@@ -150,6 +155,8 @@ export class Executor {
       runnerPath: runner.runnerPath,
       snapshot: runner.snapshot,
       clusterId: topology.clusterId,
+      warmUpCodePath: runner.warmUpCodePath,
+      ...(options.forkServer !== undefined ? { forkServer: options.forkServer } : {}),
       ...(options.prewarm !== undefined ? { prewarm: options.prewarm } : {}),
       ...(options.workers ? { workers: options.workers } : {}),
       ...(options.stepLimits ? { limits: options.stepLimits } : {}),

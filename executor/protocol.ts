@@ -17,8 +17,9 @@ export function stepProcessArgs(clusterId: string): string[] {
   return [STEP_PROCESS_MARKER, clusterId, '-'.repeat(26), '-'.repeat(64)];
 }
 
-/** The title of a step process running `step` of `runId`, or of one with no step now. */
-export function stepProcessTitle(clusterId: string, job: { runId: string; step: string } | null): string {
+/** The title of a step process running `step` of `runId`, of one with no step now, or of a step zygote (step-zygote.ts). */
+export function stepProcessTitle(clusterId: string, job: { runId: string; step: string } | null | 'zygote'): string {
+  if (job === 'zygote') return `${STEP_PROCESS_MARKER} ${clusterId} ${NO_RUN} zygote`;
   return job ? `${STEP_PROCESS_MARKER} ${clusterId} ${job.runId} ${job.step}` : `${STEP_PROCESS_MARKER} ${clusterId} ${NO_RUN} idle`;
 }
 
@@ -119,6 +120,17 @@ export type RunnerRequest =
    * compiled. A failing import is left for the step to report.
    */
   | { type: 'preload'; codePath: string }
+  /**
+   * To a step zygote (executor/step-zygote.ts): fork a step process that connects its stdout,
+   * stderr and IPC channel to `socketPath`, each saying `quiver-fork <token> <forkId> <stream>`
+   * first, under RLIMIT_AS `addressSpaceBytes` (0: none). Answered with 'forked' or 'fork-failed'.
+   */
+  | { type: 'fork'; forkId: number; socketPath: string; token: string; addressSpaceBytes: number }
+  /**
+   * To a step zygote before its first fork: run the warm-up steps of `codePath` (build-runner.ts
+   * WARM_UP_STEPS) with their tables in `shmDir`, so forked processes find that code compiled.
+   */
+  | { type: 'warm-up'; codePath: string; shmDir: string; idPrefix: string }
   /** The answer to a system step's {@link CatalogCall}. */
   | { type: 'catalog-reply'; id: number; ok: true; result: unknown }
   | { type: 'catalog-reply'; id: number; ok: false; error: StepError };
@@ -141,4 +153,14 @@ export type RunnerMessage =
   /** A worker's uncaught exception or unhandled rejection: it exits right after sending this. */
   | { type: 'fatal'; error: StepError }
   /** A system step's call on the catalog its executor holds (answered with 'catalog-reply'). */
-  | { type: 'catalog'; id: number; call: CatalogCall };
+  | { type: 'catalog'; id: number; call: CatalogCall }
+  /** A step zygote forked the process asked for. */
+  | { type: 'forked'; forkId: number; pid: number }
+  | { type: 'fork-failed'; forkId: number; message: string }
+  /** A process a step zygote forked ended (the zygote reaps it). */
+  | { type: 'exited'; pid: number; code: number | null; signal: NodeJS.Signals | null };
+
+/** What each connection of a forked step process says first (see RunnerRequest 'fork'). */
+export function forkHello(token: string, forkId: number, stream: 'stdout' | 'stderr' | 'ipc'): string {
+  return `quiver-fork ${token} ${forkId} ${stream}`;
+}

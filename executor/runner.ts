@@ -4,11 +4,14 @@
  * (run the step, answer, exit) or a worker (answer, then wait for the next step of the same
  * pipeline version). Either way each step goes through {@link runJob}.
  */
+import { readlinkSync } from 'node:fs';
+import { constants as osConstants } from 'node:os';
 import { Writable } from 'node:stream';
+import { inspect } from 'node:util';
 import { startupSnapshot } from 'node:v8';
-import { parentPid, setParentDeathSignal } from '../shm/index.ts';
+import { exitNow, forkChild, parentPid, reapChild, removeSegments, setParentDeathSignal } from '../shm/index.ts';
 import { importCode } from './code-import.ts';
-import { STEP_PROCESS_MARKER, stepProcessTitle, type RunnerJob, type RunnerMessage, type RunnerRequest } from './protocol.ts';
+import { STEP_PROCESS_MARKER, forkHello, stepProcessTitle, type RunnerJob, type RunnerMessage, type RunnerRequest } from './protocol.ts';
 import { runJob } from './run-job.ts';
 import { workerCrashed } from './step-errors.ts';
 
@@ -135,6 +138,11 @@ export function main(): void {
 function onRequest(request: RunnerRequest): void {
   if (request.type === 'ping') {
     send({ type: 'pong', seq: request.seq }).catch(() => process.exit(71));
+  } else if (request.type === 'fork') {
+    // After the warm-up: a child forked in the middle of it would carry the rest of it along.
+    void warmedUp.then(() => forkStep(request));
+  } else if (request.type === 'warm-up') {
+    warmedUp = warmUp(request);
   } else if (request.type === 'preload') {
     importCode(request.codePath).catch(() => undefined);
   } else if (request.type === 'job') {
@@ -148,3 +156,115 @@ function onRequest(request: RunnerRequest): void {
 
 // Bundled as the runner itself, it serves at once; bundled into the snapshot, the snapshot's entry decides.
 if (!startupSnapshot.isBuildingSnapshot()) main();
+
+/**
+ * A step zygote (executor/step-zygote.ts) is a runner that has run nothing and forks step
+ * processes on request: each starts from its memory (node, apache-arrow and the runner booted)
+ * instead of booting. Only a process started with --single-threaded forks: V8 then hands no work
+ * to the background threads a child would not have.
+ */
+const zygoteChildren = new Set<number>();
+/** True in a forked child: it serves its own steps and forks nothing. */
+let forkedChild = false;
+const SIGNAL_NAMES = new Map(Object.entries(osConstants.signals).map(([name, number]) => [number, name as NodeJS.Signals]));
+
+/** Settles once the zygote's warm-up ran (or failed: forked processes then compile it themselves). */
+let warmedUp: Promise<void> = Promise.resolve();
+
+async function warmUp(request: RunnerRequest & { type: 'warm-up' }): Promise<void> {
+  const job = (step: string, inputs: RunnerJob['inputs']): RunnerJob => ({
+    codePath: request.codePath, runId: request.idPrefix, step, params: {}, event: null, inputs, shmDir: request.shmDir, outputIdPrefix: `${request.idPrefix}.${step}`,
+  });
+  const written: string[] = [];
+  try {
+    const made = await runJob(job('make', []));
+    if (made.type !== 'result') return;
+    written.push(...made.segments.map((s) => s.id));
+    const descriptor = { kind: 'shm' as const, hostId: '', segments: made.segments, byteSize: made.byteSize, rows: made.rows, schema: made.schema };
+    const used = await runJob(job('use', [{ param: 'made', descriptor }]));
+    if (used.type === 'result') written.push(...used.segments.map((s) => s.id));
+  } catch {
+    // Only a head start: a forked process compiles whatever this left out.
+  } finally {
+    try {
+      removeSegments(written, { dir: request.shmDir });
+    } catch {
+      // Left for the executor, which removes the folder.
+    }
+  }
+}
+
+function forkStep(request: RunnerRequest & { type: 'fork' }): void {
+  // A request read by the zygote before it forked this child: the zygote answers it.
+  if (forkedChild) return;
+  if (!process.execArgv.includes('--single-threaded')) {
+    void send({ type: 'fork-failed', forkId: request.forkId, message: 'the step zygote was not started with --single-threaded' }).catch(() => process.exit(71));
+    return;
+  }
+  const channel = process.channel as unknown as { fd: number; writeQueueSize: number };
+  // A child inherits what is queued on the channel and would write it to its own: fork once it is sent.
+  if (channel.writeQueueSize > 0) {
+    setImmediate(() => forkStep(request));
+    return;
+  }
+  let pid: number;
+  try {
+    const hellos = [forkHello(request.token, request.forkId, 'stdout'), forkHello(request.token, request.forkId, 'stderr'), forkHello(request.token, request.forkId, 'ipc')] as const;
+    pid = forkChild({ socketPath: request.socketPath, hellos, ipcFd: channel.fd }, request.addressSpaceBytes);
+  } catch (error) {
+    void send({ type: 'fork-failed', forkId: request.forkId, message: (error as Error).message }).catch(() => process.exit(71));
+    return;
+  }
+  if (pid === 0) {
+    becomeForkedChild();
+    return;
+  }
+  if (zygoteChildren.size === 0) process.on('SIGCHLD', reapChildren);
+  process.title = stepProcessTitle(clusterId, 'zygote');
+  zygoteChildren.add(pid);
+  void send({ type: 'forked', forkId: request.forkId, pid }).catch(() => process.exit(71));
+}
+
+function reapChildren(): void {
+  for (const pid of zygoteChildren) {
+    const ended = reapChild(pid);
+    if (!ended) continue;
+    zygoteChildren.delete(pid);
+    const signal = ended.signal === null ? null : (SIGNAL_NAMES.get(ended.signal) ?? null);
+    void send({ type: 'exited', pid, code: ended.code, signal }).catch(() => process.exit(71));
+  }
+}
+
+/**
+ * What a forked child changes before it serves: it reaps nothing of the zygote's, ends with _exit
+ * (Node's own exit joins threads only the zygote has), reports an uncaught error as Node would,
+ * and draws Math.random from its own seed, not the one it shares with the zygote and every sibling.
+ */
+function becomeForkedChild(): void {
+  forkedChild = true;
+  // Node reads its pid once, at start: the zygote's.
+  Object.defineProperty(process, 'pid', { value: Number(readlinkSync('/proc/self')), enumerable: true, configurable: true, writable: true });
+  process.removeListener('SIGCHLD', reapChildren);
+  zygoteChildren.clear();
+  process.title = stepProcessTitle(clusterId, null);
+  (process as unknown as { reallyExit: (code?: number) => never }).reallyExit = (code?: number) => exitNow(code ?? 0);
+  process.on('uncaughtException', (error) => {
+    // A worker's own handler (crash) reports it to the executor and exits.
+    if (isWorker) return;
+    try {
+      output.stderr.write(`${inspect(error)}\n`);
+    } finally {
+      exitNow(1);
+    }
+  });
+  const pool = new Uint32Array(1024);
+  let next = pool.length;
+  Math.random = function random(): number {
+    if (next + 2 > pool.length) {
+      crypto.getRandomValues(pool);
+      next = 0;
+    }
+    // 53 random bits, as V8's own Math.random has.
+    return ((pool[next++]! >>> 5) * 67108864 + (pool[next++]! >>> 6)) / 9007199254740992;
+  };
+}

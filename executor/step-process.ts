@@ -5,6 +5,7 @@ import type { LogLine } from '../schemas/index.ts';
 import type { StepSnapshot } from './build-runner.ts';
 import { stepProcessArgs, type CatalogHandler, type RunnerJob, type RunnerMessage, type RunnerReply, type RunnerRequest } from './protocol.ts';
 import { stepKilled, stepOutOfMemory, stepProcessDied, stepSpawnFailed, stepTimedOut, workerDied, workerHung } from './step-errors.ts';
+import type { StepChild, StepZygote } from './step-zygote.ts';
 
 /** How a step process is started. */
 export interface SpawnOptions {
@@ -22,6 +23,35 @@ export interface SpawnOptions {
   prlimit: string | null;
   /** RLIMIT_AS it starts with (a step changes it when it needs more for its inputs). */
   addressSpaceBytes: number;
+  /** Forks the process from this zygote (booted, --single-threaded) instead of spawning node. */
+  zygote?: StepZygote | null;
+}
+
+/**
+ * Spawns a runner: a step process, or with `extraNodeArgs` ['--single-threaded'] a step zygote
+ * (which gets no RLIMIT_AS of its own: it sets each child's).
+ */
+export function spawnRunner(options: Omit<SpawnOptions, 'zygote' | 'onLog'>, extraNodeArgs: readonly string[] = []): ChildProcess {
+  // Not the executor's flags: a TypeScript loader or test runner would triple the start-up time.
+  // Source maps point step stack traces at the user's own files.
+  const nodeArgs = ['--enable-source-maps', `--max-old-space-size=${options.memoryMb}`, ...extraNodeArgs];
+  if (options.snapshot?.heapMb === options.memoryMb) nodeArgs.unshift('--snapshot-blob', options.snapshot.blobPath);
+  // WebAssembly memories reserve ~10 GB of guard pages each for the trap handler, which no
+  // RLIMIT_AS leaves room for: under the limit, bounds are checked by code instead (parquet-wasm).
+  if (options.prlimit && WASM_TRAP_HANDLER_FLAG) nodeArgs.push(WASM_TRAP_HANDLER_FLAG);
+  const prlimit = options.prlimit && options.addressSpaceBytes > 0 ? options.prlimit : null;
+  // The placeholders leave room for the runner to write its run and step into its title, where gc finds them.
+  return fork(options.runnerPath, stepProcessArgs(options.clusterId), {
+    stdio: ['ignore', 'pipe', 'pipe', 'ipc'],
+    // prlimit sets RLIMIT_AS and execs node in place: the pid, pipes and IPC channel stay node's.
+    ...(prlimit
+      ? { execPath: prlimit, execArgv: [`--as=${options.addressSpaceBytes}`, '--', process.execPath, ...nodeArgs] }
+      : { execArgv: nodeArgs }),
+    env: stepProcessEnv(),
+    // Its own process group: a timeout or kill ends whatever the step started too.
+    detached: true,
+    serialization: 'json',
+  });
 }
 
 /**
@@ -92,7 +122,7 @@ const MAX_EARLY_LINES = 100;
  * step's fault.
  */
 export class StepProcess {
-  readonly child: ChildProcess;
+  readonly child: StepChild;
   /** Steps handed to it. */
   steps = 0;
   private active: ActiveJob | null = null;
@@ -119,25 +149,7 @@ export class StepProcess {
 
   constructor(private readonly options: SpawnOptions) {
     this.addressSpaceBytes = options.addressSpaceBytes;
-    // Not the executor's flags: a TypeScript loader or test runner would triple the start-up time.
-    // Source maps point step stack traces at the user's own files.
-    const nodeArgs = ['--enable-source-maps', `--max-old-space-size=${options.memoryMb}`];
-    if (options.snapshot?.heapMb === options.memoryMb) nodeArgs.unshift('--snapshot-blob', options.snapshot.blobPath);
-    // WebAssembly memories reserve ~10 GB of guard pages each for the trap handler, which no
-    // RLIMIT_AS leaves room for: under the limit, bounds are checked by code instead (parquet-wasm).
-    if (options.prlimit && WASM_TRAP_HANDLER_FLAG) nodeArgs.push(WASM_TRAP_HANDLER_FLAG);
-    // The placeholders leave room for the runner to write its run and step into its title, where gc finds them.
-    this.child = fork(options.runnerPath, stepProcessArgs(options.clusterId), {
-      stdio: ['ignore', 'pipe', 'pipe', 'ipc'],
-      // prlimit sets RLIMIT_AS and execs node in place: the pid, pipes and IPC channel stay node's.
-      ...(options.prlimit
-        ? { execPath: options.prlimit, execArgv: [`--as=${options.addressSpaceBytes}`, '--', process.execPath, ...nodeArgs] }
-        : { execArgv: nodeArgs }),
-      env: stepProcessEnv(),
-      // Its own process group: a timeout or kill ends whatever the step started too.
-      detached: true,
-      serialization: 'json',
-    });
+    this.child = options.zygote ? options.zygote.fork(options.addressSpaceBytes) : spawnRunner(options);
     const streamClosed = (stream: 'stdout' | 'stderr', source: NodeJS.ReadableStream | null) => {
       if (!source) return Promise.resolve();
       const lines = createInterface({ input: source, crlfDelay: Infinity });
@@ -246,9 +258,14 @@ export class StepProcess {
    * Changes the process's RLIMIT_AS (for a step whose inputs need more room, or a worker's next
    * step). A failure (the process is gone) is left to its exit to report.
    */
-  private setAddressSpace(bytes: number): Promise<void> {
+  private async setAddressSpace(bytes: number): Promise<void> {
     const prlimit = this.options.prlimit;
-    if (!prlimit || this.pid === undefined) return Promise.resolve();
+    // A forked process has its pid once the zygote answers; one that never gets it never runs.
+    if (this.pid === undefined && !this.exited) await new Promise<void>((resolve) => {
+      this.child.once('spawn', () => resolve());
+      this.onExit(resolve);
+    });
+    if (!prlimit || this.pid === undefined || this.exited) return;
     this.addressSpaceBytes = bytes;
     return new Promise((resolve) => execFile(prlimit, ['--pid', String(this.pid), `--as=${bytes}`], () => resolve()));
   }
@@ -256,7 +273,11 @@ export class StepProcess {
   /** SIGKILL to the process and everything it started (its process group). */
   private killGroup(): void {
     const pid = this.child.pid;
-    if (pid === undefined) return;
+    // A process being forked is killed once it has a pid.
+    if (pid === undefined) {
+      this.child.kill('SIGKILL');
+      return;
+    }
     try {
       process.kill(-pid, 'SIGKILL');
     } catch {

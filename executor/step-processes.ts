@@ -4,7 +4,8 @@ import type { Isolation, LogLine, StepLimits } from '../schemas/index.ts';
 import type { CatalogHandler, RunnerJob, RunnerReply } from './protocol.ts';
 import { stepEnvMissing } from './step-errors.ts';
 import type { StepSnapshot } from './build-runner.ts';
-import { ADDRESS_SPACE_LIMIT_SUPPORTED, StepProcess, type RunLimits } from './step-process.ts';
+import { ADDRESS_SPACE_LIMIT_SUPPORTED, StepProcess, spawnRunner, type RunLimits } from './step-process.ts';
+import { StepZygote } from './step-zygote.ts';
 
 /** The limits of steps that declare none (`timeoutMs`, `memoryMb` step or pipeline options). */
 export interface StepLimitDefaults {
@@ -57,6 +58,13 @@ export interface StepProcessesOptions {
   secrets?: NodeJS.ProcessEnv;
   /** Every line a step prints, as it prints it. */
   onLog: (line: LogLine) => void;
+  /**
+   * Fork step processes of the default heap limit from a step zygote (step-zygote.ts) instead of
+   * booting node for each. @default QUIVER_FORK_SERVER ('0' turns it off), else true
+   */
+  forkServer?: boolean;
+  /** What a step zygote runs before it forks (RunnerBuild.warmUpCodePath). @default nothing */
+  warmUpCodePath?: string | null;
 }
 
 export const DEFAULT_PREWARM = 2;
@@ -139,6 +147,8 @@ export function resolveStepProcessesOptions(options: StepProcessesOptions): Reso
     prewarm: count('prewarm', options.prewarm, DEFAULT_PREWARM, 0),
     onLog: options.onLog,
     secrets: options.secrets ?? process.env,
+    forkServer: options.forkServer ?? process.env.QUIVER_FORK_SERVER !== '0',
+    warmUpCodePath: options.warmUpCodePath ?? null,
     limits: {
       timeoutMs: count('limits.timeoutMs', l.timeoutMs ?? fromEnv('QUIVER_STEP_TIMEOUT_MS'), DEFAULT_STEP_TIMEOUT_MS, 1),
       memoryMb: defaultStepMemoryMb(l),
@@ -180,9 +190,20 @@ export class StepProcesses {
   private likelyCode: string | null = null;
   private refillScheduled = false;
   private stopped = false;
+  /** Forks the processes of the default heap limit, when the fork server is on. */
+  private readonly zygote: StepZygote | null;
 
   constructor(options: StepProcessesOptions) {
     this.options = resolveStepProcessesOptions(options);
+    const { runnerPath, clusterId, limits } = this.options;
+    this.zygote = this.options.forkServer
+      ? new StepZygote(
+          // Booted once, so without the startup snapshot (V8 refuses one built without
+          // --single-threaded); its warmed-up bytecode is kept for the processes it forks.
+          () => spawnRunner({ runnerPath, snapshot: null, clusterId, memoryMb: limits.memoryMb, prlimit: limits.prlimit, addressSpaceBytes: 0 }, ['--single-threaded', '--no-flush-bytecode']),
+          this.options.warmUpCodePath,
+        )
+      : null;
     this.refillSpares();
   }
 
@@ -249,6 +270,7 @@ export class StepProcesses {
     for (const procs of this.running.values()) for (const proc of procs) proc.kill(why);
     for (const worker of this.workers) if (!worker.busy) worker.retire();
     for (const spare of this.spares.splice(0)) spare.kill(why);
+    this.zygote?.stop();
   }
 
   /** Workers are pooled by pipeline version and heap limit: a worker's heap limit is fixed when it starts. */
@@ -354,7 +376,9 @@ export class StepProcesses {
 
   private spawn(memoryMb: number): StepProcess {
     const { runnerPath, snapshot, clusterId, onLog, limits } = this.options;
-    return new StepProcess({ runnerPath, snapshot, clusterId, onLog, memoryMb, prlimit: limits.prlimit, addressSpaceBytes: addressSpaceFor(memoryMb, 0) });
+    // The zygote's heap limit is the default one: a step declaring another boots its own process.
+    const zygote = memoryMb === limits.memoryMb && this.zygote?.usable ? this.zygote : null;
+    return new StepProcess({ runnerPath, snapshot, clusterId, onLog, memoryMb, prlimit: limits.prlimit, addressSpaceBytes: addressSpaceFor(memoryMb, 0), zygote });
   }
 }
 

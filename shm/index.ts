@@ -231,3 +231,37 @@ export function setParentDeathSignal(signal: NodeJS.Signals | number, options: P
 export function parentPid(): number {
   return native.parentPid();
 }
+
+/** Where a forked child's stdout, stderr and IPC channel connect, and the line each says first. */
+export interface ForkStreams {
+  /** A unix socket the parent's executor listens on. */
+  socketPath: string;
+  /** What the stdout, stderr and IPC connections say first, in that order: one line each. */
+  hellos: readonly [string, string, string];
+  /** This process's IPC channel fd (process.channel.fd), replaced in the child. */
+  ipcFd: number;
+}
+
+/**
+ * Forks this process (a step zygote, see executor/step-zygote.ts). The child leads its own process
+ * group, dies with this process, has its stdout, stderr and IPC channel connected to
+ * `streams.socketPath` instead of ours, runs under RLIMIT_AS `addressSpaceBytes` (0: none) and has
+ * its event loop re-armed. Returns the child's pid here and 0 in the child. Only for a process
+ * started with V8's --single-threaded: the child has none of its parent's other threads.
+ */
+export function forkChild(streams: ForkStreams, addressSpaceBytes: number): number {
+  for (const hello of streams.hellos) {
+    if (hello.includes('\n')) throw new ShmArgumentError(`forkChild: a hello is one line without its newline, got ${describe(hello)}`);
+  }
+  return native.forkChild(streams.socketPath, streams.hellos.map((h) => `${h}\n`) as unknown as readonly [string, string, string], streams.ipcFd, addressSpaceBytes);
+}
+
+/** How a forked child ended (exit code or signal number), or null while it runs. */
+export function reapChild(pid: number): { code: number | null; signal: number | null } | null {
+  return native.reapChild(pid);
+}
+
+/** Ends this process at once with `code` (_exit): what a forked child must use instead of Node's exit. */
+export function exitNow(code: number): never {
+  return native.exitNow(code);
+}

@@ -25,6 +25,17 @@ export interface NativeShm {
   setParentDeathSignal(signal: number): void;
   /** getppid(). */
   parentPid(): number;
+  /**
+   * fork(2) of this process (a step zygote, executor/step-zygote.ts): the child leads its own
+   * process group, dies with its parent, replaces fds 1, 2 and `ipcFd` with connections to
+   * `socketPath` that first said `hellos[0..2]`, takes RLIMIT_AS `addressSpaceBytes` (0: none)
+   * and re-arms the event loop. The child's pid here, 0 in the child.
+   */
+  forkChild(socketPath: string, hellos: readonly [string, string, string], ipcFd: number, addressSpaceBytes: number): number;
+  /** waitpid(pid, WNOHANG) of a forked child: null while it runs. */
+  reapChild(pid: number): { code: number | null; signal: number | null } | null;
+  /** _exit(2), skipping Node's own exit (a forked child has none of the threads it would join). */
+  exitNow(code: number): never;
   /** Largest mapping the addon will hand to JavaScript. */
   setMaxByteLength(byteLength: number): void;
   /** True when /dev/quiver (kmod/) can be opened. */
@@ -94,6 +105,9 @@ export const native: NativeShm = {
   renameNoReplace: (from, to) => call((m) => m.renameNoReplace(from, to)),
   setParentDeathSignal: (signal) => call((m) => m.setParentDeathSignal(signal)),
   parentPid: () => call((m) => m.parentPid()),
+  forkChild: (socketPath, hellos, ipcFd, addressSpaceBytes) => call((m) => m.forkChild(socketPath, hellos, ipcFd, addressSpaceBytes)),
+  reapChild: (pid) => call((m) => m.reapChild(pid)),
+  exitNow: (code) => call((m) => m.exitNow(code)),
   setMaxByteLength: (byteLength) => call((m) => m.setMaxByteLength(byteLength)),
   regionAvailable: () => call((m) => m.regionAvailable()),
   allocAnonymous: (byteSize) => call((m) => m.allocAnonymous(byteSize)),

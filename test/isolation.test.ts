@@ -12,14 +12,14 @@ import { bundleDir, buckets, type LogLine, type RunView } from '../schemas/index
 import { loadPipeline, type LocalCluster, type LocalClusterOptions } from '../sdk/index.ts';
 import { TEST_SHM_ROOT, fixture, runFile, stepOf, tempHome, waitFor, withCluster, withEnv } from './helpers.ts';
 
-/** Step processes and workers of one cluster, running a step or not, found by their command line. */
-function stepProcessesOf(clusterId: string): number[] {
+/** Step processes and workers of one cluster, running a step or not, found by their command line; with `zygotes`, step zygotes too. */
+function stepProcessesOf(clusterId: string, zygotes = true): number[] {
   const found: number[] = [];
   for (const pid of readdirSync('/proc').filter((e) => /^\d+$/.test(e))) {
     try {
       const argv = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split(/[\0 ]+/);
       const at = argv.indexOf('quiver-step');
-      if (at >= 0 && argv[at + 1] === clusterId) found.push(Number(pid));
+      if (at >= 0 && argv[at + 1] === clusterId && (zygotes || argv[at + 3] !== 'zygote')) found.push(Number(pid));
     } catch {
       // Gone while we looked.
     }
@@ -136,7 +136,8 @@ describe('StepProcesses, without a cluster', () => {
     writeFileSync(codePath, await runner.linkCode(new TextEncoder().encode(source), codePath));
     const shmDir = join(TEST_SHM_ROOT, `isolation-snapshot-${process.pid}`);
     mkdirSync(shmDir, { recursive: true });
-    const processes = new StepProcesses({ runnerPath: runner.runnerPath, snapshot: runner.snapshot, clusterId: 'isolation-snapshot', prewarm: 0, limits: { memoryMb: 256 }, onLog: () => {} });
+    // Booted, not forked from a zygote: a zygote boots once, without the snapshot.
+    const processes = new StepProcesses({ runnerPath: runner.runnerPath, snapshot: runner.snapshot, clusterId: 'isolation-snapshot', prewarm: 0, limits: { memoryMb: 256 }, forkServer: false, onLog: () => {} });
     try {
       const seen: Record<string, { execArgv: string[]; sameArrow: boolean }> = {};
       for (const [name, memoryMb] of [['snapshot', 256], ['plain', 300]] as const) {
@@ -188,7 +189,7 @@ describe('StepProcesses, without a cluster', () => {
       for (const [n, codePath] of versions.entries()) assert.equal((await run(codePath, n)).type, 'result');
       // Three versions ran, one worker each; two may stay idle, so the first version's went.
       await waitFor('the oldest idle worker to exit', () => processes.workerCount === 2, 5000);
-      assert.equal(stepProcessesOf('isolation-idle').length, 2);
+      assert.equal(stepProcessesOf('isolation-idle', false).length, 2);
       // The latest two are still warm: running them again starts no process.
       for (const [n, codePath] of versions.slice(1).entries()) assert.equal((await run(codePath, 10 + n)).type, 'result');
       assert.equal(processes.workerCount, 2);

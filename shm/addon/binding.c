@@ -17,6 +17,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "fork_core.h"
 #include "region_core.h"
 #include "shm_core.h"
 
@@ -479,6 +480,89 @@ static napi_value js_set_max_byte_length(napi_env env, napi_callback_info info) 
   return NULL;
 }
 
+/* ---- forking step processes (executor/step-zygote.ts) ------------------- */
+
+#define HELLO_SIZE 256
+
+static napi_value js_fork_child(napi_env env, napi_callback_info info) {
+  napi_value argv[MAX_ARGS];
+  char socket_path[PATH_MAX];
+  char hellos[3][HELLO_SIZE];
+  qfork_stream streams[3];
+  double ipc_fd, address_space;
+  uv_loop_t *loop;
+  if (!get_args(env, info, "forkChild(socketPath, hellos, ipcFd, addressSpaceBytes)", 4, argv)) return NULL;
+  if (!get_path(env, argv[0], "forkChild", socket_path)) return NULL;
+  if (!get_integer(env, argv[2], "forkChild", "ipcFd", &ipc_fd)) return NULL;
+  if (!get_integer(env, argv[3], "forkChild", "addressSpaceBytes", &address_space)) return NULL;
+  if (ipc_fd < 3 || ipc_fd > INT_MAX || address_space < 0 || address_space > 9007199254740991.0) {
+    throw_arg(env, "quiver shm forkChild: ipcFd must be an fd above 2 and addressSpaceBytes at least 0, got %g and %g", ipc_fd, address_space);
+    return NULL;
+  }
+  const int fds[3] = {1, 2, (int)ipc_fd};
+  for (uint32_t i = 0; i < 3; i++) {
+    napi_value hello;
+    size_t length = 0;
+    if (napi_get_element(env, argv[1], i, &hello) != napi_ok ||
+        napi_get_value_string_utf8(env, hello, hellos[i], HELLO_SIZE, &length) != napi_ok || length >= HELLO_SIZE - 1) {
+      throw_arg(env, "quiver shm forkChild: hellos must be three strings shorter than %d bytes", HELLO_SIZE - 1);
+      return NULL;
+    }
+    streams[i].fd = fds[i];
+    streams[i].hello = hellos[i];
+  }
+  if (napi_get_uv_event_loop(env, &loop) != napi_ok) return NULL;
+  pid_t pid = qfork_child(loop, socket_path, streams, 3, (uint64_t)address_space);
+  if (pid < 0) {
+    qshm_status s = {-pid, "fork"};
+    throw_status(env, "forkChild", s, "(process)");
+    return NULL;
+  }
+  napi_value result;
+  napi_create_int32(env, pid, &result);
+  return result;
+}
+
+static napi_value js_reap_child(napi_env env, napi_callback_info info) {
+  napi_value argv[MAX_ARGS];
+  double pid;
+  int code = -1, signal = -1;
+  if (!get_args(env, info, "reapChild(pid)", 1, argv)) return NULL;
+  if (!get_integer(env, argv[0], "reapChild", "pid", &pid)) return NULL;
+  if (pid < 1 || pid > INT_MAX) {
+    throw_arg(env, "quiver shm reapChild: pid must be a positive pid, got %g", pid);
+    return NULL;
+  }
+  int r = qfork_reap((pid_t)pid, &code, &signal);
+  if (r < 0) {
+    qshm_status s = {-r, "waitpid"};
+    throw_status(env, "reapChild", s, "(process)");
+    return NULL;
+  }
+  napi_value result, v;
+  if (r == 0) {
+    napi_get_null(env, &result);
+    return result;
+  }
+  napi_create_object(env, &result);
+  if (code >= 0) napi_create_int32(env, code, &v);
+  else napi_get_null(env, &v);
+  napi_set_named_property(env, result, "code", v);
+  if (signal >= 0) napi_create_int32(env, signal, &v);
+  else napi_get_null(env, &v);
+  napi_set_named_property(env, result, "signal", v);
+  return result;
+}
+
+/* _exit(2): a forked child must not run Node's exit, which joins threads only its parent has. */
+static napi_value js_exit_now(napi_env env, napi_callback_info info) {
+  napi_value argv[MAX_ARGS];
+  double code;
+  if (!get_args(env, info, "exitNow(code)", 1, argv)) return NULL;
+  if (!get_integer(env, argv[0], "exitNow", "code", &code)) return NULL;
+  _exit((int)code & 0xff);
+}
+
 /* ---- regions (kmod/) ------------------------------------------------------ */
 
 static bool get_fd(napi_env env, napi_value v, const char *fn, int *out) {
@@ -699,6 +783,9 @@ static napi_value init(napi_env env, napi_value exports) {
       {"renameNoReplace", NULL, js_rename_no_replace, NULL, NULL, NULL, napi_enumerable, NULL},
       {"setParentDeathSignal", NULL, js_set_parent_death_signal, NULL, NULL, NULL, napi_enumerable, NULL},
       {"parentPid", NULL, js_parent_pid, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"forkChild", NULL, js_fork_child, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"reapChild", NULL, js_reap_child, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"exitNow", NULL, js_exit_now, NULL, NULL, NULL, napi_enumerable, NULL},
       {"setMaxByteLength", NULL, js_set_max_byte_length, NULL, NULL, NULL, napi_enumerable, NULL},
       {"regionAvailable", NULL, js_region_available, NULL, NULL, NULL, napi_enumerable, NULL},
       {"allocAnonymous", NULL, js_alloc_anonymous, NULL, NULL, NULL, napi_enumerable, NULL},

@@ -1,0 +1,126 @@
+import assert from 'node:assert/strict';
+import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, it } from 'node:test';
+import { buildRunner } from '../executor/build-runner.ts';
+import type { RunnerJob } from '../executor/protocol.ts';
+import { StepProcesses } from '../executor/step-processes.ts';
+import { removeDir } from '../shm/index.ts';
+import { bundleDir, type LogLine } from '../schemas/index.ts';
+import { TEST_SHM_ROOT, tempHome, waitFor } from './helpers.ts';
+
+/** Processes whose command line names the cluster (step processes and zygotes), with their parent. */
+function processesOf(clusterId: string): { pid: number; ppid: number; title: string }[] {
+  const found = [];
+  for (const entry of readdirSync('/proc').filter((e) => /^\d+$/.test(e))) {
+    try {
+      const title = readFileSync(`/proc/${entry}/cmdline`, 'utf8').replace(/\0/g, ' ').trim();
+      if (!title.includes(`quiver-step ${clusterId} `)) continue;
+      const stat = readFileSync(`/proc/${entry}/stat`, 'utf8');
+      found.push({ pid: Number(entry), ppid: Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]), title });
+    } catch {
+      // Gone while we looked.
+    }
+  }
+  return found;
+}
+
+/** Each mode is one way a step can go; `report` writes what the process saw of itself. */
+const SOURCE = `import { tableFromArrays } from 'apache-arrow';
+  import { readlinkSync, readFileSync, writeFileSync } from 'node:fs';
+  export default { steps: { probe: { fn: async (_inputs, ctx) => {
+    const mode = ctx.params.mode;
+    console.log('probe ' + mode + ' in ' + process.pid);
+    if (mode === 'exit') process.exit(3);
+    if (mode === 'timer') {
+      setTimeout(() => { throw new Error('thrown in a timer of a forked step'); }, 5);
+      await new Promise((r) => setTimeout(r, 5000));
+    }
+    const stat = readFileSync('/proc/self/stat', 'utf8');
+    writeFileSync(ctx.params.out, JSON.stringify({
+      pid: process.pid,
+      realPid: Number(readlinkSync('/proc/self')),
+      ppid: Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]),
+      random: [Math.random(), Math.random()],
+    }));
+    return tableFromArrays({ ok: Int32Array.of(1) });
+  } } } };`;
+
+const TIMEOUT = { timeout: 120_000 };
+
+describe('step zygote', () => {
+  it("forks 'process' steps from one warmed-up zygote: a fresh process each, with its own pid and randomness, and fails steps that exit or throw as before", TIMEOUT, async () => {
+    const home = tempHome();
+    const runner = await buildRunner(bundleDir('build'));
+    const codePath = join(home.dir, 'probe.mjs');
+    writeFileSync(codePath, await runner.linkCode(new TextEncoder().encode(SOURCE), codePath));
+    const shmDir = join(TEST_SHM_ROOT, `step-zygote-${process.pid}`);
+    mkdirSync(shmDir, { recursive: true });
+    const logs: LogLine[] = [];
+    const clusterId = `zygote${process.pid}`;
+    const processes = new StepProcesses({ runnerPath: runner.runnerPath, snapshot: runner.snapshot, clusterId, warmUpCodePath: runner.warmUpCodePath, forkServer: true, onLog: (l) => logs.push(l) });
+    const run = (n: number, mode: string) => {
+      const out = join(home.dir, `probe${n}.json`);
+      const job: RunnerJob = { codePath, runId: `run${n}`, step: 'probe', params: { mode, out }, event: null, inputs: [], shmDir, outputIdPrefix: `run${n}.probe.1` };
+      return { reply: processes.run(job, 'process'), seen: () => JSON.parse(readFileSync(out, 'utf8')) as { pid: number; realPid: number; ppid: number; random: number[] } };
+    };
+    try {
+      const first = run(1, 'report');
+      assert.equal((await first.reply).type, 'result');
+      const second = run(2, 'report');
+      assert.equal((await second.reply).type, 'result');
+      const [a, b] = [first.seen(), second.seen()];
+      const zygote = processesOf(clusterId).find((p) => p.title.endsWith(' zygote'));
+      assert.ok(zygote, `a zygote runs: ${JSON.stringify(processesOf(clusterId))}`);
+      assert.equal(zygote.ppid, process.pid, 'the executor started the zygote');
+      assert.notEqual(a.pid, b.pid, 'each step had a process of its own');
+      for (const seen of [a, b]) {
+        assert.equal(seen.ppid, zygote.pid, 'forked by the zygote, not booted by the executor');
+        assert.equal(seen.pid, seen.realPid, 'process.pid is the forked process, not the zygote');
+      }
+      assert.notDeepEqual(a.random, b.random, 'Math.random is not the sequence every child shares with the zygote');
+      assert.ok(logs.some((l) => l.runId === 'run1' && l.line === `probe report in ${a.pid}`), 'a forked step prints to its own log');
+
+      const exited = await run(3, 'exit').reply;
+      assert.equal(exited.type, 'error');
+      assert.match(exited.type === 'error' ? exited.error.message : '', /code 3/);
+
+      const thrown = await run(4, 'timer').reply;
+      assert.equal(thrown.type, 'error');
+      assert.ok(logs.some((l) => l.runId === 'run4' && l.stream === 'stderr' && l.line.includes('thrown in a timer of a forked step')), `the uncaught error reached the step's log: ${JSON.stringify(logs.filter((l) => l.runId === 'run4'))}`);
+
+      // The zygote still forks after its children failed.
+      const after = run(5, 'report');
+      assert.equal((await after.reply).type, 'result');
+      assert.equal(after.seen().ppid, zygote.pid);
+    } finally {
+      processes.stop('the test ended');
+      await waitFor('the zygote and its step processes to exit', () => processesOf(clusterId).length === 0, 5000);
+      home.remove();
+      removeDir(shmDir);
+    }
+  });
+
+  it('boots each step process when the fork server is off', TIMEOUT, async () => {
+    const home = tempHome();
+    const runner = await buildRunner(bundleDir('build'));
+    const codePath = join(home.dir, 'probe.mjs');
+    writeFileSync(codePath, await runner.linkCode(new TextEncoder().encode(SOURCE), codePath));
+    const shmDir = join(TEST_SHM_ROOT, `step-zygote-off-${process.pid}`);
+    mkdirSync(shmDir, { recursive: true });
+    const clusterId = `zygoteoff${process.pid}`;
+    const processes = new StepProcesses({ runnerPath: runner.runnerPath, snapshot: runner.snapshot, clusterId, forkServer: false, onLog: () => {} });
+    try {
+      const out = join(home.dir, 'off.json');
+      const reply = await processes.run({ codePath, runId: 'off1', step: 'probe', params: { mode: 'report', out }, event: null, inputs: [], shmDir, outputIdPrefix: 'off1.probe.1' }, 'process');
+      assert.equal(reply.type, 'result');
+      assert.equal((JSON.parse(readFileSync(out, 'utf8')) as { ppid: number }).ppid, process.pid);
+      assert.ok(!processesOf(clusterId).some((p) => p.title.endsWith(' zygote')), 'no zygote was started');
+    } finally {
+      processes.stop('the test ended');
+      await waitFor('the step processes to exit', () => processesOf(clusterId).length === 0, 5000);
+      home.remove();
+      removeDir(shmDir);
+    }
+  });
+});
