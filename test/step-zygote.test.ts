@@ -32,6 +32,7 @@ const SOURCE = `import { tableFromArrays } from 'apache-arrow';
     const mode = ctx.params.mode;
     console.log('probe ' + mode + ' in ' + process.pid);
     if (mode === 'exit') process.exit(3);
+    if (mode === 'sleep') await new Promise((r) => setTimeout(r, 60000));
     if (mode === 'timer') {
       setTimeout(() => { throw new Error('thrown in a timer of a forked step'); }, 5);
       await new Promise((r) => setTimeout(r, 5000));
@@ -93,6 +94,20 @@ describe('step zygote', () => {
       const after = run(5, 'report');
       assert.equal((await after.reply).type, 'result');
       assert.equal(after.seen().ppid, zygote.pid);
+
+      // A zygote that dies takes its children along: their steps fail saying so, and the next
+      // step is forked by a new zygote.
+      const sleeping = run(6, 'sleep');
+      await waitFor('the sleeping step to start', () => logs.some((l) => l.runId === 'run6'), 10_000);
+      process.kill(zygote.pid, 'SIGKILL');
+      const orphaned = await sleeping.reply;
+      assert.equal(orphaned.type, 'error');
+      assert.match(orphaned.type === 'error' ? orphaned.error.message : '', /killed by SIGKILL/);
+      const reborn = run(7, 'report');
+      assert.equal((await reborn.reply).type, 'result', 'the next step runs');
+      const nextZygote = processesOf(clusterId).find((p) => p.title.endsWith(' zygote'));
+      assert.ok(nextZygote && nextZygote.pid !== zygote.pid, 'a new zygote was started');
+      assert.equal(reborn.seen().ppid, nextZygote.pid);
     } finally {
       processes.stop('the test ended');
       await waitFor('the zygote and its step processes to exit', () => processesOf(clusterId).length === 0, 5000);
