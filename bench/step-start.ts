@@ -4,9 +4,11 @@
  *
  *   cold       no spare: the step waits for node, Arrow and the runner to boot
  *              (each mode twice: `plain` compiles and runs the runner and Arrow at every start,
- *              `snapshot` deserializes them from the startup snapshot, the executor's default)
- *   prewarmed  a spare booted ahead of need (the executor's default), so only the step's own work remains
- *   worker     isolation 'worker': the pipeline version's long-lived process runs it
+ *              `snapshot` deserializes them from the startup snapshot)
+ *   prewarmed  a spare booted ahead of need, so only the step's own work remains
+ *   forked     the fork server (the executor's default): each process forked from a step zygote
+ *              booted and warmed up once; `spare` forked ahead of need, `none` on demand
+ *   worker     isolation 'worker': the pipeline version's long-lived process runs it (forked)
  *
  * The step itself does nothing (a one-row table), so what is measured is the platform. CPU is
  * the user+system time of this process's exited children (/proc/self/stat), per step.
@@ -48,18 +50,19 @@ try {
   for (const kind of ['plain', 'snapshot'] as const) writeFileSync(codePaths[kind], await runners[kind].linkCode(new TextEncoder().encode(source), codePaths[kind]));
 
   const rows: string[] = [];
-  const modes: [string, 'plain' | 'snapshot', Isolation, number][] = [
-    ['cold', 'plain', 'process', 0],
-    ['cold', 'snapshot', 'process', 0],
-    ['prewarmed', 'plain', 'process', 1],
-    ['prewarmed', 'snapshot', 'process', 1],
-    ['worker', 'plain', 'worker', 0],
-    ['worker', 'snapshot', 'worker', 0],
+  const modes: [string, 'plain' | 'snapshot' | 'none' | 'spare', Isolation, number, boolean][] = [
+    ['cold', 'plain', 'process', 0, false],
+    ['cold', 'snapshot', 'process', 0, false],
+    ['prewarmed', 'plain', 'process', 1, false],
+    ['prewarmed', 'snapshot', 'process', 1, false],
+    ['forked', 'none', 'process', 0, true],
+    ['forked', 'spare', 'process', 1, true],
+    ['worker', 'snapshot', 'worker', 0, true],
   ];
-  for (const [mode, kind, isolation, prewarm] of modes) {
-    const runner = runners[kind];
-    const codePath = codePaths[kind];
-    const processes = new StepProcesses({ runnerPath: runner.runnerPath, snapshot: runner.snapshot, clusterId: 'bench', prewarm, onLog: () => undefined });
+  for (const [mode, kind, isolation, prewarm, forkServer] of modes) {
+    const runner = runners[kind === 'plain' ? 'plain' : 'snapshot'];
+    const codePath = codePaths[kind === 'plain' ? 'plain' : 'snapshot'];
+    const processes = new StepProcesses({ runnerPath: runner.runnerPath, snapshot: runner.snapshot, clusterId: 'bench', prewarm, forkServer, warmUpCodePath: runner.warmUpCodePath, onLog: () => undefined });
     const latencies: number[] = [];
     await sleep(gapMs);
     const cpuBefore = childrenCpuMs();
@@ -74,7 +77,7 @@ try {
     }
     processes.stop('the benchmark is done');
     await sleep(500);
-    // The spare started last never ran a step, and the worker's boot is shared by all its steps.
+    // The spare started last never ran a step, and the worker's boot (and the zygote's) is shared by all its steps.
     const cpu = (childrenCpuMs() - cpuBefore) / (steps + 1);
     rows.push(`${mode.padEnd(10)} ${kind.padEnd(9)} ${median(latencies).toFixed(1).padStart(8)} ${p90(latencies).toFixed(1).padStart(8)} ${cpu.toFixed(0).padStart(8)}`);
     removeDir(shmDir);

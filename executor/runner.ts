@@ -219,8 +219,10 @@ function forkStep(request: RunnerRequest & { type: 'fork' }): void {
     becomeForkedChild();
     return;
   }
-  if (zygoteChildren.size === 0) process.on('SIGCHLD', reapChildren);
-  process.title = stepProcessTitle(clusterId, 'zygote');
+  if (!process.listeners('SIGCHLD').includes(reapChildren)) {
+    process.on('SIGCHLD', reapChildren);
+    process.title = stepProcessTitle(clusterId, 'zygote');
+  }
   zygoteChildren.add(pid);
   void send({ type: 'forked', forkId: request.forkId, pid }).catch(() => process.exit(71));
 }
