@@ -13,7 +13,7 @@
 import type { ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { EventEmitter } from 'node:events';
-import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -170,7 +170,7 @@ export class ForkedChild extends EventEmitter {
  */
 export class StepZygote {
   private zygote: ChildProcess | null = null;
-  private readonly dir = mkdtempSync(join(tmpdir(), 'quiver-fork-'));
+  private readonly dir = makeSocketDir();
   private readonly socketPath = join(this.dir, 'steps.sock');
   private readonly token = randomBytes(16).toString('hex');
   private readonly server: Server;
@@ -348,5 +348,30 @@ export class StepZygote {
     };
     socket.on('data', onData);
     socket.on('error', () => socket.destroy());
+  }
+}
+
+/** Socket folders are named `quiver-fork-<executor pid>-<random>` (mkdtemp: mode 0700). */
+const SOCKET_DIR = /^quiver-fork-(\d+)-/;
+
+/**
+ * A private folder for this executor's socket. Folders an executor left when it died without
+ * stopping (SIGKILL) go first: their owner's pid no longer runs.
+ */
+function makeSocketDir(): string {
+  for (const name of readdirSync(tmpdir())) {
+    const owner = SOCKET_DIR.exec(name)?.[1];
+    if (owner && !isRunning(Number(owner))) rmSync(join(tmpdir(), name), { recursive: true, force: true });
+  }
+  return mkdtempSync(join(tmpdir(), `quiver-fork-${process.pid}-`));
+}
+
+function isRunning(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    // EPERM: it runs, as another user.
+    return (error as NodeJS.ErrnoException).code === 'EPERM';
   }
 }

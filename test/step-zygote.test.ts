@@ -1,5 +1,7 @@
 import assert from 'node:assert/strict';
-import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import { buildRunner } from '../executor/build-runner.ts';
@@ -57,6 +59,10 @@ describe('step zygote', () => {
     writeFileSync(codePath, await runner.linkCode(new TextEncoder().encode(SOURCE), codePath));
     const shmDir = join(TEST_SHM_ROOT, `step-zygote-${process.pid}`);
     mkdirSync(shmDir, { recursive: true });
+    // What an executor SIGKILLed before it stopped left behind: its socket folder.
+    const dead = spawnSync('true').pid!;
+    const leftover = mkdtempSync(join(tmpdir(), `quiver-fork-${dead}-`));
+    const socketDirs = () => readdirSync(tmpdir()).filter((n) => n.startsWith(`quiver-fork-${process.pid}-`));
     const logs: LogLine[] = [];
     const clusterId = `zygote${process.pid}`;
     const processes = new StepProcesses({ runnerPath: runner.runnerPath, snapshot: runner.snapshot, clusterId, warmUpCodePath: runner.warmUpCodePath, forkServer: true, onLog: (l) => logs.push(l) });
@@ -66,6 +72,8 @@ describe('step zygote', () => {
       return { reply: processes.run(job, 'process'), seen: () => JSON.parse(readFileSync(out, 'utf8')) as { pid: number; realPid: number; ppid: number; random: number[] } };
     };
     try {
+      assert.ok(!existsSync(leftover), 'the socket folder of a dead executor is removed');
+      assert.equal(socketDirs().length, 1, 'this one has its own');
       const first = run(1, 'report');
       assert.equal((await first.reply).type, 'result');
       const second = run(2, 'report');
@@ -111,6 +119,8 @@ describe('step zygote', () => {
     } finally {
       processes.stop('the test ended');
       await waitFor('the zygote and its step processes to exit', () => processesOf(clusterId).length === 0, 5000);
+      assert.deepEqual(socketDirs(), [], 'a stopped executor leaves no socket folder');
+      rmSync(leftover, { recursive: true, force: true });
       home.remove();
       removeDir(shmDir);
     }
