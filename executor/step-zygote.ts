@@ -186,7 +186,7 @@ export class StepZygote {
   private deathsBeforeAFork = 0;
   private forkedAny = false;
   private broken = false;
-
+  /** Names each zygote's warm-up tables apart from the last one's. */
   private zygotesStarted = 0;
 
   /**
@@ -229,9 +229,11 @@ export class StepZygote {
     return child;
   }
 
-  /** Kills the zygote (its children die with it) and removes the socket. */
+  /** Kills the zygote (its children die with it, and report so) and removes the socket; forks not made yet fail. */
   stop(): void {
     this.stopped = true;
+    this.queue.splice(0);
+    for (const child of [...this.children.values()]) if (child.pid === undefined) child.failed(new Error('the executor is stopping'));
     this.zygote?.kill('SIGKILL');
     this.server.close();
     rmSync(this.dir, { recursive: true, force: true });
