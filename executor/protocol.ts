@@ -160,7 +160,17 @@ export type RunnerMessage =
   /** A process a step zygote forked ended (the zygote reaps it). */
   | { type: 'exited'; pid: number; code: number | null; signal: NodeJS.Signals | null };
 
-/** What each connection of a forked step process says first (see RunnerRequest 'fork'). */
-export function forkHello(token: string, forkId: number, stream: 'stdout' | 'stderr' | 'ipc'): string {
+/** The connections of a forked step process (see RunnerRequest 'fork'). */
+export type ForkStream = 'stdout' | 'stderr' | 'ipc';
+
+/** What each connection of a forked step process says first. */
+export function forkHello(token: string, forkId: number, stream: ForkStream): string {
   return `quiver-fork ${token} ${forkId} ${stream}`;
+}
+
+/** A {@link forkHello} line read back, or null when it is not one. */
+export function parseForkHello(line: string): { token: string; forkId: number; stream: ForkStream } | null {
+  const [magic, token, forkId, stream] = line.split(' ');
+  if (magic !== 'quiver-fork' || !token || !/^\d+$/.test(forkId ?? '') || (stream !== 'stdout' && stream !== 'stderr' && stream !== 'ipc')) return null;
+  return { token, forkId: Number(forkId), stream };
 }

@@ -18,7 +18,7 @@ import { createServer, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { PassThrough } from 'node:stream';
-import type { RunnerMessage, RunnerRequest } from './protocol.ts';
+import { parseForkHello, type ForkStream, type RunnerMessage, type RunnerRequest } from './protocol.ts';
 
 /** What StepProcess needs of its process: a ChildProcess, or a {@link ForkedChild}. */
 export interface StepChild {
@@ -53,7 +53,7 @@ export class ForkedChild extends EventEmitter {
   private received = '';
   private pendingSignal: NodeJS.Signals | null = null;
   private ended = false;
-  private readonly attached = new Set<'stdout' | 'stderr' | 'ipc'>();
+  private readonly attached = new Set<ForkStream>();
 
   constructor(readonly forkId: number) {
     super();
@@ -102,7 +102,7 @@ export class ForkedChild extends EventEmitter {
   }
 
   /** One of its connections arrived, past its hello line. */
-  attach(stream: 'stdout' | 'stderr' | 'ipc', socket: Socket, rest: Buffer): void {
+  attach(stream: ForkStream, socket: Socket, rest: Buffer): void {
     if (this.attached.has(stream) || (this.ended && this.pid === undefined)) {
       socket.destroy();
       return;
@@ -339,13 +339,13 @@ export class StepZygote {
       }
       socket.off('data', onData);
       socket.pause();
-      const [magic, token, forkId, stream] = head.subarray(0, newline).toString('utf8').split(' ');
-      const child = this.children.get(Number(forkId));
-      if (magic !== 'quiver-fork' || token !== this.token || !child || (stream !== 'stdout' && stream !== 'stderr' && stream !== 'ipc')) {
+      const hello = parseForkHello(head.subarray(0, newline).toString('utf8'));
+      const child = hello && hello.token === this.token ? this.children.get(hello.forkId) : undefined;
+      if (!hello || !child) {
         socket.destroy();
         return;
       }
-      child.attach(stream, socket, head.subarray(newline + 1));
+      child.attach(hello.stream, socket, head.subarray(newline + 1));
       socket.resume();
     };
     socket.on('data', onData);
