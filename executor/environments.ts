@@ -19,6 +19,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { ObjectStore } from '@nats-io/obj';
 import * as tar from 'tar';
 import { quiverHome, silentLogger, type Logger, type StepPackages } from '../schemas/index.ts';
+import { processAlive } from '../shm/index.ts';
 import { STEP_ENV_ALLOWLIST } from './step-process.ts';
 
 /** Options of {@link Environments}. */
@@ -207,7 +208,7 @@ export class Environments {
       }
       const owner = Number(readOrEmpty(join(lockDir, 'pid')));
       // A lock without a pid yet is being taken right now, unless it has been so for a while.
-      const stale = owner > 0 ? !isAlive(owner) : ageMs(lockDir) > 10_000;
+      const stale = owner > 0 ? !processAlive(owner) : ageMs(lockDir) > 10_000;
       if (stale) {
         this.options.logger.warn(`taking over the lock of environment ${hash}: its owner (pid ${owner || 'unknown'}) is gone`);
         rmSync(lockDir, { recursive: true, force: true });
@@ -344,7 +345,7 @@ export function pruneEnvironments(dir: string = environmentsDir(), olderThanMs: 
   // Temporary folders of builds whose process died (a live build's is younger than its timeout).
   for (const entry of existsSync(dir) ? readdirSync(dir).filter((e) => e.startsWith('.tmp-')) : []) {
     const pid = Number(/-(\d+)-[0-9a-f]{8}$/.exec(entry)?.[1]);
-    if (!(pid > 0 && isAlive(pid))) rmSync(join(dir, entry), { recursive: true, force: true });
+    if (!(pid > 0 && processAlive(pid))) rmSync(join(dir, entry), { recursive: true, force: true });
   }
   return removed;
 }
@@ -476,15 +477,6 @@ function mtimeOr(path: string, fallback: number): number {
     return statSync(path).mtimeMs;
   } catch {
     return fallback;
-  }
-}
-
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (error) {
-    return (error as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
 

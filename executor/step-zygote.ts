@@ -18,6 +18,7 @@ import { createServer, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { PassThrough } from 'node:stream';
+import { processAlive } from '../shm/index.ts';
 import { parseForkHello, type ForkStream, type RunnerMessage, type RunnerRequest } from './protocol.ts';
 
 /** What StepProcess needs of its process: a ChildProcess, or a {@link ForkedChild}. */
@@ -363,17 +364,7 @@ const SOCKET_DIR = /^quiver-fork-(\d+)-/;
 function makeSocketDir(): string {
   for (const name of readdirSync(tmpdir())) {
     const owner = SOCKET_DIR.exec(name)?.[1];
-    if (owner && !isRunning(Number(owner))) rmSync(join(tmpdir(), name), { recursive: true, force: true });
+    if (owner && !processAlive(Number(owner))) rmSync(join(tmpdir(), name), { recursive: true, force: true });
   }
   return mkdtempSync(join(tmpdir(), `quiver-fork-${process.pid}-`));
-}
-
-function isRunning(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (error) {
-    // EPERM: it runs, as another user.
-    return (error as NodeJS.ErrnoException).code === 'EPERM';
-  }
 }

@@ -52,6 +52,7 @@ export {
   type RegionRef,
   type RegionWriteOptions,
   isRegionRef,
+  processAlive,
   readInput,
   readTableFromRegions,
   regionBrokerPath,

@@ -46,7 +46,8 @@ function brokerSockets(dir: string): string[] {
   }
 }
 
-function processAlive(pid: number): boolean {
+/** True while process `pid` runs (also when it is another user's: EPERM). */
+export function processAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
     return true;
