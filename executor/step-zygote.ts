@@ -118,10 +118,11 @@ export class ForkedChild extends EventEmitter {
     }
     this.channel = socket;
     socket.setEncoding('utf8');
+    // Back into the stream, so a character split between the hello's chunk and the next decodes whole.
+    if (rest.length > 0) socket.unshift(rest);
     socket.on('data', (chunk: string) => this.onChannelData(chunk));
     socket.on('error', () => socket.destroy());
     socket.on('close', () => this.disconnect());
-    if (rest.length > 0) this.onChannelData(rest.toString('utf8'));
     for (const { line, callback } of this.waiting.splice(0)) socket.write(line, (error) => callback?.(error ?? null));
   }
 

@@ -34,6 +34,7 @@ const SOURCE = `import { tableFromArrays } from 'apache-arrow';
     const mode = ctx.params.mode;
     console.log('probe ' + mode + ' in ' + process.pid);
     if (mode === 'exit') process.exit(3);
+    if (mode === 'unicode') throw new Error('grüße, 数据, 🚀: ' + 'é'.repeat(5000));
     if (mode === 'sleep') await new Promise((r) => setTimeout(r, 60000));
     if (mode === 'timer') {
       setTimeout(() => { throw new Error('thrown in a timer of a forked step'); }, 5);
@@ -93,6 +94,10 @@ describe('step zygote', () => {
       const exited = await run(3, 'exit').reply;
       assert.equal(exited.type, 'error');
       assert.match(exited.type === 'error' ? exited.error.message : '', /code 3/);
+
+      // Replies over the child's socket decode whole, whatever characters they carry.
+      const unicode = await run(8, 'unicode').reply;
+      assert.equal(unicode.type === 'error' ? unicode.error.message : '', 'grüße, 数据, 🚀: ' + 'é'.repeat(5000));
 
       const thrown = await run(4, 'timer').reply;
       assert.equal(thrown.type, 'error');
