@@ -8,7 +8,7 @@
  *   prewarmed  a spare booted ahead of need, so only the step's own work remains
  *   forked     the fork server (the executor's default): each process forked from a step zygote
  *              booted and warmed up once; `spare` forked ahead of need, `none` on demand
- *   worker     isolation 'worker': the pipeline version's long-lived process runs it (forked)
+ *   worker     isolation 'worker': the pipeline version's long-lived process runs it (booted)
  *
  * The step itself does nothing (a one-row table), so what is measured is the platform. CPU is
  * the user+system time of this process's exited children (/proc/self/stat), per step.

@@ -487,7 +487,7 @@ class QuiverRoute implements Route {
         if (!view) continue;
         if (view.state !== 'succeeded') problems.add(`run ${view.state}`, `${id} (${runId})`);
         for (const step of view.steps) {
-          if (step.state !== 'succeeded') problems.add(`step ${step.state}`, `${id} ${step.name}`);
+          if (step.state !== 'succeeded') problems.add(`step ${step.state}`, `${id} ${step.name}${step.error ? ` (${step.error.code ?? step.error.name}: ${step.error.message})` : ''}`);
           if (step.attempt > 1) retried++;
         }
       }

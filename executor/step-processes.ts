@@ -288,7 +288,12 @@ export class StepProcesses {
     }
     if (idle.length === 0) this.idle.delete(key);
     if (reused) return reused;
-    const worker = this.takeProcess(codePath, memoryMb, preload);
+    // Booted, not forked from the zygote: a worker lives for thousands of steps, and a forked
+    // process runs V8 on one thread without the background threads a booted one has. In one
+    // full `npm run bench:trigger`, a forked worker stopped answering mid-burst and its step
+    // failed after the hang timeout, with no user code run; booted workers never have.
+    const worker = this.spawn(memoryMb, { forked: false });
+    if (preload) worker.preload(codePath);
     this.workers.add(worker);
     worker.onExit(() => {
       this.workers.delete(worker);
@@ -377,10 +382,10 @@ export class StepProcesses {
     }
   }
 
-  private spawn(memoryMb: number): StepProcess {
+  private spawn(memoryMb: number, { forked = true } = {}): StepProcess {
     const { runnerPath, snapshot, clusterId, onLog, limits } = this.options;
     // The zygote's heap limit is the default one: a step declaring another boots its own process.
-    const zygote = memoryMb === limits.memoryMb && this.zygote?.usable ? this.zygote : null;
+    const zygote = forked && memoryMb === limits.memoryMb && this.zygote?.usable ? this.zygote : null;
     return new StepProcess({ runnerPath, snapshot, clusterId, onLog, memoryMb, prlimit: limits.prlimit, addressSpaceBytes: addressSpaceFor(memoryMb, 0), zygote });
   }
 }
