@@ -131,6 +131,43 @@ describe('step zygote', () => {
     }
   });
 
+  it('runs forked steps that collect garbage hard: no step hangs in V8 waiting on a thread only the zygote had', TIMEOUT, async () => {
+    const home = tempHome();
+    const runner = await buildRunner(bundleDir('build'));
+    const codePath = join(home.dir, 'churn.mjs');
+    // External memory (ArrayBuffers) forces full collections, whose weak-reference clearing V8
+    // hands to its worker threads as a job: without the zygote holding them across the fork
+    // (shm/addon/fork_platform.cc), a forked process hung there at the 22nd of these steps.
+    const source = `import { tableFromArrays } from 'apache-arrow';
+      export default { steps: { churn: { fn: async () => {
+        let keep = [];
+        for (let i = 0; i < 400; i++) {
+          keep.push(new ArrayBuffer(1 << 20), { i, text: 'x'.repeat(1000) + i, list: new Array(1000).fill(i) });
+          if (keep.length > 60) keep = keep.slice(30);
+          if (i % 50 === 0) await new Promise((r) => setTimeout(r, 1));
+        }
+        const n = 300000;
+        const values = new Float64Array(n).map(() => Math.random());
+        return tableFromArrays({ values, label: Array.from({ length: n }, (_, i) => (i < 20000 ? 'row' + i : 'z')) });
+      } } } };`;
+    writeFileSync(codePath, await runner.linkCode(new TextEncoder().encode(source), codePath));
+    const shmDir = join(TEST_SHM_ROOT, `step-zygote-churn-${process.pid}`);
+    mkdirSync(shmDir, { recursive: true });
+    const clusterId = `zygotechurn${process.pid}`;
+    const processes = new StepProcesses({ runnerPath: runner.runnerPath, snapshot: runner.snapshot, clusterId, warmUpCodePath: runner.warmUpCodePath, forkServer: true, limits: { timeoutMs: 30_000 }, onLog: () => {} });
+    try {
+      for (let i = 0; i < 40; i++) {
+        const reply = await processes.run({ codePath, runId: `churn${i}`, step: 'churn', params: {}, event: null, inputs: [], shmDir, outputIdPrefix: `churn${i}.churn.1` }, 'process');
+        assert.equal(reply.type, 'result', `step ${i}: ${JSON.stringify(reply)}`);
+      }
+    } finally {
+      processes.stop('the test ended');
+      await waitFor('the zygote and its step processes to exit', () => processesOf(clusterId).length === 0, 5000);
+      home.remove();
+      removeDir(shmDir);
+    }
+  });
+
   it('boots each step process when the fork server is off', TIMEOUT, async () => {
     const home = tempHome();
     const runner = await buildRunner(bundleDir('build'));

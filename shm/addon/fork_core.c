@@ -78,8 +78,13 @@ static void make_anonymous_memory_inheritable(void) {
 pid_t qfork_child(uv_loop_t *loop, const char *socket_path, const qfork_stream *streams, int stream_count, uint64_t address_space_bytes) {
   pid_t parent = getpid();
   make_anonymous_memory_inheritable();
+  int held_workers = qfork_hold_platform_workers();
+  if (held_workers == -1) return -ENOSYS;
+  if (held_workers < 0) return -EAGAIN;
   pid_t pid = fork();
-  if (pid < 0) return -errno;
+  int fork_errno = errno;
+  if (pid != 0) qfork_release_platform_workers();
+  if (pid < 0) return -fork_errno;
   if (pid > 0) return pid;
   if (setpgid(0, 0) != 0) _exit(72);
   if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != parent) _exit(72);

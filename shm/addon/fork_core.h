@@ -25,6 +25,10 @@ typedef struct {
  */
 pid_t qfork_child(uv_loop_t *loop, const char *socket_path, const qfork_stream *streams, int stream_count, uint64_t address_space_bytes);
 
+/* fork_platform.cc: Node's V8 worker threads held in a task of ours across a fork, and let go. */
+int qfork_hold_platform_workers(void);
+void qfork_release_platform_workers(void);
+
 /*
  * waitpid(pid, WNOHANG): 0 while it runs, 1 when it ended (its exit code or
  * signal set, the other -1), -errno on failure.
