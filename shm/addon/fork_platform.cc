@@ -49,7 +49,9 @@ extern "C" int qfork_hold_platform_workers(void) {
     std::lock_guard<std::mutex> lock(hold_mutex);
     released = false;
   }
-  for (int i = 0; i < threads; i++) platform->CallOnWorkerThread(std::make_unique<HoldTask>());
+  // Once the count is known, no task is left queued for a thread that never comes.
+  int tasks = known_workers > 0 ? known_workers : threads;
+  for (int i = 0; i < tasks; i++) platform->CallOnWorkerThread(std::make_unique<HoldTask>());
   std::unique_lock<std::mutex> lock(hold_mutex);
   if (!hold_changed.wait_for(lock, std::chrono::seconds(5), [workers] { return held >= workers; })) {
     released = true;
