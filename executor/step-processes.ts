@@ -290,8 +290,9 @@ export class StepProcesses {
     if (reused) return reused;
     // Booted, not forked from the zygote: a worker lives for thousands of steps, and a forked
     // process runs V8 on one thread without the background threads a booted one has. In one
-    // full `npm run bench:trigger`, a forked worker stopped answering mid-burst and its step
-    // failed after the hang timeout, with no user code run; booted workers never have.
+    // full `npm run bench:trigger` a forked worker stopped answering mid-burst (its step failed
+    // after the hang timeout, no user code run), before the zygote held Node's platform threads
+    // across forks (shm/addon/fork_platform.cc); forked workers are not yet proven since.
     const worker = this.spawn(memoryMb, { forked: false });
     if (preload) worker.preload(codePath);
     this.workers.add(worker);
