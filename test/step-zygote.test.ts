@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import { buildRunner } from '../executor/build-runner.ts';
 import type { RunnerJob } from '../executor/protocol.ts';
-import { StepProcesses } from '../executor/step-processes.ts';
+import { StepProcesses, type StepProcessesOptions } from '../executor/step-processes.ts';
 import { removeDir } from '../shm/index.ts';
 import { bundleDir, type LogLine } from '../schemas/index.ts';
 import { TEST_SHM_ROOT, tempHome, waitFor } from './helpers.ts';
@@ -52,21 +52,42 @@ const SOURCE = `import { tableFromArrays } from 'apache-arrow';
 
 const TIMEOUT = { timeout: 120_000 };
 
+/**
+ * StepProcesses of a cluster of this test's own, with `source` linked as its pipeline code; close()
+ * stops them, waits for every process of the cluster (zygote included) to exit and removes the rest.
+ */
+async function stepProcessesFor(name: string, source: string, options: Partial<StepProcessesOptions> = {}) {
+  const home = tempHome();
+  const runner = await buildRunner(bundleDir('build'));
+  const codePath = join(home.dir, `${name}.mjs`);
+  writeFileSync(codePath, await runner.linkCode(new TextEncoder().encode(source), codePath));
+  const shmDir = join(TEST_SHM_ROOT, `step-zygote-${name}-${process.pid}`);
+  mkdirSync(shmDir, { recursive: true });
+  const clusterId = `zygote${name}${process.pid}`;
+  const processes = new StepProcesses({ runnerPath: runner.runnerPath, snapshot: runner.snapshot, clusterId, warmUpCodePath: runner.warmUpCodePath, onLog: () => {}, ...options });
+  return {
+    home,
+    codePath,
+    shmDir,
+    clusterId,
+    processes,
+    async close(): Promise<void> {
+      processes.stop('the test ended');
+      await waitFor('the zygote and its step processes to exit', () => processesOf(clusterId).length === 0, 5000);
+      home.remove();
+      removeDir(shmDir);
+    },
+  };
+}
+
 describe('step zygote', () => {
   it("forks 'process' steps from one warmed-up zygote: a fresh process each, with its own pid and randomness, and fails steps that exit or throw as before", TIMEOUT, async () => {
-    const home = tempHome();
-    const runner = await buildRunner(bundleDir('build'));
-    const codePath = join(home.dir, 'probe.mjs');
-    writeFileSync(codePath, await runner.linkCode(new TextEncoder().encode(SOURCE), codePath));
-    const shmDir = join(TEST_SHM_ROOT, `step-zygote-${process.pid}`);
-    mkdirSync(shmDir, { recursive: true });
     // What an executor SIGKILLed before it stopped left behind: its socket folder.
     const dead = spawnSync('true').pid!;
     const leftover = mkdtempSync(join(tmpdir(), `quiver-fork-${dead}-`));
     const socketDirs = () => readdirSync(tmpdir()).filter((n) => n.startsWith(`quiver-fork-${process.pid}-`));
     const logs: LogLine[] = [];
-    const clusterId = `zygote${process.pid}`;
-    const processes = new StepProcesses({ runnerPath: runner.runnerPath, snapshot: runner.snapshot, clusterId, warmUpCodePath: runner.warmUpCodePath, forkServer: true, onLog: (l) => logs.push(l) });
+    const { home, codePath, shmDir, clusterId, processes, close } = await stepProcessesFor('probe', SOURCE, { forkServer: true, onLog: (l) => logs.push(l) });
     const run = (n: number, mode: string) => {
       const out = join(home.dir, `probe${n}.json`);
       const job: RunnerJob = { codePath, runId: `run${n}`, step: 'probe', params: { mode, out }, event: null, inputs: [], shmDir, outputIdPrefix: `run${n}.probe.1` };
@@ -122,19 +143,13 @@ describe('step zygote', () => {
       assert.ok(nextZygote && nextZygote.pid !== zygote.pid, 'a new zygote was started');
       assert.equal(reborn.seen().ppid, nextZygote.pid);
     } finally {
-      processes.stop('the test ended');
-      await waitFor('the zygote and its step processes to exit', () => processesOf(clusterId).length === 0, 5000);
+      await close();
       assert.deepEqual(socketDirs(), [], 'a stopped executor leaves no socket folder');
       rmSync(leftover, { recursive: true, force: true });
-      home.remove();
-      removeDir(shmDir);
     }
   });
 
   it('runs forked steps that collect garbage hard: no step hangs in V8 waiting on a thread only the zygote had', TIMEOUT, async () => {
-    const home = tempHome();
-    const runner = await buildRunner(bundleDir('build'));
-    const codePath = join(home.dir, 'churn.mjs');
     // External memory (ArrayBuffers) forces full collections, whose weak-reference clearing V8
     // hands to its worker threads as a job: without the zygote holding them across the fork
     // (shm/addon/fork_platform.cc), a forked process hung there at the 22nd of these steps.
@@ -150,33 +165,19 @@ describe('step zygote', () => {
         const values = new Float64Array(n).map(() => Math.random());
         return tableFromArrays({ values, label: Array.from({ length: n }, (_, i) => (i < 20000 ? 'row' + i : 'z')) });
       } } } };`;
-    writeFileSync(codePath, await runner.linkCode(new TextEncoder().encode(source), codePath));
-    const shmDir = join(TEST_SHM_ROOT, `step-zygote-churn-${process.pid}`);
-    mkdirSync(shmDir, { recursive: true });
-    const clusterId = `zygotechurn${process.pid}`;
-    const processes = new StepProcesses({ runnerPath: runner.runnerPath, snapshot: runner.snapshot, clusterId, warmUpCodePath: runner.warmUpCodePath, forkServer: true, limits: { timeoutMs: 30_000 }, onLog: () => {} });
+    const { codePath, shmDir, processes, close } = await stepProcessesFor('churn', source, { forkServer: true, limits: { timeoutMs: 30_000 } });
     try {
       for (let i = 0; i < 40; i++) {
         const reply = await processes.run({ codePath, runId: `churn${i}`, step: 'churn', params: {}, event: null, inputs: [], shmDir, outputIdPrefix: `churn${i}.churn.1` }, 'process');
         assert.equal(reply.type, 'result', `step ${i}: ${JSON.stringify(reply)}`);
       }
     } finally {
-      processes.stop('the test ended');
-      await waitFor('the zygote and its step processes to exit', () => processesOf(clusterId).length === 0, 5000);
-      home.remove();
-      removeDir(shmDir);
+      await close();
     }
   });
 
   it('boots each step process when the fork server is off', TIMEOUT, async () => {
-    const home = tempHome();
-    const runner = await buildRunner(bundleDir('build'));
-    const codePath = join(home.dir, 'probe.mjs');
-    writeFileSync(codePath, await runner.linkCode(new TextEncoder().encode(SOURCE), codePath));
-    const shmDir = join(TEST_SHM_ROOT, `step-zygote-off-${process.pid}`);
-    mkdirSync(shmDir, { recursive: true });
-    const clusterId = `zygoteoff${process.pid}`;
-    const processes = new StepProcesses({ runnerPath: runner.runnerPath, snapshot: runner.snapshot, clusterId, forkServer: false, onLog: () => {} });
+    const { home, codePath, shmDir, clusterId, processes, close } = await stepProcessesFor('off', SOURCE, { forkServer: false });
     try {
       const out = join(home.dir, 'off.json');
       const reply = await processes.run({ codePath, runId: 'off1', step: 'probe', params: { mode: 'report', out }, event: null, inputs: [], shmDir, outputIdPrefix: 'off1.probe.1' }, 'process');
@@ -184,10 +185,7 @@ describe('step zygote', () => {
       assert.equal((JSON.parse(readFileSync(out, 'utf8')) as { ppid: number }).ppid, process.pid);
       assert.ok(!processesOf(clusterId).some((p) => p.title.endsWith(' zygote')), 'no zygote was started');
     } finally {
-      processes.stop('the test ended');
-      await waitFor('the step processes to exit', () => processesOf(clusterId).length === 0, 5000);
-      home.remove();
-      removeDir(shmDir);
+      await close();
     }
   });
 });
