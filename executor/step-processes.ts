@@ -289,10 +289,11 @@ export class StepProcesses {
     if (idle.length === 0) this.idle.delete(key);
     if (reused) return reused;
     // Booted, not forked from the zygote: a worker lives for thousands of steps, and a forked
-    // process runs V8 on one thread without the background threads a booted one has. In one
-    // full `npm run bench:trigger` a forked worker stopped answering mid-burst (its step failed
-    // after the hang timeout, no user code run), before the zygote held Node's platform threads
-    // across forks (shm/addon/fork_platform.cc); forked workers are not yet proven since.
+    // process runs V8 on one thread, collecting garbage without helpers. Forked workers no longer
+    // hang since the zygote holds Node's platform threads across forks (60,000 garbage-heavy
+    // steps, two at a time), but they gained nothing in `npm run bench:trigger -- --routes worker`
+    // (CPU per run and runs/s within the noise of booted ones) while their longest step of a
+    // garbage-heavy loop took 250 ms against 80-95 ms booted: full collections on one thread.
     const worker = this.spawn(memoryMb, { forked: false });
     if (preload) worker.preload(codePath);
     this.workers.add(worker);

@@ -128,7 +128,18 @@ export class Dispatcher {
     if (this.cache) {
       // Expiry removes a record without a notice to watchers: a silent host ages out here.
       const oldest = this.now() - HOST_TTL_MS;
-      return [...this.cache.values()].filter((h) => h.at >= oldest);
+      const live = [...this.cache.values()].filter((h) => h.at >= oldest);
+      if (live.length > 0) return live;
+      // An empty view cannot tell a stuck watch from no hosts (a watch made while a NATS node
+      // was away may never deliver, and then no heartbeat marks it silent): the bucket decides.
+      const listed = await this.listHosts();
+      if (listed.length > 0 && this.cache) {
+        this.logger.warn('the watch on quiver-hosts missed live hosts; watching it again');
+        this.watch?.stop();
+        this.watch = null;
+        this.cache = null;
+      }
+      return listed;
     }
     return this.listHosts();
   }

@@ -3,11 +3,11 @@
  *
  * Writing: the table's record batches are grouped so that each group, as a
  * complete Arrow IPC stream (schema, dictionaries, batches, end-of-stream),
- * fits in one segment. Sizes come from a counting pass: the same
- * RecordBatchStreamWriter run into a sink that only adds up chunk lengths.
- * The second pass runs the writer into a sink that copies every chunk
- * straight into the mapped segment; those chunks are views of the column
- * buffers, so this is the one copy.
+ * fits in one segment. Sizes come from a sizing pass: a
+ * RecordBatchStreamWriter run into a sink that adds up chunk lengths and keeps
+ * the chunks (the encoded metadata, and views of the column buffers). Each
+ * planned stream's chunks are then copied straight into the mapped segment:
+ * the one copy, with the metadata encoded once.
  *
  * Reading: each segment is mapped read-only and parsed in place. The IPC
  * reader hands out subarrays of its input, and every message body is 8-byte
@@ -29,35 +29,27 @@ import { native } from './native.ts';
 import { type ResolvedShmOptions, checkId, describe } from './options.ts';
 import { type SegmentRef, acquireSegment, checkDirSafety, ensureDir, segmentPath, unlinkIfPresent } from './segments.ts';
 
-/** Continuation marker (0xFFFFFFFF) and a zero length: the end-of-stream the writer appends on close. */
-const EOS_BYTES = 8;
+/** Continuation marker (0xFFFFFFFF) and a zero length: the end-of-stream a stream writer appends on close. */
+const EOS = new Uint8Array(Int32Array.of(-1, 0).buffer);
+const EOS_BYTES = EOS.byteLength;
 
 /**
  * Byte sink for RecordBatchStreamWriter (accepted through `writer.reset(sink)`,
- * which keeps any AsyncByteQueue as is). With a target it copies each chunk at
- * the current position; without one it only counts.
+ * which keeps any AsyncByteQueue as is): counts the chunks and keeps them in
+ * order. The writer makes each metadata and padding chunk afresh and hands
+ * column buffers as views, never reusing one: a kept chunk stays as it was
+ * written, and copying the chunks later writes the same stream.
  */
 class SegmentSink extends AsyncByteQueue<Uint8Array> {
   position = 0;
   /** Set when the writer closes the sink, which it also does on its own when a batch's schema differs. */
   ended = false;
-
-  constructor(private readonly target: Uint8Array | null) {
-    super();
-  }
+  readonly chunks: Uint8Array[] = [];
 
   override write(chunk: ArrayBufferView): void {
     const bytes =
       chunk instanceof Uint8Array ? chunk : new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.byteLength);
-    if (this.target !== null) {
-      if (this.position + bytes.byteLength > this.target.byteLength) {
-        throw new ShmError(
-          `quiver shm: internal error: IPC stream outgrew its planned size of ${this.target.byteLength} bytes`,
-          { code: 'ERR_SHM_INTERNAL' },
-        );
-      }
-      this.target.set(bytes, this.position);
-    }
+    this.chunks.push(bytes);
     this.position += bytes.byteLength;
   }
 
@@ -71,8 +63,8 @@ class SegmentSink extends AsyncByteQueue<Uint8Array> {
 }
 
 /** A stream writer bound to a sink, with the schema message already written. */
-function startStream(schema: Schema, target: Uint8Array | null): { writer: RecordBatchStreamWriter; sink: SegmentSink } {
-  const sink = new SegmentSink(target);
+function startStream(schema: Schema): { writer: RecordBatchStreamWriter; sink: SegmentSink } {
+  const sink = new SegmentSink();
   const writer = new RecordBatchStreamWriter();
   writer.reset(sink, schema);
   return { writer, sink };
@@ -89,6 +81,8 @@ function writeBatch(writer: RecordBatchStreamWriter, sink: SegmentSink, batch: R
 export interface SegmentPlan {
   batches: RecordBatch[];
   byteSize: number;
+  /** The stream's bytes but its end-of-stream, as the sizing pass encoded them. */
+  chunks: Uint8Array[];
 }
 
 /**
@@ -100,7 +94,7 @@ export function planSegments(table: Table, maxSegmentBytes: number, where: strin
   const schema = table.schema;
   const plans: SegmentPlan[] = [];
   const pending = table.batches.filter((b) => b.numRows > 0);
-  let stream = startStream(schema, null);
+  let stream = startStream(schema);
   if (stream.sink.position + EOS_BYTES > maxSegmentBytes) {
     throw new ShmTooLargeError(
       `${where}: the schema alone needs ${stream.sink.position + EOS_BYTES} bytes, over maxSegmentBytes ${maxSegmentBytes}`,
@@ -110,6 +104,7 @@ export function planSegments(table: Table, maxSegmentBytes: number, where: strin
   while (pending.length > 0) {
     const batch = pending.shift() as RecordBatch;
     const before = stream.sink.position;
+    const chunksBefore = stream.sink.chunks.length;
     writeBatch(stream.writer, stream.sink, batch, where);
     if (stream.sink.position + EOS_BYTES <= maxSegmentBytes) {
       current.push(batch);
@@ -117,7 +112,7 @@ export function planSegments(table: Table, maxSegmentBytes: number, where: strin
     }
     if (current.length > 0) {
       // Close this stream without the batch; measure it again in a fresh one, where dictionaries are re-sent.
-      plans.push({ batches: current, byteSize: before + EOS_BYTES });
+      plans.push({ batches: current, byteSize: before + EOS_BYTES, chunks: stream.sink.chunks.slice(0, chunksBefore) });
       current = [];
       pending.unshift(batch);
     } else if (batch.numRows > 1) {
@@ -128,11 +123,11 @@ export function planSegments(table: Table, maxSegmentBytes: number, where: strin
         `${where}: a single row needs a ${stream.sink.position + EOS_BYTES}-byte stream (with its schema and dictionaries), over maxSegmentBytes ${maxSegmentBytes}`,
       );
     }
-    stream = startStream(schema, null);
+    stream = startStream(schema);
   }
   // An empty table still gets one segment, carrying its schema.
   if (current.length > 0 || plans.length === 0) {
-    plans.push({ batches: current, byteSize: stream.sink.position + EOS_BYTES });
+    plans.push({ batches: current, byteSize: stream.sink.position + EOS_BYTES, chunks: stream.sink.chunks });
   }
   return plans;
 }
@@ -151,12 +146,16 @@ export interface WriteResult {
 }
 
 /** Writes one planned stream at the start of `mapping`, which must hold at least `plan.byteSize` bytes. */
-export function writeStream(schema: Schema, plan: SegmentPlan, mapping: ArrayBuffer, path: string, where: string): void {
-  const { writer, sink } = startStream(schema, new Uint8Array(mapping, 0, plan.byteSize));
-  for (const batch of plan.batches) writeBatch(writer, sink, batch, where);
-  writer.close();
-  if (sink.position !== plan.byteSize) {
-    throw new ShmError(`quiver shm: internal error: segment ${path} got ${sink.position} bytes, planned ${plan.byteSize}`, {
+export function writeStream(plan: SegmentPlan, mapping: ArrayBuffer, path: string): void {
+  const target = new Uint8Array(mapping, 0, plan.byteSize);
+  let position = 0;
+  for (const chunk of [...plan.chunks, EOS]) {
+    if (position + chunk.byteLength > plan.byteSize) break;
+    target.set(chunk, position);
+    position += chunk.byteLength;
+  }
+  if (position !== plan.byteSize) {
+    throw new ShmError(`quiver shm: internal error: segment ${path} got ${position} bytes, planned ${plan.byteSize}`, {
       code: 'ERR_SHM_INTERNAL',
       path,
     });
@@ -188,7 +187,7 @@ export function writeTable(table: Table, opts: ResolvedShmOptions, idPrefix: str
       written.push(segment.path);
       if (segment.reused) reusedSegments += 1;
       try {
-        writeStream(table.schema, plan, segment.mapping, segment.path, where);
+        writeStream(plan, segment.mapping, segment.path);
       } finally {
         native.unmap(segment.mapping);
       }

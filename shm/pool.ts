@@ -128,12 +128,25 @@ function makePool(pool: string): void {
   madePools.add(pool);
 }
 
+/**
+ * A name no other file in any pool gets: random per process, the pid (a forked process shares
+ * its parent's random part, not its pid) and a count. Random bytes per name cost a call into the
+ * CSPRNG for every segment an executor pools.
+ */
+let poolNamePrefix: string | null = null;
+let pooledCount = 0;
+function uniqueSuffix(): string {
+  // Drawn at first use, not at load: a startup snapshot would otherwise fix it at build time.
+  poolNamePrefix ??= randomBytes(6).toString('hex');
+  return `${poolNamePrefix}${process.pid.toString(16).padStart(8, '0')}${(++pooledCount).toString(16)}`;
+}
+
 /** Moves the segment at `path` (of `byteSize` bytes) into the pool. False if it was already gone. */
 export function addToPool(dir: string, path: string, byteSize: number): boolean {
   const pool = poolDir(dir);
   if (!madePools.has(pool)) makePool(pool);
   for (;;) {
-    const name = `${byteSize}.${randomBytes(8).toString('hex')}`;
+    const name = `${byteSize}.${uniqueSuffix()}`;
     try {
       native.renameNoReplace(path, join(pool, name));
       views.get(dir)?.files.push({ name, byteSize });

@@ -139,7 +139,7 @@ export function writeTableToRegions(table: Table, opts: RegionWriteOptions): Wri
       const id = `${opts.idPrefix}-${index}`;
       const memory = native.allocAnonymous(plan.byteSize);
       try {
-        writeStream(table.schema, plan, memory, id, where);
+        writeStream(plan, memory, id);
         const { fd } = native.shareRegion(memory);
         try {
           native.regionPut(broker, id, fd);

@@ -127,9 +127,9 @@ export function unlinkIfPresent(path: string): void {
 /** st_size of `path`, or null when it does not exist. */
 function fileSize(path: string): number | null {
   try {
-    return statSync(path).size;
+    // Not thrown when missing: a run's end releases segments released before, and an error's stack costs more than the stat.
+    return statSync(path, { throwIfNoEntry: false })?.size ?? null;
   } catch (e) {
-    if (errorCode(e) === 'ENOENT') return null;
     throw fromFsError(e, `quiver shm: cannot stat segment ${path}`);
   }
 }
