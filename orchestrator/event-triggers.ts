@@ -116,11 +116,15 @@ export class EventTriggers {
         msg.ack();
         return;
       }
-      await this.catchUp(arrivedAt);
-      const matching = [...this.deployments.values()].flatMap((d) => {
-        const trigger = d.events.find((t) => subjectMatches(t.subject, subject));
-        return trigger ? [{ deployment: d, trigger }] : [];
-      });
+      // A deploy or undeploy returns once this leader reflects it (reflect), so the deployments in
+      // memory hold every one made before the event was published. The bucket is asked only
+      // where they cannot vouch for that: an event nothing matches (deployed while no leader
+      // answered, or moments before this one took the lead), and any event while the watch is down.
+      let matching = this.matching(subject);
+      if (matching.length === 0 || !this.watch) {
+        await this.catchUp(arrivedAt);
+        matching = this.matching(subject);
+      }
       if (matching.length === 0) {
         await this.deadLetter(subject, eventId, null, `no deployed pipeline has a trigger matching "${subject}" (deploy one with on: { event: '${subject}' })`, text);
         msg.ack();
@@ -168,6 +172,25 @@ export class EventTriggers {
     }
   }
 
+  /**
+   * Resolves with the revision of `quiver-pipelines` the deployments in memory reflect, once they
+   * hold every deploy and undeploy made before it was called (a client asks after its own),
+   * reading the bucket when the watch does not get there within CATCH_UP_TIMEOUT_MS. The bucket's
+   * last revision is the target, not one a client names: a wrong one could only stall or mislead.
+   */
+  async reflect(): Promise<number> {
+    const askedAt = performance.now();
+    await this.reach(await this.lastRevision(), askedAt);
+    return this.revision;
+  }
+
+  private matching(subject: string): { deployment: Deployment; trigger: Deployment['events'][number] }[] {
+    return [...this.deployments.values()].flatMap((deployment) => {
+      const trigger = deployment.events.find((t) => subjectMatches(t.subject, subject));
+      return trigger ? [{ deployment, trigger }] : [];
+    });
+  }
+
   private async lastRevision(): Promise<number> {
     return (await this.options.jsm.streams.info(`KV_${buckets.pipelines}`)).state.last_seq;
   }
@@ -181,7 +204,12 @@ export class EventTriggers {
   private async catchUp(arrivedAt: number): Promise<void> {
     if (arrivedAt < this.caughtUpAsOf) return;
     const askedAt = performance.now();
-    const last = await this.lastRevision();
+    await this.reach(await this.lastRevision(), askedAt);
+    this.caughtUpAsOf = askedAt;
+  }
+
+  /** Waits for the watch to deliver revision `last`; without a watch, or one that does not deliver it in time, reads the bucket. */
+  private async reach(last: number, askedAt: number): Promise<void> {
     const deadline = askedAt + CATCH_UP_TIMEOUT_MS;
     while (this.watch && this.revision < last && performance.now() < deadline) await new Promise((r) => setTimeout(r, 2));
     if (this.revision < last) {
@@ -194,7 +222,6 @@ export class EventTriggers {
       this.revision = Math.max(this.revision, last);
       void this.openWatch();
     }
-    this.caughtUpAsOf = askedAt;
   }
 
   private apply(entry: KvEntry): void {

@@ -8,6 +8,8 @@ import {
   consoleLogger,
   controlMessage,
   decode,
+  deploymentsSeen,
+  encode,
   ensureTopology,
   refuse,
   retryOrDeadLetter,
@@ -69,7 +71,8 @@ const PULL_EXPIRES_MS = 5_000;
  */
 export class Orchestrator {
   private readonly consuming: { messages: ConsumerMessages; loop: Promise<void> }[] = [];
-  private liveStarts: Subscription | null = null;
+  /** What the leader listens to on core NATS: live step starts, and clients asking whether it has seen their deploy. */
+  private leaderSubscriptions: Subscription[] = [];
   private readonly scheduler: Scheduler;
   private readonly lease: Lease;
   private readonly dispatcher: Dispatcher;
@@ -151,7 +154,7 @@ export class Orchestrator {
   private async lead(): Promise<void> {
     await this.resume();
     await this.triggers.start();
-    this.liveStarts = this.nc.subscribe(subjects.stepStarted, {
+    const liveStarts = this.nc.subscribe(subjects.stepStarted, {
       callback: (error, msg) => {
         if (error) return;
         try {
@@ -162,6 +165,22 @@ export class Orchestrator {
         }
       },
     });
+    const deploysSeen = this.nc.subscribe(subjects.deploymentsSeen, {
+      callback: (error, msg) => {
+        if (error) return;
+        try {
+          decode(deploymentsSeen, msg.subject, msg.data);
+        } catch (e) {
+          this.logger.warn((e as Error).message);
+          return;
+        }
+        this.triggers.reflect().then(
+          (revision) => msg.respond(encode(deploymentsSeen, { type: 'deployments.seen', revision })),
+          (e: unknown) => this.logger.warn(`could not tell a client its deploy was seen: ${(e as Error).message}`),
+        );
+      },
+    });
+    this.leaderSubscriptions = [liveStarts, deploysSeen];
     await this.consume(streams.control, consumers.orchestrator, (msg) => this.handleControl(msg));
     await this.consume(`KV_${buckets.steps}`, consumers.facts, (msg) => this.handleCompletion(msg));
     await this.consume(streams.events, consumers.triggers, (msg, arrivedAt) => this.triggers.handle(msg, arrivedAt));
@@ -176,8 +195,7 @@ export class Orchestrator {
     await this.maxDeliveries.stop();
     await this.scheduler.stop();
     this.triggers.stop();
-    this.liveStarts?.unsubscribe();
-    this.liveStarts = null;
+    for (const subscription of this.leaderSubscriptions.splice(0)) subscription.unsubscribe();
     const consuming = this.consuming.splice(0);
     await Promise.all(consuming.map((c) => c.messages.close()));
     await Promise.all(consuming.map((c) => c.loop));

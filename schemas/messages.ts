@@ -440,6 +440,12 @@ export const segmentRelease = z.object({
 
 export const runKill = z.object({ type: z.literal('run.kill'), runId });
 
+/**
+ * A client's question after a deploy or undeploy (subjects.deploymentsSeen), and the leader's
+ * answer, with the revision of `quiver-pipelines` its triggers reflect.
+ */
+export const deploymentsSeen = z.object({ type: z.literal('deployments.seen'), revision: z.number().int().nonnegative().optional() });
+
 /** A pipeline as deployed: the current version sits under its name in the `quiver-pipelines` bucket. */
 export const deployment = z.object({
   name,

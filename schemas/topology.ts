@@ -33,6 +33,12 @@ export const subjects = {
   segmentRelease: (hostId: string) => `quiver.shm.release.${hostId}`,
   /** Kill the step processes of a cancelled run, on every host. */
   runKill: 'quiver.run.kill',
+  /**
+   * Asked by a client after it deployed or undeployed (core NATS request): the leading
+   * orchestrator answers once its triggers reflect that revision of `quiver-pipelines`, so an
+   * event published after the deploy returned is matched against it.
+   */
+  deploymentsSeen: 'quiver.deployments.seen',
   /** User events: `orders.uploaded` travels as `quiver.events.orders.uploaded`. */
   event: (subject: string) => `quiver.events.${subject}`,
   eventsPrefix: 'quiver.events.',

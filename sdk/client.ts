@@ -9,6 +9,7 @@ import {
   deadEvent,
   decode,
   deployment as deploymentSchema,
+  deploymentsSeen,
   encodeChecked,
   ensureTopology,
   EVENT_SUBJECT_PATTERN,
@@ -122,6 +123,8 @@ const RECORD_POLL_MS = 5_000;
 
 /** How long a publish (submit, event, cancel, release) is retried while JetStream elects a stream leader. */
 const PUBLISH_RETRY_MS = 15_000;
+/** How long a deploy or undeploy waits for the leading orchestrator to say its triggers reflect it. */
+const DEPLOY_SEEN_TIMEOUT_MS = 10_000;
 
 /** A run cannot be run again: it is unknown, has no such step, or its code is gone. */
 export class RerunError extends Error {
@@ -411,6 +414,7 @@ export class QuiverClient {
     } catch (error) {
       throw new DeployConflictError(`pipeline ${name} was deployed by someone else at the same time; deploy again (${(error as Error).message})`);
     }
+    await this.triggersSeeDeployments();
     return { deployment, changed: true };
   }
 
@@ -419,6 +423,19 @@ export class QuiverClient {
     if (!(await this.getDeployment(name))) throw new NotDeployedError(await this.notDeployedMessage(name));
     await this.topology.pipelines.delete(name);
     await this.topology.schedules.delete(name);
+    await this.triggersSeeDeployments();
+  }
+
+  /**
+   * Returns once the leading orchestrator's triggers reflect every deploy and undeploy made so
+   * far, so an event published next is matched against them without the leader asking the bucket
+   * per event. Without a leader it returns at once (the next one reads every deployment before it
+   * takes an event); a leader too slow to answer leaves the event to be matched once its watch
+   * delivers the deploy, as before this handshake.
+   */
+  private async triggersSeeDeployments(): Promise<void> {
+    const asked = encodeChecked(deploymentsSeen, { type: 'deployments.seen' });
+    await this.nc.request(subjects.deploymentsSeen, asked, { timeout: DEPLOY_SEEN_TIMEOUT_MS }).catch(() => undefined);
   }
 
   async getDeployment(name: string): Promise<Deployment | null> {

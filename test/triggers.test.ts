@@ -3,7 +3,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
-import { isFinished, runRecord, type RunView } from '../schemas/index.ts';
+import { decode, deploymentsSeen, encode, isFinished, runRecord, subjects, type RunView } from '../schemas/index.ts';
 import { loadPipeline, NotDeployedError, TriggerError, type QuiverClient } from '../sdk/index.ts';
 import { fixture, repoRoot, waitFor, withCluster } from './helpers.ts';
 
@@ -94,6 +94,46 @@ export default pipeline(${JSON.stringify(name)}, { out: step(() => tableFromArra
           await client.publish(`race.${name}`, {}, { id: `race-${name}` });
         }
         for (const name of names) await finishedRunOfEvent(client, name, `race-${name}`);
+      });
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('matches an event published right after a redeploy against the new version, and one right after an undeploy against nothing', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'quiver-redeploy-race-'));
+    try {
+      await withCluster(async ({ client }) => {
+        // Each version's code differs (its table's rows), so each deploy makes a new version.
+        const versionFile = (rows: number) => {
+          const file = join(dir, `flip-${rows}.ts`);
+          writeFileSync(
+            file,
+            `import { tableFromArrays } from 'apache-arrow';
+import { pipeline, step } from ${JSON.stringify(join(repoRoot, 'sdk', 'index.ts'))};
+export default pipeline('flip', { out: step(() => tableFromArrays({ v: new Int32Array(${rows}) })) }, { on: { event: 'flip.go' } });
+`,
+          );
+          return file;
+        };
+        for (let round = 1; round <= 8; round++) {
+          const rows = round % 2 === 0 ? 5 : 3;
+          const { deployment } = await client.deploy(await loadPipeline(versionFile(rows)));
+          // No pause: the deploy travels on KV, the event on another stream.
+          await client.publish('flip.go', {}, { id: `flip-${round}` });
+          const run = await finishedRunOfEvent(client, 'flip', `flip-${round}`);
+          assert.equal(run.version, deployment.version, `round ${round}: the event ran version ${run.version}, deployed before it was ${deployment.version}`);
+          assert.equal(run.steps[0]!.rows, rows);
+        }
+        // What deploy and undeploy wait for: the leader answers with the revision its triggers reflect, the bucket's last.
+        const answer = decode(deploymentsSeen, subjects.deploymentsSeen, (await client.nc.request(subjects.deploymentsSeen, encode(deploymentsSeen, { type: 'deployments.seen' }))).data);
+        const status = await client.topology.pipelines.status();
+        assert.equal(answer.revision, status.streamInfo.state.last_seq);
+        await client.undeploy('flip');
+        await client.publish('flip.go', {}, { id: 'flip-after-undeploy' });
+        const dead = await waitFor('the event after the undeploy to be dead-lettered', async () => (await client.deadEvents()).find((d) => d.eventId === 'flip-after-undeploy'));
+        assert.match(dead.reason, /no deployed pipeline has a trigger matching "flip.go"/);
+        assert.equal(byEvent(await runsOf(client, 'flip'), 'flip-after-undeploy').length, 0);
       });
     } finally {
       rmSync(dir, { recursive: true, force: true });
