@@ -37,6 +37,7 @@ import {
   type StepError,
   type StepFailed,
   type StepReady,
+  type TableDescriptor,
   type Topology,
   type TopologyOptions,
 } from '../schemas/index.ts';
@@ -327,42 +328,63 @@ export class Executor {
   }
 
   /**
-   * One ready step, in stages: claim it (or drop it as a duplicate), announce it, prepare its code
-   * and inputs, execute it, record its completion. Two NATS round trips on the way: the claim
-   * (with the run's state read alongside on a redelivery) and the completion record.
+   * One ready message: its step, then the steps of its chain (StepReady.then), each run in
+   * stages (see {@link processStep}) on this executor, reading the output of the one before it.
+   * The message is acked when the last one is recorded or the chain stops (a step failed or is
+   * another executor's); a redelivery takes the chain up where it stopped.
    */
-  private async process(ready: StepReady, msg: JsMsg): Promise<void> {
+  private async process(head: StepReady, msg: JsMsg): Promise<void> {
     const attempt = msg.info.deliveryCount;
-    if ((await this.claim(ready, attempt)) === 'drop') {
+    const heartbeat = setInterval(() => msg.working(), Math.max(200, Math.floor(this.topology.ackWaitMs / 3)));
+    try {
+      let ready: StepReady | null = head;
+      /** Who held the chain before this delivery (it died): the steps it claimed are taken over, no one else's. */
+      let previousHolder: string | null = null;
+      while (ready) {
+        const outcome = await this.processStep(ready, attempt, ready === head ? null : { previousHolder });
+        if (outcome.kind === 'nak') {
+          msg.nak();
+          return;
+        }
+        if (outcome.kind === 'stop') break;
+        if (ready === head) previousHolder = outcome.previousHolder;
+        ready = nextInChain(ready, outcome.output);
+      }
       msg.ack();
-      return;
+    } finally {
+      clearInterval(heartbeat);
     }
+  }
+
+  /**
+   * One step, in stages: claim it (or find it done, or drop it as a duplicate), announce it,
+   * prepare its code and inputs, execute it, record its completion. Two NATS round trips on the
+   * way: the claim (with the run's state read alongside on a redelivery) and the completion record.
+   * Says whether a chain goes on after it, with its output.
+   */
+  private async processStep(ready: StepReady, attempt: number, chain: ChainClaim | null): Promise<StepOutcome> {
+    const claim = await this.claim(ready, attempt, chain);
+    if (claim.kind === 'drop') return STOP;
+    if (claim.kind === 'done') return claim.completion.type === 'step.succeeded' ? { kind: 'next', output: claim.completion.output, previousHolder: claim.holder } : STOP;
     const startedAt = Date.now();
     if (attempt >= this.topology.maxDeliver) {
-      await this.fail(ready, msg, attempt, startedAt, {
+      await this.fail(ready, attempt, startedAt, {
         name: 'StepAbandoned',
         code: 'ERR_STEP_ABANDONED',
         message: `step "${ready.step}" was handed out ${attempt} times and never finished: the executors running it kept dying`,
       });
-      return;
+      return STOP;
     }
     const stopAnnouncing = this.announceStart(ready, attempt, startedAt);
-    const heartbeat = setInterval(() => msg.working(), Math.max(200, Math.floor(this.topology.ackWaitMs / 3)));
     try {
       // The output cache's persisted tier may hold the output shared memory lost: then nothing runs.
       const restored = await this.outputCache.restore(ready, attempt);
-      if (restored) {
-        await this.complete(ready, msg, attempt, startedAt, restored, 0, undefined, 'cache');
-        return;
-      }
+      if (restored) return await this.complete(ready, attempt, startedAt, restored, 0, undefined, 'cache', claim.holder);
       const prepared = await this.prepare(ready);
-      if (prepared.kind === 'stopped') {
-        msg.nak();
-        return;
-      }
+      if (prepared.kind === 'stopped') return NAK;
       if (prepared.kind === 'failed') {
-        await this.fail(ready, msg, attempt, startedAt, prepared.error, prepared.envMs !== undefined ? { envMs: prepared.envMs } : {});
-        return;
+        await this.fail(ready, attempt, startedAt, prepared.error, prepared.envMs !== undefined ? { envMs: prepared.envMs } : {});
+        return STOP;
       }
       // Cached outputs this step maps stay while it runs, however full the cache gets.
       const mapped = prepared.inputs.flatMap((i) => i.descriptor.segments.map((s) => s.id));
@@ -379,35 +401,29 @@ export class Executor {
       } finally {
         this.outputCache.unpin(mapped);
       }
-      if (reply === 'cancelled') {
-        msg.ack();
-        return;
-      }
-      if (this.stopped) {
-        // Killed by our own stop: not the step's fault. Another executor gets it.
-        msg.nak();
-        return;
-      }
-      await this.complete(ready, msg, attempt, startedAt, reply, prepared.fetchedBytes, prepared.envMs);
+      if (reply === 'cancelled') return STOP;
+      // Killed by our own stop: not the step's fault. Another executor gets it.
+      if (this.stopped) return NAK;
+      return await this.complete(ready, attempt, startedAt, reply, prepared.fetchedBytes, prepared.envMs, undefined, claim.holder);
     } finally {
-      clearInterval(heartbeat);
       stopAnnouncing();
     }
   }
 
   /**
-   * Claims the step for this executor, or says to drop the message: the run is over, the step
-   * has finished (a redelivery after a crash must not run it again), or it is a second ready
-   * message for a step another executor holds. A redelivered step whose claimant stopped acking
-   * (it died) is taken over.
+   * Claims the step for this executor, or says it is done already (a redelivery after a crash
+   * must not run it again, and a chain goes on from its output), or to drop it: the run is over,
+   * or it is a second ready message for a step another executor holds. A redelivered step whose
+   * claimant stopped acking (it died) is taken over; a step further down a redelivered chain only
+   * from the executor that held the chain before: a claim of anyone else's stands.
    */
-  private async claim(ready: StepReady, attempt: number): Promise<'run' | 'drop'> {
+  private async claim(ready: StepReady, attempt: number, chain: ChainClaim | null): Promise<Claim> {
     const key = stepKey(ready.runId, ready.step);
     const claim = encode(claimRecord, { executorId: this.executorId, hostId: this.hostId, attempt, at: Date.now() });
     // A first delivery was sent moments ago by the run's leader while the run went on: only a
     // cancel can have ended it since, and cancels reach this executor as run kills. A redelivery
     // may come long after the run ended (an executor died holding it): then the record decides.
-    if (this.killedRuns.has(ready.runId)) return 'drop';
+    if (this.killedRuns.has(ready.runId)) return DROP;
     const checkRun = attempt > 1;
     const [created, run] = await Promise.all([
       this.topology.claims.create(key, claim).then(
@@ -420,18 +436,22 @@ export class Executor {
         return null;
       }),
     ]);
-    if (run && run !== 'running') return 'drop';
-    if (created === true) return 'run';
+    if (run && run !== 'running') return DROP;
+    if (created === true) return { kind: 'run', holder: null };
     // Only "already claimed" is an answer; any other trouble is retried by redelivery.
     const holder = await readClaim(this.topology.claims, ready.runId, ready.step).catch(() => null);
     if (!holder) throw created;
-    if (await this.topology.steps.get(key).then((e) => !!e?.string())) return 'drop';
+    // A malformed completion is still one: the step is not run again, and no chain goes on from it.
+    const completion = await readStepCompletion(this.topology.steps, ready.runId, ready.step).catch(() => 'malformed' as const);
+    if (completion === 'malformed') return DROP;
+    if (completion) return { kind: 'done', completion, holder: holder.executorId };
     // A create whose answer was lost (NATS restarting) may have stored this very claim.
-    if (holder.executorId === this.executorId && holder.attempt === attempt) return 'run';
+    if (holder.executorId === this.executorId && holder.attempt === attempt) return { kind: 'run', holder: null };
     // A second ready message for a step already claimed (a resumed orchestrator re-sent it).
-    if (attempt === 1) return 'drop';
+    if (attempt === 1) return DROP;
+    if (chain && holder.executorId !== chain.previousHolder) return DROP;
     await this.topology.claims.put(key, claim);
-    return 'run';
+    return { kind: 'run', holder: holder.executorId };
   }
 
   /**
@@ -492,13 +512,14 @@ export class Executor {
     return ready.system ? runSystemStep(ready, ready.system, inputs, attempt, this.systemStepContext(ready)) : this.runStep({ ...ready, inputs }, attempt, codePath);
   }
 
-  private async complete(ready: StepReady, msg: JsMsg, attempt: number, startedAt: number, reply: SystemReply, fetchedBytes: number, envMs?: number, from?: 'cache'): Promise<void> {
+  /** Records the step's reply: a chain goes on from its output, unless it failed or another executor's completion came first. */
+  private async complete(ready: StepReady, attempt: number, startedAt: number, reply: SystemReply, fetchedBytes: number, envMs: number | undefined, from: 'cache' | undefined, previousHolder: string | null): Promise<StepOutcome> {
     const ran = ready.system || from === 'cache'
       ? {}
       : { isolation: ready.isolation ?? 'process', ...('codeStartedAt' in reply && reply.codeStartedAt !== undefined ? { codeStartedAt: reply.codeStartedAt } : {}), ...(envMs !== undefined ? { envMs } : {}) };
     if (reply.type === 'error') {
-      await this.fail(ready, msg, attempt, startedAt, reply.error, ran);
-      return;
+      await this.fail(ready, attempt, startedAt, reply.error, ran);
+      return STOP;
     }
     const completion: StepCompletion = {
       type: 'step.succeeded',
@@ -526,8 +547,9 @@ export class Executor {
     if (!(await this.record(completion))) {
       // Another executor finished this step first (it was placed again meanwhile): its output counts.
       this.releaseForGood(releasable(this.shmDir, reply.segments.map((s) => s.id)));
+      return STOP;
     }
-    msg.ack();
+    return { kind: 'next', output: completion.output, previousHolder };
   }
 
   /** What a system step (scan, stage, commit) runs with: this host's shared memory, tables and the run's log. */
@@ -547,9 +569,8 @@ export class Executor {
     };
   }
 
-  private async fail(ready: StepReady, msg: JsMsg, attempt: number, startedAt: number, error: StepError, ran: Pick<StepFailed, 'isolation' | 'codeStartedAt' | 'envMs'> = {}): Promise<void> {
+  private async fail(ready: StepReady, attempt: number, startedAt: number, error: StepError, ran: Pick<StepFailed, 'isolation' | 'codeStartedAt' | 'envMs'> = {}): Promise<void> {
     await this.record({ type: 'step.failed', runId: ready.runId, step: ready.step, attempt, executorId: this.executorId, hostId: this.hostId, error, ...ran, startedAt, at: Date.now() });
-    msg.ack();
   }
 
   /**
@@ -627,6 +648,28 @@ export class Executor {
 
 /** How long a step runs before the executor announces its start (see Executor.announceStart). */
 const ANNOUNCE_START_AFTER_MS = 20;
+
+/** How a step of a ready message ended for its chain: go on from its output, stop (ack), or hand the message back (nak). */
+type StepOutcome = { kind: 'next'; output: TableDescriptor; previousHolder: string | null } | { kind: 'stop' } | { kind: 'nak' };
+const STOP: StepOutcome = { kind: 'stop' };
+const NAK: StepOutcome = { kind: 'nak' };
+
+/** What a claim found: run the step (`holder`: whose claim this one took over), it is done already, or drop it. */
+type Claim = { kind: 'run'; holder: string | null } | { kind: 'done'; completion: StepCompletion; holder: string } | { kind: 'drop' };
+const DROP: Claim = { kind: 'drop' };
+
+/** A step further down a chain: whose claims on it may be taken over (the executor that held the chain before, if it died). */
+interface ChainClaim {
+  previousHolder: string | null;
+}
+
+/** The next step of `ready`'s chain, reading `output`, or null at its end. */
+function nextInChain(ready: StepReady, output: TableDescriptor): StepReady | null {
+  const [next, ...rest] = ready.then ?? [];
+  if (!next) return null;
+  const { then: _then, cacheKey: _key, cacheWrite: _write, cacheRead: _read, ...common } = ready;
+  return { ...common, step: next.step, inputs: next.inputs.map((input) => ({ ...input, descriptor: output })), ...(rest.length > 0 ? { then: rest } : {}) };
+}
 
 /** Ready steps an executor holds per slot (see Executor.start). */
 const HELD_PER_SLOT = 2;

@@ -46,13 +46,17 @@ export const cacheModeOf = (submit: Pick<RunSubmit, 'cache'>): CacheMode => subm
  * reused: the run's cache is off, the step opted out, it is a system step other than a scan
  * pinned to a snapshot, or a parent has no key (it opted out, or it scanned an empty table).
  */
+/** Whether a run reuses or fills the output cache at all. A kept output must outlive any eviction: runs that keep theirs neither reuse nor fill it. */
+export function usesOutputCache(submit: Pick<RunSubmit, 'cache' | 'keep'>): boolean {
+  return cacheModeOf(submit) !== 'off' && !submit.keep;
+}
+
 export function cacheKeyOf(
   submit: Pick<RunSubmit, 'cache' | 'keep' | 'plan' | 'params' | 'event'>,
   step: PlanStep,
   parents: Readonly<Record<string, ParentFacts | undefined>>,
 ): string | null {
-  // A kept output must outlive any eviction: runs that keep theirs neither reuse nor fill the cache.
-  if (cacheModeOf(submit) === 'off' || submit.keep) return null;
+  if (!usesOutputCache(submit)) return null;
   // A scan pinned to a snapshot (every run submitted by a client is) reads the same rows every time.
   if (step.system?.kind === 'scan' && step.system.snapshot !== undefined && step.system.asOf === undefined) {
     return stepCacheKey({ system: step.system, params: {}, inputs: [] });

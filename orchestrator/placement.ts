@@ -72,6 +72,7 @@ interface Waiting {
   step: PlanStep;
   msgID: string;
   since: number;
+  onChain: (() => void) | undefined;
 }
 
 /** Steps by run: a finished run's steps are forgotten at once, however many other runs are in flight. */
@@ -156,18 +157,24 @@ export class Dispatcher {
     return hosts;
   }
 
-  /** Places and publishes `message`. Only the first publish of a step uses the plain id, so JetStream dedupes a resumed orchestrator's repeat. */
-  async dispatch(message: StepReady, step: PlanStep): Promise<void> {
-    await this.place(message, step, `${message.runId}.${message.step}.ready`);
+  /**
+   * Places and publishes `message`. Only the first publish of a step uses the plain id, so
+   * JetStream dedupes a resumed orchestrator's repeat. A chain (`message.then`) goes with it only
+   * on the queue every executor reads, whose redelivery takes a chain up wherever its executor
+   * died; `onChain` is called, before the publish, when it does. A step placed on one host goes
+   * alone, and the steps after it are sent when they are ready, as any step.
+   */
+  async dispatch(message: StepReady, step: PlanStep, onChain?: () => void): Promise<void> {
+    await this.place(message, step, `${message.runId}.${message.step}.ready`, this.now(), onChain);
   }
 
-  private async place(message: StepReady, step: PlanStep, msgID: string, since = this.now()): Promise<void> {
+  private async place(message: StepReady, step: PlanStep, msgID: string, since = this.now(), onChain?: () => void): Promise<void> {
     const hosts = await this.liveHosts();
     const placed = placeStep(step, message.inputs, hosts);
     const key = `${message.runId}.${message.step}`;
     this.waiting.delete(message.runId, message.step);
     if ('error' in placed && this.now() - since < PLACEMENT_GRACE_MS) {
-      this.waiting.set(message.runId, message.step, { message, step, msgID, since });
+      this.waiting.set(message.runId, message.step, { message, step, msgID, since, onChain });
       return;
     }
     if ('error' in placed) {
@@ -187,8 +194,11 @@ export class Dispatcher {
     }
     for (const h of hosts) this.known.add(h.hostId);
     const subject = placed.hostId === null ? subjects.stepReady : subjects.stepReadyOnHost(placed.hostId);
-    await this.js.publish(subject, encode(stepReady, message), { msgID });
-    if (placed.hostId !== null) this.sent.set(message.runId, message.step, { message, step, hostId: placed.hostId });
+    const { then, ...alone } = message;
+    const sent = placed.hostId === null ? message : alone;
+    if (then && sent === message) onChain?.();
+    await this.js.publish(subject, encode(stepReady, sent), { msgID });
+    if (placed.hostId !== null) this.sent.set(message.runId, message.step, { message: alone, step, hostId: placed.hostId });
   }
 
   /**
@@ -253,7 +263,7 @@ export class Dispatcher {
   /** Places again the unfinished steps placed on hosts that disappeared. */
   async checkHosts(): Promise<void> {
     if (this.timer && !this.watch) void this.watchHosts().catch((e) => this.logger.warn(`cannot watch quiver-hosts, listing it per step instead: ${(e as Error).message}`));
-    for (const w of this.waiting.values()) await this.place(w.message, w.step, w.msgID, w.since);
+    for (const w of this.waiting.values()) await this.place(w.message, w.step, w.msgID, w.since, w.onChain);
     const live = new Set((await this.liveHosts()).map((h) => h.hostId));
     const lost = [...this.known].filter((id) => !live.has(id));
     this.known = live;

@@ -20,12 +20,12 @@ import {
   type StepReady,
   type StepStarted,
 } from '../schemas/index.ts';
-import { childrenOf, outputSteps } from '../planner/index.ts';
+import { chainAfter, childrenOf, outputSteps } from '../planner/index.ts';
 import type { Dispatcher } from './placement.ts';
 import { replayRun, runMachineOf, runStateOf, stepStatesOf, type RunFacts, type RunMachine, type RunSnapshot } from './run-machine.ts';
 import type { RunStore } from './run-store.ts';
 import { machineView } from './views.ts';
-import { cacheKeyOf, cacheReadOf, cacheWriteOf, type CachedOutputs } from './cached-outputs.ts';
+import { cacheKeyOf, cacheReadOf, cacheWriteOf, usesOutputCache, type CachedOutputs } from './cached-outputs.ts';
 
 const SETTLED = new Set(['succeeded', 'failed', 'skipped', 'cancelled']);
 /** A ready step whose publish failed (NATS away) is sent again after this long. */
@@ -38,6 +38,13 @@ interface LiveRun {
   released: Set<string>;
   /** Steps whose ready message this process has sent (re-sent after a restart: JetStream and claims dedupe). */
   dispatched: Set<string>;
+  /**
+   * Steps that go with the ready message of the step before them (StepReady.then): the executor
+   * of that step runs them, so they are never sent alone. Known only to the process that sent
+   * the chain: after a restart, a ready step of a chain is sent alone, and the claims keep it
+   * from running twice.
+   */
+  carried: Set<string>;
 }
 
 export interface RunsOptions {
@@ -126,7 +133,7 @@ export class Runs {
 
   private track(record: RunRecord, actor: Actor<RunMachine>): LiveRun {
     this.stopped = false;
-    const run: LiveRun = { record: { ...record }, actor, released: new Set(), dispatched: new Set() };
+    const run: LiveRun = { record: { ...record }, actor, released: new Set(), dispatched: new Set(), carried: new Set() };
     this.forget(record.submit.runId);
     this.live.set(record.submit.runId, run);
     const pipeline = record.submit.plan.pipeline;
@@ -187,7 +194,7 @@ export class Runs {
     for (const step of plan.steps) {
       if (states[step.name] === 'ready' && !run.dispatched.has(step.name)) {
         run.dispatched.add(step.name);
-        this.dispatch(run, step.name, snapshot);
+        if (!run.carried.has(step.name)) this.dispatch(run, step.name, snapshot);
       }
     }
     publishReleases(this.options.nc, toRelease);
@@ -208,9 +215,16 @@ export class Runs {
    */
   private dispatch(run: LiveRun, step: string, snapshot: RunSnapshot): void {
     const { message, planStep } = readyMessage(run, step, snapshot);
+    // A cached output is looked up step by step, with keys built on the parents' completions: a
+    // run that uses the cache sends each step alone.
+    const chain = usesOutputCache(run.record.submit) ? [] : chainAfter(run.record.submit.plan, step);
+    if (chain.length > 0) message.then = chain.map((s) => ({ step: s.name, inputs: s.inputs }));
+    const carry = () => {
+      for (const s of chain) run.carried.add(s.name);
+    };
     const stillDriven = () => !this.stopped && this.live.get(message.runId) === run;
     const send = (): void => {
-      this.options.dispatcher.dispatch(message, planStep).catch((error: unknown) => {
+      this.options.dispatcher.dispatch(message, planStep, carry).catch((error: unknown) => {
         if (!stillDriven()) return;
         this.options.logger.warn(`sending ready step ${step} of run ${message.runId} failed, retrying: ${(error as Error).message}`);
         setTimeout(send, DISPATCH_RETRY_MS).unref();

@@ -191,6 +191,33 @@ export function outputSteps(plan: Plan): string[] {
   return plan.steps.filter((s) => !s.system && !read.has(s.name)).map((s) => s.name);
 }
 
+/**
+ * The steps that follow `step` in a chain, in order: each the only child of the step before it
+ * and reading nothing else, all user steps run alike (same isolation, limits, secrets and
+ * packages, none pinned to a host). The executor that runs `step` runs them right after it, each
+ * claimed and recorded as any step is, without a ready message of their own: one trip through
+ * the orchestrator and the work queue for the whole chain instead of one per step.
+ */
+export function chainAfter(plan: Plan, step: string): PlanStep[] {
+  const chain: PlanStep[] = [];
+  let current = plan.steps.find((s) => s.name === step);
+  while (current && !current.system && current.host === undefined) {
+    const children = childrenOf(plan, current.name);
+    if (children.length !== 1) break;
+    const child = plan.steps.find((s) => s.name === children[0])!;
+    if (!child.inputs.every((i) => i.step === current!.name) || !runsAlike(current, child)) break;
+    chain.push(child);
+    current = child;
+  }
+  return chain;
+}
+
+/** Whether two user steps run in the same kind of process: one may follow the other in a chain. */
+function runsAlike(a: PlanStep, b: PlanStep): boolean {
+  const how = (s: PlanStep) => JSON.stringify([s.isolation ?? 'process', s.limits ?? null, s.env ?? null, s.packages ?? null]);
+  return !b.system && b.host === undefined && how(a) === how(b);
+}
+
 export function childrenOf(plan: Plan, step: string): string[] {
   return plan.steps.filter((s) => s.inputs.some((i) => i.step === step)).map((s) => s.name);
 }

@@ -364,6 +364,13 @@ export const stepReady = z.object({
    * running the step (not for a step a rerun computes again, nor for stages and commits).
    */
   cacheRead: z.boolean().optional(),
+  /**
+   * The steps that follow this one in its chain (planner `chainAfter`), in order, each reading
+   * the output of the one before it: the executor runs them after this one, claiming and
+   * recording each, and acks this message when the last is recorded. Only for runs that do not
+   * use the output cache.
+   */
+  then: z.array(z.object({ step: name, inputs: z.array(planInput) })).min(1).optional(),
 });
 export type StepReady = z.infer<typeof stepReady>;
 

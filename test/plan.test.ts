@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { after, describe, it } from 'node:test';
-import { PlanError, planPipeline } from '../planner/index.ts';
+import { chainAfter, PlanError, planPipeline } from '../planner/index.ts';
 import { loadPipeline, pipeline, step } from '../sdk/index.ts';
 import { fixture, tempHome } from './helpers.ts';
 
@@ -62,5 +62,33 @@ describe('planning', () => {
     assert.throws(() => planPipeline(pipeline('bad name', { a: step(() => null as never) })), { code: 'ERR_PLAN_BAD_NAME' });
     assert.throws(() => planPipeline(pipeline('p', { 'a-b': step(() => null as never) })), { code: 'ERR_PLAN_BAD_NAME', step: 'a-b' });
     assert.throws(() => planPipeline(pipeline('p', {})), { code: 'ERR_PLAN_EMPTY' });
+  });
+
+  it('chains a step with the steps that follow it alone and run alike', () => {
+    const t = () => null as never;
+    const names = (plan: ReturnType<typeof planPipeline>, from: string) => chainAfter(plan, from).map((s) => s.name);
+    const line = planPipeline(pipeline('line', { a: step(t), b: step({ x: 'a' }, t), c: step({ x: 'b', y: 'b' }, t) }));
+    assert.deepEqual(names(line, 'a'), ['b', 'c']);
+    assert.deepEqual(names(line, 'b'), ['c']);
+    assert.deepEqual(names(line, 'c'), []);
+    // Two children: each is sent when ready, alone.
+    const fork = planPipeline(pipeline('fork', { a: step(t), b: step({ x: 'a' }, t), c: step({ x: 'a' }, t) }));
+    assert.deepEqual(names(fork, 'a'), []);
+    // A child that reads another step too waits for it: not chained.
+    const join = planPipeline(pipeline('join', { a: step(t), z: step(t), b: step({ x: 'a', y: 'z' }, t) }));
+    assert.deepEqual(names(join, 'a'), []);
+    // Steps that run differently (isolation, limits, secrets, a pinned host) start a chain of their own.
+    const mixed = planPipeline(
+      pipeline('mixed', {
+        a: step(t),
+        b: step({ x: 'a' }, t, { isolation: 'worker' }),
+        c: step({ x: 'b' }, t, { isolation: 'worker' }),
+        d: step({ x: 'c' }, t, { isolation: 'worker', timeoutMs: 5_000 }),
+        e: step({ x: 'd' }, t, { isolation: 'worker', timeoutMs: 5_000, host: 'gpu' }),
+      }),
+    );
+    assert.deepEqual(names(mixed, 'a'), []);
+    assert.deepEqual(names(mixed, 'b'), ['c']);
+    assert.deepEqual(names(mixed, 'd'), []);
   });
 });
