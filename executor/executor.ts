@@ -186,9 +186,10 @@ export class Executor {
       nc, topology, hostId, executorId: executor.executorId, labels, capacity: concurrency, running: () => executor.active,
       shmDir, ...(options.clusterSecret ? { secret: options.clusterSecret } : {}), ...(options.flight ? { options: options.flight } : {}), logger,
     });
-    // Work placed on this host first; shared work only while there is room. Each slot has a
-    // second step held beside it, claimed and its inputs at hand, so the NATS round trips of one
-    // step (claim, completion) overlap the execution of another instead of idling the slot.
+    // Work placed on this host first; shared work only while there is room. Each slot has more
+    // steps held beside it, claimed and their inputs at hand, so the NATS round trips of one step
+    // (claim, completion, and in a chain the next step's claim) overlap the execution of another
+    // instead of idling the slot.
     for (let i = 0; i < concurrency * HELD_PER_SLOT; i++) executor.loops.push(executor.pullLoop(placed, false), executor.pullLoop(executor.consumer, true));
     const gcIntervalMs = options.gcIntervalMs ?? 60_000;
     executor.gcTimer = setInterval(() => void executor.collectGarbage(), gcIntervalMs).unref();
@@ -671,8 +672,13 @@ function nextInChain(ready: StepReady, output: TableDescriptor): StepReady | nul
   return { ...common, step: next.step, inputs: next.inputs.map((input) => ({ ...input, descriptor: output })), ...(rest.length > 0 ? { then: rest } : {}) };
 }
 
-/** Ready steps an executor holds per slot (see Executor.start). */
-const HELD_PER_SLOT = 2;
+/**
+ * Ready messages an executor holds per slot (see Executor.start). A chain holds its message
+ * through the round trips between its steps: with two per slot, slots idled between them
+ * (`npm run bench:trigger -- --routes worker --burst 2000`: 215-225 runs/s with two, 231-238
+ * with three, 230-244 with four; kept at three, each held one being work no other executor takes).
+ */
+const HELD_PER_SLOT = 3;
 
 /** What a step held for a slot gets when the executor stops first: it is handed back unrun (nak). */
 const STOPPED_REPLY: SystemReply = { type: 'error', error: { name: 'ExecutorStopped', code: 'ERR_EXECUTOR_STOPPED', message: 'the executor stopped before the step started' } };
