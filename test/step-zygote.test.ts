@@ -176,6 +176,30 @@ describe('step zygote', () => {
     }
   });
 
+  it('leaves the spares it forked idle: no forked process spins while it waits for a step', TIMEOUT, async () => {
+    // Forked from inside an I/O callback, a child's event loop polled without waiting for ever
+    // (seen as a spare at 100% of a core after a burst of steps): the zygote forks from a timer.
+    const { home, codePath, shmDir, clusterId, processes, close } = await stepProcessesFor('idle', SOURCE, { forkServer: true, prewarm: 2 });
+    const ticks = (pid: number) => {
+      const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+      return Number(fields[11]) + Number(fields[12]);
+    };
+    try {
+      for (let round = 0; round < 8; round++) {
+        const jobs = Array.from({ length: 4 }, (_, i): RunnerJob => ({ codePath, runId: `idle${round}x${i}`, step: 'probe', params: { mode: 'report', out: join(home.dir, `idle${round}x${i}.json`) }, event: null, inputs: [], shmDir, outputIdPrefix: `idle${round}x${i}.probe.1` }));
+        for (const reply of await Promise.all(jobs.map((job) => processes.run(job, 'process')))) assert.equal(reply.type, 'result');
+      }
+      const spares = () => processesOf(clusterId).filter((p) => p.title.endsWith(' idle'));
+      await waitFor('two spares', () => spares().length === 2);
+      await new Promise((r) => setTimeout(r, 500));
+      const before = new Map(spares().map((p) => [p.pid, ticks(p.pid)]));
+      await new Promise((r) => setTimeout(r, 2000));
+      for (const [pid, at] of before) assert.ok(ticks(pid) - at < 20, `spare ${pid} used ${(ticks(pid) - at) * 10} ms of CPU in 2 s while waiting`);
+    } finally {
+      await close();
+    }
+  });
+
   it('boots each step process when the fork server is off', TIMEOUT, async () => {
     const { home, codePath, shmDir, clusterId, processes, close } = await stepProcessesFor('off', SOURCE, { forkServer: false });
     try {
