@@ -35,8 +35,8 @@ export const subjects = {
   runKill: 'quiver.run.kill',
   /**
    * Asked by a client after it deployed or undeployed (core NATS request): the leading
-   * orchestrator answers once its triggers reflect that revision of `quiver-pipelines`, so an
-   * event published after the deploy returned is matched against it.
+   * orchestrator answers once its triggers reflect the last revision of `quiver-pipelines`, so
+   * an event published after the deploy returned is matched against it.
    */
   deploymentsSeen: 'quiver.deployments.seen',
   /** User events: `orders.uploaded` travels as `quiver.events.orders.uploaded`. */
