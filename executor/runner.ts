@@ -140,10 +140,7 @@ function onRequest(request: RunnerRequest): void {
     send({ type: 'pong', seq: request.seq }).catch(() => process.exit(71));
   } else if (request.type === 'fork') {
     // After the warm-up: a child forked in the middle of it would carry the rest of it along.
-    // From a timer: a child forked in the middle of an I/O callback (this one, or its microtasks)
-    // or of the immediates went on polling its event loop without ever waiting, a spare at 100%
-    // of a core until its step came (test/step-zygote.test.ts "leaves the spares it forked idle").
-    void warmedUp.then(() => setTimeout(() => forkStep(request), 0));
+    void warmedUp.then(() => forkStep(request));
   } else if (request.type === 'warm-up') {
     warmedUp = warmUp(request);
   } else if (request.type === 'preload') {
@@ -207,7 +204,7 @@ function forkStep(request: RunnerRequest & { type: 'fork' }): void {
   const channel = process.channel as unknown as { fd: number; writeQueueSize: number };
   // A child inherits what is queued on the channel and would write it to its own: fork once it is sent.
   if (channel.writeQueueSize > 0) {
-    setTimeout(() => forkStep(request), 0); // a timer, as in onRequest
+    setImmediate(() => forkStep(request));
     return;
   }
   let pid: number;
