@@ -38,6 +38,7 @@ import {
   type StepFailed,
   type StepReady,
   type TableDescriptor,
+  InvalidMessageError,
   type Topology,
   type TopologyOptions,
 } from '../schemas/index.ts';
@@ -443,7 +444,11 @@ export class Executor {
     const holder = await readClaim(this.topology.claims, ready.runId, ready.step).catch(() => null);
     if (!holder) throw created;
     // A malformed completion is still one: the step is not run again, and no chain goes on from it.
-    const completion = await readStepCompletion(this.topology.steps, ready.runId, ready.step).catch(() => 'malformed' as const);
+    // Any other trouble reading it is retried by redelivery, as before: the step is not dropped.
+    const completion = await readStepCompletion(this.topology.steps, ready.runId, ready.step).catch((error: unknown) => {
+      if (error instanceof InvalidMessageError) return 'malformed' as const;
+      throw error;
+    });
     if (completion === 'malformed') return DROP;
     if (completion) return { kind: 'done', completion, holder: holder.executorId };
     // A create whose answer was lost (NATS restarting) may have stored this very claim.
