@@ -75,6 +75,20 @@ static void make_anonymous_memory_inheritable(void) {
   fclose(maps);
 }
 
+/*
+ * A signal caught just before the fork waits in the parent's signal pipe, which the child no
+ * longer reads (uv_loop_fork gives it a pipe of its own): its handle would count it as caught and
+ * never dispatched. libuv does not finish closing such a handle until the two counts meet, and
+ * keeps the loop polling without a timeout meanwhile: a child that closed it (the zygote's SIGCHLD
+ * listener) spun at 100% of a core while it waited for a step. Those signals were the parent's.
+ */
+static void forget_parents_signals(uv_handle_t *handle, void *unused) {
+  (void)unused;
+  if (handle->type != UV_SIGNAL) return;
+  uv_signal_t *signal = (uv_signal_t *)handle;
+  signal->dispatched_signals = signal->caught_signals;
+}
+
 pid_t qfork_child(uv_loop_t *loop, const char *socket_path, const qfork_stream *streams, int stream_count, uint64_t address_space_bytes) {
   pid_t parent = getpid();
   make_anonymous_memory_inheritable();
@@ -96,6 +110,8 @@ pid_t qfork_child(uv_loop_t *loop, const char *socket_path, const qfork_stream *
     if (setrlimit(RLIMIT_AS, &limit) != 0) _exit(72);
   }
   if (uv_loop_fork(loop) != 0) _exit(72);
+  uv_walk(loop, forget_parents_signals, NULL);
+  forget_parents_signals((uv_handle_t *)&loop->child_watcher, NULL);
   return 0;
 }
 

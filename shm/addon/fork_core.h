@@ -20,7 +20,7 @@ typedef struct {
  * fork(2). In the child: setpgid, PR_SET_PDEATHSIG SIGKILL, each stream's fd
  * replaced by a connection to `socket_path` that said its hello line (with the
  * fd's O_NONBLOCK kept), RLIMIT_AS set when address_space_bytes > 0, and
- * uv_loop_fork(loop). A child that cannot do all of it exits at once with 72.
+ * uv_loop_fork(loop) (the parent's undelivered signals dropped). A child that cannot do all of it exits at once with 72.
  * Returns the child's pid in the parent, 0 in the child, -errno on failure.
  */
 pid_t qfork_child(uv_loop_t *loop, const char *socket_path, const qfork_stream *streams, int stream_count, uint64_t address_space_bytes);
