@@ -3,7 +3,8 @@
  * by events) on an embedded cluster whose NATS is one server (R1), then three nodes on loopback
  * (every stream and bucket R3), side by side in one run:
  *
- *   latency   publish → the first line of the first step's function, one event at a time
+ *   latency   publish → the first line of the first step's function (it records the monotonic
+ *             clock, bench/first-line.ts), one event at a time
  *             (--gap-ms apart): p50, p90, p99
  *   burst     --burst events published at once: runs finished per second
  *
@@ -20,6 +21,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { decode, isFinished, runView, silentLogger, subjects, type RunView } from '../schemas/index.ts';
 import { loadPipeline, startLocalCluster } from '../sdk/index.ts';
+import { firstLineMark, monotonicMs, readMarks } from './first-line.ts';
 
 const { values } = parseArgs({ options: { latency: { type: 'string', default: '100' }, burst: { type: 'string', default: '500' }, 'gap-ms': { type: 'string', default: '100' } } });
 const LATENCY = Number(values.latency);
@@ -40,8 +42,10 @@ interface Figures {
   runsPerSecond: number;
 }
 
-async function measure(nodes: number, file: string): Promise<Figures> {
+async function measure(nodes: number, file: string, marks: string): Promise<Figures> {
   const home = mkdtempSync(join(tmpdir(), `quiver-bench-cluster-${nodes}-`));
+  // Both clusters publish the same event ids: each measures against its own marks.
+  rmSync(marks, { force: true });
   const cluster = await startLocalCluster({ home, natsNodes: nodes, logger: silentLogger });
   try {
     const finished = new Map<string, RunView>();
@@ -72,10 +76,12 @@ async function measure(nodes: number, file: string): Promise<Figures> {
     for (let i = 0; i < LATENCY; i++) {
       await sleep(GAP_MS);
       const id = `latency-${i}`;
-      const at = performance.timeOrigin + performance.now();
+      const at = monotonicMs();
       await cluster.client.publish('bench.cluster.one', { i }, { id });
       await waitFor([id]);
-      latencies.push(finished.get(id)!.steps.find((s) => s.name === 'first')!.codeStartedAt! - at);
+      const firstLine = readMarks(marks).get(id)?.[0];
+      if (firstLine === undefined) throw new Error(`the run of ${id} succeeded but its first step left no mark in ${marks}`);
+      latencies.push(firstLine - at);
     }
     latencies.sort((a, b) => a - b);
 
@@ -97,19 +103,25 @@ async function measure(nodes: number, file: string): Promise<Figures> {
 const dir = mkdtempSync(join(tmpdir(), 'quiver-bench-cluster-'));
 try {
   const file = join(dir, 'chain.ts');
+  const marks = join(dir, 'first-lines');
+  // The first step's first line records when it ran (bench/first-line.ts), under its event id.
   writeFileSync(
     file,
-    `import { tableFromArrays } from 'apache-arrow';
+    `import { appendFileSync } from 'node:fs';
+import { tableFromArrays } from 'apache-arrow';
 import { pipeline, step } from ${JSON.stringify(join(repoRoot, 'sdk', 'index.ts'))};
 export default pipeline('bench_cluster', {
-  first: step(() => tableFromArrays({ v: Int32Array.of(1) })),
+  first: step((_inputs, ctx) => {
+    ${firstLineMark(marks, '${ctx.event?.id}')}
+    return tableFromArrays({ v: Int32Array.of(1) });
+  }),
   second: step({ t: 'first' }, ({ t }) => t),
   third: step({ t: 'second' }, ({ t }) => t),
 }, { on: { event: 'bench.cluster.*' }, isolation: 'worker' });
 `,
   );
-  const one = await measure(1, file);
-  const three = await measure(3, file);
+  const one = await measure(1, file, marks);
+  const three = await measure(3, file, marks);
   console.log(`\nevent → first step's code (${LATENCY} events, ${GAP_MS} ms apart) and a burst of ${BURST} events; isolation 'worker'`);
   console.log(`${'NATS'.padEnd(16)} ${'p50 ms'.padStart(8)} ${'p90 ms'.padStart(8)} ${'p99 ms'.padStart(8)} ${'runs/s'.padStart(8)}`);
   for (const f of [one, three]) {

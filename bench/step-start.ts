@@ -1,6 +1,7 @@
 /**
- * Step start-up benchmark: the time from handing a job to a step process until the step function
- * is called (the runner's `codeStartedAt`), and the CPU each step costs in its step processes:
+ * Step start-up benchmark: the time from handing a job to a step process until the step
+ * function's first line (it records the monotonic clock: bench/first-line.ts), and the CPU each
+ * step costs in its step processes:
  *
  *   cold       no spare: the step waits for node, Arrow and the runner to boot
  *              (each mode twice: `plain` compiles and runs the runner and Arrow at every start,
@@ -24,6 +25,7 @@ import type { RunnerJob } from '../executor/protocol.ts';
 import { StepProcesses } from '../executor/step-processes.ts';
 import type { Isolation } from '../schemas/index.ts';
 import { removeDir } from '../shm/index.ts';
+import { firstLineMark, monotonicMs, readMarks } from './first-line.ts';
 
 const { values } = parseArgs({ options: { steps: { type: 'string', default: '30' }, 'gap-ms': { type: 'string', default: '400' } } });
 const steps = Number(values.steps);
@@ -43,7 +45,8 @@ const p90 = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length
 const dir = mkdtempSync(join(tmpdir(), 'quiver-bench-start-'));
 const shmDir = `/dev/shm/quiver-bench-start-${process.pid}`;
 try {
-  const source = `import { tableFromArrays } from 'apache-arrow';\nexport default { steps: { noop: { fn: () => tableFromArrays({ v: Int32Array.of(1) }) } } };\n`;
+  const marks = join(dir, 'first-lines');
+  const source = `import { appendFileSync } from 'node:fs';\nimport { tableFromArrays } from 'apache-arrow';\nexport default { steps: { noop: { fn: (_inputs, ctx) => {\n  ${firstLineMark(marks, '${ctx.runId}')}\n  return tableFromArrays({ v: Int32Array.of(1) });\n} } } };\n`;
   const runners = { plain: await buildRunner(join(dir, 'build'), { snapshot: false }), snapshot: await buildRunner(join(dir, 'build'), { snapshot: true }) };
   if (!runners.snapshot.snapshot) throw new Error('this node cannot start step processes from a snapshot (needs >= 20.11)');
   const codePaths = { plain: join(dir, 'noop-plain.mjs'), snapshot: join(dir, 'noop-snapshot.mjs') };
@@ -67,12 +70,15 @@ try {
     await sleep(gapMs);
     const cpuBefore = childrenCpuMs();
     for (let i = 0; i < steps + 1; i++) {
-      const job: RunnerJob = { codePath, runId: `bench${i}`, step: 'noop', params: {}, event: null, inputs: [], shmDir, outputIdPrefix: `bench-${mode}-${kind}-${i}` };
-      const sent = performance.timeOrigin + performance.now();
+      const runId = `bench-${mode}-${kind}-${i}`;
+      const job: RunnerJob = { codePath, runId, step: 'noop', params: {}, event: null, inputs: [], shmDir, outputIdPrefix: `bench-${mode}-${kind}-${i}` };
+      const sent = monotonicMs();
       const reply = await processes.run(job, isolation);
       if (reply.type !== 'result') throw new Error(JSON.stringify(reply));
       // The first worker step boots the worker and imports the code: left out of the latencies.
-      if (!(isolation === 'worker' && i === 0)) latencies.push(reply.codeStartedAt! - sent);
+      const firstLine = readMarks(marks).get(runId)?.[0];
+      if (firstLine === undefined) throw new Error(`step ${runId} succeeded but left no mark in ${marks}`);
+      if (!(isolation === 'worker' && i === 0)) latencies.push(firstLine - sent);
       await sleep(gapMs);
     }
     processes.stop('the benchmark is done');
@@ -82,7 +88,7 @@ try {
     rows.push(`${mode.padEnd(10)} ${kind.padEnd(9)} ${median(latencies).toFixed(1).padStart(8)} ${p90(latencies).toFixed(1).padStart(8)} ${cpu.toFixed(0).padStart(8)}`);
     removeDir(shmDir);
   }
-  console.log(`${steps} steps each, ${gapMs} ms apart; job sent → step function called (ms), CPU of step processes per step (ms)`);
+  console.log(`${steps} steps each, ${gapMs} ms apart; job sent → the step function's first line (ms), CPU of step processes per step (ms)`);
   console.log('mode       start        median      p90      cpu');
   for (const row of rows) console.log(row);
 } finally {

@@ -15,12 +15,12 @@
  * stopped before the BullMQ route runs, so idle step processes do not share its CPU.
  *
  * What is timed, per event: publish → the first line of the first step's function.
- *   start  `performance.timeOrigin + performance.now()` taken right before `client.publish`
+ *   start  the monotonic clock (bench/first-line.ts) read right before `client.publish`
  *          (BullMQ: before `flows.add`).
- *   end    Quiver: the first step's `codeStartedAt` in the run's finished view (epoch ms taken in
- *          the step process right before the step function is called; the clocks of two
- *          processes on one host agree to well under a millisecond). BullMQ: the worker
- *          callback's first line, for the `first` job.
+ *   end    the first step function's first line: it appends `<event id> first <monotonic ns>` to
+ *          the route's marks file (BullMQ: the worker callback's first line, for the `first` job).
+ *          CLOCK_MONOTONIC is one clock for every process of the host; the wall clock is not
+ *          (this VM's is stepped, and each process froze it at its start).
  * Runs are observed only through their run views (core NATS `quiver.status.>`, decoded with the
  * `runView` schema), cross-checked against `client.listRuns` (KV) after each phase, since
  * status messages are not durable.
@@ -32,7 +32,7 @@
  *      publish to the last run heard finished;
  *   4. exactly once, over every event the route published: each event id has exactly one run,
  *      every run succeeded, and each step's user code ran exactly once per event. The step
- *      functions (BullMQ: the worker callback) append `<event id> <step>` to a marks file.
+ *      functions (BullMQ: the worker callback) append `<event id> <step> <monotonic ns>` to a marks file.
  * Per route, the CPU each process used during the burst, per run finished: this process (the
  * embedded orchestrator and executor, the client; BullMQ: its worker and producer), nats-server
  * or redis-server, and the step processes. On a 2-core machine runs/s can be no more than
@@ -63,6 +63,7 @@ import { FlowProducer, Queue, Worker, type Job } from 'bullmq';
 import { Redis } from 'ioredis';
 import { decode, isFinished, runView, silentLogger, subjects, type RunView } from '../schemas/index.ts';
 import { loadPipeline, startLocalCluster, type QuiverClient } from '../sdk/index.ts';
+import { firstLineMark, monotonicMs, readMarks } from './first-line.ts';
 
 const { values } = parseArgs({
   options: {
@@ -89,8 +90,8 @@ const LATENCY_STALL_MS = 20_000;
 /** The burst is given up on when no run of it finished for this long. */
 const BURST_STALL_MS = 60_000;
 
-/** Epoch milliseconds, sub-millisecond: the clock codeStartedAt is taken with. */
-const now = () => performance.timeOrigin + performance.now();
+/** Where a latency starts: the clock the step's first line is read with. */
+const now = monotonicMs;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 // ---------------------------------------------------------------------------------------------
@@ -318,7 +319,7 @@ async function measure(route: Route): Promise<Result> {
     await route.publish(id, 'latency', i);
     if (!(await waitFinished(route, [id], LATENCY_STALL_MS))) throw new Error(`${route.label}: the run of ${id} did not finish`);
     const codeAt = route.firstCodeAt(id);
-    if (codeAt === undefined) throw new Error(`${route.label}: the run of ${id} has no codeStartedAt for its first step`);
+    if (codeAt === undefined) throw new Error(`${route.label}: the run of ${id} finished but its first step left no mark`);
     latencies.push(codeAt - publishedAt);
   }
   log(`latency: ${LATENCY_EVENTS} events one at a time in ${((now() - latencyStart) / 1000).toFixed(1)} s`);
@@ -385,9 +386,7 @@ class Problems {
 
 /** Each event id appears exactly once per step in the marks file, and no other id appears. */
 function checkMarks(path: string, ids: readonly string[], problems: Problems): void {
-  const counts = new Map<string, number>();
-  const text = existsSync(path) ? readFileSync(path, 'utf8') : '';
-  for (const line of text.split('\n')) if (line) counts.set(line, (counts.get(line) ?? 0) + 1);
+  const counts = new Map([...readMarks(path)].map(([label, times]) => [label, times.length]));
   const expected = new Set<string>();
   for (const id of ids) {
     for (const step of STEPS) {
@@ -412,6 +411,8 @@ class QuiverRoute implements Route {
   private readonly runsByEvent = new Map<string, string[]>();
   private readonly duplicates: string[] = [];
   private missedByStatus = 0;
+  /** The marks file as last read: re-read when an event's first line is not in it yet. */
+  private firstLines = new Map<string, number[]>();
 
   constructor(
     readonly label: string,
@@ -453,7 +454,8 @@ class QuiverRoute implements Route {
   }
 
   firstCodeAt(id: string): number | undefined {
-    return this.firstRun(id)?.view.steps.find((s) => s.name === 'first')?.codeStartedAt ?? undefined;
+    if (!this.firstLines.has(`${id} first`)) this.firstLines = readMarks(this.marks);
+    return this.firstLines.get(`${id} first`)?.[0];
   }
 
   finishedAt(id: string): number | undefined {
@@ -464,7 +466,7 @@ class QuiverRoute implements Route {
     for (const view of await this.client.listRuns({ pipeline: this.pipeline })) {
       if (!this.runs.has(view.runId) && isFinished(view.state)) {
         this.missedByStatus++;
-        this.see(view, view.finishedAt ?? now());
+        this.see(view, now());
       }
     }
   }
@@ -514,13 +516,12 @@ class QuiverRoute implements Route {
 function pipelineFile(dir: string, name: string, isolation: 'process' | 'worker', subjectPrefix: string, marks: string): string {
   const file = join(dir, `${name}.ts`);
   // Each step's first line marks that its user code ran for this event.
-  const mark = (step: string) => `appendFileSync(MARKS, \`\${ctx.event?.id} ${step}\\n\`);`;
+  const mark = (step: string) => firstLineMark(marks, `\${ctx.event?.id} ${step}`);
   writeFileSync(
     file,
     `import { appendFileSync } from 'node:fs';
 import { tableFromArrays } from 'apache-arrow';
 import { pipeline, step } from ${JSON.stringify(join(repoRoot, 'sdk', 'index.ts'))};
-const MARKS = ${JSON.stringify(marks)};
 export default pipeline(${JSON.stringify(name)}, {
   first: step((_inputs, ctx) => {
     ${mark('first')}
@@ -697,7 +698,7 @@ async function benchBullMQ(): Promise<Result> {
     queueName,
     async (job: Job<{ eventId: string }>) => {
       const at = now();
-      appendFileSync(marks, `${job.data.eventId} ${job.name}\n`);
+      appendFileSync(marks, `${job.data.eventId} ${job.name} ${process.hrtime.bigint()}\n`);
       if (job.name === 'first' && !firstAt.has(job.data.eventId)) firstAt.set(job.data.eventId, at);
       return 1;
     },

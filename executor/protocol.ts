@@ -93,7 +93,7 @@ export type RunnerReply =
       schema: FieldSummary[];
       inputCopiedBytes: number;
       outputCopiedBytes: number;
-      /** When the step function was called (epoch ms, sub-millisecond). */
+      /** When the step function was called (epoch ms, Date.now()). */
       codeStartedAt?: number;
       /** A scan's facts (system steps only). */
       scan?: ScanReport;

@@ -66,7 +66,10 @@ export async function runJob(job: RunnerJob, hooks: JobHooks = {}): Promise<Runn
       isZeroCopy: (table: Table) => isViewOf(table, mappings),
     };
     hooks.beforeCall?.();
-    codeStartedAt = performance.timeOrigin + performance.now();
+    // The wall clock now, as every other stamp of the step (startedAt, at): timeOrigin + now() is
+    // the wall clock at the process's start plus a monotonic offset, and a worker lives long
+    // enough for the two to drift apart (seconds a day on a VM whose wall clock is stepped).
+    codeStartedAt = Date.now();
     const result: unknown = await (fn as StepFunction)(Object.freeze(inputs), context);
     if (!(result instanceof Table)) {
       return {

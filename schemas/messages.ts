@@ -296,7 +296,7 @@ export const stepSucceeded = z.object({
   scan: scanFacts.optional(),
   /** How the user's code ran; absent for system steps, which the executor runs itself. */
   isolation: isolation.optional(),
-  /** When the step function was called (epoch ms, sub-millisecond): where a user's latency ends. */
+  /** When the step function was called (epoch ms, on the wall clock as startedAt and at): where a user's latency ends. */
   codeStartedAt: z.number().nonnegative().optional(),
   /** The step's cache key; with transport `cache`, the output is a cached one and nothing ran. */
   cacheKey: cacheKey.optional(),
