@@ -161,6 +161,8 @@ interface Route {
   finished(id: string): boolean;
   /** When the first step's code started, for the event's (first) finished run. */
   firstCodeAt(id: string): number | undefined;
+  /** Why the event's finished run did not succeed (its state and its steps' errors), if it did not. */
+  failure?(id: string): string | undefined;
   /** When this process heard the event's run finish. */
   finishedAt(id: string): number | undefined;
   /** Looks for finished runs the live feed missed. */
@@ -306,7 +308,12 @@ async function measure(route: Route): Promise<Result> {
   const warmAt = now();
   await route.publish(warm, 'warmup', 0);
   if (!(await waitFinished(route, [warm], LATENCY_STALL_MS))) throw new Error(`${route.label}: the warm-up run did not finish`);
-  const cold = route.firstCodeAt(warm)! - warmAt;
+  const firstCodeOf = (id: string): number => {
+    const at = route.firstCodeAt(id);
+    if (at !== undefined) return at;
+    throw new Error(`${route.label}: the run of ${id} finished, ${route.failure?.(id) ?? 'but its first step left no mark'}`);
+  };
+  const cold = firstCodeOf(warm) - warmAt;
   log(`warm-up: ${cold.toFixed(1)} ms publish → first code`);
 
   const latencies: number[] = [];
@@ -318,9 +325,7 @@ async function measure(route: Route): Promise<Result> {
     const publishedAt = now();
     await route.publish(id, 'latency', i);
     if (!(await waitFinished(route, [id], LATENCY_STALL_MS))) throw new Error(`${route.label}: the run of ${id} did not finish`);
-    const codeAt = route.firstCodeAt(id);
-    if (codeAt === undefined) throw new Error(`${route.label}: the run of ${id} finished but its first step left no mark`);
-    latencies.push(codeAt - publishedAt);
+    latencies.push(firstCodeOf(id) - publishedAt);
   }
   log(`latency: ${LATENCY_EVENTS} events one at a time in ${((now() - latencyStart) / 1000).toFixed(1)} s`);
 
@@ -451,6 +456,13 @@ class QuiverRoute implements Route {
   private firstRun(id: string) {
     const runId = this.runsByEvent.get(id)?.[0];
     return runId === undefined ? undefined : this.runs.get(runId);
+  }
+
+  failure(id: string): string | undefined {
+    const view = this.firstRun(id)?.view;
+    if (!view || view.state === 'succeeded') return undefined;
+    const errors = view.steps.filter((s) => s.error).map((s) => `${s.name}: ${s.error!.code ?? s.error!.name}: ${s.error!.message}`);
+    return `${view.state}${errors.length > 0 ? ` (${errors.join('; ')})` : ''}`;
   }
 
   firstCodeAt(id: string): number | undefined {
