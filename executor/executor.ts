@@ -681,9 +681,12 @@ function nextInChain(ready: StepReady, output: TableDescriptor): StepReady | nul
  * Ready messages an executor holds per slot (see Executor.start). A chain holds its message
  * through the round trips between its steps: with two per slot, slots idled between them
  * (`npm run bench:trigger -- --routes worker --burst 2000`: 215-225 runs/s with two, 231-238
- * with three, 230-244 with four; kept at three, each held one being work no other executor takes).
+ * with three, 230-244 with four). With the spinning spares gone, alternating runs put five ahead
+ * of three (207-256, mean 232, against 231-283, mean 263 runs/s, and less CPU per run: more of
+ * NATS's writes share a flush) and eight behind five (218 against 245-255). Each held one is work
+ * no other executor takes until this one acks it or dies.
  */
-const HELD_PER_SLOT = 3;
+const HELD_PER_SLOT = 5;
 
 /** What a step held for a slot gets when the executor stops first: it is handed back unrun (nak). */
 const STOPPED_REPLY: SystemReply = { type: 'error', error: { name: 'ExecutorStopped', code: 'ERR_EXECUTOR_STOPPED', message: 'the executor stopped before the step started' } };
