@@ -7,6 +7,7 @@ import { encode, runView, subjects, type Deployment, type Logger, type RunRecord
 import type { NatsConnection } from '@nats-io/transport-node';
 import type { RunStore } from './run-store.ts';
 import type { Runs } from './runs.ts';
+import { NO_LANE, unlimitedRun, type Lane } from './lane.ts';
 import { unstartedView } from './views.ts';
 
 export interface AdmissionOptions {
@@ -20,14 +21,25 @@ export interface AdmissionOptions {
 export class Admission {
   /** Per pipeline, runs waiting for a free place, oldest first. */
   private readonly queues = new Map<string, RunRecord[]>();
+  /**
+   * Runs whose record is being written before they start (just admitted, or taken from their
+   * queue): counted among their pipeline's runs going, known to a second submission, and holding
+   * a cancel that comes meanwhile until they have started.
+   */
+  private readonly starting = new Map<string, { submit: RunSubmit; cancelReason: string | null }>();
   private lastSequence = 0;
 
   constructor(private readonly options: AdmissionOptions) {}
 
-  /** Admits a run unless it is known: a submission may come twice (redelivery, a second leader). */
-  async admit(submit: RunSubmit): Promise<void> {
+  /**
+   * Admits a run unless it is known: a submission may come twice (redelivery, a second leader).
+   * A run that starts at once and that no admission rule limits lets go of `lane` while its
+   * record is written (lane.ts): the next message is handled meanwhile. One that waits or that
+   * a rule limits holds it, so the queues are only ever changed one message at a time.
+   */
+  async admit(submit: RunSubmit, lane: Lane = NO_LANE): Promise<void> {
     const { store, runs, logger, now } = this.options;
-    if (runs.has(submit.runId) || this.queued(submit.runId)) return;
+    if (runs.has(submit.runId) || this.queued(submit.runId) || this.starting.has(submit.runId)) return;
     const pipeline = submit.plan.pipeline;
     if (submit.trigger?.kind === 'schedule' && submit.admission?.overlap === 'skip' && this.scheduledRunGoing(pipeline)) {
       logger.info(`tick ${new Date(submit.trigger.tick).toISOString()} of ${pipeline} skipped: the previous scheduled run still goes (overlap: skip)`);
@@ -46,19 +58,31 @@ export class Admission {
       outputsReleased: (submit.trigger?.kind ?? 'user') !== 'user',
       view: null,
     };
-    // Created, not put: the one write that admits the run also finds a second submission of it.
-    if (!(await store.create(record))) return;
-    logger.info(`run ${submit.runId} of ${pipeline} submitted by ${submit.submittedBy}${startsNow ? '' : ', queued'}`);
     if (startsNow) {
-      await runs.start(record);
+      // Created, not put: the one write that admits the run also finds a second submission of it.
+      const created = await this.writeThenStart(record, () => store.create(record), unlimitedRun(submit) ? lane : NO_LANE);
+      if (created) logger.info(`run ${submit.runId} of ${pipeline} submitted by ${submit.submittedBy}`);
       return;
     }
+    if (!(await store.create(record))) return;
+    logger.info(`run ${submit.runId} of ${pipeline} submitted by ${submit.submittedBy}, queued`);
     this.enqueue(record);
     this.publish(record);
   }
 
+  /** Ends a run being admitted or waiting in its queue; false when it is neither here. */
+  async cancel(runId: string, reason: string): Promise<boolean> {
+    const starting = this.starting.get(runId);
+    if (starting) {
+      // Applied once it has started: its machine ends it as any cancelled run.
+      starting.cancelReason = reason;
+      return true;
+    }
+    return this.cancelQueued(runId, reason);
+  }
+
   /** Ends a run still waiting in its queue; false when it is not queued here. */
-  async cancelQueued(runId: string, reason: string): Promise<boolean> {
+  private async cancelQueued(runId: string, reason: string): Promise<boolean> {
     for (const [pipeline, queue] of this.queues) {
       const index = queue.findIndex((q) => q.submit.runId === runId);
       if (index < 0) continue;
@@ -74,15 +98,40 @@ export class Admission {
     return false;
   }
 
-  /** Starts queued runs of the pipeline, in order, while there is room. */
+  /**
+   * Starts queued runs of the pipeline, in order, while there is room. The queue is read afresh
+   * after each write: a run may have been queued meanwhile.
+   */
   async startQueued(pipeline: string): Promise<void> {
-    const queue = this.queues.get(pipeline);
-    while (queue && queue.length > 0 && this.hasRoomFor(queue[0]!.submit)) {
+    for (;;) {
+      const queue = this.queues.get(pipeline);
+      if (!queue || queue.length === 0 || !this.hasRoomFor(queue[0]!.submit)) return;
       const next: RunRecord = { ...queue.shift()!, state: 'running', startedAt: this.options.now() };
-      await this.options.store.put(next);
-      await this.options.runs.start(next);
+      if (queue.length === 0) this.queues.delete(pipeline);
+      await this.writeThenStart(next, () => this.options.store.put(next).then(() => true), NO_LANE);
     }
-    if (queue?.length === 0) this.queues.delete(pipeline);
+  }
+
+  /**
+   * Writes a run's record, then starts it, counted as going all along; false when the write
+   * found it known already. Lets go of `lane` while the record is written.
+   */
+  private async writeThenStart(record: RunRecord, write: () => Promise<boolean>, lane: Lane): Promise<boolean> {
+    const { runId } = record.submit;
+    const starting = { submit: record.submit, cancelReason: null as string | null };
+    this.starting.set(runId, starting);
+    lane.release();
+    let written: boolean;
+    try {
+      written = await write();
+    } finally {
+      // Taken out right before it starts: it is never neither starting nor going.
+      this.starting.delete(runId);
+    }
+    if (!written) return false;
+    await this.options.runs.start(record, lane);
+    if (starting.cancelReason !== null) await this.options.runs.apply({ type: 'run.cancel', runId, reason: starting.cancelReason });
+    return true;
   }
 
   /** Takes up the queues a previous leader left (records in state queued), then starts what has room. */
@@ -119,14 +168,23 @@ export class Admission {
 
   private scheduledRunGoing(pipeline: string): boolean {
     const scheduled = (s: RunSubmit) => s.plan.pipeline === pipeline && s.trigger?.kind === 'schedule';
-    return this.options.runs.going(pipeline).some(scheduled) || (this.queues.get(pipeline) ?? []).some((q) => scheduled(q.submit));
+    return this.going(pipeline).some(scheduled) || (this.queues.get(pipeline) ?? []).some((q) => scheduled(q.submit));
+  }
+
+  /** The submissions of the pipeline's runs going or about to (their record being written). */
+  private going(pipeline: string): RunSubmit[] {
+    return [...this.options.runs.going(pipeline), ...this.startingOf(pipeline)];
+  }
+
+  private startingOf(pipeline: string): RunSubmit[] {
+    return [...this.starting.values()].filter((s) => s.submit.plan.pipeline === pipeline).map((s) => s.submit);
   }
 
   private hasRoomFor(submit: RunSubmit): boolean {
     const max = submit.admission?.maxConcurrentRuns;
-    if (max && this.options.runs.countGoing(submit.plan.pipeline) >= max) return false;
+    if (max && this.options.runs.countGoing(submit.plan.pipeline) + this.startingOf(submit.plan.pipeline).length >= max) return false;
     if (submit.trigger?.kind === 'schedule' && submit.admission?.overlap === 'queue') {
-      return !this.options.runs.going(submit.plan.pipeline).some((s) => s.trigger?.kind === 'schedule');
+      return !this.going(submit.plan.pipeline).some((s) => s.trigger?.kind === 'schedule');
     }
     return true;
   }

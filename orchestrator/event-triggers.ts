@@ -11,6 +11,7 @@ import { KvWatchInclude, type KvEntry } from '@nats-io/kv';
 import { buckets, deadLetter, deployment as deploymentSchema, retryOrDeadLetter, subjects, type Deployment, type Logger, type RunSubmit, type Topology } from '../schemas/index.ts';
 import { schemaViolation, subjectMatches } from '../planner/index.ts';
 import { deployedRun } from './admission.ts';
+import { NO_LANE, type Lane } from './lane.ts';
 import { deterministicUlid } from './lease.ts';
 
 export interface EventTriggersOptions {
@@ -19,7 +20,7 @@ export interface EventTriggersOptions {
   jsm: JetStreamManager;
   logger: Logger;
   now: () => number;
-  admit: (submit: RunSubmit) => Promise<void>;
+  admit: (submit: RunSubmit, lane: Lane) => Promise<void>;
   /** Told of every deployment and undeployment (the scheduler). */
   onDeployment: (name: string, deployment: Deployment | null) => void;
 }
@@ -104,9 +105,9 @@ export class EventTriggers {
    * event that can start nothing is dead-lettered with the reason and acked; one whose handling
    * keeps failing is retried, then dead-lettered after its last delivery.
    * `arrivedAt` is when this process received it (`performance.now()`: real order, not the
-   * injectable business clock).
+   * injectable business clock). The admission of its last run may let go of `lane` (lane.ts).
    */
-  async handle(msg: JsMsg, arrivedAt: number): Promise<void> {
+  async handle(msg: JsMsg, arrivedAt: number, lane: Lane = NO_LANE): Promise<void> {
     const subject = msg.subject.slice(subjects.eventsPrefix.length);
     const eventId = msg.headers?.get('Nats-Msg-Id') || `seq-${msg.seq}`;
     const text = new TextDecoder().decode(msg.data);
@@ -139,7 +140,7 @@ export class EventTriggers {
         return;
       }
       const publishedAt = Math.floor(msg.info.timestampNanos / 1_000_000);
-      for (const { deployment, trigger } of matching) {
+      for (const [index, { deployment, trigger }] of matching.entries()) {
         const violation = trigger.schema ? schemaViolation(trigger.schema, payload) : null;
         if (violation) {
           await this.deadLetter(subject, eventId, deployment.name, `fails the event schema of pipeline ${deployment.name}: ${violation}`, text);
@@ -148,8 +149,11 @@ export class EventTriggers {
         // Derived from the event: a redelivered event never starts a second run.
         const runId = deterministicUlid(publishedAt, `event:${eventId}:${deployment.name}`);
         const event = { subject, id: eventId, payload, publishedAt };
+        // Only the last admission may let go of the lane: what follows a release runs beside later
+        // messages, and another pipeline's admission must not.
+        const last = index === matching.length - 1;
         try {
-          await this.options.admit(deployedRun(deployment, runId, { kind: 'event', subject, eventId, sequence: msg.seq }, `event ${subject}`, this.options.now(), event));
+          await this.options.admit(deployedRun(deployment, runId, { kind: 'event', subject, eventId, sequence: msg.seq }, `event ${subject}`, this.options.now(), event), last ? lane : NO_LANE);
         } catch (error) {
           const reason = permanentFailure(error);
           // Trouble that may pass (NATS away, a timeout): the whole event is tried again.

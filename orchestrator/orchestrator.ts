@@ -26,6 +26,7 @@ import {
 import { Admission, deployedRun } from './admission.ts';
 import { EventTriggers } from './event-triggers.ts';
 import { MaxDeliveriesWatch } from './dead-letters.ts';
+import type { Lane } from './lane.ts';
 import { deterministicUlid, Lease } from './lease.ts';
 import { CachedOutputs } from './cached-outputs.ts';
 import { Dispatcher } from './placement.ts';
@@ -65,7 +66,8 @@ const PULL_EXPIRES_MS = 5_000;
 /**
  * Leads or stands by. The leader takes up every unfinished run, then handles, one at a time and
  * in the order they arrive: clients' requests (control stream), step completions (the stream
- * behind the `quiver-steps` bucket), events, schedule ticks and live step starts. The state
+ * behind the `quiver-steps` bucket), events, schedule ticks and live step starts; a handler that
+ * waits for a run record's write lets the next one start meanwhile (lane.ts). The state
  * each part owns lives apart: {@link Admission} (queues), {@link EventTriggers} (deployments),
  * {@link Runs} (machines) and {@link RunStore} (run records).
  */
@@ -83,6 +85,8 @@ export class Orchestrator {
   private readonly maxDeliveries: MaxDeliveriesWatch;
   /** Everything is handled one at a time, whichever stream or timer it comes from. */
   private handling: Promise<void> = Promise.resolve();
+  /** Handling not finished yet, whether it holds the lane or let go of it. */
+  private readonly detached = new Set<Promise<void>>();
 
   private constructor(
     private readonly nc: NatsConnection,
@@ -105,7 +109,7 @@ export class Orchestrator {
       logger,
       now,
       graceMs: options.scheduleGraceMs ?? 2 * ttlMs,
-      submit: (deployment, tick) => this.serially(() => this.admitTick(deployment, tick)),
+      submit: (deployment, tick) => this.serially((lane) => this.admitTick(deployment, tick, lane)),
     });
     this.triggers = new EventTriggers({
       topology,
@@ -113,7 +117,7 @@ export class Orchestrator {
       jsm,
       logger,
       now,
-      admit: (submit) => this.admission.admit(submit),
+      admit: (submit, lane) => this.admission.admit(submit, lane),
       onDeployment: (name, deployment) => (deployment ? this.scheduler.set(deployment) : this.scheduler.remove(name)),
     });
     this.maxDeliveries = new MaxDeliveriesWatch({ nc, js, jsm, logger, now });
@@ -159,7 +163,7 @@ export class Orchestrator {
         if (error) return;
         try {
           const started = decode(stepStarted, msg.subject, msg.data);
-          void this.serially(() => this.runs.apply(started));
+          void this.serially((lane) => this.runs.apply(started, lane));
         } catch (e) {
           this.logger.warn((e as Error).message);
         }
@@ -181,9 +185,9 @@ export class Orchestrator {
       },
     });
     this.leaderSubscriptions = [liveStarts, deploysSeen];
-    await this.consume(streams.control, consumers.orchestrator, (msg) => this.handleControl(msg));
-    await this.consume(`KV_${buckets.steps}`, consumers.facts, (msg) => this.handleCompletion(msg));
-    await this.consume(streams.events, consumers.triggers, (msg, arrivedAt) => this.triggers.handle(msg, arrivedAt));
+    await this.consume(streams.control, consumers.orchestrator, (msg, _arrivedAt, lane) => this.handleControl(msg, lane));
+    await this.consume(`KV_${buckets.steps}`, consumers.facts, (msg, _arrivedAt, lane) => this.handleCompletion(msg, lane));
+    await this.consume(streams.events, consumers.triggers, (msg, arrivedAt, lane) => this.triggers.handle(msg, arrivedAt, lane));
     this.scheduler.start();
     this.dispatcher.start();
     this.maxDeliveries.start();
@@ -200,34 +204,47 @@ export class Orchestrator {
     await Promise.all(consuming.map((c) => c.messages.close()));
     await Promise.all(consuming.map((c) => c.loop));
     await this.handling;
+    await Promise.all(this.detached);
     this.runs.stopAll();
     this.admission.clear();
   }
 
-  /** Runs `work` after everything handed in before it; its failure is its caller's, never the chain's. */
-  private serially(work: () => Promise<unknown>): Promise<void> {
-    const turn = this.handling.then(work).then(() => undefined);
-    this.handling = turn.catch(() => {});
-    return turn;
+  /**
+   * Runs `work` after everything handed in before it has run or let go of the lane (see lane.ts);
+   * its failure is its caller's, never the chain's.
+   */
+  private serially(work: (lane: Lane) => Promise<unknown>): Promise<void> {
+    let release!: () => void;
+    const released = new Promise<void>((resolve) => (release = resolve));
+    const turn = this.handling.then(() => work({ release }));
+    const settled = turn.then(
+      () => undefined,
+      () => undefined,
+    );
+    this.handling = Promise.race([released, settled]);
+    // Work that let go of its lane is still the leader's: stepping down waits for it.
+    this.detached.add(settled);
+    void settled.then(() => this.detached.delete(settled));
+    return turn.then(() => undefined);
   }
 
   /**
    * Hands each message to `handle` in arrival order without waiting for the one before to be
    * handled: the next ones arrive meanwhile, so an event can tell it came before a catch-up.
    */
-  private async consume(stream: string, consumer: string, handle: (msg: JsMsg, arrivedAt: number) => Promise<void>): Promise<void> {
+  private async consume(stream: string, consumer: string, handle: (msg: JsMsg, arrivedAt: number, lane: Lane) => Promise<void>): Promise<void> {
     const messages = await (await this.js.consumers.get(stream, consumer)).consume({ max_messages: PREFETCH, expires: PULL_EXPIRES_MS });
     const loop = (async () => {
       for await (const msg of messages) {
         const arrivedAt = performance.now();
-        void this.serially(() => handle(msg, arrivedAt));
+        void this.serially((lane) => handle(msg, arrivedAt, lane));
       }
     })();
     this.consuming.push({ messages, loop });
   }
 
   /** Never throws: a bad message is rejected with its reason and the daemon goes on. */
-  private async handleControl(msg: JsMsg): Promise<void> {
+  private async handleControl(msg: JsMsg, lane: Lane): Promise<void> {
     let message: ControlMessage;
     try {
       message = decode(controlMessage, msg.subject, msg.data);
@@ -236,7 +253,7 @@ export class Orchestrator {
       return;
     }
     try {
-      await this.applyControl(message);
+      await this.applyControl(message, lane);
       msg.ack();
     } catch (error) {
       this.logger.error(`could not apply ${message.type} of run ${message.runId}: ${(error as Error).stack ?? error}`);
@@ -245,20 +262,20 @@ export class Orchestrator {
     }
   }
 
-  private async applyControl(message: ControlMessage): Promise<void> {
+  private async applyControl(message: ControlMessage, lane: Lane): Promise<void> {
     switch (message.type) {
       case 'run.submit':
-        return this.admission.admit(message);
+        return this.admission.admit(message, lane);
       case 'run.release':
         return this.releaseOutputs(message.runId);
       case 'run.cancel':
-        if (!(await this.runs.apply(message))) await this.admission.cancelQueued(message.runId, message.reason);
+        if (!(await this.runs.apply(message, lane))) await this.admission.cancel(message.runId, message.reason);
         return;
     }
   }
 
   /** A step's completion, as an executor recorded it in `quiver-steps`. Never throws. */
-  private async handleCompletion(msg: JsMsg): Promise<void> {
+  private async handleCompletion(msg: JsMsg, lane: Lane): Promise<void> {
     // Deletes and purges of the bucket (its ttl) carry no completion.
     if (msg.data.length === 0 || msg.headers?.get('KV-Operation')) {
       msg.ack();
@@ -272,7 +289,7 @@ export class Orchestrator {
       return;
     }
     try {
-      await this.runs.apply(completion);
+      await this.runs.apply(completion, lane);
       msg.ack();
     } catch (error) {
       this.logger.error(`could not apply ${completion.type} of ${completion.step} in run ${completion.runId}: ${(error as Error).stack ?? error}`);
@@ -281,15 +298,20 @@ export class Orchestrator {
   }
 
   /** Admitted like any other run; the run id derived from the tick makes a tick fired twice start once. */
-  private async admitTick(deployment: Deployment, tick: number): Promise<void> {
+  private async admitTick(deployment: Deployment, tick: number, lane: Lane): Promise<void> {
     const runId = deterministicUlid(tick, `schedule:${deployment.name}:${tick}`);
-    await this.admission.admit(deployedRun(deployment, runId, { kind: 'schedule', tick }, 'schedule', this.now()));
+    await this.admission.admit(deployedRun(deployment, runId, { kind: 'schedule', tick }, 'schedule', this.now()), lane);
   }
 
   /** The client read the result (or gave up): the run's outputs may go, unless it asked to keep them. */
   private async releaseOutputs(runId: string): Promise<void> {
-    // Still running: released when it ends.
-    if (this.runs.markOutputsReleased(runId)) return;
+    // Still running: released when it ends. Ending: asked again once its end is written (or not).
+    let marked = this.runs.markOutputsReleased(runId);
+    while (typeof marked === 'object') {
+      await marked.ending;
+      marked = this.runs.markOutputsReleased(runId);
+    }
+    if (marked) return;
     const record = await this.store.read(runId);
     if (!record || record.outputsReleased || record.state === 'running') return;
     record.outputsReleased = true;

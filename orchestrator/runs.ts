@@ -24,6 +24,7 @@ import { chainAfter, childrenOf, outputSteps } from '../planner/index.ts';
 import type { Dispatcher } from './placement.ts';
 import { replayRun, runMachineOf, runStateOf, stepStatesOf, type RunFacts, type RunMachine, type RunSnapshot } from './run-machine.ts';
 import type { RunStore } from './run-store.ts';
+import { NO_LANE, unlimitedRun, type Lane } from './lane.ts';
 import { machineView } from './views.ts';
 import { cacheKeyOf, cacheReadOf, cacheWriteOf, usesOutputCache, type CachedOutputs } from './cached-outputs.ts';
 
@@ -45,6 +46,8 @@ interface LiveRun {
    * from running twice.
    */
   carried: Set<string>;
+  /** Its end being written (the lane let go meanwhile): later events of it change nothing. */
+  ending?: Promise<void>;
 }
 
 export interface RunsOptions {
@@ -82,9 +85,9 @@ export class Runs {
   }
 
   /** Starts a run whose record (state running) is written. */
-  async start(record: RunRecord): Promise<void> {
+  async start(record: RunRecord, lane: Lane = NO_LANE): Promise<void> {
     const actor = createActor(runMachineOf(record.submit.plan), { input: { runId: record.submit.runId } });
-    await this.afterTransition(this.track(record, actor.start()));
+    await this.afterTransition(this.track(record, actor.start()), lane);
   }
 
   /** Takes up a run a previous leader drove, from its record and its steps' facts. */
@@ -106,19 +109,25 @@ export class Runs {
     await this.afterTransition(run);
   }
 
-  /** A step's completion, a live start, or a cancellation; events of runs not driven here are dropped. */
-  async apply(event: StepCompletion | StepStarted | { type: 'run.cancel'; runId: string; reason: string }): Promise<boolean> {
+  /**
+   * A step's completion, a live start, or a cancellation; events of runs not driven here are
+   * dropped (false), and so are events of a run whose end is being written.
+   */
+  async apply(event: StepCompletion | StepStarted | { type: 'run.cancel'; runId: string; reason: string }, lane: Lane = NO_LANE): Promise<boolean> {
     const run = this.live.get(event.runId);
     if (!run) return false;
+    if (run.ending) return true;
     run.actor.send(event);
-    await this.afterTransition(run);
+    await this.afterTransition(run, lane);
     return true;
   }
 
   /** The client read the result (or gave up): outputs go once the run ends, unless it keeps them. */
-  markOutputsReleased(runId: string): boolean {
+  markOutputsReleased(runId: string): boolean | { ending: Promise<void> } {
     const run = this.live.get(runId);
     if (!run) return false;
+    // Its record, written already, says its outputs stay: the caller releases them once it is in.
+    if (run.ending) return { ending: run.ending };
     run.record.outputsReleased = true;
     return true;
   }
@@ -153,8 +162,12 @@ export class Runs {
     if (runs?.size === 0) this.byPipeline.delete(pipeline);
   }
 
-  /** Act on the machine's new state. Nothing here is written per transition: the facts are the executors' records. */
-  private async afterTransition(run: LiveRun): Promise<void> {
+  /**
+   * Act on the machine's new state. Nothing here is written per transition: the facts are the
+   * executors' records. A run's end is written once; a run no admission rule limits lets go of
+   * `lane` meanwhile (lane.ts).
+   */
+  private async afterTransition(run: LiveRun, lane: Lane = NO_LANE): Promise<void> {
     const snapshot = run.actor.getSnapshot();
     const state = runStateOf(snapshot);
     const { plan, runId } = run.record.submit;
@@ -188,7 +201,19 @@ export class Runs {
         for (const segment of output.segments) addTo(toRelease, output.hostId, segment.id);
       }
       // Persist first, then act: a crash in between ends the run again on resume.
-      await this.options.store.put(run.record);
+      const written = this.options.store.put(run.record);
+      run.ending = written.then(
+        () => undefined,
+        () => undefined,
+      );
+      if (unlimitedRun(run.record.submit)) lane.release();
+      try {
+        await written;
+      } catch (error) {
+        // Not written: the redelivered event that ended it ends it again.
+        delete run.ending;
+        throw error;
+      }
     }
 
     for (const step of plan.steps) {

@@ -7,7 +7,7 @@ import { tableFromArrays } from 'apache-arrow';
 import { jetstream } from '@nats-io/jetstream';
 import { ulid } from 'ulid';
 import { stepProcesses } from '../executor/index.ts';
-import { consumers, decode, encode, runView, stepReady, stepStarted, streams, subjects, type RunView } from '../schemas/index.ts';
+import { consumers, decode, encode, runCancel, runSubmit, runView, stepReady, stepStarted, streams, subjects, type RunView } from '../schemas/index.ts';
 import { loadPipeline } from '../sdk/index.ts';
 import { listSegments, writeTableToShm } from '../shm/index.ts';
 import { EUROPEAN_COUNTRIES, generateTransactions } from '../examples/transactions/data.ts';
@@ -35,6 +35,38 @@ describe('run lifecycle', () => {
       );
       await waitFor('the step process to be killed', () => !existsSync(`/proc/${process.pid}`));
       await handle.release();
+      await waitFor('the run segments to be released', () => listSegments(cluster.executor.shmDir).length === 0);
+    });
+  });
+
+  it('cancels a run whose cancel comes while its admission is being written', async () => {
+    await withCluster(async (cluster) => {
+      const loaded = await loadPipeline(fixture('slow.ts'));
+      const { nc } = cluster.client;
+      // A submission as the client sends it, to send again under another run id.
+      let sent: Uint8Array | null = null;
+      const sub = nc.subscribe(subjects.runSubmit, { callback: (_e, msg) => void (sent ??= msg.data.slice()) });
+      await nc.flush();
+      const first = await cluster.client.run(loaded, { params: { sleepMs: '1' } });
+      assert.equal((await first.result()).state, 'succeeded');
+      await first.release();
+      sub.unsubscribe();
+      const submit = decode(runSubmit, subjects.runSubmit, sent!);
+      const runId = ulid();
+      // Back to back in the control stream: the orchestrator handles the cancel while the run's
+      // record is still being written (the submission let go of its lane), before the run exists.
+      const js = jetstream(nc);
+      await Promise.all([
+        js.publish(subjects.runSubmit, encode(runSubmit, { ...submit, runId, params: { sleepMs: '3000' }, submittedAt: Date.now() }), { msgID: `${runId}.submit` }),
+        js.publish(subjects.runCancel, encode(runCancel, { type: 'run.cancel', runId, reason: 'sent right after it' }), { msgID: `${runId}.cancel` }),
+      ]);
+      const view = await waitFor('the run to end', async () => {
+        const seen = await cluster.client.getRun(runId);
+        return seen && seen.state !== 'running' && seen.state !== 'queued' ? seen : null;
+      });
+      assert.equal(view.state, 'cancelled', `the cancel was lost: the run ${view.state}`);
+      assert.equal(stepOf(view, 'last').state, 'cancelled');
+      await cluster.client.release(runId);
       await waitFor('the run segments to be released', () => listSegments(cluster.executor.shmDir).length === 0);
     });
   });
