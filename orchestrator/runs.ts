@@ -126,7 +126,7 @@ export class Runs {
   markOutputsReleased(runId: string): boolean | { ending: Promise<void> } {
     const run = this.live.get(runId);
     if (!run) return false;
-    // Its record, written already, says its outputs stay: the caller releases them once it is in.
+    // The record being written says its outputs stay: the caller asks again once it is in.
     if (run.ending) return { ending: run.ending };
     run.record.outputsReleased = true;
     return true;
