@@ -681,10 +681,10 @@ function nextInChain(ready: StepReady, output: TableDescriptor): StepReady | nul
  * Ready messages an executor holds per slot (see Executor.start). A chain holds its message
  * through the round trips between its steps: with two per slot, slots idled between them
  * (`npm run bench:trigger -- --routes worker --burst 2000`: 215-225 runs/s with two, 231-238
- * with three, 230-244 with four). With the spinning spares gone, alternating runs put five ahead
- * of three (207-256, mean 232, against 231-283, mean 263 runs/s, and less CPU per run: more of
- * NATS's writes share a flush) and eight behind five (218 against 245-255). Each held one is work
- * no other executor takes until this one acks it or dies.
+ * with three, 230-244 with four). With the spinning spares gone, alternating runs put five
+ * (231-283 runs/s, mean 263) ahead of three (207-256, mean 232), with less CPU per run in four
+ * pairs of five, and eight (218, 218) behind five (245, 255). Each held one is work no other
+ * executor takes until this one acks it or dies.
  */
 const HELD_PER_SLOT = 5;
 
