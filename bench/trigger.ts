@@ -29,7 +29,9 @@
  *   1. warm-up: one event after deploy (its latency is printed as "cold", not counted);
  *   2. latency: --latency events one at a time, each run waited for: p50, p90, p99;
  *   3. burst: --burst events published at once: runs finished per second, from the first
- *      publish to the last run heard finished;
+ *      publish to the last run heard finished; with --bursts N, N bursts one after another
+ *      (the table adds the last one's runs/s): the first burst finds every process's JIT still
+ *      warming after the latency phase, later ones show what a long-running cluster does;
  *   4. exactly once, over every event the route published: each event id has exactly one run,
  *      every run succeeded, and each step's user code ran exactly once per event. The step
  *      functions (BullMQ: the worker callback) append `<event id> <step> <monotonic ns>` to a marks file.
@@ -49,7 +51,7 @@
  * orchestrator, nats-server and this process also need. BullMQ gets the same for parity (its
  * jobs do no work, so it only bounds the jobs in flight).
  *
- * Run: npm run bench:trigger [-- --latency 200 --burst 1000 --concurrency 2 --routes process,worker,bullmq]
+ * Run: npm run bench:trigger [-- --latency 200 --burst 1000 --bursts 1 --concurrency 2 --routes process,worker,bullmq]
  * Redis: REDIS_URL, else 127.0.0.1:6379, else a redis-server the bench starts on a free port.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -72,6 +74,7 @@ const { values } = parseArgs({
     concurrency: { type: 'string', default: String(availableParallelism()) },
     routes: { type: 'string', default: 'process,worker,bullmq' },
     'latency-gap-ms': { type: 'string', default: '250' },
+    bursts: { type: 'string', default: '1' },
   },
 });
 const ROUTES = new Set(values.routes.split(',').map((r) => r.trim()));
@@ -80,7 +83,8 @@ const LATENCY_EVENTS = Number(values.latency);
 const BURST = Number(values.burst);
 const CONCURRENCY = Number(values.concurrency);
 const LATENCY_GAP_MS = Number(values['latency-gap-ms']);
-for (const [flag, n, min] of [['latency', LATENCY_EVENTS, 1], ['burst', BURST, 1], ['concurrency', CONCURRENCY, 1], ['latency-gap-ms', LATENCY_GAP_MS, 0]] as const) {
+const BURSTS = Number(values.bursts);
+for (const [flag, n, min] of [['latency', LATENCY_EVENTS, 1], ['burst', BURST, 1], ['concurrency', CONCURRENCY, 1], ['latency-gap-ms', LATENCY_GAP_MS, 0], ['bursts', BURSTS, 1]] as const) {
   if (!Number.isInteger(n) || n < min) throw new Error(`--${flag} must be an integer ≥ ${min}`);
 }
 const repoRoot = fileURLToPath(new URL('..', import.meta.url));
@@ -179,6 +183,8 @@ interface Result {
   burstFinished: number;
   burstSeconds: number;
   runsPerSecond: number;
+  /** Runs finished per second in each burst after the first (--bursts): the JIT warmer each time. */
+  laterRunsPerSecond: number[];
   /** publish → first code within the burst (queueing included), sorted. */
   burstLatencies: number[];
   check: Check;
@@ -329,7 +335,41 @@ async function measure(route: Route): Promise<Result> {
   }
   log(`latency: ${LATENCY_EVENTS} events one at a time in ${((now() - latencyStart) / 1000).toFixed(1)} s`);
 
-  const burstIds = Array.from({ length: BURST }, (_, i) => `${route.key}-burst-${i}`);
+  const bursts: Burst[] = [];
+  for (let pass = 0; pass < BURSTS; pass++) bursts.push(await burst(route, ids, pass, log));
+  const [first, ...later] = bursts as [Burst, ...Burst[]];
+  const check = await route.verify(ids);
+  log(`exactly once over ${ids.length} events: ${check.ok ? 'ok' : 'FAIL'}`);
+  for (const line of check.lines) log(`  ${line}`);
+  latencies.sort((a, b) => a - b);
+  return {
+    label: route.label,
+    cold,
+    latencies,
+    burstFinished: first.finished,
+    burstSeconds: first.seconds,
+    runsPerSecond: first.finished / first.seconds,
+    laterRunsPerSecond: later.map((b) => b.finished / b.seconds),
+    burstLatencies: first.latencies,
+    check,
+  };
+}
+
+interface Burst {
+  finished: number;
+  seconds: number;
+  /** publish → first code (queueing included), sorted. */
+  latencies: number[];
+}
+
+/**
+ * --burst events published at once (pass 0 is the first burst, --bursts repeats it): runs
+ * finished per second, from the first publish to the last run heard finished, and the CPU each
+ * kind of process used per run.
+ */
+async function burst(route: Route, ids: string[], pass: number, log: (line: string) => void): Promise<Burst> {
+  const name = pass === 0 ? 'burst' : `burst ${pass + 1}`;
+  const burstIds = Array.from({ length: BURST }, (_, i) => pass === 0 ? `${route.key}-burst-${i}` : `${route.key}-burst${pass + 1}-${i}`);
   ids.push(...burstIds);
   const publishedAt = new Map<string, number>();
   const cpu = new CpuMeter();
@@ -349,27 +389,14 @@ async function measure(route: Route): Promise<Result> {
   const burstSeconds = (lastFinished - burstStart) / 1000;
   const burstLatencies = done.map((id) => route.firstCodeAt(id)! - publishedAt.get(id)!).sort((a, b) => a - b);
   log(
-    `burst: ${BURST} published in ${(allPublished - burstStart).toFixed(0)} ms, ${done.length} finished in ${burstSeconds.toFixed(1)} s` +
+    `${name}: ${BURST} published in ${(allPublished - burstStart).toFixed(0)} ms, ${done.length} finished in ${burstSeconds.toFixed(1)} s` +
       (complete ? '' : ` (gave up: none finished for ${BURST_STALL_MS / 1000} s)`) +
       `; publish → first code while queued: p50 ${percentile(burstLatencies, 50).toFixed(0)} ms, max ${burstLatencies.at(-1)?.toFixed(0)} ms`,
   );
 
   const cpuPerRun = [...cpuByKind].map(([kind, ms]) => `${kind} ${(ms / Math.max(1, done.length)).toFixed(2)}`).join(', ');
-  log(`burst CPU per run finished, ms: ${cpuPerRun} (total ${([...cpuByKind.values()].reduce((a, b) => a + b, 0) / Math.max(1, done.length)).toFixed(2)})`);
-  const check = await route.verify(ids);
-  log(`exactly once over ${ids.length} events: ${check.ok ? 'ok' : 'FAIL'}`);
-  for (const line of check.lines) log(`  ${line}`);
-  latencies.sort((a, b) => a - b);
-  return {
-    label: route.label,
-    cold,
-    latencies,
-    burstFinished: done.length,
-    burstSeconds,
-    runsPerSecond: done.length / burstSeconds,
-    burstLatencies,
-    check,
-  };
+  log(`${name} CPU per run finished, ms: ${cpuPerRun} (total ${([...cpuByKind.values()].reduce((a, b) => a + b, 0) / Math.max(1, done.length)).toFixed(2)})`);
+  return { finished: done.length, seconds: burstSeconds, latencies: burstLatencies };
 }
 
 /** Problems grouped by kind, with a few examples each. */
@@ -763,7 +790,8 @@ function report(results: (Result | Error)[], bullmq: Result | Error, shm: ShmChe
   console.log(
     `\npublish → first line of the first step (${LATENCY_EVENTS} events one at a time), and a burst of ${BURST} events at once; concurrency ${CONCURRENCY}`,
   );
-  console.log(`${'route'.padEnd(15)} ${'p50 ms'.padStart(8)} ${'p90 ms'.padStart(8)} ${'p99 ms'.padStart(8)} ${'runs finished/s'.padStart(16)} ${'exactly-once'.padStart(13)} ${'cold ms'.padStart(8)}`);
+  const later = BURSTS > 1 ? ` ${`burst ${BURSTS} runs/s`.padStart(16)}` : '';
+  console.log(`${'route'.padEnd(15)} ${'p50 ms'.padStart(8)} ${'p90 ms'.padStart(8)} ${'p99 ms'.padStart(8)} ${'runs finished/s'.padStart(16)}${later} ${'exactly-once'.padStart(13)} ${'cold ms'.padStart(8)}`);
   const labels = [...['quiver process', 'quiver worker'].filter((l) => ROUTES.has(l.replace('quiver ', ''))), 'bullmq'];
   let ok = true;
   [...results, bullmq].forEach((r, i) => {
@@ -776,7 +804,7 @@ function report(results: (Result | Error)[], bullmq: Result | Error, shm: ShmChe
     ok &&= r.check.ok && r.burstFinished === BURST;
     const p = (q: number) => fmt(percentile(r.latencies, q)).padStart(8);
     console.log(
-      `${r.label.padEnd(15)} ${p(50)} ${p(90)} ${p(99)} ${fmt(r.runsPerSecond).padStart(16)} ${(r.check.ok ? 'ok' : 'FAIL').padStart(13)} ${fmt(r.cold).padStart(8)}`,
+      `${r.label.padEnd(15)} ${p(50)} ${p(90)} ${p(99)} ${fmt(r.runsPerSecond).padStart(16)}${BURSTS > 1 ? ` ${fmt(r.laterRunsPerSecond.at(-1)!).padStart(16)}` : ''} ${(r.check.ok ? 'ok' : 'FAIL').padStart(13)} ${fmt(r.cold).padStart(8)}`,
     );
   });
   for (const r of results) {
@@ -785,7 +813,8 @@ function report(results: (Result | Error)[], bullmq: Result | Error, shm: ShmChe
     const p50 = (x: Result) => percentile(x.latencies, 50);
     const p99 = (x: Result) => percentile(x.latencies, 99);
     console.log(
-      `${r.label} / bullmq: p50 ${ratio(p50(r), p50(bullmq))}, p99 ${ratio(p99(r), p99(bullmq))}, runs/s ${ratio(r.runsPerSecond, bullmq.runsPerSecond)}`,
+      `${r.label} / bullmq: p50 ${ratio(p50(r), p50(bullmq))}, p99 ${ratio(p99(r), p99(bullmq))}, runs/s ${ratio(r.runsPerSecond, bullmq.runsPerSecond)}` +
+        (BURSTS > 1 ? `, runs/s in burst ${BURSTS} ${ratio(r.laterRunsPerSecond.at(-1)!, bullmq.laterRunsPerSecond.at(-1)!)}` : ''),
     );
   }
   const goal = (label: keyof typeof GOALS) => {

@@ -361,7 +361,8 @@ export class Executor {
   /**
    * One step, in stages: claim it (or find it done, or drop it as a duplicate), announce it,
    * prepare its code and inputs, execute it, record its completion. Two NATS round trips on the
-   * way: the claim (with the run's state read alongside on a redelivery) and the completion record.
+   * way: the claim (with the run's state read alongside on a redelivery) and the completion record;
+   * further down a chain only the completion (the head's claim covers the chain).
    * Says whether a chain goes on after it, with its output.
    */
   private async processStep(ready: StepReady, attempt: number, chain: ChainClaim | null): Promise<StepOutcome> {
@@ -421,11 +422,15 @@ export class Executor {
    */
   private async claim(ready: StepReady, attempt: number, chain: ChainClaim | null): Promise<Claim> {
     const key = stepKey(ready.runId, ready.step);
-    const claim = encode(claimRecord, { executorId: this.executorId, hostId: this.hostId, attempt, at: Date.now() });
     // A first delivery was sent moments ago by the run's leader while the run went on: only a
     // cancel can have ended it since, and cancels reach this executor as run kills. A redelivery
     // may come long after the run ended (an executor died holding it): then the record decides.
     if (this.killedRuns.has(ready.runId)) return DROP;
+    // Covered by the claim this delivery made on its chain's head (ClaimRecord.chain): no other
+    // ready message carries the step, so claiming it again would only cost a round trip.
+    if (chain && attempt === 1 && chain.previousHolder === null) return RUN;
+    const carried = ready.then?.map((s) => s.step);
+    const claim = encode(claimRecord, { executorId: this.executorId, hostId: this.hostId, attempt, at: Date.now(), ...(carried ? { chain: carried } : {}) });
     const checkRun = attempt > 1;
     const [created, run] = await Promise.all([
       this.topology.claims.create(key, claim).then(
@@ -439,7 +444,7 @@ export class Executor {
       }),
     ]);
     if (run && run !== 'running') return DROP;
-    if (created === true) return { kind: 'run', holder: null };
+    if (created === true) return RUN;
     // Only "already claimed" is an answer; any other trouble is retried by redelivery.
     const holder = await readClaim(this.topology.claims, ready.runId, ready.step).catch(() => null);
     if (!holder) throw created;
@@ -450,9 +455,12 @@ export class Executor {
       throw error;
     });
     if (completion === 'malformed') return DROP;
+    // A first delivery of a step done already is a second ready message for it: the steps of its
+    // chain belong to the first one's executor (they have no claims of their own to stop a second run).
+    if (completion && attempt === 1 && !chain) return DROP;
     if (completion) return { kind: 'done', completion, holder: holder.executorId };
     // A create whose answer was lost (NATS restarting) may have stored this very claim.
-    if (holder.executorId === this.executorId && holder.attempt === attempt) return { kind: 'run', holder: null };
+    if (holder.executorId === this.executorId && holder.attempt === attempt) return RUN;
     // A second ready message for a step already claimed (a resumed orchestrator re-sent it).
     if (attempt === 1) return DROP;
     if (chain && holder.executorId !== chain.previousHolder) return DROP;
@@ -663,6 +671,7 @@ const NAK: StepOutcome = { kind: 'nak' };
 /** What a claim found: run the step (`holder`: whose claim this one took over), it is done already, or drop it. */
 type Claim = { kind: 'run'; holder: string | null } | { kind: 'done'; completion: StepCompletion; holder: string } | { kind: 'drop' };
 const DROP: Claim = { kind: 'drop' };
+const RUN: Claim = { kind: 'run', holder: null };
 
 /** A step further down a chain: whose claims on it may be taken over (the executor that held the chain before, if it died). */
 interface ChainClaim {

@@ -268,7 +268,36 @@ export function stepStatesOf(snapshot: RunSnapshot): Record<string, StepState> {
 /** What is durably known of a run's steps: completions (`quiver-steps`) and claims (`quiver-claims`). */
 export interface RunFacts {
   completions: ReadonlyMap<string, StepSucceeded | StepFailed>;
-  claims: ReadonlyMap<string, { executorId: string; hostId: string; attempt: number; at: number }>;
+  claims: ReadonlyMap<string, StepClaim>;
+}
+
+/** A claim as the run's facts hold it (schemas ClaimRecord). */
+export interface StepClaim {
+  executorId: string;
+  hostId: string;
+  attempt: number;
+  at: number;
+  /** The steps the claimed step's ready message carried (StepReady.then): the claim covers them too. */
+  chain?: readonly string[];
+}
+
+/**
+ * The claim each step runs under: its own, or, for a step a chain's ready message carried
+ * (ClaimRecord.chain), the claim of the chain's head once the step before it succeeded: the
+ * executor goes down a chain without claiming each step; only a redelivery that takes the chain
+ * over claims them one by one.
+ */
+export function claimsOf(plan: Plan, facts: RunFacts): Map<string, StepClaim> {
+  const claims = new Map<string, StepClaim>();
+  const carriedBy = new Map<string, StepClaim>();
+  for (const claim of facts.claims.values()) for (const step of claim.chain ?? []) carriedBy.set(step, claim);
+  for (const step of plan.steps) {
+    const own = facts.claims.get(step.name);
+    const carried = carriedBy.get(step.name);
+    if (own) claims.set(step.name, own);
+    else if (carried && step.inputs.every((i) => facts.completions.get(i.step)?.type === 'step.succeeded')) claims.set(step.name, carried);
+  }
+  return claims;
 }
 
 /**
@@ -278,9 +307,10 @@ export interface RunFacts {
  */
 export function replayRun(plan: Plan, runId: string, facts: RunFacts): Actor<RunMachine> {
   const actor = createActor(runMachineOf(plan), { input: { runId } }).start();
+  const claims = claimsOf(plan, facts);
   for (const step of plan.steps) {
-    const claim = facts.claims.get(step.name);
-    if (claim) actor.send({ type: 'step.started', runId, step: step.name, ...claim });
+    const claim = claims.get(step.name);
+    if (claim) actor.send({ type: 'step.started', runId, step: step.name, executorId: claim.executorId, hostId: claim.hostId, attempt: claim.attempt, at: claim.at });
     const completion = facts.completions.get(step.name);
     if (completion) actor.send(completion);
   }

@@ -22,7 +22,7 @@ import {
 } from '../schemas/index.ts';
 import { chainAfter, childrenOf, outputSteps } from '../planner/index.ts';
 import type { Dispatcher } from './placement.ts';
-import { replayRun, runMachineOf, runStateOf, stepStatesOf, type RunFacts, type RunMachine, type RunSnapshot } from './run-machine.ts';
+import { claimsOf, replayRun, runMachineOf, runStateOf, stepStatesOf, type RunFacts, type RunMachine, type RunSnapshot } from './run-machine.ts';
 import type { RunStore } from './run-store.ts';
 import { NO_LANE, unlimitedRun, type Lane } from './lane.ts';
 import { machineView } from './views.ts';
@@ -92,15 +92,24 @@ export class Runs {
 
   /** Takes up a run a previous leader drove, from its record and its steps' facts. */
   async resume(record: RunRecord, facts: RunFacts): Promise<void> {
-    const run = this.track(record, replayRun(record.submit.plan, record.submit.runId, facts));
+    const { plan } = record.submit;
+    const run = this.track(record, replayRun(plan, record.submit.runId, facts));
+    // The steps a claimed ready message carried go with it (its executor runs them unclaimed):
+    // sent alone as well, a second executor could claim and run one beside it.
+    for (const claim of facts.claims.values()) for (const step of claim.chain ?? []) run.carried.add(step);
     // Where running steps run lived only in the old leader's memory: a host that dies now must
     // still have its steps placed again.
     const snapshot = run.actor.getSnapshot();
     const states = stepStatesOf(snapshot);
-    for (const step of record.submit.plan.steps) {
-      const hostId = facts.claims.get(step.name)?.hostId;
+    const claims = claimsOf(plan, facts);
+    for (const step of plan.steps) {
+      const claim = claims.get(step.name);
+      const hostId = claim?.hostId;
       if (states[step.name] !== 'running' || !hostId) continue;
       const { message, planStep } = readyMessage(run, step.name, snapshot);
+      // Placed again, it carries the rest of its chain, which no one else sends.
+      const rest = claim.chain ? claim.chain.slice(claim.chain.indexOf(step.name) + 1) : [];
+      if (rest.length > 0) message.then = rest.map((name) => plan.steps.find((s) => s.name === name)!).map((s) => ({ step: s.name, inputs: s.inputs }));
       // Only work placed on a host's own queue strands there; the shared queue redelivers.
       const placedOnHost = planStep.host !== undefined || message.inputs.some((i) => i.descriptor.hostId === hostId);
       if (placedOnHost) this.options.dispatcher.remember(message, planStep, hostId);

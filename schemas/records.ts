@@ -37,6 +37,13 @@ export const claimRecord = z.object({
   hostId: z.string().min(1).max(128),
   attempt: z.number().int().positive(),
   at: timestamp,
+  /**
+   * The steps carried by the claimed step's ready message (StepReady.then), in order: the claim
+   * covers them too, so the executor writes no claim of their own as it goes down the chain (one
+   * claim per ready message). A step of the chain has its own claim only when a redelivery took
+   * the chain over.
+   */
+  chain: z.array(z.string().regex(NAME_PATTERN)).min(1).optional(),
 });
 export type ClaimRecord = z.infer<typeof claimRecord>;
 

@@ -127,6 +127,29 @@ describe('run machine', () => {
     }
   });
 
+  it("replays a chain's steps as running under its head's claim once the step before each succeeded", () => {
+    const chain: Plan = {
+      pipeline: 'chain',
+      steps: [
+        { name: 'a', inputs: [] },
+        { name: 'b', inputs: [{ param: 'x', step: 'a' }] },
+        { name: 'c', inputs: [{ param: 'x', step: 'b' }] },
+      ],
+    };
+    // The executor claimed only a, for the chain a → b → c its ready message carried.
+    const claims = new Map([['a', { executorId: 'e', hostId: 'h', attempt: 1, at: 1, chain: ['b', 'c'] }]]);
+    const atHead = replayRun(chain, runId, { completions: new Map(), claims });
+    assert.deepEqual(stepStatesOf(atHead.getSnapshot()), { a: 'running', b: 'waiting', c: 'waiting' });
+    const further = replayRun(chain, runId, { completions: new Map([['a', succeeded('a')]]), claims });
+    assert.deepEqual(stepStatesOf(further.getSnapshot()), { a: 'succeeded', b: 'running', c: 'waiting' });
+    assert.equal(further.getSnapshot().context.steps.b!.executorId, 'e');
+    // A redelivery that took the chain over claims the steps it runs: that claim is the step's.
+    const takenOver = new Map([...claims, ['b', { executorId: 'f', hostId: 'h2', attempt: 2, at: 5, chain: ['c'] }]]);
+    const replayed = replayRun(chain, runId, { completions: new Map([['a', succeeded('a')]]), claims: takenOver });
+    assert.equal(replayed.getSnapshot().context.steps.b!.executorId, 'f');
+    assert.equal(replayed.getSnapshot().context.steps.b!.attempt, 2);
+  });
+
   it('replays a failure into skipped descendants and a failed run', () => {
     const facts = { completions: new Map<string, ReturnType<typeof succeeded> | ReturnType<typeof failed>>([['a', succeeded('a')], ['b', failed('b')], ['c', succeeded('c')]]), claims: new Map() };
     const replayed = replayRun(diamond, runId, facts);

@@ -112,6 +112,34 @@ describe('daemons against an existing NATS', () => {
     await waitFor('every segment of the run to be released', () => listSegments(shmDir()).length === 0);
   });
 
+  it('resumes a run whose chain was going when the orchestrator was killed: the steps the chain carries are not sent again alone', async () => {
+    // A short lease: the new leader takes the run up while the chain's first step still runs.
+    const leaseEnv = { ...env, QUIVER_LEASE_TTL_MS: '1500' };
+    const leader = () => {
+      const d = startDaemon('orchestrator', server.url, leaseEnv);
+      daemons.push(d);
+      return d;
+    };
+    let orchestrator = leader();
+    daemon('executor');
+    const file = marks('chain-resume');
+    const loaded = await loadPipeline(fixture('slow.ts'));
+    const handle = await client.run(loaded, { params: { firstSleepMs: '6000', sleepMs: '0', marks: file } });
+    await waitFor('the first step to start', () => countMarks(file).first === 1);
+    orchestrator.kill('SIGKILL');
+    await new Promise((r) => orchestrator.once('exit', r));
+    orchestrator = leader();
+    await waitFor('the new leader to take the run up', () => orchestrator.output().includes(`resumed run ${handle.id}`));
+    assert.deepEqual(countMarks(file), { first: 1 }, 'taken up while the chain was at its first step');
+    const view = await handle.result();
+    assert.equal(view.state, 'succeeded', JSON.stringify(view.steps.map((s) => [s.name, s.state, s.error?.message])));
+    // The executor goes down the chain; a copy of its next step sent alone would run beside it.
+    assert.deepEqual(countMarks(file), { first: 1, slow: 1, last: 1 });
+    for (const step of view.steps) assert.equal(step.attempt, 1, step.name);
+    await handle.release();
+    await waitFor('every segment of the run to be released', () => listSegments(shmDir()).length === 0);
+  });
+
   it('hands a step to another executor when the one running it is killed', async () => {
     daemon('orchestrator');
     const executors = [daemon('executor', ['--concurrency', '1']), daemon('executor', ['--concurrency', '1'])];
