@@ -20,7 +20,7 @@ import {
   type StepReady,
   type StepStarted,
 } from '../schemas/index.ts';
-import { chainAfter, childrenOf, outputSteps } from '../planner/index.ts';
+import { chainAfter, topologyOf } from '../planner/index.ts';
 import type { Dispatcher } from './placement.ts';
 import { claimsOf, replayRun, runMachineOf, runStateOf, stepStatesOf, type RunFacts, type RunMachine, type RunSnapshot } from './run-machine.ts';
 import type { RunStore } from './run-store.ts';
@@ -182,14 +182,13 @@ export class Runs {
     const { plan, runId } = run.record.submit;
     const states = stepStatesOf(snapshot);
 
-    const outputs = outputSteps(plan);
+    const { children, outputs } = topologyOf(plan);
     const toRelease = new Map<string, string[]>();
     for (const step of plan.steps) {
       const output = snapshot.context.steps[step.name]?.output;
       if (!output || states[step.name] !== 'succeeded') continue;
       // A segment may go once no child can still map it; run outputs wait for the client.
-      const noLongerNeeded = childrenOf(plan, step.name).every((c) => SETTLED.has(states[c]!));
-      if (outputs.includes(step.name) || !noLongerNeeded) continue;
+      if (outputs.has(step.name) || !children.get(step.name)!.every((c) => SETTLED.has(states[c]!))) continue;
       for (const segment of output.segments) {
         if (run.released.has(segment.id)) continue;
         run.released.add(segment.id);
@@ -206,7 +205,7 @@ export class Runs {
       const outputsGo = run.record.outputsReleased && !run.record.submit.keep;
       for (const step of plan.steps) {
         const output = snapshot.context.steps[step.name]?.output;
-        if (!output || (outputs.includes(step.name) && !outputsGo)) continue;
+        if (!output || (outputs.has(step.name) && !outputsGo)) continue;
         for (const segment of output.segments) addTo(toRelease, output.hostId, segment.id);
       }
       // Persist first, then act: a crash in between ends the run again on resume.

@@ -3,7 +3,7 @@
  * orchestrator publishing a transition and a client reading a running run agree.
  */
 import type { RunRecord, RunView, StepView } from '../schemas/index.ts';
-import { outputSteps } from '../planner/index.ts';
+import { topologyOf } from '../planner/index.ts';
 import { runStateOf, stepStatesOf, type RunSnapshot } from './run-machine.ts';
 
 const notStarted = (name: string, state: StepView['state']): StepView => ({
@@ -38,7 +38,7 @@ function frame(record: RunRecord): Omit<RunView, 'steps' | 'state'> {
     outputsReleased: record.outputsReleased,
     trigger: submit.trigger ?? { kind: 'user', by: submit.submittedBy },
     version: submit.version ?? null,
-    outputs: outputSteps(submit.plan),
+    outputs: [...topologyOf(submit.plan).outputs],
   };
 }
 

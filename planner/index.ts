@@ -4,7 +4,7 @@
  * this before anything is submitted; the orchestrator only reads plans.
  */
 export { PlanError } from './errors.ts';
-export { planPipeline, outputSteps, childrenOf, chainAfter, descendantsOf, type PipelineShape } from './plan.ts';
+export { planPipeline, outputSteps, childrenOf, chainAfter, descendantsOf, topologyOf, type PipelineShape, type PlanTopology } from './plan.ts';
 export { SYSTEM_STEP_PREFIX, planOnBranch, type BranchOptions } from './physical-plan.ts';
 export { triggersOf, TriggerError, subjectMatches, schemaViolation, ticksBetween, nextTick, type TriggerSpec } from './triggers.ts';
 export { stepCodeKeys, stepCacheKey, canonicalJson, type StepCacheParts } from './cache-keys.ts';

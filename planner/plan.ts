@@ -222,6 +222,30 @@ export function childrenOf(plan: Plan, step: string): string[] {
   return plan.steps.filter((s) => s.inputs.some((i) => i.step === step)).map((s) => s.name);
 }
 
+/** A plan's children and outputs, as {@link childrenOf} and {@link outputSteps} give them. */
+export interface PlanTopology {
+  children: ReadonlyMap<string, readonly string[]>;
+  outputs: ReadonlySet<string>;
+}
+
+const topologies = new WeakMap<Plan, PlanTopology>();
+
+/**
+ * {@link PlanTopology}, computed once per plan object, for a plan that no longer changes (a
+ * submitted run's): the orchestrator asks it after every transition of a run, and asking
+ * childrenOf for each step costs O(steps²) each time.
+ */
+export function topologyOf(plan: Plan): PlanTopology {
+  let topology = topologies.get(plan);
+  if (!topology) {
+    const children = new Map<string, string[]>(plan.steps.map((s) => [s.name, []]));
+    for (const step of plan.steps) for (const parent of new Set(step.inputs.map((i) => i.step))) children.get(parent)?.push(step.name);
+    topology = { children, outputs: new Set(outputSteps(plan)) };
+    topologies.set(plan, topology);
+  }
+  return topology;
+}
+
 /** Every step that reads `step`'s output, directly or further down. */
 export function descendantsOf(plan: Plan, step: string): string[] {
   const found = new Set<string>();

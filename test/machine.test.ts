@@ -60,6 +60,41 @@ describe('run machine', () => {
     assert.equal(actor.getSnapshot().context.steps.b!.error!.message, 'boom');
   });
 
+  it('runs a wide fan-out and its join, and skips everything below a failed step', () => {
+    const middle = Array.from({ length: 200 }, (_, i) => ({ name: `m${i}`, inputs: [{ param: 'x', step: 'a' }] }));
+    const wide: Plan = {
+      pipeline: 'wide',
+      steps: [
+        { name: 'a', inputs: [] },
+        ...middle,
+        { name: 'join', inputs: middle.map((m, i) => ({ param: `p${i}`, step: m.name })) },
+        { name: 'after', inputs: [{ param: 'x', step: 'join' }] },
+        { name: 'last', inputs: [{ param: 'x', step: 'after' }] },
+      ],
+    };
+    const states = (actor: ReturnType<typeof start>) => stepStatesOf(actor.getSnapshot());
+    const start = () => createActor(createRunMachine(wide), { input: { runId } }).start();
+
+    const ok = start();
+    ok.send(succeeded('a'));
+    assert.ok(middle.every((m) => states(ok)[m.name] === 'ready'), 'every child of a is ready at once');
+    for (const m of middle.slice(0, -1)) ok.send(succeeded(m.name));
+    assert.equal(states(ok).join, 'waiting', 'the join waits for its last parent');
+    ok.send(succeeded(middle.at(-1)!.name));
+    assert.equal(states(ok).join, 'ready');
+    for (const step of ['join', 'after', 'last']) ok.send(succeeded(step));
+    assert.equal(runStateOf(ok.getSnapshot()), 'succeeded');
+
+    const broken = start();
+    broken.send(succeeded('a'));
+    broken.send(failed('m7'));
+    assert.deepEqual([states(broken).join, states(broken).after, states(broken).last], ['skipped', 'skipped', 'skipped']);
+    assert.equal(runStateOf(broken.getSnapshot()), 'running', 'its siblings still run');
+    for (const m of middle) if (m.name !== 'm7') broken.send(succeeded(m.name));
+    assert.equal(runStateOf(broken.getSnapshot()), 'failed');
+    assert.equal(states(broken).m8, 'succeeded');
+  });
+
   it('ignores repeated and stray events', () => {
     const actor = createActor(createRunMachine(diamond), { input: { runId } }).start();
     actor.send(succeeded('b')); // b is waiting: not for it yet
