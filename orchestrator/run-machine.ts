@@ -1,6 +1,7 @@
 import { assign, createActor, setup, type Actor, type SnapshotFrom } from 'xstate';
 import { topologyOf } from '../planner/index.ts';
 import type {
+  ClaimRecord,
   Plan,
   RunState,
   StepFailed,
@@ -61,7 +62,8 @@ const emptyFacts = (): StepFacts => ({
   error: null,
 });
 
-const SETTLED_STATES: ReadonlySet<StepState> = new Set(['succeeded', 'failed', 'skipped', 'cancelled']);
+/** The states a step ends in. */
+export const SETTLED_STATES: ReadonlySet<StepState> = new Set(['succeeded', 'failed', 'skipped', 'cancelled']);
 
 /**
  * One machine per run, built from its plan: the run goes `running → succeeded | failed |
@@ -72,12 +74,11 @@ const SETTLED_STATES: ReadonlySet<StepState> = new Set(['succeeded', 'failed', '
  * The steps' states are the context's, moved by one pure transition per event, not a parallel
  * region per step: xstate evaluates every region's eventless transitions after every event and
  * checks every pair of transitions taken together for conflicts, so a run of N steps cost its
- * orchestrator O(N³) (3 s of CPU for a 300-step run, 200 ms for 100 steps). Here an event costs
+ * orchestrator O(N³) (3-4 s of CPU for a 300-step run, 220-280 ms for 100 steps). Here an event costs
  * the step it names and, when it settles, its children.
  */
 export function createRunMachine(plan: Plan) {
-  const parentsOf = new Map(plan.steps.map((s) => [s.name, [...new Set(s.inputs.map((i) => i.step))]]));
-  const { children: childrenOf } = topologyOf(plan);
+  const { parents: parentsOf, children: childrenOf } = topologyOf(plan);
 
   /** Puts `step` in a settled state and moves the steps waiting on it: ready once all their parents succeeded, skipped as soon as one will not. */
   const settle = (states: Record<string, StepState>, step: string, state: StepState): number => {
@@ -229,17 +230,7 @@ export function stepStatesOf(snapshot: RunSnapshot): Record<string, StepState> {
 /** What is durably known of a run's steps: completions (`quiver-steps`) and claims (`quiver-claims`). */
 export interface RunFacts {
   completions: ReadonlyMap<string, StepSucceeded | StepFailed>;
-  claims: ReadonlyMap<string, StepClaim>;
-}
-
-/** A claim as the run's facts hold it (schemas ClaimRecord). */
-export interface StepClaim {
-  executorId: string;
-  hostId: string;
-  attempt: number;
-  at: number;
-  /** The steps the claimed step's ready message carried (StepReady.then): the claim covers them too. */
-  chain?: readonly string[];
+  claims: ReadonlyMap<string, ClaimRecord>;
 }
 
 /**
@@ -248,9 +239,9 @@ export interface StepClaim {
  * executor goes down a chain without claiming each step; only a redelivery that takes the chain
  * over claims them one by one.
  */
-export function claimsOf(plan: Plan, facts: RunFacts): Map<string, StepClaim> {
-  const claims = new Map<string, StepClaim>();
-  const carriedBy = new Map<string, StepClaim>();
+export function claimsOf(plan: Plan, facts: RunFacts): Map<string, ClaimRecord> {
+  const claims = new Map<string, ClaimRecord>();
+  const carriedBy = new Map<string, ClaimRecord>();
   for (const claim of facts.claims.values()) for (const step of claim.chain ?? []) carriedBy.set(step, claim);
   for (const step of plan.steps) {
     const own = facts.claims.get(step.name);

@@ -22,13 +22,12 @@ import {
 } from '../schemas/index.ts';
 import { chainAfter, topologyOf } from '../planner/index.ts';
 import type { Dispatcher } from './placement.ts';
-import { claimsOf, replayRun, runMachineOf, runStateOf, stepStatesOf, type RunFacts, type RunMachine, type RunSnapshot } from './run-machine.ts';
+import { SETTLED_STATES, claimsOf, replayRun, runMachineOf, runStateOf, stepStatesOf, type RunFacts, type RunMachine, type RunSnapshot } from './run-machine.ts';
 import type { RunStore } from './run-store.ts';
 import { NO_LANE, unlimitedRun, type Lane } from './lane.ts';
 import { machineView } from './views.ts';
 import { cacheKeyOf, cacheReadOf, cacheWriteOf, usesOutputCache, type CachedOutputs } from './cached-outputs.ts';
 
-const SETTLED = new Set(['succeeded', 'failed', 'skipped', 'cancelled']);
 /** A ready step whose publish failed (NATS away) is sent again after this long. */
 const DISPATCH_RETRY_MS = 500;
 
@@ -188,7 +187,7 @@ export class Runs {
       const output = snapshot.context.steps[step.name]?.output;
       if (!output || states[step.name] !== 'succeeded') continue;
       // A segment may go once no child can still map it; run outputs wait for the client.
-      if (outputs.has(step.name) || !children.get(step.name)!.every((c) => SETTLED.has(states[c]!))) continue;
+      if (outputs.has(step.name) || !children.get(step.name)!.every((c) => SETTLED_STATES.has(states[c]!))) continue;
       for (const segment of output.segments) {
         if (run.released.has(segment.id)) continue;
         run.released.add(segment.id);

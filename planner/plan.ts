@@ -222,8 +222,9 @@ export function childrenOf(plan: Plan, step: string): string[] {
   return plan.steps.filter((s) => s.inputs.some((i) => i.step === step)).map((s) => s.name);
 }
 
-/** A plan's children and outputs, as {@link childrenOf} and {@link outputSteps} give them. */
+/** A plan's edges (each step's distinct parents, and its children as {@link childrenOf} gives them) and its outputs ({@link outputSteps}). */
 export interface PlanTopology {
+  parents: ReadonlyMap<string, readonly string[]>;
   children: ReadonlyMap<string, readonly string[]>;
   outputs: ReadonlySet<string>;
 }
@@ -238,9 +239,10 @@ const topologies = new WeakMap<Plan, PlanTopology>();
 export function topologyOf(plan: Plan): PlanTopology {
   let topology = topologies.get(plan);
   if (!topology) {
+    const parents = new Map(plan.steps.map((s) => [s.name, [...new Set(s.inputs.map((i) => i.step))]]));
     const children = new Map<string, string[]>(plan.steps.map((s) => [s.name, []]));
-    for (const step of plan.steps) for (const parent of new Set(step.inputs.map((i) => i.step))) children.get(parent)?.push(step.name);
-    topology = { children, outputs: new Set(outputSteps(plan)) };
+    for (const [step, its] of parents) for (const parent of its) children.get(parent)?.push(step);
+    topology = { parents, children, outputs: new Set(outputSteps(plan)) };
     topologies.set(plan, topology);
   }
   return topology;
