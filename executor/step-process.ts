@@ -116,6 +116,23 @@ interface ActiveJob {
 const MAX_EARLY_LINES = 100;
 
 /**
+ * 12 random bytes in hex for a job's end marker, cut from a buffer drawn 4 KiB at a time: one
+ * randomBytes call per step was a percent of the executor's CPU in a burst of worker steps.
+ * Still from the CSPRNG, and never reused.
+ */
+const NONCE_BYTES = 12;
+let nonces = Buffer.alloc(0);
+let nonceAt = 0;
+function markerNonce(): string {
+  if (nonceAt + NONCE_BYTES > nonces.length) {
+    nonces = randomBytes(4096 - (4096 % NONCE_BYTES));
+    nonceAt = 0;
+  }
+  nonceAt += NONCE_BYTES;
+  return nonces.toString('hex', nonceAt - NONCE_BYTES, nonceAt);
+}
+
+/**
  * One forked runner (runner.ts): a one-step process, or a worker that runs one step after another.
  * It routes every line the process prints to the step running then, watches a worker's event
  * loop, and turns every way the process can end into the step's outcome. Never throws for a
@@ -219,7 +236,7 @@ export class StepProcess {
       const active: ActiveJob = {
         job,
         keepAlive: options.keepAlive,
-        endMarker: `\u001bquiver-step-end ${randomBytes(12).toString('hex')}`,
+        endMarker: `\u001bquiver-step-end ${markerNonce()}`,
         message: null,
         flushed: new Set(),
         resolve,

@@ -23,7 +23,7 @@ export interface StepLimitDefaults {
 
 /** Limits of the long-lived step processes that run steps with `isolation: 'worker'`. */
 export interface WorkerOptions {
-  /** Steps a worker runs before it is replaced by a new one. @default 10_000 */
+  /** Steps a worker runs before it is replaced by a new one. @default 100_000 */
   maxStepsPerWorker?: number;
   /** A worker whose peak resident set is above this after a step is replaced (the step still succeeds). @default 1 GiB */
   maxWorkerRssBytes?: number;
@@ -69,13 +69,15 @@ export interface StepProcessesOptions {
 
 export const DEFAULT_PREWARM = 2;
 /**
- * Ten thousand, not a thousand: a worker runs a few hundred steps a second under load, and at a
- * thousand it was replaced every few seconds, each time booting a spare and importing the
- * pipeline's code again (step processes used 15-40% less CPU per run without it, in bursts of
- * `npm run bench:trigger -- --routes worker`).
- * Leaks stay bounded by the RSS limit, and a worker idle for workerIdleMs goes anyway.
+ * A hundred thousand, not ten: a new worker's steps cost about twice a warm one's CPU for its
+ * first few thousand steps while V8 compiles the runner, Arrow and the step's code (one step
+ * after another of a one-row chain: ~600 µs a step at first, ~290 µs after 5,000), so each
+ * replacement throws that warm-up away, and under load ten thousand steps came every ten to
+ * twenty seconds. At a thousand it was worse still: a spare booted and the code imported again
+ * every few seconds. Leaks stay bounded by the RSS limit, and a worker idle for workerIdleMs goes
+ * anyway.
  */
-export const DEFAULT_MAX_STEPS_PER_WORKER = 10_000;
+export const DEFAULT_MAX_STEPS_PER_WORKER = 100_000;
 export const DEFAULT_MAX_WORKER_RSS_BYTES = 1024 ** 3;
 export const DEFAULT_WORKER_IDLE_MS = 60_000;
 export const DEFAULT_WORKER_HANG_MS = 30_000;

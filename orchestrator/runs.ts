@@ -1,8 +1,9 @@
 /**
  * The runs this leader drives: one xstate machine each, fed by step completions (records in
  * `quiver-steps`), live step starts and cancellations. After each transition it sends the steps
- * that became ready, hands back segments no step needs any more, and publishes the run's view;
- * when the run ends it writes the run's record once, with its final view.
+ * that became ready and hands back segments no step needs any more; it publishes the run's view
+ * at most every VIEW_INTERVAL_MS. When the run ends it writes the run's record once, with its
+ * final view, and publishes that at once.
  */
 import type { NatsConnection } from '@nats-io/transport-node';
 import { createActor, type Actor } from 'xstate';
@@ -16,6 +17,7 @@ import {
   type PlanStep,
   type RunRecord,
   type RunSubmit,
+  type RunView,
   type StepCompletion,
   type StepReady,
   type StepStarted,
@@ -30,6 +32,15 @@ import { cacheKeyOf, cacheReadOf, cacheWriteOf, usesOutputCache, type CachedOutp
 
 /** A ready step whose publish failed (NATS away) is sent again after this long. */
 const DISPATCH_RETRY_MS = 500;
+
+/**
+ * A running run's view goes out at most once this often; the last change of a window goes at its
+ * end, and the view of a run that ended goes at once. A view holds every step, so one per
+ * transition cost O(steps²) per run (a 300-step run spent ~350 ms building and encoding views),
+ * and a three-step chain that finishes within a few milliseconds sent four where two say as much.
+ * Views are live status only (core NATS): records and facts stay the truth.
+ */
+export const VIEW_INTERVAL_MS = 50;
 
 interface LiveRun {
   record: RunRecord;
@@ -47,6 +58,9 @@ interface LiveRun {
   carried: Set<string>;
   /** Its end being written (the lane let go meanwhile): later events of it change nothing. */
   ending?: Promise<void>;
+  /** When its view last went out (options.now()), and the timer sending the next one. */
+  viewSentAt?: number;
+  viewTimer?: ReturnType<typeof setTimeout>;
 }
 
 export interface RunsOptions {
@@ -143,7 +157,10 @@ export class Runs {
   /** Forgets every run (the lead moved elsewhere); the records stay for the next leader. */
   stopAll(): void {
     this.stopped = true;
-    for (const run of this.live.values()) run.actor.stop();
+    for (const run of this.live.values()) {
+      run.actor.stop();
+      clearTimeout(run.viewTimer);
+    }
     this.live.clear();
     this.byPipeline.clear();
   }
@@ -163,6 +180,7 @@ export class Runs {
   private forget(runId: string): void {
     const run = this.live.get(runId);
     if (!run) return;
+    clearTimeout(run.viewTimer);
     this.live.delete(runId);
     const pipeline = run.record.submit.plan.pipeline;
     const runs = this.byPipeline.get(pipeline);
@@ -231,7 +249,7 @@ export class Runs {
     }
     publishReleases(this.options.nc, toRelease);
     if (state === 'cancelled') this.options.nc.publish(subjects.runKill, encode(runKill, { type: 'run.kill', runId }));
-    this.options.nc.publish(subjects.status(runId), encode(runView, run.record.view ?? machineView(run.record, snapshot)));
+    this.sendView(run, snapshot);
     if (state !== 'running') {
       this.options.logger.info(`run ${runId} ${state}`);
       run.actor.stop();
@@ -239,6 +257,32 @@ export class Runs {
       this.options.dispatcher.forgetRun(runId);
       await this.options.onEnded(plan.pipeline);
     }
+  }
+
+  /** Publishes the run's view now, or at the end of its VIEW_INTERVAL_MS window (the view as it is then). */
+  private sendView(run: LiveRun, snapshot: RunSnapshot): void {
+    const { runId } = run.record.submit;
+    const publish = (view: RunView) => {
+      run.viewSentAt = this.options.now();
+      this.options.nc.publish(subjects.status(runId), encode(runView, view));
+    };
+    if (run.record.view) {
+      clearTimeout(run.viewTimer);
+      delete run.viewTimer;
+      publish(run.record.view);
+      return;
+    }
+    if (run.viewTimer) return;
+    const wait = (run.viewSentAt ?? -Infinity) + VIEW_INTERVAL_MS - this.options.now();
+    if (wait <= 0) {
+      publish(machineView(run.record, snapshot));
+      return;
+    }
+    run.viewTimer = setTimeout(() => {
+      delete run.viewTimer;
+      if (this.live.get(runId) === run && !run.record.view) publish(machineView(run.record, run.actor.getSnapshot()));
+    }, wait);
+    run.viewTimer.unref();
   }
 
   /**

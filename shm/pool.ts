@@ -92,7 +92,7 @@ export function claimPooled(dir: string, target: string, byteSize: number): bool
 
 function tryClaim(dir: string, target: string, byteSize: number, pool: readonly PooledFile[]): boolean {
   const candidates = pool.filter((f) => f.byteSize >= byteSize && f.byteSize <= 2 * byteSize).sort((a, b) => a.byteSize - b.byteSize);
-  for (const file of candidates) {
+  for (const file of spreadOut(candidates)) {
     forgetPooled(dir, file.name);
     try {
       native.renameNoReplace(join(poolDir(dir), file.name), target);
@@ -110,6 +110,20 @@ function tryClaim(dir: string, target: string, byteSize: number, pool: readonly 
     }
   }
   return false;
+}
+
+/**
+ * The candidates with those of the smallest size rotated by this process's pid. Processes that
+ * listed the same pool (two workers after the executor pooled a run's segments) would otherwise
+ * all try the same file first, and every loser pays a failed rename and the error it throws.
+ */
+function spreadOut(candidates: readonly PooledFile[]): readonly PooledFile[] {
+  const smallest = candidates[0]?.byteSize;
+  let same = 0;
+  while (same < candidates.length && candidates[same]!.byteSize === smallest) same++;
+  if (same < 2) return candidates;
+  const start = process.pid % same;
+  return [...candidates.slice(start, same), ...candidates.slice(0, start), ...candidates.slice(same)];
 }
 
 /**

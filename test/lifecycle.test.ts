@@ -164,3 +164,22 @@ describe('live starts', () => {
     });
   });
 });
+
+describe('run views', () => {
+  it('a 100-step run sends fewer views than it has steps, each at least as far along as the last, ending with the final one', async () => {
+    await withCluster(async (cluster) => {
+      const handle = await cluster.client.run(await loadPipeline(fixture('ui-wide.ts')));
+      const views: RunView[] = [];
+      for await (const event of handle.events()) if (event.type === 'status') views.push(event.view);
+      await handle.release();
+      const last = views.at(-1)!;
+      assert.equal(last.state, 'succeeded');
+      assert.equal(last.steps.filter((s) => s.state === 'succeeded').length, 100);
+      // One view per transition would be at least one per step (each step's completion), and each
+      // holds all 100 steps: views are throttled per run, the last change of a window sent at its end.
+      assert.ok(views.length >= 2 && views.length < 100, `${views.length} views`);
+      const done = views.map((v) => v.steps.filter((s) => s.state === 'succeeded').length);
+      for (let i = 1; i < done.length; i++) assert.ok(done[i]! >= done[i - 1]!, `view ${i} shows fewer steps done than the one before: ${done.join(', ')}`);
+    });
+  });
+});

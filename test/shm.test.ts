@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { join } from 'node:path';
 import { type TestContext, test } from 'node:test';
@@ -300,6 +300,19 @@ test('an empty table round-trips with its schema', { timeout: TEST_TIMEOUT }, (t
     assert.equal(table.numRows, 0, name);
     assertTablesEqual(table, empty);
   }
+});
+
+test('a segment directory removed by someone else after a write is made again by the next write, mode 0700', { timeout: TEST_TIMEOUT }, (t) => {
+  const dir = tempDir(t);
+  const table = tableFromArrays({ x: Int32Array.of(1, 2, 3) });
+  writeTableToShm(table, { dir, idPrefix: 'before' });
+  // The process remembers the directory as made; removed behind its back (not by removeDir, which
+  // forgets it), it must not break the next writer.
+  rmSync(dir, { recursive: true, force: true });
+  assert.equal(existsSync(dir), false);
+  const again = writeTableToShm(table, { dir, idPrefix: 'after' });
+  assert.equal(statSync(dir).mode & 0o777, 0o700);
+  assertTablesEqual(readTableFromShm(again.segments, { dir }).table, table);
 });
 
 test('the pool keeps a bounded number of files: after a burst of small releases the rest are unlinked', { timeout: TEST_TIMEOUT }, (t) => {
