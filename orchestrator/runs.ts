@@ -34,11 +34,12 @@ import { cacheKeyOf, cacheReadOf, cacheWriteOf, usesOutputCache, type CachedOutp
 const DISPATCH_RETRY_MS = 500;
 
 /**
- * A running run's view goes out at most once this often; the last change of a window goes at its
- * end, and the view of a run that ended goes at once. A view holds every step, so one per
- * transition cost O(steps²) per run (a 300-step run spent ~350 ms building and encoding views),
- * and a three-step chain that finishes within a few milliseconds sent four where two say as much.
- * Views are live status only (core NATS): records and facts stay the truth.
+ * A running run's view goes out at most once this often, the first one too: the last change of a
+ * window goes at its end, and the view of a run that ended goes at once. A view holds every step,
+ * so one per transition cost O(steps²) per run (a 300-step run spent ~350 ms building and
+ * encoding views), and a three-step chain that finishes within a few milliseconds sent four
+ * where its final view says it all. Views are live status only (core NATS): records and facts
+ * stay the truth.
  */
 export const VIEW_INTERVAL_MS = 50;
 
@@ -58,8 +59,8 @@ interface LiveRun {
   carried: Set<string>;
   /** Its end being written (the lane let go meanwhile): later events of it change nothing. */
   ending?: Promise<void>;
-  /** When its view last went out (options.now()), and the timer sending the next one. */
-  viewSentAt?: number;
+  /** When its view last went out (options.now()), or when it was taken up here; and the timer sending the next one. */
+  viewSentAt: number;
   viewTimer?: ReturnType<typeof setTimeout>;
 }
 
@@ -80,6 +81,9 @@ export class Runs {
   /** The same runs by pipeline. */
   private readonly byPipeline = new Map<string, Set<LiveRun>>();
   private stopped = false;
+  /** Segments to hand back at the end of this turn, by host (releaseSoon). */
+  private readonly releasing = new Map<string, string[]>();
+  private releaseScheduled = false;
 
   constructor(private readonly options: RunsOptions) {}
 
@@ -167,7 +171,7 @@ export class Runs {
 
   private track(record: RunRecord, actor: Actor<RunMachine>): LiveRun {
     this.stopped = false;
-    const run: LiveRun = { record: { ...record }, actor, released: new Set(), dispatched: new Set(), carried: new Set() };
+    const run: LiveRun = { record: { ...record }, actor, released: new Set(), dispatched: new Set(), carried: new Set(), viewSentAt: this.options.now() };
     this.forget(record.submit.runId);
     this.live.set(record.submit.runId, run);
     const pipeline = record.submit.plan.pipeline;
@@ -247,7 +251,7 @@ export class Runs {
         if (!run.carried.has(step.name)) this.dispatch(run, step.name, snapshot);
       }
     }
-    publishReleases(this.options.nc, toRelease);
+    this.releaseSoon(toRelease);
     if (state === 'cancelled') this.options.nc.publish(subjects.runKill, encode(runKill, { type: 'run.kill', runId }));
     this.sendView(run, snapshot);
     if (state !== 'running') {
@@ -257,6 +261,28 @@ export class Runs {
       this.options.dispatcher.forgetRun(runId);
       await this.options.onEnded(plan.pipeline);
     }
+  }
+
+  /**
+   * Hands segments back at the end of this event-loop turn, with those of every other transition
+   * of the turn: one message per host, where each transition sent its own (two per three-step
+   * chain; in a burst, completions of many runs arrive in one turn).
+   */
+  private releaseSoon(byHost: Map<string, string[]>): void {
+    for (const [hostId, segments] of byHost) for (const segment of segments) addTo(this.releasing, hostId, segment);
+    if (this.releasing.size === 0 || this.releaseScheduled) return;
+    this.releaseScheduled = true;
+    setImmediate(() => {
+      this.releaseScheduled = false;
+      const released = new Map(this.releasing);
+      this.releasing.clear();
+      try {
+        publishReleases(this.options.nc, released);
+      } catch (error) {
+        // The connection closed meanwhile (this process stops): gc frees what a lost release held.
+        this.options.logger.warn(`could not hand back ${[...released.values()].flat().length} segment(s): ${(error as Error).message}`);
+      }
+    });
   }
 
   /** Publishes the run's view now, or at the end of its VIEW_INTERVAL_MS window (the view as it is then). */
@@ -273,14 +299,20 @@ export class Runs {
       return;
     }
     if (run.viewTimer) return;
-    const wait = (run.viewSentAt ?? -Infinity) + VIEW_INTERVAL_MS - this.options.now();
+    const wait = run.viewSentAt + VIEW_INTERVAL_MS - this.options.now();
     if (wait <= 0) {
       publish(machineView(run.record, snapshot));
       return;
     }
     run.viewTimer = setTimeout(() => {
       delete run.viewTimer;
-      if (this.live.get(runId) === run && !run.record.view) publish(machineView(run.record, run.actor.getSnapshot()));
+      if (this.live.get(runId) !== run || run.record.view) return;
+      try {
+        publish(machineView(run.record, run.actor.getSnapshot()));
+      } catch (error) {
+        // The connection closed meanwhile: a view is live status only.
+        this.options.logger.warn(`could not publish the view of run ${runId}: ${(error as Error).message}`);
+      }
     }, wait);
     run.viewTimer.unref();
   }
@@ -354,11 +386,19 @@ export function readyMessage(run: { record: RunRecord }, step: string, snapshot:
 }
 
 export function addTo(byHost: Map<string, string[]>, hostId: string, segment: string): void {
-  byHost.set(hostId, [...(byHost.get(hostId) ?? []), segment]);
+  const segments = byHost.get(hostId);
+  if (segments) segments.push(segment);
+  else byHost.set(hostId, [segment]);
 }
 
+/** Segment ids per release message at most: well under NATS's default 1 MB payload. */
+const MAX_SEGMENTS_PER_RELEASE = 2000;
+
 export function publishReleases(nc: NatsConnection, byHost: Map<string, string[]>): void {
-  for (const [hostId, segments] of byHost) {
-    nc.publish(subjects.segmentRelease(hostId), encode(segmentRelease, { type: 'segments.release', hostId, segments }));
+  for (const [hostId, all] of byHost) {
+    for (let at = 0; at < all.length; at += MAX_SEGMENTS_PER_RELEASE) {
+      const segments = all.slice(at, at + MAX_SEGMENTS_PER_RELEASE);
+      nc.publish(subjects.segmentRelease(hostId), encode(segmentRelease, { type: 'segments.release', hostId, segments }));
+    }
   }
 }
