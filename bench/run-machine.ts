@@ -8,8 +8,10 @@
  * Per run, every step started and succeeded in plan order (2 events a step), and after each
  * event what the orchestrator does besides the machine (orchestrator/runs.ts afterTransition,
  * views.ts): the machine (actor start and events), the segments no step needs any more (plan
- * topology), and the run view published to `quiver.status.<runId>` (built and JSON-encoded).
- * Pure CPU in this process: no NATS, no executor.
+ * topology), and the run view for `quiver.status.<runId>` (built and JSON-encoded) after every
+ * event: what a run costs when its events come further apart than the 50 ms the orchestrator
+ * now waits between two views of a running run (runs.ts VIEW_INTERVAL_MS); events closer together
+ * share one view. Pure CPU in this process: no NATS, no executor.
  *
  * Run: npm run bench:run-machine [-- --sizes 3,30,100,300]
  */
