@@ -128,9 +128,11 @@ export function acquireSegment(opts: ResolvedShmOptions, id: string, byteSize: n
   try {
     return { path, mapping: native.create(path, byteSize, POPULATE_ON_WRITE), reused: false };
   } catch (e) {
-    // The directory went away since this process made sure of it (removed with its cluster's
-    // segments): made again once, as ensureDir would have.
+    // The directory went away since this process made sure of it (another process removed it,
+    // as an executor does with its cluster's folder): made and checked again, once. Whoever
+    // made it meanwhile may not be us, so its safety is checked afresh too.
     if (errorCode(e) !== 'ENOENT' || !ensuredDirs.delete(opts.dir)) throw e;
+    safeDirs.delete(opts.dir);
     ensureDir(opts.dir);
     return { path, mapping: native.create(path, byteSize, POPULATE_ON_WRITE), reused: false };
   }
