@@ -23,6 +23,8 @@ import { join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
+import { shmRoot } from '../schemas/index.ts';
+import { listSegments, removeDir } from '../shm/index.ts';
 
 const { values } = parseArgs({ options: { runs: { type: 'string', default: '50' }, before: { type: 'string' } } });
 const RUNS = Number(values.runs);
@@ -79,6 +81,7 @@ export default pipeline('control_path', {
 `,
   );
   const server = await startNatsServer({ dir: join(dir, 'nats') });
+  let clusterId: string | null = null;
   const connections: NatsConnection[] = [];
   const open = async (name: string) => {
     const nc = await connect({ servers: server.url, name });
@@ -91,6 +94,7 @@ export default pipeline('control_path', {
     const orchestrator = await Orchestrator.start(orchestratorNc, { logger: silentLogger });
     const executor = await Executor.start(executorNc, { concurrency: 1, logger: silentLogger, flight: { host: '127.0.0.1', advertiseHost: '127.0.0.1' }, clusterSecret: randomBytes(32).toString('hex') });
     const client = await QuiverClient.connect({ nc: await open('client') });
+    clusterId = client.topology.clusterId;
     const loaded = await loadPipeline(file);
     const runOnce = async () => {
       const handle = await client.run(loaded);
@@ -111,6 +115,9 @@ export default pipeline('control_path', {
     const msPerRun = (performance.now() - t0) / RUNS;
     const per = (c: Counts): Counts => ({ requests: c.requests / (RUNS * STEPS), messages: c.messages / (RUNS * STEPS) });
     const figures = { orchestrator: per(o.read()), executor: per(e.read()), msPerRun };
+    // The last run's release travels as a message: let it land before the executor stops.
+    const segmentDir = join(shmRoot(), client.topology.clusterId);
+    for (let waited = 0; waited < 5000 && listSegments(segmentDir).length > 0; waited += 50) await new Promise((r) => setTimeout(r, 50));
     await executor.stop();
     await orchestrator.stop();
     return figures;
@@ -118,6 +125,8 @@ export default pipeline('control_path', {
     await Promise.all(connections.map((c) => c.close().catch(() => {})));
     await server.stop();
     rmSync(dir, { recursive: true, force: true });
+    // A private cluster: its segment folder (and its pool of released segments) goes with it.
+    if (clusterId) removeDir(join(shmRoot(), clusterId));
   }
 }
 
