@@ -82,7 +82,7 @@ export class Runs {
   private readonly byPipeline = new Map<string, Set<LiveRun>>();
   private stopped = false;
   /** Segments to hand back at the end of this turn, by host (releaseSoon). */
-  private readonly releasing = new Map<string, string[]>();
+  private releasing = new Map<string, string[]>();
   private releaseScheduled = false;
 
   constructor(private readonly options: RunsOptions) {}
@@ -274,8 +274,8 @@ export class Runs {
     this.releaseScheduled = true;
     setImmediate(() => {
       this.releaseScheduled = false;
-      const released = new Map(this.releasing);
-      this.releasing.clear();
+      const released = this.releasing;
+      this.releasing = new Map();
       try {
         publishReleases(this.options.nc, released);
       } catch (error) {
