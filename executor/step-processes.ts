@@ -72,8 +72,9 @@ export const DEFAULT_PREWARM = 2;
  * A hundred thousand, not ten: a new worker's steps cost about twice a warm one's CPU for its
  * first few thousand steps while V8 compiles the runner, Arrow and the step's code (one step
  * after another of a one-row chain: ~600 µs a step at first, ~290 µs after 5,000), so each
- * replacement throws that warm-up away, and a worker under load (~450 steps a second in a burst
- * of `npm run bench:trigger -- --routes worker`) reached ten thousand every twenty seconds or so.
+ * replacement throws that warm-up away, and a worker under load (500-750 steps a second, each of
+ * two, at the 320-510 runs/s of `npm run bench:trigger -- --routes worker` bursts) reached ten
+ * thousand every 13-20 seconds.
  * At a thousand it was worse still: a spare booted and the code imported again every few
  * seconds. Leaks stay bounded by the RSS limit, and a worker idle for workerIdleMs goes anyway.
  */
